@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything the build and the test suite need on a Debian 12 machine.
+# Idempotent: packages already present are not reinstalled, so a warm machine
+# passes through in a second. Run as root (or with sudo available).
+set -euo pipefail
+
+# Debian packages the pipeline and its oracles use (see ARCHITECTURE.md, "Oracles").
+PKGS=(
+  ca-certificates curl
+  skopeo umoci docker-registry debootstrap  # OCI images and a real registry
+  apache2-utils                             # htpasswd -B for the auth tests
+  cpio gzip zstd                            # initrd oracles
+  e2fsprogs erofs-utils cryptsetup-bin      # disk oracles (later issues)
+  qemu-system-x86 qemu-utils busybox-static # boots
+)
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "setup: all Debian packages present" >&2
+fi

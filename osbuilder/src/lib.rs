@@ -1,0 +1,6 @@
+//! osbuilder: turns OCI images into micro-VM guest artifacts.
+//!
+//! See ARCHITECTURE.md for the map. The binary in `main.rs` is a thin clap
+//! front end over this library; xtask drives the same functions.
+
+pub mod rootfs;
