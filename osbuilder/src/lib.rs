@@ -3,4 +3,6 @@
 //! See ARCHITECTURE.md for the map. The binary in `main.rs` is a thin clap
 //! front end over this library; xtask drives the same functions.
 
+pub mod oci;
+pub mod progress;
 pub mod rootfs;

@@ -1,0 +1,161 @@
+//! The content-addressed blob cache, outside the repository.
+//!
+//! Blobs live at `ROOT/blobs/sha256/<hex>`, written under a temporary name and
+//! renamed only after their digest and size check out, so a crash or a
+//! registry failing mid-transfer never leaves a bad blob under a good name.
+//! A cached blob is re-verified when used: hashing is far cheaper than
+//! building from a corrupted layer.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use super::digest::Digest;
+
+#[derive(Clone, Debug)]
+pub struct BlobCache {
+    root: PathBuf,
+}
+
+impl BlobCache {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        BlobCache { root: root.into() }
+    }
+
+    /// `$OSBUILDER_CACHE`, else `$XDG_CACHE_HOME/osbuilder`, else `~/.cache/osbuilder`.
+    pub fn default_dir() -> PathBuf {
+        if let Some(dir) = std::env::var_os("OSBUILDER_CACHE").filter(|v| !v.is_empty()) {
+            return PathBuf::from(dir);
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| std::env::temp_dir());
+        base.join("osbuilder")
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    /// The cached blob, if present and intact; a corrupt entry is removed.
+    pub fn get_verified(&self, digest: &Digest, size: Option<u64>) -> io::Result<Option<PathBuf>> {
+        let path = self.blob_path(digest);
+        let Ok(md) = fs::metadata(&path) else { return Ok(None) };
+        if size.is_some_and(|s| s != md.len()) || Digest::of_file_range(&path, 0, md.len())? != *digest {
+            fs::remove_file(&path)?;
+            return Ok(None);
+        }
+        Ok(Some(path))
+    }
+
+    /// Starts writing a blob expected to have `digest` (and `size`, if known).
+    pub fn writer(&self, digest: &Digest, size: Option<u64>) -> io::Result<BlobWriter> {
+        let tmp_dir = self.root.join("blobs/tmp");
+        fs::create_dir_all(&tmp_dir)?;
+        fs::create_dir_all(self.root.join("blobs/sha256"))?;
+        let file = tempfile::NamedTempFile::new_in(&tmp_dir)?;
+        Ok(BlobWriter {
+            file: io::BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            written: 0,
+            digest: digest.clone(),
+            size,
+            dest: self.blob_path(digest),
+        })
+    }
+}
+
+/// A blob being written; dropped without [`BlobWriter::commit`] it vanishes.
+pub struct BlobWriter {
+    file: io::BufWriter<tempfile::NamedTempFile>,
+    hasher: Sha256,
+    written: u64,
+    digest: Digest,
+    size: Option<u64>,
+    dest: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("blob {expected} has the wrong digest: got sha256:{actual}")]
+    Digest { expected: Digest, actual: String },
+    #[error("blob {digest} has {actual} bytes, the manifest says {expected}")]
+    Size { digest: Digest, expected: u64, actual: u64 },
+    #[error("cannot store blob {digest} in the cache: {source}")]
+    Io { digest: Digest, source: io::Error },
+}
+
+impl BlobWriter {
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Verifies size and digest, then moves the blob under its name.
+    pub fn commit(self) -> Result<PathBuf, CommitError> {
+        let BlobWriter { file, hasher, written, digest, size, dest } = self;
+        if let Some(expected) = size.filter(|&s| s != written) {
+            return Err(CommitError::Size { digest, expected, actual: written });
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != digest.hex() {
+            return Err(CommitError::Digest { expected: digest, actual });
+        }
+        let io_err = |source| CommitError::Io { digest: digest.clone(), source };
+        let file = file.into_inner().map_err(|e| io_err(e.into_error()))?;
+        file.as_file().sync_data().map_err(io_err)?;
+        file.persist(&dest).map_err(|e| io_err(e.error))?;
+        Ok(dest)
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_verifies_and_corrupt_entries_are_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(tmp.path());
+        let good = Digest::of_bytes(b"layer");
+
+        let mut w = cache.writer(&good, Some(5)).unwrap();
+        w.write_all(b"LAYER").unwrap();
+        assert!(matches!(w.commit(), Err(CommitError::Digest { .. })));
+        assert!(!cache.blob_path(&good).exists(), "a bad blob must not land under the name");
+
+        let mut w = cache.writer(&good, Some(9)).unwrap();
+        w.write_all(b"layer").unwrap();
+        assert!(matches!(w.commit(), Err(CommitError::Size { .. })));
+
+        let mut w = cache.writer(&good, Some(5)).unwrap();
+        w.write_all(b"layer").unwrap();
+        let path = w.commit().unwrap();
+        assert_eq!(cache.get_verified(&good, Some(5)).unwrap(), Some(path.clone()));
+
+        fs::write(&path, b"evil!").unwrap();
+        assert_eq!(cache.get_verified(&good, Some(5)).unwrap(), None);
+        assert!(!path.exists());
+        assert_eq!(fs::read_dir(tmp.path().join("blobs/tmp")).unwrap().count(), 0, "no temporary files left");
+    }
+}

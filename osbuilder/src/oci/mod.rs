@@ -1,0 +1,431 @@
+//! Image intake: registries, OCI layouts and docker archives, resolved to one
+//! [`Image`] whose layers are verified and applied, in order, to a
+//! [`crate::rootfs::Tree`].
+//!
+//! Every blob is checked against its digest before it is used: registry blobs
+//! while they stream into the cache, local blobs by a hashing pass. The
+//! uncompressed stream of every layer is also checked against the config's
+//! `diff_ids` as it is applied. Layers are fetched concurrently but applied
+//! strictly in order, each read once, never held whole in memory.
+
+pub mod auth;
+pub mod cache;
+pub mod digest;
+pub mod manifest;
+
+mod archive;
+mod layout;
+mod registry;
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Condvar, Mutex};
+
+use crate::progress::Progress;
+use crate::rootfs::{LayerError, LayerStats, Tree};
+use cache::BlobCache;
+use digest::{Digest, HashingReader};
+use manifest::{ImageConfig, ImageManifest, ManifestError, Platform};
+
+/// Where an image comes from, in skopeo's transport syntax.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageRef {
+    /// `docker://HOST[:PORT]/REPO[:TAG|@DIGEST]`, or the same without the prefix.
+    Registry(String),
+    /// `oci:DIR[:REF]`: an OCI image layout directory.
+    Layout { dir: PathBuf, reference: Option<String> },
+    /// `docker-archive:FILE[:NAME:TAG]`: what `docker save` and skopeo write.
+    DockerArchive { path: PathBuf, reference: Option<String> },
+}
+
+impl FromStr for ImageRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // A trailing `:ref` is split off only when it cannot be part of the
+        // path (paths with colons must then carry an explicit ref).
+        fn split_ref(rest: &str) -> (PathBuf, Option<String>) {
+            match rest.split_once(':') {
+                Some((dir, r)) if !r.is_empty() => (PathBuf::from(dir), Some(r.to_string())),
+                _ => (PathBuf::from(rest.trim_end_matches(':')), None),
+            }
+        }
+        if let Some(rest) = s.strip_prefix("oci:") {
+            let (dir, reference) = split_ref(rest);
+            return Ok(ImageRef::Layout { dir, reference });
+        }
+        if let Some(rest) = s.strip_prefix("docker-archive:") {
+            let (path, reference) = split_ref(rest);
+            return Ok(ImageRef::DockerArchive { path, reference });
+        }
+        let name = s.strip_prefix("docker://").unwrap_or(s);
+        if name.is_empty() || name.contains("://") {
+            return Err(format!(
+                "image reference {s:?} is not one of docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF], docker-archive:FILE"
+            ));
+        }
+        oci_client::Reference::from_str(name).map_err(|e| format!("image reference {s:?}: {e}"))?;
+        Ok(ImageRef::Registry(name.to_string()))
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageRef::Registry(r) => write!(f, "docker://{r}"),
+            ImageRef::Layout { dir, reference } => {
+                write!(f, "oci:{}", dir.display())?;
+                reference.iter().try_for_each(|r| write!(f, ":{r}"))
+            }
+            ImageRef::DockerArchive { path, reference } => {
+                write!(f, "docker-archive:{}", path.display())?;
+                reference.iter().try_for_each(|r| write!(f, ":{r}"))
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{what}: digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { what: String, expected: Digest, actual: Digest },
+    #[error("{what}: size mismatch: expected {expected} bytes, got {actual}")]
+    SizeMismatch { what: String, expected: u64, actual: u64 },
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error("{context}: {source}")]
+    Registry { context: String, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Platform(String),
+    #[error(transparent)]
+    Blob(#[from] cache::CommitError),
+    #[error("layer {index} ({digest}): {source}")]
+    Layer { index: usize, digest: String, source: LayerError },
+}
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> OciError {
+    let context = context.into();
+    move |source| OciError::Io { context, source }
+}
+
+/// Knobs for resolving and fetching an image.
+#[derive(Clone, Debug)]
+pub struct PullOptions {
+    pub platform: Platform,
+    pub cache: BlobCache,
+    /// `USER:PASSWORD` from the command line; see [`auth`] for other sources.
+    pub credentials: Option<String>,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    pub insecure: bool,
+    /// How many layers are fetched at once.
+    pub fetch_jobs: usize,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            platform: Platform::linux_amd64(),
+            cache: BlobCache::new(BlobCache::default_dir()),
+            credentials: None,
+            insecure: false,
+            fetch_jobs: 4,
+        }
+    }
+}
+
+/// One layer as the manifest (or docker archive) describes it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerInfo {
+    /// The blob digest; `None` for legacy docker archives, whose layers are
+    /// named by id and checked through `diff_id` instead.
+    pub digest: Option<Digest>,
+    pub media_type: String,
+    pub size: u64,
+    /// Digest of the uncompressed tar, from the config.
+    pub diff_id: Option<Digest>,
+}
+
+impl LayerInfo {
+    fn label(&self, index: usize) -> String {
+        match &self.digest {
+            Some(d) => d.to_string(),
+            None => format!("#{index}"),
+        }
+    }
+}
+
+/// A byte range of a local file holding one verified blob.
+#[derive(Clone, Debug)]
+pub struct BlobLocation {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Gets verified blobs onto the local disk.
+trait BlobStore: Send + Sync {
+    fn fetch_layer(&self, index: usize, layer: &LayerInfo, progress: &Progress) -> Result<BlobLocation, OciError>;
+}
+
+/// A resolved image: manifest and config read and verified, layers ready to fetch.
+pub struct Image {
+    pub reference: ImageRef,
+    pub manifest_digest: Option<Digest>,
+    pub manifest: Option<ImageManifest>,
+    pub config_digest: Option<Digest>,
+    pub config: ImageConfig,
+    pub layers: Vec<LayerInfo>,
+    store: Box<dyn BlobStore>,
+}
+
+impl Image {
+    /// Resolves `reference` to one image manifest for `opts.platform`.
+    pub fn open(reference: &ImageRef, opts: &PullOptions, progress: &Progress) -> Result<Image, OciError> {
+        let image = match reference {
+            ImageRef::Registry(name) => registry::open(name, opts, progress)?,
+            ImageRef::Layout { dir, reference: r } => layout::open(dir, r.as_deref(), &opts.platform)?,
+            ImageRef::DockerArchive { path, reference: r } => archive::open(path, r.as_deref())?,
+        };
+        let image = Image { reference: reference.clone(), ..image };
+        image.check_platform(&opts.platform)?;
+        Ok(image)
+    }
+
+    fn check_platform(&self, wanted: &Platform) -> Result<(), OciError> {
+        let got = self.config.platform();
+        // Configs without os/architecture exist (hand-made images); accept them.
+        if !got.os.is_empty() && !got.architecture.is_empty() && !wanted.accepts(&got) {
+            return Err(OciError::Platform(format!(
+                "{} is a {got} image, not {wanted}; pass --platform {got} to use it anyway",
+                self.reference
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn platform(&self) -> Platform {
+        self.config.platform()
+    }
+
+    /// Applies every layer to `tree` in order, fetching up to
+    /// `fetch_jobs` layers ahead. File data is spooled into `spool_dir`.
+    pub fn apply_layers(
+        &self,
+        tree: &mut Tree,
+        spool_dir: Option<&Path>,
+        fetch_jobs: usize,
+        progress: &Progress,
+    ) -> Result<Vec<LayerStats>, OciError> {
+        if !self.config.rootfs.diff_ids.is_empty() && self.config.rootfs.diff_ids.len() != self.layers.len() {
+            return Err(OciError::Invalid(format!(
+                "the image config lists {} diff_ids but the manifest has {} layers",
+                self.config.rootfs.diff_ids.len(),
+                self.layers.len()
+            )));
+        }
+        let n = self.layers.len();
+        let slots: Mutex<Vec<Option<Result<BlobLocation, OciError>>>> = Mutex::new((0..n).map(|_| None).collect());
+        let ready = Condvar::new();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let jobs = fetch_jobs.clamp(1, 8).min(n.max(1));
+        std::thread::scope(|scope| {
+            for _ in 0..jobs {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if i >= n {
+                        break;
+                    }
+                    let result = self.store.fetch_layer(i, &self.layers[i], progress);
+                    let failed = result.is_err();
+                    slots.lock().expect("slots")[i] = Some(result);
+                    ready.notify_all();
+                    if failed {
+                        break;
+                    }
+                });
+            }
+            let mut stats = Vec::with_capacity(n);
+            for i in 0..n {
+                let location = {
+                    let mut guard = slots.lock().expect("slots");
+                    loop {
+                        if let Some(result) = guard[i].take() {
+                            break result;
+                        }
+                        guard = ready.wait(guard).expect("slots");
+                    }
+                };
+                let location = match location {
+                    Ok(l) => l,
+                    Err(e) => {
+                        // Let fetchers finish quickly: nobody will use their work.
+                        next.store(n, std::sync::atomic::Ordering::SeqCst);
+                        return Err(e);
+                    }
+                };
+                match self.apply_one(tree, i, &location, spool_dir, progress) {
+                    Ok(s) => stats.push(s),
+                    Err(e) => {
+                        next.store(n, std::sync::atomic::Ordering::SeqCst);
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(stats)
+        })
+    }
+
+    fn apply_one(
+        &self,
+        tree: &mut Tree,
+        index: usize,
+        location: &BlobLocation,
+        spool_dir: Option<&Path>,
+        progress: &Progress,
+    ) -> Result<LayerStats, OciError> {
+        let layer = &self.layers[index];
+        let label = layer.label(index);
+        let bar = progress.bytes(format!("apply {}", short(&label)), location.len);
+        let mut file = File::open(&location.path).map_err(io_err(format!("cannot open layer {label}")))?;
+        file.seek(SeekFrom::Start(location.offset)).map_err(io_err(format!("cannot read layer {label}")))?;
+        let raw = bar.wrap_read(file.take(location.len));
+        let decoded = decompress(raw).map_err(io_err(format!("cannot read layer {label}")))?;
+        let mut hashing = HashingReader::new(decoded);
+        let stats = tree
+            .apply_layer(&mut hashing, index as u32, spool_dir)
+            .map_err(|source| OciError::Layer { index, digest: label.clone(), source })?;
+        let (diff_id, _) = hashing.finish().map_err(io_err(format!("cannot read layer {label}")))?;
+        bar.finish_and_clear();
+        if let Some(expected) = self.config.rootfs.diff_ids.get(index) {
+            if *expected != diff_id {
+                return Err(OciError::DigestMismatch {
+                    what: format!("uncompressed layer {label} (diff_id)"),
+                    expected: expected.clone(),
+                    actual: diff_id,
+                });
+            }
+        }
+        Ok(stats)
+    }
+}
+
+fn short(label: &str) -> &str {
+    label.get(..19).unwrap_or(label)
+}
+
+/// Wraps a layer stream in the decoder its first bytes call for: gzip, zstd
+/// or plain tar. Magic numbers decide, not media types, which registries and
+/// tools get wrong often enough.
+pub fn decompress<R: Read + Send + 'static>(raw: R) -> io::Result<Box<dyn Read + Send>> {
+    let mut buffered = BufReader::with_capacity(1 << 20, raw);
+    let head = buffered.fill_buf()?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::Decoder::with_buffer(buffered)?)
+    } else {
+        Box::new(buffered)
+    })
+}
+
+/// Checks a layer media type is one we can apply.
+pub(crate) fn check_layer_media_type(media_type: &str, what: &str) -> Result<(), OciError> {
+    const KNOWN: &[&str] = &[
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.diff.tar",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.zstd",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "",
+    ];
+    if KNOWN.contains(&media_type) {
+        Ok(())
+    } else {
+        Err(OciError::Invalid(format!(
+            "{what} has media type {media_type:?}, which is not an image layer (tar, tar+gzip or tar+zstd)"
+        )))
+    }
+}
+
+/// Reads a small JSON blob from a local file, checking digest and size.
+pub(crate) fn read_verified(path: &Path, expected: &Digest, size: Option<u64>, what: &str) -> Result<Vec<u8>, OciError> {
+    const MAX_JSON: u64 = 16 << 20;
+    let md = std::fs::metadata(path).map_err(io_err(format!("cannot read {what} ({})", path.display())))?;
+    if md.len() > MAX_JSON {
+        return Err(OciError::Invalid(format!("{what} is {} bytes, over the {MAX_JSON}-byte limit for JSON documents", md.len())));
+    }
+    let bytes = std::fs::read(path).map_err(io_err(format!("cannot read {what} ({})", path.display())))?;
+    verify_bytes(&bytes, expected, size, what)?;
+    Ok(bytes)
+}
+
+pub(crate) fn verify_bytes(bytes: &[u8], expected: &Digest, size: Option<u64>, what: &str) -> Result<(), OciError> {
+    if let Some(size) = size.filter(|&s| s != bytes.len() as u64) {
+        return Err(OciError::SizeMismatch { what: what.to_string(), expected: size, actual: bytes.len() as u64 });
+    }
+    let actual = Digest::of_bytes(bytes);
+    if actual != *expected {
+        return Err(OciError::DigestMismatch { what: what.to_string(), expected: expected.clone(), actual });
+    }
+    Ok(())
+}
+
+/// Verifies a local blob (a byte range of a file) against its digest.
+pub(crate) fn verify_location(loc: &BlobLocation, expected: &Digest, size: u64, what: &str) -> Result<(), OciError> {
+    if loc.len != size {
+        return Err(OciError::SizeMismatch { what: what.to_string(), expected: size, actual: loc.len });
+    }
+    let actual = Digest::of_file_range(&loc.path, loc.offset, loc.len).map_err(io_err(format!("cannot read {what}")))?;
+    if actual != *expected {
+        return Err(OciError::DigestMismatch { what: what.to_string(), expected: expected.clone(), actual });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(s: &str, expected: Result<ImageRef, &str>) {
+        match (s.parse::<ImageRef>(), expected) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want),
+            (Err(e), Err(want)) => assert!(e.contains(want), "{s}: {e}"),
+            (got, want) => panic!("{s}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn image_refs() {
+        check("docker://127.0.0.1:5000/library/debian:bookworm", Ok(ImageRef::Registry("127.0.0.1:5000/library/debian:bookworm".into())));
+        check("127.0.0.1:5000/debian@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", Ok(ImageRef::Registry("127.0.0.1:5000/debian@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into())));
+        check("oci:/tmp/layout:bookworm", Ok(ImageRef::Layout { dir: "/tmp/layout".into(), reference: Some("bookworm".into()) }));
+        check("oci:/tmp/layout", Ok(ImageRef::Layout { dir: "/tmp/layout".into(), reference: None }));
+        check("docker-archive:/tmp/a.tar", Ok(ImageRef::DockerArchive { path: "/tmp/a.tar".into(), reference: None }));
+        check("docker-archive:/tmp/a.tar:img:v1", Ok(ImageRef::DockerArchive { path: "/tmp/a.tar".into(), reference: Some("img:v1".into()) }));
+        check("http://example.com/x", Err("is not one of"));
+        check("Upper/Case:tag", Err("image reference"));
+    }
+
+    #[test]
+    fn decompress_sniffs_magic() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, b"hello").unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(&b"hello"[..], 3).unwrap();
+        for input in [gz, zst, b"hello".to_vec()] {
+            let mut out = String::new();
+            decompress(io::Cursor::new(input)).unwrap().read_to_string(&mut out).unwrap();
+            assert_eq!(out, "hello");
+        }
+    }
+}
