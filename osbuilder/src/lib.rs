@@ -6,3 +6,6 @@
 pub mod oci;
 pub mod progress;
 pub mod rootfs;
+pub mod compress;
+pub mod initrd;
+pub mod pipeline;

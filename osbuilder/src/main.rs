@@ -1,1 +1,198 @@
-fn main() {}
+//! `osbuilder`: a thin command line over the library. Parse, call, report.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use osbuilder::compress::{CompressOptions, Compression};
+use osbuilder::initrd::InitrdOptions;
+use osbuilder::oci::cache::BlobCache;
+use osbuilder::oci::manifest::Platform;
+use osbuilder::oci::{Image, ImageRef, PullOptions};
+use osbuilder::pipeline::{self, AddSpec, ImageSummary, InitrdJob};
+use osbuilder::progress::Progress;
+use osbuilder::rootfs::RelPath;
+
+#[derive(Parser)]
+#[command(name = "osbuilder", version, about = "Build micro-VM guest artifacts from OCI images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Turn an image into an initrd (cpio newc, optionally compressed).
+    Initrd(InitrdArgs),
+    /// Show an image's manifest, config, layers and platform.
+    Inspect {
+        /// docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF] or docker-archive:FILE
+        image: ImageRef,
+        #[command(flatten)]
+        pull: PullArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct PullArgs {
+    /// Platform to pick from a multi-arch index.
+    #[arg(long, default_value = "linux/amd64", value_parser = Platform::parse)]
+    platform: Platform,
+    /// Registry credentials USER:PASSWORD (also: OSBUILDER_REGISTRY_USER/PASSWORD, ~/.docker/config.json).
+    #[arg(long, env = "OSBUILDER_REGISTRY_CREDS", hide_env_values = true)]
+    creds: Option<String>,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[arg(long)]
+    insecure: bool,
+    /// Blob cache directory [default: $XDG_CACHE_HOME/osbuilder].
+    #[arg(long, env = "OSBUILDER_CACHE")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl PullArgs {
+    fn options(&self) -> PullOptions {
+        PullOptions {
+            platform: self.platform.clone(),
+            cache: BlobCache::new(self.cache_dir.clone().unwrap_or_else(BlobCache::default_dir)),
+            credentials: self.creds.clone(),
+            insecure: self.insecure,
+            ..PullOptions::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct InitrdArgs {
+    /// The image: docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF] or docker-archive:FILE
+    #[arg(long)]
+    image: ImageRef,
+    /// Output file.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Compression of the archive.
+    #[arg(long, default_value = "gzip")]
+    compress: Compression,
+    /// Compression level (gzip 1-9, default 6; zstd 1-19, default 3).
+    #[arg(long)]
+    level: Option<u32>,
+    /// Compression threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Add a host file or directory: SRC:DEST[:MODE] (repeatable).
+    #[arg(long, value_name = "SRC:DEST[:MODE]")]
+    add: Vec<AddSpec>,
+    /// Remove a path from the image (repeatable).
+    #[arg(long, value_name = "PATH", value_parser = |s: &str| RelPath::parse_user(s).map_err(|e| e.to_string()))]
+    remove: Vec<RelPath>,
+    /// Clamp every mtime to this (default: the image's `created`, else 0).
+    #[arg(long, env = "SOURCE_DATE_EPOCH")]
+    source_date_epoch: Option<i64>,
+    /// Memory of the target guest (e.g. 512M, 2G): warn when the initrd is large for it.
+    #[arg(long, default_value = "2G", value_parser = pipeline::parse_mem_size)]
+    guest_mem: u64,
+    /// Write a JSON build report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    #[command(flatten)]
+    pull: PullArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let progress = Progress::auto(cli.quiet);
+    let result = match cli.command {
+        Command::Initrd(args) => initrd(args, &progress),
+        Command::Inspect { image, pull, json } => inspect(&image, &pull, json, &progress),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("osbuilder: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
+    pipeline::check_output_dir(&args.output)?;
+    let job = InitrdJob {
+        image: args.image,
+        output: args.output,
+        pull: args.pull.options(),
+        initrd: InitrdOptions {
+            compression: CompressOptions { kind: args.compress, level: args.level, threads: args.threads },
+            source_date_epoch: 0,
+            guest_mem: Some(args.guest_mem),
+        },
+        source_date_epoch: args.source_date_epoch,
+        adds: args.add,
+        removes: args.remove,
+        spool_dir: None,
+    };
+    let report = pipeline::build_initrd(&job, progress).with_context(|| format!("building an initrd from {}", job.image))?;
+    for w in &report.initrd.warnings {
+        eprintln!("osbuilder: warning: {w}");
+    }
+    if report.initrd.dropped_xattrs > 0 {
+        eprintln!(
+            "osbuilder: warning: {} files carry xattrs (e.g. security.capability) that cpio newc cannot hold; they are dropped in the initrd",
+            report.initrd.dropped_xattrs
+        );
+    }
+    eprintln!(
+        "osbuilder: wrote {} ({} entries, {} bytes unpacked, {} bytes {}, sha256 {}) in {:.2}s",
+        report.output.display(),
+        report.initrd.entries,
+        report.initrd.uncompressed_bytes,
+        report.initrd.compressed_bytes,
+        report.compression,
+        report.initrd.sha256,
+        report.seconds.resolve + report.seconds.layers + report.seconds.write
+    );
+    if let Some(path) = args.report {
+        let json = serde_json::to_vec_pretty(&report)?;
+        std::fs::write(&path, json).with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn inspect(image: &ImageRef, pull: &PullArgs, json: bool, progress: &Progress) -> anyhow::Result<()> {
+    let opened = Image::open(image, &pull.options(), progress).with_context(|| format!("inspecting {image}"))?;
+    let summary = ImageSummary::of(&opened);
+    if json {
+        let doc = serde_json::json!({ "image": summary, "config": opened.config });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let show = |d: &Option<osbuilder::oci::digest::Digest>| d.as_ref().map_or("-".to_string(), ToString::to_string);
+    println!("image:     {}", summary.reference);
+    println!("manifest:  {}", show(&summary.manifest_digest));
+    if let Some(m) = &opened.manifest {
+        println!("type:      {}", m.media_type.as_deref().unwrap_or("(none)"));
+    }
+    println!("config:    {}", show(&summary.config_digest));
+    println!("platform:  {}", summary.platform);
+    println!("created:   {}", summary.created.as_deref().unwrap_or("-"));
+    let rc = &opened.config.config;
+    let list = |v: &Option<Vec<String>>| v.as_ref().map_or("-".to_string(), |v| format!("{v:?}"));
+    println!("entrypoint: {}", list(&rc.entrypoint));
+    println!("cmd:       {}", list(&rc.cmd));
+    println!("env:       {}", list(&rc.env));
+    println!("workdir:   {}", rc.working_dir.as_deref().unwrap_or("-"));
+    println!("user:      {}", rc.user.as_deref().unwrap_or("-"));
+    let total: u64 = summary.layers.iter().map(|l| l.size).sum();
+    println!("layers:    {} ({} bytes)", summary.layers.len(), total);
+    for (i, l) in summary.layers.iter().enumerate() {
+        let media = if l.media_type.is_empty() { "tar" } else { &l.media_type };
+        println!("  {i:>2} {} {:>12} {}", show(&l.digest), l.size, media);
+    }
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Writing a [`Tree`] as a kernel initramfs: cpio newc, optionally compressed.
+//!
+//! Reproducible by construction: entries in the tree's sorted order, inode
+//! numbers assigned in that order from 1, mtimes clamped to
+//! SOURCE_DATE_EPOCH, hard links sharing an inode number with the data on the
+//! last name (GNU cpio's convention, which the kernel also accepts). The
+//! output goes to a temporary file next to the destination and is renamed
+//! into place only when complete.
+
+pub mod cpio;
+
+use std::collections::HashMap;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::compress::{CompressOptions, Compression, Encoder};
+use crate::rootfs::{Body, InodeIdx, Tree};
+use cpio::{NewcHeader, NewcWriter, MAX_FILE_SIZE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitrdError {
+    #[error("{path} is {size} bytes; cpio newc cannot hold files of 4 GiB or more (build a disk image instead)")]
+    FileTooLarge { path: String, size: u64 },
+    #[error("the tree has more than 4 billion entries")]
+    TooManyInodes,
+    #[error("cannot create the output next to {path}: {source}")]
+    CreateTemp { path: String, source: io::Error },
+    #[error("cannot write the initrd: {0}")]
+    Write(#[source] io::Error),
+    #[error("cannot write the initrd: {0}")]
+    Cpio(#[from] cpio::CpioError),
+    #[error("cannot move the finished initrd to {path}: {source}")]
+    Persist { path: String, source: io::Error },
+    #[error("cannot set up compression: {0}")]
+    Compress(#[from] crate::compress::CompressError),
+}
+
+#[derive(Clone, Debug)]
+pub struct InitrdOptions {
+    pub compression: CompressOptions,
+    /// Upper bound for every mtime in the archive.
+    pub source_date_epoch: i64,
+    /// Memory of the guest this initrd is meant for, to warn about size.
+    pub guest_mem: Option<u64>,
+}
+
+/// What was written, for the CLI and the build manifest.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct InitrdReport {
+    pub entries: u64,
+    pub uncompressed_bytes: u64,
+    pub compressed_bytes: u64,
+    /// Inodes whose xattrs newc cannot carry (e.g. `security.capability`).
+    pub dropped_xattrs: u64,
+    pub sha256: String,
+    pub warnings: Vec<String>,
+}
+
+/// Counts (and optionally hashes) bytes on their way to `inner`.
+struct Counting<W> {
+    inner: W,
+    count: u64,
+    hasher: Option<Sha256>,
+}
+
+impl<W> Counting<W> {
+    fn new(inner: W, hash: bool) -> Self {
+        Counting { inner, count: 0, hasher: hash.then(Sha256::new) }
+    }
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `tree` as an initrd at `out`.
+pub fn write_initrd(tree: &Tree, out: &Path, opts: &InitrdOptions) -> Result<InitrdReport, InitrdError> {
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".osbuilder-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|source| InitrdError::CreateTemp { path: out.display().to_string(), source })?;
+    let file = tmp.as_file().try_clone().map_err(InitrdError::Write)?;
+    let mut report = write_archive(tree, file, opts)?;
+    tmp.as_file().sync_data().map_err(InitrdError::Write)?;
+    tmp.persist(out).map_err(|e| InitrdError::Persist { path: out.display().to_string(), source: e.error })?;
+    report.warnings.extend(size_warnings(&report, opts));
+    Ok(report)
+}
+
+/// Streams the archive into `out` (which receives compressed bytes).
+pub fn write_archive<W: Write + Send + 'static>(tree: &Tree, out: W, opts: &InitrdOptions) -> Result<InitrdReport, InitrdError> {
+    let plan = Plan::new(tree)?;
+    let compressed = Counting::new(BufWriter::with_capacity(1 << 20, out), true);
+    let encoder = Encoder::new(&opts.compression, compressed)?;
+    let uncompressed = Counting::new(encoder, false);
+    let mut cpio = NewcWriter::new(BufWriter::with_capacity(1 << 20, uncompressed));
+    let mut report = InitrdReport::default();
+    let clamp = |mtime: i64| mtime.min(opts.source_date_epoch).clamp(0, i64::from(u32::MAX)) as u32;
+
+    for (i, (path, idx)) in plan.names.iter().enumerate() {
+        let inode = tree.inode(*idx);
+        let ino = plan.ino[idx];
+        let mut header = NewcHeader {
+            ino,
+            mode: inode.body.file_type_bits() | inode.meta.mode,
+            uid: inode.meta.uid,
+            gid: inode.meta.gid,
+            nlink: plan.nlink[idx],
+            mtime: clamp(inode.meta.mtime),
+            file_size: 0,
+            dev_major: 0,
+            dev_minor: 0,
+            rdev_major: 0,
+            rdev_minor: 0,
+        };
+        if !inode.meta.xattrs.is_empty() && plan.last_name[idx] == i {
+            report.dropped_xattrs += 1;
+        }
+        let name: &[u8] = if path.is_empty() { b"." } else { path };
+        match &inode.body {
+            Body::File(content) if plan.last_name[idx] == i => {
+                header.file_size = content.len() as u32;
+                let mut reader = tree.open_content(content).map_err(InitrdError::Write)?;
+                cpio.append(&header, name, &mut reader)?;
+            }
+            Body::Symlink(target) => {
+                header.file_size = target.len() as u32;
+                cpio.append_bytes(&header, name, target)?;
+            }
+            Body::CharDevice { major, minor } | Body::BlockDevice { major, minor } => {
+                header.rdev_major = *major;
+                header.rdev_minor = *minor;
+                cpio.append_bytes(&header, name, &[])?;
+            }
+            // Directories, fifos, sockets, and the earlier names of a hard link.
+            _ => cpio.append_bytes(&header, name, &[])?,
+        }
+        report.entries += 1;
+    }
+    let buffered = cpio.finish()?;
+    let uncompressed = buffered.into_inner().map_err(|e| InitrdError::Write(e.into_error()))?;
+    report.uncompressed_bytes = uncompressed.count;
+    let mut compressed = uncompressed.inner.finish().map_err(InitrdError::Write)?;
+    compressed.flush().map_err(InitrdError::Write)?;
+    report.compressed_bytes = compressed.count;
+    report.sha256 = hex::encode(compressed.hasher.take().expect("hashing").finalize());
+    Ok(report)
+}
+
+/// Inode numbers, link counts and the order of names, computed before any
+/// byte is written so that errors (oversized files) come before output.
+struct Plan {
+    names: Vec<(Vec<u8>, InodeIdx)>,
+    ino: HashMap<InodeIdx, u32>,
+    nlink: HashMap<InodeIdx, u32>,
+    /// Index in `names` of each inode's last name: hard-linked data goes there.
+    last_name: HashMap<InodeIdx, usize>,
+}
+
+impl Plan {
+    fn new(tree: &Tree) -> Result<Self, InitrdError> {
+        let names = tree.walk();
+        let mut ino = HashMap::new();
+        let mut nlink: HashMap<InodeIdx, u32> = HashMap::new();
+        let mut last_name = HashMap::new();
+        for (i, (path, idx)) in names.iter().enumerate() {
+            let next = u32::try_from(ino.len() + 1).map_err(|_| InitrdError::TooManyInodes)?;
+            ino.entry(*idx).or_insert(next);
+            last_name.insert(*idx, i);
+            match &tree.inode(*idx).body {
+                Body::Dir(entries) => {
+                    // A directory's link count is 2 plus its subdirectories, as on disk.
+                    let subdirs = entries.values().filter(|d| matches!(tree.inode(d.inode).body, Body::Dir(_))).count();
+                    nlink.insert(*idx, 2 + subdirs as u32);
+                }
+                body => {
+                    *nlink.entry(*idx).or_insert(0) += 1;
+                    if let Body::File(content) = body {
+                        if content.len() > MAX_FILE_SIZE {
+                            return Err(InitrdError::FileTooLarge {
+                                path: format!("/{}", String::from_utf8_lossy(path)),
+                                size: content.len(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Plan { names, ino, nlink, last_name })
+    }
+}
+
+/// Warnings about an initrd too large for the guest it is meant for. The
+/// kernel holds the compressed image and the unpacked tmpfs in RAM at once.
+fn size_warnings(report: &InitrdReport, opts: &InitrdOptions) -> Vec<String> {
+    let Some(mem) = opts.guest_mem else { return vec![] };
+    let needed = report.uncompressed_bytes + report.compressed_bytes;
+    if needed * 2 > mem {
+        vec![format!(
+            "the initrd needs about {} MiB of guest RAM while unpacking ({} MiB unpacked + {} MiB compressed), over half of the {} MiB guest; \
+             give the guest more memory or build a disk image instead",
+            needed >> 20,
+            report.uncompressed_bytes >> 20,
+            report.compressed_bytes >> 20,
+            mem >> 20
+        )]
+    } else {
+        vec![]
+    }
+}
+
+impl InitrdOptions {
+    pub fn new(kind: Compression) -> Self {
+        InitrdOptions { compression: CompressOptions::new(kind), source_date_epoch: 0, guest_mem: None }
+    }
+}

@@ -1,0 +1,257 @@
+//! The build steps strung together: image -> tree -> initrd. The CLI and
+//! xtask both call these, so the pipeline is one library call for others too.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::initrd::{self, InitrdError, InitrdOptions, InitrdReport};
+use crate::oci::digest::Digest;
+use crate::oci::{Image, ImageRef, LayerInfo, OciError, PullOptions};
+use crate::progress::Progress;
+use crate::rootfs::{HostAddError, LayerStats, PathError, RelPath, Tree, TreeStats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    #[error(transparent)]
+    Initrd(#[from] InitrdError),
+    #[error(transparent)]
+    HostAdd(#[from] HostAddError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// `--add SRC:DEST[:MODE]`: a host file or directory to place in the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddSpec {
+    pub src: PathBuf,
+    pub dest: RelPath,
+    pub mode: Option<u32>,
+}
+
+impl FromStr for AddSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.splitn(3, ':');
+        let (Some(src), Some(dest)) = (parts.next().filter(|p| !p.is_empty()), parts.next().filter(|p| !p.is_empty())) else {
+            return Err(format!("--add {s:?} is not SRC:DEST[:MODE]"));
+        };
+        let mode = parts
+            .next()
+            .map(|m| u32::from_str_radix(m, 8).ok().filter(|&m| m <= 0o7777).ok_or_else(|| format!("--add {s:?}: mode {m:?} is not octal like 0755")))
+            .transpose()?;
+        let dest = RelPath::parse_user(dest).map_err(|e: PathError| format!("--add {s:?}: {e}"))?;
+        Ok(AddSpec { src: PathBuf::from(src), dest, mode })
+    }
+}
+
+/// Where SOURCE_DATE_EPOCH came from, recorded in the report.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EpochSource {
+    Explicit,
+    ImageCreated,
+    Zero,
+}
+
+/// Everything that shapes one initrd build.
+#[derive(Clone, Debug)]
+pub struct InitrdJob {
+    pub image: ImageRef,
+    pub output: PathBuf,
+    pub pull: PullOptions,
+    pub initrd: InitrdOptions,
+    /// `None`: use the image config's `created`, else 0.
+    pub source_date_epoch: Option<i64>,
+    pub adds: Vec<AddSpec>,
+    pub removes: Vec<RelPath>,
+    /// Where layer file data is spooled (default: the system temp dir).
+    pub spool_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageSummary {
+    pub reference: String,
+    pub manifest_digest: Option<Digest>,
+    pub config_digest: Option<Digest>,
+    pub platform: String,
+    pub created: Option<String>,
+    pub layers: Vec<LayerInfo>,
+}
+
+impl ImageSummary {
+    pub fn of(image: &Image) -> Self {
+        ImageSummary {
+            reference: image.reference.to_string(),
+            manifest_digest: image.manifest_digest.clone(),
+            config_digest: image.config_digest.clone(),
+            platform: image.platform().to_string(),
+            created: image.config.created.clone(),
+            layers: image.layers.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    pub entries: u64,
+    pub whiteouts: u64,
+    pub opaque_dirs: u64,
+    pub bytes: u64,
+}
+
+impl From<LayerStats> for LayerReport {
+    fn from(s: LayerStats) -> Self {
+        LayerReport { entries: s.entries, whiteouts: s.whiteouts, opaque_dirs: s.opaque_dirs, bytes: s.bytes_spooled }
+    }
+}
+
+/// What a build did: inputs by digest, outputs by digest, and timings.
+#[derive(Clone, Debug, Serialize)]
+pub struct InitrdBuildReport {
+    pub image: ImageSummary,
+    pub source_date_epoch: i64,
+    pub epoch_source: EpochSource,
+    pub layers: Vec<LayerReport>,
+    pub tree: TreeStatsReport,
+    pub output: PathBuf,
+    pub compression: String,
+    pub initrd: InitrdReport,
+    pub seconds: Timings,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TreeStatsReport {
+    pub entries: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub special: u64,
+    pub hard_links: u64,
+    pub file_bytes: u64,
+}
+
+impl From<TreeStats> for TreeStatsReport {
+    fn from(s: TreeStats) -> Self {
+        TreeStatsReport {
+            entries: s.entries,
+            files: s.files,
+            dirs: s.dirs,
+            symlinks: s.symlinks,
+            special: s.special,
+            hard_links: s.hard_links,
+            file_bytes: s.file_bytes,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    pub resolve: f64,
+    pub layers: f64,
+    pub write: f64,
+}
+
+/// Resolves the image and builds the guest tree (layers, then removals, then
+/// additions), returning it with what the build needs to report.
+pub fn build_tree(job: &InitrdJob, progress: &Progress, timings: &mut Timings) -> Result<(Image, Tree, Vec<LayerStats>, i64, EpochSource), BuildError> {
+    let t = Instant::now();
+    let image = Image::open(&job.image, &job.pull, progress)?;
+    timings.resolve = t.elapsed().as_secs_f64();
+    let (epoch, epoch_source) = match (job.source_date_epoch, image.config.created_epoch()) {
+        (Some(e), _) => (e, EpochSource::Explicit),
+        (None, Some(created)) => (created, EpochSource::ImageCreated),
+        (None, None) => (0, EpochSource::Zero),
+    };
+    let t = Instant::now();
+    let mut tree = Tree::new();
+    let stats = image.apply_layers(&mut tree, job.spool_dir.as_deref(), job.pull.fetch_jobs, progress)?;
+    for path in &job.removes {
+        tree.remove(path);
+    }
+    for add in &job.adds {
+        tree.add_host_path(&add.src, &add.dest, add.mode, epoch)?;
+    }
+    timings.layers = t.elapsed().as_secs_f64();
+    Ok((image, tree, stats, epoch, epoch_source))
+}
+
+/// The whole `osbuilder initrd` job.
+pub fn build_initrd(job: &InitrdJob, progress: &Progress) -> Result<InitrdBuildReport, BuildError> {
+    if job.output.is_dir() {
+        return Err(BuildError::Usage(format!("output {} is a directory; give a file name", job.output.display())));
+    }
+    let mut timings = Timings::default();
+    let (image, tree, stats, epoch, epoch_source) = build_tree(job, progress, &mut timings)?;
+    let t = Instant::now();
+    let opts = InitrdOptions { source_date_epoch: epoch, ..job.initrd.clone() };
+    let spinner = progress.spinner(format!("write {}", job.output.display()));
+    let report = initrd::write_initrd(&tree, &job.output, &opts)?;
+    spinner.finish_and_clear();
+    timings.write = t.elapsed().as_secs_f64();
+    Ok(InitrdBuildReport {
+        image: ImageSummary::of(&image),
+        source_date_epoch: epoch,
+        epoch_source,
+        layers: stats.into_iter().map(Into::into).collect(),
+        tree: tree.stats().into(),
+        output: job.output.clone(),
+        compression: format!("{:?}", job.initrd.compression.kind).to_lowercase(),
+        initrd: report,
+        seconds: timings,
+    })
+}
+
+/// Parses a memory size: `512M`, `2G`, `1048576K`; a bare number is MiB, as in QEMU's `-m`.
+pub fn parse_mem_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 20),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_shl(shift).filter(|v| v >> shift == n))
+        .ok_or_else(|| format!("memory size {s:?} is not like 512M or 2G"))
+}
+
+/// Checks `path` can be written as an output (its directory exists).
+pub fn check_output_dir(path: &Path) -> Result<(), BuildError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(BuildError::Usage(format!("output directory {} does not exist", dir.display())));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_specs() {
+        let a: AddSpec = "target/init:/sbin/init:0755".parse().unwrap();
+        assert_eq!((a.src.to_str().unwrap(), a.dest.to_bytes(), a.mode), ("target/init", b"sbin/init".to_vec(), Some(0o755)));
+        let b: AddSpec = "conf:/etc/agent.toml".parse().unwrap();
+        assert_eq!(b.mode, None);
+        assert!("justsrc".parse::<AddSpec>().is_err());
+        assert!("a:/b:999".parse::<AddSpec>().is_err());
+        assert!("a:/../b".parse::<AddSpec>().is_err());
+    }
+
+    #[test]
+    fn mem_sizes() {
+        assert_eq!(parse_mem_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_mem_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_mem_size("2048"), Ok(2048 << 20));
+        assert!(parse_mem_size("lots").is_err());
+        assert!(parse_mem_size("99999999999999G").is_err());
+    }
+}
