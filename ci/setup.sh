@@ -8,7 +8,7 @@ set -euo pipefail
 PKGS=(
   ca-certificates curl
   skopeo umoci docker-registry debootstrap  # OCI images and a real registry
-  apache2-utils                             # htpasswd -B for the auth tests
+  apache2-utils libcap2-bin                 # htpasswd -B, setcap/getcap for fixtures
   cpio gzip zstd                            # initrd oracles
   e2fsprogs erofs-utils cryptsetup-bin      # disk oracles (later issues)
   qemu-system-x86 qemu-utils busybox-static # boots

@@ -1,1 +1,67 @@
-fn main() {}
+//! `cargo xtask`: the project's own automation (setup, build, test, bench).
+//!
+//! xtask orchestrates; the logic lives in the `osbuilder` library and binary.
+//! Every external command goes through [`util::Cmd`], which prints the command
+//! line and fails with its stderr.
+
+mod bench;
+mod image;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the Debian packages the build and tests need (idempotent).
+    Setup,
+    /// Build the default base image (Debian bookworm minbase, as an OCI layout) and print its path.
+    BaseImage,
+    /// Set up, then build a guest initrd from an image (default: the local Debian base image).
+    BuildImage(image::BuildImage),
+    /// Set up, then run the whole test suite.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run our pipeline and the anchor pipelines side by side; print medians, ratios and sizes.
+    Bench(bench::Bench),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => util::setup(),
+        Command::BaseImage => {
+            util::setup()?;
+            println!("{}", image::base_image()?.display());
+            Ok(())
+        }
+        Command::BuildImage(args) => {
+            util::setup()?;
+            args.run()
+        }
+        Command::Test { args } => {
+            util::setup()?;
+            // The Debian base image is shared by xtask and the tests: build it
+            // once here so its log is visible, not inside a test's output.
+            let base = image::base_image()?;
+            util::Cmd::new("cargo")
+                .args(["test", "--workspace"])
+                .args(args)
+                .cwd(util::project_root())
+                .env("OSBUILDER_BASE_IMAGE", base)
+                .run()
+        }
+        Command::Bench(args) => {
+            util::setup()?;
+            args.run()
+        }
+    }
+}

@@ -199,8 +199,12 @@ impl Image {
 
     fn check_platform(&self, wanted: &Platform) -> Result<(), OciError> {
         let got = self.config.platform();
-        // Configs without os/architecture exist (hand-made images); accept them.
-        if !got.os.is_empty() && !got.architecture.is_empty() && !wanted.accepts(&got) {
+        // Configs without os/architecture exist (hand-made images), and many
+        // omit the variant their index names: compare what the config states.
+        let mismatch = (!got.os.is_empty() && got.os != wanted.os)
+            || (!got.architecture.is_empty() && got.architecture != wanted.architecture)
+            || (got.variant.is_some() && wanted.variant.is_some() && got.variant != wanted.variant);
+        if mismatch {
             return Err(OciError::Platform(format!(
                 "{} is a {got} image, not {wanted}; pass --platform {got} to use it anyway",
                 self.reference

@@ -1,0 +1,345 @@
+//! End-to-end: real images (debootstrap, umoci, skopeo), a real registry, our
+//! binary, and the format owners as oracles (GNU cpio, gzip, zstd, umoci).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::*;
+
+fn osbuilder() -> std::process::Command {
+    tool(env!("CARGO_BIN_EXE_osbuilder"))
+}
+
+/// Runs osbuilder, returning the output whatever the exit status.
+fn run_osbuilder(args: &[&str], cache: &Path) -> Output {
+    let mut cmd = osbuilder();
+    cmd.args(args).arg("--cache-dir").arg(cache).env_remove("SOURCE_DATE_EPOCH");
+    cmd.output().expect("run osbuilder")
+}
+
+fn build_ok(args: &[&str], cache: &Path) -> Output {
+    let out = run_osbuilder(args, cache);
+    assert!(
+        out.status.success(),
+        "osbuilder {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn build_err(args: &[&str], cache: &Path) -> String {
+    let out = run_osbuilder(args, cache);
+    assert!(!out.status.success(), "osbuilder {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("osbuilder-it-").tempdir().unwrap()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The initrd's tree, extracted by GNU cpio, equals umoci's unpack of the
+/// same image (modes, owners, link targets, contents, hard links).
+fn assert_matches_umoci(initrd: &Path, layout: &Path, tag: &str) {
+    let ours = cpio_extract(initrd);
+    let theirs = umoci_unpack(layout, tag);
+    assert_trees_equal(&tree_snapshot(&ours), &tree_snapshot(&theirs));
+}
+
+#[test]
+fn debian_image_to_gzip_initrd_matches_umoci_and_is_reproducible() {
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let layout = debian_layout();
+    let image = oci_ref(&layout, DEBIAN_TAG);
+    let first = tmp.path().join("a.cpio.gz");
+    let second = tmp.path().join("b.cpio.gz");
+    let report = tmp.path().join("report.json");
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&first), "--report", path_str(&report)], &cache);
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&second), "--threads", "1"], &cache);
+
+    run(tool("gzip").arg("-t").arg(&first));
+    assert_eq!(sha256_file(&first), sha256_file(&second), "two builds (2 threads vs 1) must be byte-identical");
+    assert_matches_umoci(&first, &layout, DEBIAN_TAG);
+
+    // mtimes are clamped to the image's `created`, the default SOURCE_DATE_EPOCH.
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["epoch_source"], "image-created");
+    let epoch = report["source_date_epoch"].as_i64().unwrap();
+    let extracted = cpio_extract(&first);
+    let snapshot = tree_snapshot(&extracted);
+    assert!(snapshot.len() > 5000, "a Debian minbase has thousands of entries, got {}", snapshot.len());
+    // GNU cpio -m restores the mtimes of files (not of symlinks or directories).
+    let late: Vec<_> = snapshot.iter().filter(|(_, e)| e.kind == Kind::File && e.mtime > epoch).map(|(p, _)| p).collect();
+    assert!(late.is_empty(), "entries newer than SOURCE_DATE_EPOCH: {late:?}");
+    assert_eq!(report["initrd"]["sha256"].as_str().unwrap(), sha256_file(&first));
+}
+
+#[test]
+fn explicit_source_date_epoch_clamps_every_mtime() {
+    let tmp = scratch();
+    let out = tmp.path().join("x.cpio");
+    build_ok(
+        &["initrd", "--image", &oci_ref(&layered_layout(), "v2"), "-o", path_str(&out), "--compress", "none", "--source-date-epoch", "86400"],
+        &tmp.path().join("cache"),
+    );
+    let extracted = cpio_extract(&out);
+    let snapshot = tree_snapshot(&extracted);
+    let files: Vec<_> = snapshot.values().filter(|e| e.kind == Kind::File).collect();
+    assert!(files.iter().all(|e| e.mtime == 86400), "every file mtime must be clamped to 86400");
+}
+
+#[test]
+fn layered_image_from_registry_applies_whiteouts_and_keeps_special_files() {
+    let registry = Registry::start();
+    let layout = layered_layout();
+    for tag in ["v2", "v3-opaque"] {
+        push(&oci_ref(&layout, tag), &registry, &format!("layered:{tag}"), &[]);
+    }
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    for tag in ["v2", "v3-opaque"] {
+        let out = tmp.path().join(format!("{tag}.cpio.gz"));
+        build_ok(&["initrd", "--image", &registry.docker_ref(&format!("layered:{tag}")), "-o", path_str(&out)], &cache);
+        assert_matches_umoci(&out, &layout, tag);
+        let names: Vec<String> = cpio_list(&out).into_iter().map(|e| e.path).collect();
+        assert!(!names.iter().any(|n| n.rsplit('/').next().unwrap().starts_with(".wh.")), "whiteout files leaked: {names:?}");
+        for deleted in LAYERED_DELETED {
+            assert!(!names.iter().any(|n| n == deleted), "{deleted} should be deleted in {tag}");
+        }
+        if tag == "v3-opaque" {
+            for hidden in LAYERED_OPAQUE_HIDDEN {
+                assert!(!names.iter().any(|n| n == hidden), "{hidden} should be hidden by the opaque dir");
+            }
+        }
+    }
+}
+
+#[test]
+fn docker_v2s2_manifests_and_docker_archives_are_accepted() {
+    let registry = Registry::start();
+    let layout = layered_layout();
+    push(&oci_ref(&layout, "v2"), &registry, "layered:v2s2", &["--format", "v2s2"]);
+    let raw = skopeo_inspect(&registry, "layered:v2s2", &["--raw"]);
+    assert_eq!(raw["mediaType"], MT_DOCKER_MANIFEST);
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("v2s2.cpio.gz");
+    build_ok(&["initrd", "--image", &registry.image_ref("layered:v2s2"), "-o", path_str(&out)], &cache);
+    assert_matches_umoci(&out, &layout, "v2");
+
+    let archive = docker_archive();
+    let out = tmp.path().join("archive.cpio.gz");
+    build_ok(&["initrd", "--image", &format!("docker-archive:{}", archive.display()), "-o", path_str(&out)], &cache);
+    assert_matches_umoci(&out, &layout, "v2");
+}
+
+#[test]
+fn zstd_layers_in_and_zstd_initrd_out() {
+    let tmp = scratch();
+    let layout = zstd_layout();
+    assert_eq!(layout_manifest(&layout, "v2")["layers"][0]["mediaType"], MT_OCI_LAYER_ZSTD);
+    let out = tmp.path().join("z.cpio.zst");
+    build_ok(&["initrd", "--image", &oci_ref(&layout, "v2"), "-o", path_str(&out), "--compress", "zstd"], &tmp.path().join("cache"));
+    run(tool("zstd").arg("-tq").arg(&out));
+    assert!(matches!(detect_compression(&out), common::Compression::Zstd));
+    assert_matches_umoci(&out, &layered_layout(), "v2");
+}
+
+#[test]
+fn multi_arch_index_picks_the_platform_or_lists_what_exists() {
+    let registry = Registry::start();
+    push_multiarch(&registry, "multi:latest");
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let image = registry.docker_ref("multi:latest");
+    let arch_of = |out: &Path| {
+        let extracted = cpio_extract(out);
+        fs::read_to_string(extracted.join("etc/arch")).unwrap().trim().to_string()
+    };
+    let amd = tmp.path().join("amd.cpio");
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&amd), "--compress", "none"], &cache);
+    assert_eq!(arch_of(&amd), "amd64");
+    let arm = tmp.path().join("arm.cpio");
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&arm), "--compress", "none", "--platform", "linux/arm64"], &cache);
+    assert_eq!(arch_of(&arm), "arm64");
+    let err = build_err(&["initrd", "--image", &image, "-o", path_str(&tmp.path().join("s.cpio")), "--platform", "linux/s390x"], &cache);
+    assert!(err.contains("no manifest for linux/s390x") && err.contains("linux/amd64") && err.contains("linux/arm64/v8"), "{err}");
+    // The same index from an OCI layout.
+    let layout_out = tmp.path().join("layout-arm.cpio");
+    build_ok(
+        &["initrd", "--image", &oci_ref(&multiarch_layout(), MULTIARCH_TAG), "-o", path_str(&layout_out), "--compress", "none", "--platform", "linux/arm64/v8"],
+        &cache,
+    );
+    assert_eq!(arch_of(&layout_out), "arm64");
+}
+
+#[test]
+fn htpasswd_registry_needs_credentials_from_flags_or_docker_config() {
+    let registry = Registry::start_with_htpasswd("alice", "s3cret");
+    push(&oci_ref(&layered_layout(), "v1"), &registry, "private:v1", &[]);
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let image = registry.docker_ref("private:v1");
+    let out = tmp.path().join("p.cpio.gz");
+    let empty_home = tmp.path().join("home");
+    fs::create_dir_all(&empty_home).unwrap();
+
+    let anonymous = osbuilder()
+        .args(["initrd", "--image", &image, "-o", path_str(&out), "--cache-dir", path_str(&cache)])
+        .env("HOME", &empty_home)
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&anonymous.stderr);
+    assert!(!anonymous.status.success() && err.to_lowercase().contains("auth"), "anonymous pull must fail naming auth: {err}");
+    assert!(!out.exists());
+
+    let wrong = build_err(&["initrd", "--image", &image, "-o", path_str(&out), "--creds", "alice:wrong"], &cache);
+    assert!(wrong.to_lowercase().contains("auth") || wrong.contains("401"), "{wrong}");
+
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&out), "--creds", "alice:s3cret"], &cache);
+    assert_matches_umoci(&out, &layered_layout(), "v1");
+
+    // Credentials from a docker config.json, with a fresh cache so blobs are pulled again.
+    let docker_config = tmp.path().join("docker");
+    fs::create_dir_all(&docker_config).unwrap();
+    let auth = base64_encode(b"alice:s3cret");
+    fs::write(docker_config.join("config.json"), format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr())).unwrap();
+    let out2 = tmp.path().join("p2.cpio.gz");
+    let status = osbuilder()
+        .args(["initrd", "--image", &image, "-o", path_str(&out2), "--cache-dir", path_str(&tmp.path().join("cache2"))])
+        .env("DOCKER_CONFIG", &docker_config)
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert_eq!(sha256_file(&out), sha256_file(&out2));
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+#[test]
+fn second_build_pulls_no_blobs() {
+    let registry = Registry::start();
+    push(&oci_ref(&layered_layout(), "v2"), &registry, "cached:v2", &[]);
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let image = registry.docker_ref("cached:v2");
+    let blob_gets = |log: &str| log.lines().filter(|l| l.contains("GET /v2/cached/blobs/")).count();
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&tmp.path().join("1.gz"))], &cache);
+    let after_first = blob_gets(&registry.log());
+    assert!(after_first >= 3, "the first build pulls config and layers ({after_first} blob GETs)\n{}", registry.log());
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&tmp.path().join("2.gz"))], &cache);
+    assert_eq!(blob_gets(&registry.log()), after_first, "the second build must pull no blob");
+    assert_eq!(sha256_file(&tmp.path().join("1.gz")), sha256_file(&tmp.path().join("2.gz")));
+}
+
+/// Copies a layout so a test can damage it.
+fn copy_layout(layout: &Path, dest: &Path) -> PathBuf {
+    run(tool("cp").arg("-a").arg(layout).arg(dest));
+    dest.to_path_buf()
+}
+
+#[test]
+fn corrupted_blob_is_named_and_the_old_output_survives() {
+    let tmp = scratch();
+    let layout = copy_layout(&layered_layout(), &tmp.path().join("layout"));
+    let manifest = layout_manifest(&layout, "v2");
+    let layer = manifest["layers"][1]["digest"].as_str().unwrap().to_string();
+    let blob = layout_blob_path(&layout, &layer);
+    let mut bytes = fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&blob, &bytes).unwrap();
+
+    let out = tmp.path().join("keep.cpio.gz");
+    fs::write(&out, b"previous good output").unwrap();
+    let err = build_err(&["initrd", "--image", &oci_ref(&layout, "v2"), "-o", path_str(&out)], &tmp.path().join("cache"));
+    assert!(err.contains("digest mismatch") && err.contains(&layer), "error must name the blob: {err}");
+    assert_eq!(fs::read(&out).unwrap(), b"previous good output");
+    let leftovers: Vec<_> = fs::read_dir(tmp.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+}
+
+#[test]
+fn add_remove_and_size_warnings() {
+    let tmp = scratch();
+    let host = tmp.path().join("host");
+    fs::create_dir_all(host.join("conf.d")).unwrap();
+    fs::write(host.join("init"), b"#!/bin/sh\necho hi\n").unwrap();
+    fs::write(host.join("conf.d/a.conf"), b"a=1\n").unwrap();
+    let out = tmp.path().join("added.cpio");
+    let result = build_ok(
+        &[
+            "initrd",
+            "--image",
+            &oci_ref(&layered_layout(), "v2"),
+            "-o",
+            path_str(&out),
+            "--compress",
+            "none",
+            "--add",
+            &format!("{}:/sbin/init:0700", host.join("init").display()),
+            "--add",
+            &format!("{}:/etc/conf.d", host.join("conf.d").display()),
+            "--remove",
+            "/bin/ping",
+            "--guest-mem",
+            "1M",
+        ],
+        &tmp.path().join("cache"),
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("warning") && stderr.contains("guest RAM"), "a 1M guest must get a size warning: {stderr}");
+    let listing = cpio_list(&out);
+    let init = listing.iter().find(|e| e.path == "sbin/init").expect("sbin/init added");
+    assert_eq!((init.mode, init.uid, init.gid), (0o700, 0, 0));
+    assert!(listing.iter().any(|e| e.path == "etc/conf.d/a.conf"));
+    assert!(!listing.iter().any(|e| e.path == "bin/ping"), "removed path must be gone");
+    let extracted = cpio_extract(&out);
+    assert_eq!(fs::read(extracted.join("sbin/init")).unwrap(), b"#!/bin/sh\necho hi\n");
+}
+
+#[test]
+fn inspect_shows_manifest_config_and_layers() {
+    let tmp = scratch();
+    let layout = layered_layout();
+    let out = build_ok(&["inspect", "--json", &oci_ref(&layout, "v2")], &tmp.path().join("cache"));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let manifest = layout_manifest(&layout, "v2");
+    assert_eq!(doc["image"]["platform"], "linux/amd64");
+    assert_eq!(doc["image"]["layers"].as_array().unwrap().len(), manifest["layers"].as_array().unwrap().len());
+    assert_eq!(doc["image"]["layers"][0]["digest"], manifest["layers"][0]["digest"]);
+    assert_eq!(doc["image"]["config_digest"], manifest["config"]["digest"]);
+    let text = build_ok(&["inspect", &oci_ref(&layout, "v2")], &tmp.path().join("cache"));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("platform:  linux/amd64") && text.contains("layers:"), "{text}");
+}
+
+#[test]
+fn unusable_references_fail_clearly() {
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("x.gz");
+    let err = build_err(&["initrd", "--image", &oci_ref(&layered_layout(), "nope"), "-o", path_str(&out)], &cache);
+    assert!(err.contains("no image tagged \"nope\""), "{err}");
+    let err = build_err(&["initrd", "--image", "oci:/does/not/exist", "-o", path_str(&out)], &cache);
+    assert!(err.contains("not an OCI image layout"), "{err}");
+    let registry = Registry::start();
+    let err = build_err(&["initrd", "--image", &registry.docker_ref("missing:tag"), "-o", path_str(&out)], &cache);
+    assert!(err.contains("cannot fetch the manifest"), "{err}");
+    assert!(!out.exists());
+}
