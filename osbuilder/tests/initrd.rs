@@ -430,3 +430,41 @@ fn registry_failing_mid_transfer_leaves_no_partial_blob_or_output() {
     build_ok(&["initrd", "--image", &registry.docker_ref("flaky:v1"), "-o", path_str(&out)], &cache);
     assert_matches_umoci(&out, &layout, "v1");
 }
+
+#[test]
+fn bearer_token_registry_works_with_credentials_from_flags_or_environment() {
+    let registry = Registry::start_with_token_auth("bob", "t0ken-pass");
+    push(&oci_ref(&layered_layout(), "v2"), &registry, "tokens/app:v2", &[]);
+    let tmp = scratch();
+    let image = registry.docker_ref("tokens/app:v2");
+    let out = tmp.path().join("t.cpio.gz");
+    let home = tmp.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    let clean_env = |cmd: &mut std::process::Command| {
+        cmd.env("HOME", &home)
+            .env_remove("DOCKER_CONFIG")
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("OSBUILDER_REGISTRY_USER")
+            .env_remove("OSBUILDER_REGISTRY_PASSWORD");
+    };
+
+    let mut anonymous = osbuilder();
+    anonymous.args(["initrd", "--image", &image, "-o", path_str(&out), "--cache-dir", path_str(&tmp.path().join("c0"))]);
+    clean_env(&mut anonymous);
+    let result = anonymous.output().unwrap();
+    assert!(!result.status.success(), "anonymous pull from a token registry must fail");
+    assert!(!out.exists());
+
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&out), "--creds", "bob:t0ken-pass"], &tmp.path().join("c1"));
+    assert_matches_umoci(&out, &layered_layout(), "v2");
+
+    let out2 = tmp.path().join("t2.cpio.gz");
+    let mut from_env = osbuilder();
+    from_env.args(["initrd", "--image", &image, "-o", path_str(&out2), "--cache-dir", path_str(&tmp.path().join("c2"))]);
+    clean_env(&mut from_env);
+    from_env.env("OSBUILDER_REGISTRY_USER", "bob").env("OSBUILDER_REGISTRY_PASSWORD", "t0ken-pass");
+    let result = from_env.output().unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert_eq!(sha256_file(&out), sha256_file(&out2));
+}

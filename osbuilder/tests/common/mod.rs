@@ -191,21 +191,36 @@ pub struct Registry {
 impl Registry {
     /// Starts an anonymous registry and waits until `GET /v2/` answers 200.
     pub fn start() -> Registry {
-        Registry::spawn(None)
+        Registry::spawn(None, false)
     }
 
     /// Starts a registry that accepts only `user`/`pass` (bcrypt via
     /// `htpasswd -Bbn`) and waits until `GET /v2/` answers 401.
     pub fn start_with_htpasswd(user: &str, pass: &str) -> Registry {
-        Registry::spawn(Some((user.to_string(), pass.to_string())))
+        Registry::spawn(Some((user.to_string(), pass.to_string())), false)
     }
 
-    fn spawn(creds: Option<(String, String)>) -> Registry {
+    /// Starts a registry using bearer-token auth: a token server (in this
+    /// process, on another loopback port) checks `user`/`pass` by HTTP basic
+    /// and hands out RS256 JWTs that the registry verifies against a
+    /// self-signed certificate, the flow Docker Hub and most registries use.
+    pub fn start_with_token_auth(user: &str, pass: &str) -> Registry {
+        Registry::spawn(Some((user.to_string(), pass.to_string())), true)
+    }
+
+    fn spawn(creds: Option<(String, String)>, token: bool) -> Registry {
         let dir = tempdir("osbuilder-registry-");
         let storage = dir.path().join("storage");
         fs::create_dir(&storage).unwrap();
         let mut auth = String::new();
-        if let Some((user, pass)) = &creds {
+        if let (Some((user, pass)), true) = (&creds, token) {
+            let server = TokenServer::start(dir.path(), user, pass);
+            auth = format!(
+                "auth:\n  token:\n    realm: http://{}/token\n    service: osbuilder-test\n    issuer: osbuilder-test-issuer\n    rootcertbundle: \"{}\"\n",
+                server.addr,
+                server.cert.display()
+            );
+        } else if let Some((user, pass)) = &creds {
             let line = run_stdout(tool("htpasswd").args(["-Bbn", user, pass]));
             let htpasswd = dir.path().join("htpasswd");
             fs::write(&htpasswd, line.trim_end().to_string() + "\n").unwrap();
@@ -1495,5 +1510,100 @@ pub fn assert_trees_equal(left: &BTreeMap<String, Entry>, right: &BTreeMap<Strin
             shown.join("\n"),
             if diff.len() > 200 { "\n..." } else { "" }
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A bearer-token server for docker-registry's `auth: token`
+// ---------------------------------------------------------------------------
+
+/// Issues JWTs (RS256, the certificate in `x5c`) to clients presenting the
+/// right basic credentials; signing is done by the `openssl` command line.
+struct TokenServer {
+    addr: String,
+    cert: PathBuf,
+}
+
+fn base64url(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+impl TokenServer {
+    fn start(dir: &Path, user: &str, pass: &str) -> TokenServer {
+        use std::io::{BufRead, BufReader, Write};
+        let key = dir.join("token.key");
+        let cert = dir.join("token.crt");
+        run(tool("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=osbuilder-test-token"])
+            .arg("-keyout").arg(&key).arg("-out").arg(&cert));
+        let der = run(tool("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert)).stdout;
+        let x5c = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&der)
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let expected_auth = {
+            use base64::Engine as _;
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
+        };
+        let user = user.to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let mut authorized = false;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        if k.eq_ignore_ascii_case("authorization") && v.trim() == expected_auth {
+                            authorized = true;
+                        }
+                    }
+                }
+                let mut stream = stream;
+                if !authorized {
+                    let _ = stream.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    continue;
+                }
+                // Grant every scope asked for (repository:NAME:ACTIONS).
+                let query = request_line.split_whitespace().nth(1).unwrap_or("").split_once('?').map(|x| x.1).unwrap_or("");
+                let access: Vec<serde_json::Value> = query
+                    .split('&')
+                    .filter_map(|kv| kv.strip_prefix("scope="))
+                    .filter_map(|scope| {
+                        let scope = scope.replace("%3A", ":").replace("%2C", ",").replace("%2F", "/");
+                        let mut parts = scope.splitn(3, ':');
+                        let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+                        Some(json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+                    })
+                    .collect();
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                let header = json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
+                let claims = json!({
+                    "iss": "osbuilder-test-issuer", "sub": user, "aud": "osbuilder-test",
+                    "exp": now + 600, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", access.len()),
+                    "access": access,
+                });
+                let signing_input = format!("{}.{}", base64url(header.to_string().as_bytes()), base64url(claims.to_string().as_bytes()));
+                let mut sign = tool("openssl");
+                sign.args(["dgst", "-sha256", "-sign"]).arg(&key).stdin(Stdio::piped()).stdout(Stdio::piped());
+                let mut child = sign.spawn().unwrap();
+                child.stdin.take().unwrap().write_all(signing_input.as_bytes()).unwrap();
+                let signature = child.wait_with_output().unwrap().stdout;
+                let token = format!("{signing_input}.{}", base64url(&signature));
+                let body = json!({"token": token, "access_token": token, "expires_in": 600}).to_string();
+                let _ = stream.write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+                );
+            }
+        });
+        TokenServer { addr, cert }
     }
 }
