@@ -468,3 +468,107 @@ fn bearer_token_registry_works_with_credentials_from_flags_or_environment() {
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     assert_eq!(sha256_file(&out), sha256_file(&out2));
 }
+
+/// A tar entry written with raw header bytes, so names no honest tool would
+/// write (`..`, absolute) get through.
+fn raw_entry(builder: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, link: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+    h.set_size(data.len() as u64);
+    h.set_mtime(1);
+    h.set_uid(0);
+    h.set_gid(0);
+    {
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+        gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    h.set_cksum();
+    builder.append(&h, data).unwrap();
+}
+
+/// Writes an OCI layout whose image has the given layers (tar bytes, gzipped here).
+fn layout_with_layers(dir: &Path, layers: &[Vec<u8>]) -> PathBuf {
+    use std::io::Write as _;
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let hex = sha256_hex(bytes);
+        fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let mut descs = vec![];
+    let mut diff_ids = vec![];
+    for layer in layers {
+        diff_ids.push(format!("sha256:{}", sha256_hex(layer)));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(layer).unwrap();
+        let (digest, size) = put(&gz.finish().unwrap());
+        descs.push(serde_json::json!({"mediaType": MT_OCI_LAYER_GZIP, "digest": digest, "size": size}));
+    }
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_size}, "layers": descs});
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": MT_OCI_MANIFEST, "digest": manifest_digest,
+        "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "evil"}}]});
+    fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn hostile_layers_are_refused_naming_the_entry() {
+    use tar::EntryType::*;
+    let tmp = scratch();
+    let cases: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
+        ("dotdot", vec![{
+            let mut b = tar::Builder::new(Vec::new());
+            raw_entry(&mut b, Regular, "../../etc/evil", "", b"x");
+            b.into_inner().unwrap()
+        }], "../../etc/evil"),
+        ("absolute", vec![{
+            let mut b = tar::Builder::new(Vec::new());
+            raw_entry(&mut b, Regular, "/etc/passwd", "", b"x");
+            b.into_inner().unwrap()
+        }], "/etc/passwd"),
+        ("symlink-escape", vec![
+            {
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, Symlink, "up", "../../../..", b"");
+                b.into_inner().unwrap()
+            },
+            {
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, Regular, "up/etc/cron.d/evil", "", b"x");
+                b.into_inner().unwrap()
+            },
+        ], "up/etc/cron.d/evil"),
+        ("hardlink-missing", vec![{
+            let mut b = tar::Builder::new(Vec::new());
+            raw_entry(&mut b, Link, "shadow", "etc/shadow", b"");
+            b.into_inner().unwrap()
+        }], "etc/shadow"),
+    ];
+    for (name, layers, expected) in cases {
+        let layout = layout_with_layers(&tmp.path().join(name), &layers);
+        let out = tmp.path().join(format!("{name}.cpio"));
+        let err = build_err(&["initrd", "--image", &oci_ref(&layout, "evil"), "-o", path_str(&out)], &tmp.path().join("cache"));
+        assert!(err.contains(expected), "{name}: the error must name {expected:?}: {err}");
+        assert!(!out.exists(), "{name}: no output for a hostile image");
+    }
+    // The same machinery accepts an honest hand-made layout (the test is not vacuous).
+    let honest = layout_with_layers(&tmp.path().join("honest"), &[{
+        let mut b = tar::Builder::new(Vec::new());
+        raw_entry(&mut b, Directory, "etc/", "", b"");
+        raw_entry(&mut b, Regular, "etc/ok", "", b"fine");
+        raw_entry(&mut b, Link, "etc/ok2", "etc/ok", b"");
+        b.into_inner().unwrap()
+    }]);
+    let out = tmp.path().join("honest.cpio");
+    build_ok(&["initrd", "--image", &oci_ref(&honest, "evil"), "-o", path_str(&out), "--compress", "none"], &tmp.path().join("cache"));
+    let extracted = cpio_extract(&out);
+    assert_eq!(fs::read(extracted.join("etc/ok2")).unwrap(), b"fine");
+}
