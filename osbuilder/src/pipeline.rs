@@ -190,16 +190,19 @@ pub fn build_initrd(job: &InitrdJob, progress: &Progress) -> Result<InitrdBuildR
     let (image, tree, stats, epoch, epoch_source) = build_tree(job, progress, &mut timings)?;
     let t = Instant::now();
     let opts = InitrdOptions { source_date_epoch: epoch, ..job.initrd.clone() };
-    let spinner = progress.spinner(format!("write {}", job.output.display()));
-    let report = initrd::write_initrd(&tree, &job.output, &opts)?;
-    spinner.finish_and_clear();
+    // newc adds a 110-byte header plus the name and padding per entry.
+    let tree_stats = tree.stats();
+    let estimate = tree_stats.file_bytes + tree_stats.entries * 192;
+    let bar = progress.bytes(format!("write {:?}", job.initrd.compression.kind).to_lowercase(), estimate);
+    let report = initrd::write_initrd(&tree, &job.output, &opts, &bar)?;
+    bar.finish_and_clear();
     timings.write = t.elapsed().as_secs_f64();
     Ok(InitrdBuildReport {
         image: ImageSummary::of(&image),
         source_date_epoch: epoch,
         epoch_source,
         layers: stats.into_iter().map(Into::into).collect(),
-        tree: tree.stats().into(),
+        tree: tree_stats.into(),
         output: job.output.clone(),
         compression: format!("{:?}", job.initrd.compression.kind).to_lowercase(),
         initrd: report,

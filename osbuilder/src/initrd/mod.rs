@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
+use indicatif::ProgressBar;
 use sha2::{Digest as _, Sha256};
 
 use crate::compress::{CompressOptions, Compression, Encoder};
@@ -58,16 +59,17 @@ pub struct InitrdReport {
     pub warnings: Vec<String>,
 }
 
-/// Counts (and optionally hashes) bytes on their way to `inner`.
+/// Counts (and optionally hashes, or reports progress of) bytes on their way to `inner`.
 struct Counting<W> {
     inner: W,
     count: u64,
     hasher: Option<Sha256>,
+    progress: Option<ProgressBar>,
 }
 
 impl<W> Counting<W> {
-    fn new(inner: W, hash: bool) -> Self {
-        Counting { inner, count: 0, hasher: hash.then(Sha256::new) }
+    fn new(inner: W, hash: bool, progress: Option<ProgressBar>) -> Self {
+        Counting { inner, count: 0, hasher: hash.then(Sha256::new), progress }
     }
 }
 
@@ -78,6 +80,9 @@ impl<W: Write> Write for Counting<W> {
         if let Some(h) = &mut self.hasher {
             h.update(&buf[..n]);
         }
+        if let Some(bar) = &self.progress {
+            bar.inc(n as u64);
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -85,8 +90,8 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-/// Writes `tree` as an initrd at `out`.
-pub fn write_initrd(tree: &Tree, out: &Path, opts: &InitrdOptions) -> Result<InitrdReport, InitrdError> {
+/// Writes `tree` as an initrd at `out`; `progress` counts uncompressed bytes.
+pub fn write_initrd(tree: &Tree, out: &Path, opts: &InitrdOptions, progress: &ProgressBar) -> Result<InitrdReport, InitrdError> {
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new()
         .prefix(".osbuilder-")
@@ -94,7 +99,7 @@ pub fn write_initrd(tree: &Tree, out: &Path, opts: &InitrdOptions) -> Result<Ini
         .tempfile_in(dir)
         .map_err(|source| InitrdError::CreateTemp { path: out.display().to_string(), source })?;
     let file = tmp.as_file().try_clone().map_err(InitrdError::Write)?;
-    let mut report = write_archive(tree, file, opts)?;
+    let mut report = write_archive(tree, file, opts, progress)?;
     tmp.as_file().sync_data().map_err(InitrdError::Write)?;
     tmp.persist(out).map_err(|e| InitrdError::Persist { path: out.display().to_string(), source: e.error })?;
     report.warnings.extend(size_warnings(&report, opts));
@@ -102,11 +107,16 @@ pub fn write_initrd(tree: &Tree, out: &Path, opts: &InitrdOptions) -> Result<Ini
 }
 
 /// Streams the archive into `out` (which receives compressed bytes).
-pub fn write_archive<W: Write + Send + 'static>(tree: &Tree, out: W, opts: &InitrdOptions) -> Result<InitrdReport, InitrdError> {
+pub fn write_archive<W: Write + Send + 'static>(
+    tree: &Tree,
+    out: W,
+    opts: &InitrdOptions,
+    progress: &ProgressBar,
+) -> Result<InitrdReport, InitrdError> {
     let plan = Plan::new(tree)?;
-    let compressed = Counting::new(BufWriter::with_capacity(1 << 20, out), true);
+    let compressed = Counting::new(BufWriter::with_capacity(1 << 20, out), true, None);
     let encoder = Encoder::new(&opts.compression, compressed)?;
-    let uncompressed = Counting::new(encoder, false);
+    let uncompressed = Counting::new(encoder, false, Some(progress.clone()));
     let mut cpio = NewcWriter::new(BufWriter::with_capacity(1 << 20, uncompressed));
     let mut report = InitrdReport::default();
     let clamp = |mtime: i64| mtime.min(opts.source_date_epoch).clamp(0, i64::from(u32::MAX)) as u32;
