@@ -80,7 +80,7 @@ struct InitrdArgs {
     /// Compression of the archive.
     #[arg(long, default_value = "gzip")]
     compress: Compression,
-    /// Compression level (gzip 1-9, default 6; zstd 1-19, default 3).
+    /// Compression level (gzip 1-9, default 9; zstd 1-19, default 3).
     #[arg(long)]
     level: Option<u32>,
     /// Compression threads (0: all cores).
