@@ -10,6 +10,7 @@
 pub mod cpio;
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
@@ -236,5 +237,115 @@ fn size_warnings(report: &InitrdReport, opts: &InitrdOptions) -> Vec<String> {
 impl InitrdOptions {
     pub fn new(kind: Compression) -> Self {
         InitrdOptions { compression: CompressOptions::new(kind), source_date_epoch: 0, guest_mem: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rootfs::RelPath;
+    use std::process::{Command, Stdio};
+
+    fn options() -> InitrdOptions {
+        InitrdOptions { source_date_epoch: 1_000, ..InitrdOptions::new(Compression::None) }
+    }
+
+    #[test]
+    fn files_of_4_gib_are_refused_before_any_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        let big = tmp.path().join("big");
+        // Sparse: costs no disk.
+        File::create(&big).unwrap().set_len(MAX_FILE_SIZE + 1).unwrap();
+        let mut tree = Tree::new();
+        tree.add_host_path(&big, &RelPath::parse_user("/var/big.img").unwrap(), None, 0).unwrap();
+        let out = tmp.path().join("initrd.cpio");
+        let err = write_initrd(&tree, &out, &options(), &ProgressBar::hidden()).unwrap_err();
+        assert!(matches!(&err, InitrdError::FileTooLarge { path, .. } if path == "/var/big.img"), "{err}");
+        assert!(err.to_string().contains("disk image"), "the message suggests the way out: {err}");
+        assert!(!out.exists());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    #[test]
+    fn hard_links_share_an_inode_and_carry_data_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("payload");
+        std::fs::write(&src, b"shared bytes").unwrap();
+        let mut tree = Tree::new();
+        tree.add_host_path(&src, &RelPath::parse_user("/a/first").unwrap(), Some(0o640), 5_000).unwrap();
+        // A second name for the same inode, as a layer's hard link would make.
+        let first = tree.lookup(&RelPath::parse_user("a/first").unwrap()).unwrap();
+        let a = tree.lookup(&RelPath::parse_user("a").unwrap()).unwrap();
+        tree.dir_entries_mut(a).unwrap().insert(b"second".to_vec(), crate::rootfs::Dentry { inode: first, layer: 0 });
+        let out = tmp.path().join("initrd.cpio");
+        let report = write_initrd(&tree, &out, &options(), &ProgressBar::hidden()).unwrap();
+        assert_eq!(report.entries, 4);
+
+        // GNU cpio is the oracle: both names, link count 2, data on the last
+        // name only, mtime clamped to SOURCE_DATE_EPOCH (1000: 1 January 1970).
+        let listing = Command::new("cpio")
+            .args(["-itvn", "--quiet", "-F"])
+            .arg(&out)
+            .env("TZ", "UTC")
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap();
+        let text = String::from_utf8(listing.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        let first_line = lines.iter().find(|l| l.ends_with(" a/first")).unwrap();
+        let second_line = lines.iter().find(|l| l.ends_with(" a/second")).unwrap();
+        assert!(first_line.starts_with("-rw-r-----   2 0        0               0"), "{first_line}");
+        assert!(second_line.starts_with("-rw-r-----   2 0        0              12"), "{second_line}");
+        assert!(second_line.contains("Jan  1  1970"), "{second_line}");
+
+        let dir = tmp.path().join("x");
+        std::fs::create_dir(&dir).unwrap();
+        let status = Command::new("cpio")
+            .args(["-idm", "--quiet", "-F"])
+            .arg(&out)
+            .current_dir(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        use std::os::unix::fs::MetadataExt;
+        let m1 = std::fs::metadata(dir.join("a/first")).unwrap();
+        let m2 = std::fs::metadata(dir.join("a/second")).unwrap();
+        assert_eq!(m1.ino(), m2.ino());
+        assert_eq!(m1.mtime(), 1_000, "mtime 5000 clamped to SOURCE_DATE_EPOCH");
+        assert_eq!(std::fs::read(dir.join("a/first")).unwrap(), b"shared bytes");
+    }
+
+    #[test]
+    fn same_tree_same_bytes_whatever_the_compression_threads() {
+        let mut tree = Tree::new();
+        for i in 0..200u32 {
+            let data = format!("file {i} ").repeat(i as usize * 50).into_bytes();
+            tree.add_bytes(&RelPath::parse_user(&format!("d{}/f{i}", i % 7)).unwrap(), data, 0o644, 10).unwrap();
+        }
+        let write = |kind, threads| {
+            let opts = InitrdOptions {
+                compression: CompressOptions { kind, level: None, threads },
+                source_date_epoch: 1_000,
+                guest_mem: None,
+            };
+            let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+            impl Write for Shared {
+                fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                    self.0.lock().unwrap().extend_from_slice(b);
+                    Ok(b.len())
+                }
+                fn flush(&mut self) -> io::Result<()> {
+                    Ok(())
+                }
+            }
+            write_archive(&tree, Shared(buf.clone()), &opts, &ProgressBar::hidden()).unwrap();
+            let bytes = buf.lock().unwrap().clone();
+            bytes
+        };
+        for kind in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            assert_eq!(write(kind, 1), write(kind, 2), "{kind:?}");
+        }
     }
 }
