@@ -12,6 +12,7 @@ PKGS=(
   cpio gzip zstd                            # initrd oracles
   e2fsprogs erofs-utils cryptsetup-bin      # disk oracles (later issues)
   qemu-system-x86 qemu-utils busybox-static # boots
+  linux-source-6.12 bc bison flex libelf-dev libssl-dev make gcc patch xz-utils  # guest kernels
 )
 
 SUDO=""

@@ -9,3 +9,4 @@ pub mod rootfs;
 pub mod compress;
 pub mod initrd;
 pub mod pipeline;
+pub mod kernel;

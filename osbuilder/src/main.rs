@@ -16,7 +16,7 @@ use osbuilder::progress::Progress;
 use osbuilder::rootfs::RelPath;
 
 #[derive(Parser)]
-#[command(name = "osbuilder", version, about = "Build micro-VM guest artifacts from OCI images")]
+#[command(name = "osbuilder", version, about = "Build micro-VM guest artifacts from OCI images", args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Turn an image into an initrd (cpio newc, optionally compressed).
     Initrd(InitrdArgs),
+    /// Build a guest kernel from a pinned source, patches and config fragments.
+    Kernel(KernelArgs),
     /// Show an image's manifest, config, layers and platform.
     Inspect {
         /// docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF] or docker-archive:FILE
@@ -67,6 +69,37 @@ impl PullArgs {
             ..PullOptions::default()
         }
     }
+}
+
+#[derive(Args)]
+struct KernelArgs {
+    /// Kernel series (MAJOR.MINOR) from kernel-config/versions.toml [default: the first].
+    #[arg(long)]
+    series: Option<String>,
+    /// Feature fragments, comma-separated [default: kernel-config/default-features].
+    #[arg(long, value_delimiter = ',')]
+    features: Option<Vec<String>>,
+    /// Source: a tarball, an extracted tree, or a pinned URL [default: the series' Debian package].
+    #[arg(long)]
+    source: Option<osbuilder::kernel::SourceSpec>,
+    /// Output directory for vmlinux-*, vmlinuz-*, config-*, System.map-* and the manifest.
+    #[arg(long, short, default_value = "target/kernel")]
+    output: PathBuf,
+    /// The kernel-config directory.
+    #[arg(long, default_value = "kernel-config")]
+    config_dir: PathBuf,
+    /// The patches directory.
+    #[arg(long, default_value = "patches")]
+    patches_dir: PathBuf,
+    /// Parallel make jobs (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
+    /// Cache for sources, builds and artifacts [default: $XDG_CACHE_HOME/osbuilder].
+    #[arg(long, env = "OSBUILDER_CACHE")]
+    cache_dir: Option<PathBuf>,
+    /// KBUILD_BUILD_TIMESTAMP as seconds since the epoch (default 0).
+    #[arg(long, env = "SOURCE_DATE_EPOCH")]
+    source_date_epoch: Option<i64>,
 }
 
 #[derive(Args)]
@@ -110,6 +143,7 @@ fn main() -> ExitCode {
     let progress = Progress::auto(cli.quiet);
     let result = match cli.command {
         Command::Initrd(args) => initrd(args, &progress),
+        Command::Kernel(args) => kernel(args, &progress),
         Command::Inspect { image, pull, json } => inspect(&image, &pull, json, &progress),
     };
     match result {
@@ -179,6 +213,44 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
     if let Some(path) = args.report {
         let json = serde_json::to_vec_pretty(&report)?;
         std::fs::write(&path, json).with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn kernel(args: KernelArgs, progress: &Progress) -> anyhow::Result<()> {
+    let jobs = if args.jobs == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { args.jobs };
+    let job = osbuilder::kernel::KernelJob {
+        config_dir: args.config_dir,
+        patches_dir: args.patches_dir,
+        series: args.series,
+        features: args.features,
+        source: args.source,
+        out_dir: args.output,
+        cache_dir: args.cache_dir.unwrap_or_else(BlobCache::default_dir),
+        jobs,
+        source_date_epoch: args.source_date_epoch,
+    };
+    let spinner = progress.spinner("kernel");
+    let say = |line: &str| {
+        if spinner.is_hidden() {
+            eprintln!("osbuilder: {line}");
+        } else {
+            spinner.set_message(line.to_string());
+        }
+    };
+    let report = osbuilder::kernel::build(&job, &say).context("building the guest kernel")?;
+    spinner.finish_and_clear();
+    let m = &report.manifest;
+    eprintln!(
+        "osbuilder: kernel {} (config {}) {} in {:.2}s -> {}",
+        m.kernel_version,
+        m.config_version,
+        if report.cache_hit { "cached" } else { "built" },
+        m.build_seconds,
+        report.out_dir.display()
+    );
+    for f in &report.files {
+        println!("{}", f.display());
     }
     Ok(())
 }

@@ -25,6 +25,12 @@ enum Command {
     BaseImage,
     /// Set up, then build a guest initrd from an image (default: the local Debian base image).
     BuildImage(image::BuildImage),
+    /// Set up, then build the guest kernel (cached by the hash of its inputs).
+    Kernel {
+        /// Arguments for `osbuilder kernel` (--series, --features, --source, -o ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, then run the whole test suite.
     Test {
         /// Extra arguments for `cargo test`.
@@ -57,6 +63,20 @@ fn main() -> anyhow::Result<()> {
                 .args(args)
                 .cwd(util::project_root())
                 .env("OSBUILDER_BASE_IMAGE", base)
+                .run()
+        }
+        Command::Kernel { args } => {
+            util::setup()?;
+            let root = util::project_root();
+            util::Cmd::new(util::osbuilder_binary()?)
+                .arg("kernel")
+                .arg("--config-dir")
+                .arg(root.join("kernel-config"))
+                .arg("--patches-dir")
+                .arg(root.join("patches"))
+                .arg("-o")
+                .arg(util::target_dir().join("kernel"))
+                .args(args)
                 .run()
         }
         Command::Bench(args) => {

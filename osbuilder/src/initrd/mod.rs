@@ -10,7 +10,6 @@
 pub mod cpio;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
@@ -244,6 +243,7 @@ impl InitrdOptions {
 mod tests {
     use super::*;
     use crate::rootfs::RelPath;
+    use std::fs::File;
     use std::process::{Command, Stdio};
 
     fn options() -> InitrdOptions {
