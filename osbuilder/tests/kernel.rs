@@ -18,16 +18,8 @@ fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// The cache the kernel builds share with `cargo xtask kernel`.
-fn kernel_cache() -> PathBuf {
-    std::env::var_os("OSBUILDER_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-        base.join("osbuilder")
-    })
-}
-
+/// Runs `osbuilder kernel` with its default cache (shared with `cargo xtask
+/// kernel`, so a kernel built by either is a cache hit for the other).
 fn osbuilder_kernel(args: &[&str], config_dir: &Path, out: &Path) -> Output {
     tool(env!("CARGO_BIN_EXE_osbuilder"))
         .arg("kernel")
@@ -35,8 +27,6 @@ fn osbuilder_kernel(args: &[&str], config_dir: &Path, out: &Path) -> Output {
         .arg(config_dir)
         .arg("--patches-dir")
         .arg(project_root().join("patches"))
-        .arg("--cache-dir")
-        .arg(kernel_cache())
         .arg("-o")
         .arg(out)
         .args(args)
