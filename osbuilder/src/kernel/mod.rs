@@ -429,7 +429,8 @@ pub fn configure(inputs: &KernelInputs, src: &Path, build: &Path, log: &Path) ->
     std::fs::write(&allconfig, inputs.merged.to_allconfig()).map_err(io_err("cannot write the merged fragments"))?;
     let make = |target: &str| {
         let mut c = Command::new("make");
-        c.arg("-C").arg(src).arg(format!("O={}", build.display())).arg(format!("KCONFIG_ALLCONFIG={}", allconfig.display())).arg(target);
+        // ARCH explicit: without it make may pick 32-bit x86 from allnoconfig.
+        c.arg("-C").arg(src).arg(format!("O={}", build.display())).arg("ARCH=x86_64").arg(format!("KCONFIG_ALLCONFIG={}", allconfig.display())).arg(target);
         c
     };
     step(&mut make("allnoconfig"), log)?;
@@ -482,7 +483,7 @@ pub fn build(job: &KernelJob, log_line: &dyn Fn(&str)) -> Result<KernelReport, K
     if let Err(e) = configure(&inputs, &src, &build_dir, &log) {
         return Err(keep_failure(e, &work, &kernel_root.join(format!("failed-{series}-{}", inputs.key))));
     }
-    let kernel_version = run_capture(Command::new("make").arg("-s").arg("-C").arg(&src).arg(format!("O={}", build_dir.display())).arg("kernelrelease"))?;
+    let kernel_version = run_capture(Command::new("make").arg("-s").arg("-C").arg(&src).arg(format!("O={}", build_dir.display())).arg("ARCH=x86_64").arg("kernelrelease"))?;
     let epoch = job.source_date_epoch.unwrap_or(0);
     let timestamp = kbuild_timestamp(epoch);
     log_line(&format!("kernel {series}: building {kernel_version} with {} jobs", job.jobs.max(1)));
@@ -491,6 +492,7 @@ pub fn build(job: &KernelJob, log_line: &dyn Fn(&str)) -> Result<KernelReport, K
             .arg("-C")
             .arg(&src)
             .arg(format!("O={}", build_dir.display()))
+            .arg("ARCH=x86_64")
             .arg(format!("-j{}", job.jobs.max(1)))
             .args(["bzImage", "vmlinux"])
             .env("KBUILD_BUILD_TIMESTAMP", &timestamp)
