@@ -10,3 +10,4 @@ pub mod compress;
 pub mod initrd;
 pub mod pipeline;
 pub mod kernel;
+pub mod vm;

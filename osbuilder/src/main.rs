@@ -105,8 +105,15 @@ struct KernelArgs {
 #[derive(Args)]
 struct InitrdArgs {
     /// The image: docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF] or docker-archive:FILE
-    #[arg(long)]
-    image: ImageRef,
+    #[arg(long, required_unless_present = "agent_only")]
+    image: Option<ImageRef>,
+    /// The guest init (a static `osb-init`): placed at /init, with the
+    /// image's Entrypoint/Cmd/Env/WorkingDir/User at /etc/osb/run.json.
+    #[arg(long, value_name = "PATH")]
+    init: Option<PathBuf>,
+    /// No image: an initrd holding only --init (the agent-only guest).
+    #[arg(long, requires = "init", conflicts_with = "image")]
+    agent_only: bool,
     /// Output file.
     #[arg(long, short)]
     output: PathBuf,
@@ -176,19 +183,36 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
     pipeline::check_output_dir(&args.output)?;
+    let options = InitrdOptions {
+        compression: CompressOptions { kind: args.compress, level: args.level, threads: args.threads },
+        source_date_epoch: 0,
+        guest_mem: Some(args.guest_mem),
+    };
+    let Some(image) = args.image else {
+        // --agent-only (clap requires --init with it and --image without it).
+        let init = args.init.context("--agent-only needs --init")?;
+        let opts = InitrdOptions { source_date_epoch: args.source_date_epoch.unwrap_or(0), ..options };
+        let report = pipeline::build_agent_initrd(&init, &args.output, &opts, progress).context("building an agent-only initrd")?;
+        eprintln!(
+            "osbuilder: wrote {} ({} entries, {} bytes unpacked, {} bytes compressed, sha256 {})",
+            args.output.display(),
+            report.entries,
+            report.uncompressed_bytes,
+            report.compressed_bytes,
+            report.sha256
+        );
+        return Ok(());
+    };
     let job = InitrdJob {
-        image: args.image,
+        image,
         output: args.output,
         pull: args.pull.options(),
-        initrd: InitrdOptions {
-            compression: CompressOptions { kind: args.compress, level: args.level, threads: args.threads },
-            source_date_epoch: 0,
-            guest_mem: Some(args.guest_mem),
-        },
+        initrd: options,
         source_date_epoch: args.source_date_epoch,
         adds: args.add,
         removes: args.remove,
         spool_dir: None,
+        init: args.init,
     };
     let report = pipeline::build_initrd(&job, progress).with_context(|| format!("building an initrd from {}", job.image))?;
     for w in &report.initrd.warnings {

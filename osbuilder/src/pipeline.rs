@@ -72,6 +72,72 @@ pub struct InitrdJob {
     pub removes: Vec<RelPath>,
     /// Where layer file data is spooled (default: the system temp dir).
     pub spool_dir: Option<PathBuf>,
+    /// The guest init (static `osb-init`): placed at `/init`, with the
+    /// image's run config at [`RUN_CONFIG_PATH`].
+    pub init: Option<PathBuf>,
+}
+
+/// Where the guest init reads the workload's run config.
+pub const RUN_CONFIG_PATH: &str = "etc/osb/run.json";
+
+/// The workload as the guest init reads it (`/etc/osb/run.json`), taken
+/// from the OCI image config at build time. Field order is fixed, so the
+/// same image gives the same bytes.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct GuestRunConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl GuestRunConfig {
+    pub fn of(config: &crate::oci::manifest::RunConfig) -> Self {
+        let nonempty = |s: &Option<String>| s.clone().filter(|v| !v.is_empty());
+        GuestRunConfig {
+            entrypoint: config.entrypoint.clone().filter(|v| !v.is_empty()),
+            cmd: config.cmd.clone().filter(|v| !v.is_empty()),
+            env: config.env.clone().filter(|v| !v.is_empty()),
+            working_dir: nonempty(&config.working_dir),
+            user: nonempty(&config.user),
+        }
+    }
+
+    pub fn has_workload(&self) -> bool {
+        self.entrypoint.is_some() || self.cmd.is_some()
+    }
+}
+
+/// Places the guest init at `/init` (0755) and, when the image names a
+/// workload, its run config at `/etc/osb/run.json` (0644).
+pub fn add_guest_init(tree: &mut Tree, init: &Path, run: Option<&GuestRunConfig>, epoch: i64) -> Result<(), BuildError> {
+    let dest = RelPath::parse_user("/init").expect("valid path");
+    tree.add_host_path(init, &dest, Some(0o755), epoch)?;
+    if let Some(run) = run.filter(|r| r.has_workload()) {
+        let mut json = serde_json::to_vec_pretty(run).expect("serialisable");
+        json.push(b'\n');
+        tree.add_bytes(&RelPath::parse_user(RUN_CONFIG_PATH).expect("valid path"), json, 0o644, epoch)?;
+    }
+    Ok(())
+}
+
+/// An initrd holding only the guest init (no image): the agent-only guest.
+pub fn build_agent_initrd(init: &Path, output: &Path, opts: &InitrdOptions, progress: &Progress) -> Result<InitrdReport, BuildError> {
+    if output.is_dir() {
+        return Err(BuildError::Usage(format!("output {} is a directory; give a file name", output.display())));
+    }
+    let mut tree = Tree::new();
+    add_guest_init(&mut tree, init, None, opts.source_date_epoch)?;
+    let bar = progress.bytes("write", tree.stats().file_bytes);
+    let report = initrd::write_initrd(&tree, output, opts, &bar)?;
+    bar.finish_and_clear();
+    Ok(report)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -173,6 +239,9 @@ pub fn build_tree(job: &InitrdJob, progress: &Progress, timings: &mut Timings) -
     let stats = image.apply_layers(&mut tree, job.spool_dir.as_deref(), job.pull.fetch_jobs, progress)?;
     for path in &job.removes {
         tree.remove(path);
+    }
+    if let Some(init) = &job.init {
+        add_guest_init(&mut tree, init, Some(&GuestRunConfig::of(&image.config.config)), epoch)?;
     }
     for add in &job.adds {
         tree.add_host_path(&add.src, &add.dest, add.mode, epoch)?;

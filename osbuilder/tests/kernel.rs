@@ -149,9 +149,10 @@ fn marker_initrd(dir: &Path, marker: &str) -> PathBuf {
     initrd
 }
 
-/// Boots under QEMU TCG and waits for `marker` on the serial console.
-fn boot(machine: &[&str], append: &str, kernel: &Path, initrd: &Path, marker: &str, dir: &Path) -> Duration {
+/// Boots under QEMU TCG until the guest powers off; returns the console.
+fn boot_console(machine: &[&str], append: &str, kernel: &Path, initrd: &Path, dir: &Path) -> (String, Duration) {
     let console = dir.join(format!("console-{}.log", machine.join("_").replace([',', '='], "_")));
+    let _ = fs::remove_file(&console);
     let started = Instant::now();
     let out = tool("timeout")
         .arg("180")
@@ -170,15 +171,18 @@ fn boot(machine: &[&str], append: &str, kernel: &Path, initrd: &Path, marker: &s
         .output()
         .unwrap();
     let elapsed = started.elapsed();
-    let log = fs::read_to_string(&console).unwrap_or_default();
-    assert!(
-        log.contains(marker),
-        "{machine:?}: no marker on the console (qemu status {}, stderr {}):\n{log}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{machine:?}: QEMU did not end cleanly ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    (fs::read_to_string(&console).unwrap_or_default(), elapsed)
+}
+
+/// Boots under QEMU TCG and waits for `marker` on the serial console.
+fn boot(machine: &[&str], append: &str, kernel: &Path, initrd: &Path, marker: &str, dir: &Path) -> Duration {
+    let (log, elapsed) = boot_console(machine, append, kernel, initrd, dir);
+    assert!(log.contains(marker), "{machine:?}: no marker on the console:\n{log}");
     elapsed
 }
+
+const MICROVM: [&str; 4] = ["-M", "microvm,memory-backend=mem", "-object", "memory-backend-memfd,id=mem,size=256M,share=on"];
 
 #[test]
 fn default_kernel_boots_on_microvm_and_q35() {
@@ -186,7 +190,7 @@ fn default_kernel_boots_on_microvm_and_q35() {
     let dir = tempfile::tempdir().unwrap();
     let marker = "osbuilder-kernel-boot-ok";
     let initrd = marker_initrd(dir.path(), marker);
-    let microvm = ["-M", "microvm,memory-backend=mem", "-object", "memory-backend-memfd,id=mem,size=256M,share=on"];
+    let microvm = MICROVM;
     // QEMU's microvm ACPI tables lack the IRQ0 -> pin 2 override, so with
     // ACPI on the kernel gets no timer ticks unless TSC calibration happens to
     // succeed (it mostly fails under TCG; microvm has no HPET or PM timer).
@@ -217,4 +221,142 @@ fn a_dropped_option_fails_the_build_naming_it_and_its_fragment() {
     assert!(!result.status.success(), "the build must fail");
     assert!(stderr.contains("CONFIG_FS_DAX=y (asked by features/trap.conf:2) was dropped"), "{stderr}");
     assert!(!out.join("vmlinux").exists() && fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) == 0, "no artifacts");
+}
+
+/// Patch 0001: an initramfs /init starts with devtmpfs on /dev and the
+/// console on fds 0-2, though the archive has no /dev/console (as
+/// initrds made from OCI images never do). `devtmpfs.mount=0` is the
+/// control: the unpatched behaviour, /init's output lost.
+#[test]
+fn initramfs_init_gets_a_console() {
+    let k = default_kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::create_dir_all(root.join("dev")).unwrap();
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    // Nothing mounted by /init itself: its stdout is what the kernel gave it.
+    fs::write(root.join("init"), "#!/bin/busybox sh\n/bin/busybox echo init-has-a-console\n/bin/busybox ls /dev/vda /dev/null\n/bin/busybox sleep 1\n/bin/busybox reboot -f\n").unwrap();
+    run(tool("chmod").arg("0755").arg(root.join("init")));
+    let initrd = dir.path().join("initrd.cpio.gz");
+    run(tool("sh").arg("-c").arg(format!("cd {} && find . | cpio --quiet -H newc -o | gzip -1 > {}", root.display(), initrd.display())));
+    assert!(!cpio_list(&initrd).iter().any(|e| e.name.contains("console")), "the archive must have no console node");
+
+    let (with_patch, _) = boot_console(&MICROVM, "acpi=off", &k.bzimage, &initrd, dir.path());
+    assert!(with_patch.contains("init-has-a-console"), "patched kernel: /init's stdout must reach the console:\n{with_patch}");
+    assert!(with_patch.contains("/dev/null"), "devtmpfs must be on /dev:\n{with_patch}");
+    assert!(!with_patch.contains("unable to open an initial console"), "{with_patch}");
+
+    let (without, _) = boot_console(&MICROVM, "acpi=off devtmpfs.mount=0", &k.bzimage, &initrd, dir.path());
+    assert!(without.contains("unable to open an initial console"), "control boot:\n{without}");
+    assert!(!without.contains("init-has-a-console"), "control boot: /init has no stdout:\n{without}");
+}
+
+/// A kernel.org-style source fetched by URL: refused unless pinned in
+/// versions.toml, refused (nothing kept) when the bytes do not match the
+/// pin, and with the right pin downloaded once, verified, and, being the
+/// same source bytes as Debian's tarball, a cache hit of the default build.
+#[test]
+fn a_pinned_url_source_is_verified_and_cached() {
+    let k = default_kernel();
+    let tmp = tempfile::tempdir().unwrap();
+    let served = tmp.path().join("served");
+    fs::create_dir_all(&served).unwrap();
+    let tarball = Path::new("/usr/src/linux-source-6.12.tar.xz");
+    fs::hard_link(tarball, served.join("linux-6.12.tar.xz")).or_else(|_| fs::copy(tarball, served.join("linux-6.12.tar.xz")).map(|_| ())).unwrap();
+    let server = HttpServer::start(&served);
+    let url = format!("http://{}/linux-6.12.tar.xz", server.addr);
+    let pin = sha256_file(tarball);
+
+    let config_dir = tmp.path().join("kernel-config");
+    run(tool("cp").arg("-a").arg(project_root().join("kernel-config")).arg(&config_dir));
+    let versions = fs::read_to_string(config_dir.join("versions.toml")).unwrap();
+
+    // Not pinned.
+    let out = tmp.path().join("out");
+    let r = osbuilder_kernel(&["--source", &url], &config_dir, &out);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && stderr.contains("is not pinned in versions.toml"), "{stderr}");
+
+    // A wrong pin, in a scratch cache: the download is refused and not kept.
+    let wrong = "0".repeat(64);
+    fs::write(config_dir.join("versions.toml"), format!("{versions}\n[[kernel.tarball]]\nversion = \"6.12\"\nurl = \"{url}\"\nsha256 = \"{wrong}\"\n")).unwrap();
+    let scratch_cache = tmp.path().join("cache");
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["kernel", "--source", &url, "--cache-dir"])
+        .arg(&scratch_cache)
+        .arg("--config-dir")
+        .arg(&config_dir)
+        .arg("--patches-dir")
+        .arg(project_root().join("patches"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && stderr.contains(&pin) && stderr.contains(&wrong), "the error must name both digests: {stderr}");
+    let leftovers: Vec<_> = walk_files(&scratch_cache.join("kernel/sources"));
+    assert!(leftovers.is_empty(), "nothing may be kept from a bad download: {leftovers:?}");
+
+    // The right pin: downloaded (one GET), verified, and a cache hit.
+    fs::write(config_dir.join("versions.toml"), format!("{versions}\n[[kernel.tarball]]\nversion = \"6.12\"\nurl = \"{url}\"\nsha256 = \"{pin}\"\n")).unwrap();
+    let cached_source = osbuilder::oci::cache::BlobCache::default_dir().join("kernel/sources").join(format!("{pin}.tar.xz"));
+    let _ = fs::remove_file(&cached_source);
+    let before = server.gets();
+    let r = osbuilder_kernel(&["--source", &url], &config_dir, &out);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains(" cached in "), "same source bytes as the default build: a cache hit: {stderr}");
+    assert_eq!(server.gets() - before, 1, "one download");
+    assert_eq!(sha256_file(&cached_source), pin);
+    let manifest: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let built = fs::read(&k.vmlinux).unwrap();
+    let vmlinux = fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinux-")).unwrap();
+    assert_eq!(fs::read(vmlinux).unwrap(), built);
+    assert!(manifest.to_string().contains(&pin), "the manifest records the source digest: {manifest}");
+    let _ = fs::remove_file(&cached_source);
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    rd.filter_map(|e| e.ok()).map(|e| e.path()).collect()
+}
+
+/// `python3 -m http.server` on a free loopback port, counting GETs from its log.
+struct HttpServer {
+    child: std::process::Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl HttpServer {
+    fn start(dir: &Path) -> HttpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = dir.parent().unwrap().join(format!("http-{port}.log"));
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("python3 -m http.server");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "http.server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        HttpServer { child, addr, log }
+    }
+
+    fn gets(&self) -> usize {
+        fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains("\"GET ")).count()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -24,6 +24,21 @@ pub struct Bench {
     /// Runs of each pipeline.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Sections to run (default: all).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Section>,
+    /// Skip the cold kernel build (about 15 minutes on 2 cores) and with it
+    /// the reproducibility row.
+    #[arg(long)]
+    skip_cold_kernel: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Registry image to initrd, ours vs skopeo+umoci+cpio+gzip.
+    Initrd,
+    /// Guest kernel build and boot, ours vs Debian's cloud kernel.
+    Kernel,
 }
 
 /// A docker-registry on a free loopback port, killed on drop.
@@ -105,6 +120,19 @@ fn identical(samples: &[Sample]) -> bool {
 impl Bench {
     pub fn run(self) -> anyhow::Result<()> {
         let osbuilder = osbuilder_binary()?;
+        let wants = |s: Section| self.only.is_empty() || self.only.contains(&s);
+        if wants(Section::Initrd) {
+            self.initrd(&osbuilder)?;
+        }
+        if wants(Section::Kernel) {
+            let work = tempdir()?;
+            crate::bench_kernel::run(&osbuilder, &work, self.runs, !self.skip_cold_kernel)?;
+            std::fs::remove_dir_all(&work)?;
+        }
+        Ok(())
+    }
+
+    fn initrd(&self, osbuilder: &Path) -> anyhow::Result<()> {
         let base = base_image()?;
         let work = tempdir()?;
         let registry = Registry::start(&work.join("registry"))?;
@@ -139,7 +167,7 @@ impl Bench {
                 let cache = work.join(format!("cache-{compress}-{level}-{run}"));
                 let out = work.join(format!("ours-{run}.{compress}{level}"));
                 samples.push(timed(
-                    Cmd::new(&osbuilder)
+                    Cmd::new(osbuilder)
                         .args(["initrd", "--quiet", "--image", &format!("docker://{image}"), "--compress", compress, "--level", level, "-o"])
                         .arg(&out)
                         .arg("--cache-dir")
@@ -154,7 +182,7 @@ impl Bench {
             // Ours, warm cache: the second build of the same image pulls nothing.
             let out = work.join(format!("warm-{run}.gz"));
             ours_warm.push(timed(
-                Cmd::new(&osbuilder)
+                Cmd::new(osbuilder)
                     .args(["initrd", "--quiet", "--image", &format!("docker://{image}"), "-o"])
                     .arg(&out)
                     .arg("--cache-dir")

@@ -5,6 +5,7 @@
 //! line and fails with its stderr.
 
 mod bench;
+mod bench_kernel;
 mod image;
 mod util;
 
@@ -67,17 +68,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Kernel { args } => {
             util::setup()?;
-            let root = util::project_root();
-            util::Cmd::new(util::osbuilder_binary()?)
-                .arg("kernel")
-                .arg("--config-dir")
-                .arg(root.join("kernel-config"))
-                .arg("--patches-dir")
-                .arg(root.join("patches"))
-                .arg("-o")
-                .arg(util::target_dir().join("kernel"))
-                .args(args)
-                .run()
+            bench_kernel::kernel_cmd(&util::osbuilder_binary()?, &util::target_dir().join("kernel")).args(args).run()
         }
         Command::Bench(args) => {
             util::setup()?;

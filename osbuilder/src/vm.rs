@@ -1,0 +1,275 @@
+//! The boot harness: a guest under QEMU (KVM when `/dev/kvm` works, TCG
+//! otherwise) with real vsock through rust-vmm's `vhost-device-vsock`, the
+//! serial console captured to a file, and the agent reached through the
+//! hybrid-vsock Unix socket (`CONNECT <port>\n`, as Firecracker and Cloud
+//! Hypervisor offer it). Both processes are killed by pid when the [`Vm`]
+//! is dropped, also when a test panics, and die with the thread that
+//! started them (PR_SET_PDEATHSIG) if the harness itself is killed.
+
+use std::io;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot start {what}: {source}")]
+    Spawn { what: String, source: io::Error },
+    #[error("{what} did not come up within {secs} s{detail}")]
+    Timeout { what: String, secs: u64, detail: String },
+    #[error("the guest stopped ({status}) before {what}; console {console}:\n{tail}")]
+    Exited { what: String, status: String, console: PathBuf, tail: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Machine {
+    /// QEMU microvm: virtio-mmio devices, no PCI, no firmware.
+    Microvm,
+    /// QEMU q35: PCI, ACPI.
+    Q35,
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub machine: Machine,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    /// Added to the kernel command line after ours.
+    pub append: String,
+    pub guest_cid: u32,
+    /// Holds the sockets and the console log.
+    pub work_dir: PathBuf,
+    pub vhost_device_vsock: PathBuf,
+    pub qemu: PathBuf,
+    /// Extra QEMU arguments (disks, devices).
+    pub extra_args: Vec<String>,
+}
+
+impl VmConfig {
+    pub fn new(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>, work_dir: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd,
+            machine: Machine::Microvm,
+            mem_mib: 256,
+            cpus: 1,
+            append: String::new(),
+            guest_cid: 3,
+            work_dir: work_dir.into(),
+            vhost_device_vsock: vhost_device_vsock_path(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The kernel command line we pass: serial console, no reboot loops,
+    /// `acpi=off` on microvm (QEMU's microvm MADT lacks the IRQ0 override,
+    /// so without a calibrated TSC (TCG) the guest gets no timer tick).
+    pub fn cmdline(&self) -> String {
+        let mut c = String::from("console=ttyS0 panic=-1 reboot=t quiet");
+        if self.machine == Machine::Microvm {
+            c.push_str(" acpi=off");
+        }
+        if !self.append.is_empty() {
+            c.push(' ');
+            c.push_str(&self.append);
+        }
+        c
+    }
+}
+
+/// `$OSBUILDER_VHOST_DEVICE_VSOCK`, else `vhost-device-vsock` on PATH
+/// (`ci/tools.sh vhost-device-vsock` installs and prints it).
+pub fn vhost_device_vsock_path() -> PathBuf {
+    std::env::var_os("OSBUILDER_VHOST_DEVICE_VSOCK").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("vhost-device-vsock"))
+}
+
+/// Whether KVM can be used (the device exists and opens read-write).
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+pub struct Vm {
+    qemu: Child,
+    vhost: Child,
+    pub console: PathBuf,
+    /// The hybrid-vsock Unix socket (`CONNECT <port>\n`).
+    pub vsock_socket: PathBuf,
+    pub started: Instant,
+    pub accel: &'static str,
+    exit: Option<ExitStatus>,
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn wait_for_path(path: &Path, child: &mut Child, what: &str, limit: Duration) -> Result<(), VmError> {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(VmError::Spawn { what: what.to_string(), source: io::Error::other(format!("exited ({status}) before creating {}", path.display())) });
+        }
+        if start.elapsed() > limit {
+            return Err(VmError::Timeout { what: format!("{what} socket {}", path.display()), secs: limit.as_secs(), detail: String::new() });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+impl Vm {
+    pub fn start(cfg: &VmConfig) -> Result<Vm, VmError> {
+        let io_err = |context: String| move |source| VmError::Io { context, source };
+        std::fs::create_dir_all(&cfg.work_dir).map_err(io_err(format!("cannot create {}", cfg.work_dir.display())))?;
+        let vu = cfg.work_dir.join("vhost-user-vsock.sock");
+        let hv = cfg.work_dir.join("vsock.sock");
+        let console = cfg.work_dir.join("console.log");
+        for p in [&vu, &hv, &console] {
+            let _ = std::fs::remove_file(p);
+        }
+        let mut vhost_cmd = Command::new(&cfg.vhost_device_vsock);
+        vhost_cmd
+            .arg("--vm")
+            .arg(format!("guest-cid={},socket={},uds-path={}", cfg.guest_cid, vu.display(), hv.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(cfg.work_dir.join("vhost-device-vsock.log")).map_err(io_err("cannot create the vhost log".into()))?);
+        die_with_parent(&mut vhost_cmd);
+        let mut vhost = vhost_cmd.spawn().map_err(|source| VmError::Spawn {
+            what: format!("{} (run `ci/tools.sh vhost-device-vsock`, or set OSBUILDER_VHOST_DEVICE_VSOCK)", cfg.vhost_device_vsock.display()),
+            source,
+        })?;
+        if let Err(e) = wait_for_path(&vu, &mut vhost, "vhost-device-vsock", Duration::from_secs(10)) {
+            let _ = vhost.kill();
+            let _ = vhost.wait();
+            return Err(e);
+        }
+
+        let accel = if kvm_usable() { "kvm" } else { "tcg" };
+        let mem = format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.mem_mib);
+        let mut q = Command::new(&cfg.qemu);
+        match cfg.machine {
+            Machine::Microvm => q.args(["-M", "microvm,memory-backend=mem"]),
+            Machine::Q35 => q.args(["-M", "q35,memory-backend=mem"]),
+        };
+        q.args(["-object", &mem, "-accel", accel, "-m", &format!("{}M", cfg.mem_mib), "-smp", &cfg.cpus.to_string()]);
+        if accel == "kvm" {
+            q.args(["-cpu", "host"]);
+        }
+        q.args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"]);
+        q.arg("-serial").arg(format!("file:{}", console.display()));
+        q.arg("-chardev").arg(format!("socket,id=vsock0,path={}", vu.display()));
+        q.args(["-device", match cfg.machine {
+            Machine::Microvm => "vhost-user-vsock-device,chardev=vsock0",
+            Machine::Q35 => "vhost-user-vsock-pci,chardev=vsock0",
+        }]);
+        q.arg("-kernel").arg(&cfg.kernel);
+        if let Some(initrd) = &cfg.initrd {
+            q.arg("-initrd").arg(initrd);
+        }
+        q.arg("-append").arg(cfg.cmdline());
+        q.args(&cfg.extra_args);
+        q.stdin(Stdio::null()).stdout(Stdio::null());
+        q.stderr(std::fs::File::create(cfg.work_dir.join("qemu.log")).map_err(io_err("cannot create the qemu log".into()))?);
+        die_with_parent(&mut q);
+        let started = Instant::now();
+        let qemu = match q.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                let _ = vhost.kill();
+                let _ = vhost.wait();
+                return Err(VmError::Spawn { what: cfg.qemu.display().to_string(), source });
+            }
+        };
+        Ok(Vm { qemu, vhost, console, vsock_socket: hv, started, accel, exit: None })
+    }
+
+    pub fn qemu_pid(&self) -> u32 {
+        self.qemu.id()
+    }
+
+    pub fn console_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
+    }
+
+    fn console_tail(&self) -> String {
+        let text = self.console_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The QEMU exit status, if it has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.qemu.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    /// Fails with the console tail if the guest has stopped.
+    pub fn check_running(&mut self, what: &str) -> Result<(), VmError> {
+        match self.exited() {
+            Some(status) => Err(VmError::Exited { what: what.to_string(), status: status.to_string(), console: self.console.clone(), tail: self.console_tail() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until `needle` shows on the console; returns the time since QEMU started.
+    pub fn wait_for_console(&mut self, needle: &str, limit: Duration) -> Result<Duration, VmError> {
+        loop {
+            if self.console_text().contains(needle) {
+                return Ok(self.started.elapsed());
+            }
+            self.check_running(&format!("{needle:?} showed on the console"))?;
+            if self.started.elapsed() > limit {
+                return Err(VmError::Timeout { what: format!("{needle:?} on the console"), secs: limit.as_secs(), detail: format!("; console:\n{}", self.console_tail()) });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for QEMU to end by itself (poweroff with -no-reboot).
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus, VmError> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.exited() {
+                return Ok(s);
+            }
+            if start.elapsed() > limit {
+                return Err(VmError::Timeout { what: "guest poweroff".into(), secs: limit.as_secs(), detail: format!("; console:\n{}", self.console_tail()) });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills QEMU and the vsock backend now.
+    pub fn kill(&mut self) {
+        for child in [&mut self.qemu, &mut self.vhost] {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.vsock_socket);
+    }
+}
