@@ -1607,3 +1607,4 @@ impl TokenServer {
         TokenServer { addr, cert }
     }
 }
+pub mod guest;

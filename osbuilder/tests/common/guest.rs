@@ -1,0 +1,77 @@
+//! The guest side: our kernel (built once per input hash, shared with
+//! `cargo xtask kernel`), the static init+agent binary and vhost-device-vsock
+//! that `cargo xtask test` provides through the environment.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+use super::tool;
+
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs `osbuilder kernel` with its default cache (shared with `cargo xtask
+/// kernel`, so a kernel built by either is a cache hit for the other).
+pub fn osbuilder_kernel(args: &[&str], config_dir: &Path, out: &Path) -> Output {
+    tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .arg("kernel")
+        .arg("--config-dir")
+        .arg(config_dir)
+        .arg("--patches-dir")
+        .arg(project_root().join("patches"))
+        .arg("-o")
+        .arg(out)
+        .args(args)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .output()
+        .expect("run osbuilder kernel")
+}
+
+pub struct Built {
+    pub out: PathBuf,
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub config: String,
+}
+
+/// The default kernel, built once per test process (and cached across runs).
+pub fn default_kernel() -> &'static Built {
+    static CELL: OnceLock<Built> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let out = tempfile::Builder::new().prefix("osbuilder-kernel-").tempdir().unwrap().keep();
+        let result = osbuilder_kernel(&[], &project_root().join("kernel-config"), &out);
+        assert!(result.status.success(), "kernel build failed:\n{}", String::from_utf8_lossy(&result.stderr));
+        let find = |prefix: &str| {
+            fs::read_dir(&out)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix}* in {}", out.display()))
+        };
+        let config = fs::read_to_string(find("config-")).unwrap();
+        Built { vmlinux: find("vmlinux-"), bzimage: find("vmlinuz-"), config, out }
+    })
+}
+
+
+/// A path from the environment `cargo xtask test` sets up.
+fn from_env(var: &str, what: &str) -> PathBuf {
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => panic!("{var} is not set: run the suite with `cargo xtask test`, which builds {what}"),
+    }
+}
+
+/// The static `osb-init` (init + agent).
+pub fn guest_init() -> PathBuf {
+    from_env("OSBUILDER_GUEST_INIT", "the static osb-init")
+}
+
+/// vhost-device-vsock, which osbuilder::vm finds through the same variable.
+pub fn require_vhost_device_vsock() -> PathBuf {
+    from_env("OSBUILDER_VHOST_DEVICE_VSOCK", "vhost-device-vsock (ci/tools.sh)")
+}
