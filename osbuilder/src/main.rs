@@ -15,6 +15,8 @@ use osbuilder::pipeline::{self, AddSpec, ImageSummary, InitrdJob};
 use osbuilder::progress::Progress;
 use osbuilder::rootfs::RelPath;
 
+mod cli_vm;
+
 #[derive(Parser)]
 #[command(name = "osbuilder", version, about = "Build micro-VM guest artifacts from OCI images", args_override_self = true)]
 struct Cli {
@@ -31,6 +33,9 @@ enum Command {
     Initrd(InitrdArgs),
     /// Build a guest kernel from a pinned source, patches and config fragments.
     Kernel(KernelArgs),
+    /// Boot a guest and talk to its agent.
+    #[command(subcommand)]
+    Vm(cli_vm::VmCommand),
     /// Show an image's manifest, config, layers and platform.
     Inspect {
         /// docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF] or docker-archive:FILE
@@ -149,6 +154,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let progress = Progress::auto(cli.quiet);
     let result = match cli.command {
+        Command::Vm(cmd) => {
+            return match cli_vm::run(cmd) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("osbuilder: error: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Initrd(args) => initrd(args, &progress),
         Command::Kernel(args) => kernel(args, &progress),
         Command::Inspect { image, pull, json } => inspect(&image, &pull, json, &progress),

@@ -73,7 +73,8 @@ impl VmConfig {
     pub fn cmdline(&self) -> String {
         let mut c = String::from("console=ttyS0 panic=-1 reboot=t quiet");
         if self.machine == Machine::Microvm {
-            c.push_str(" acpi=off");
+            // No PCI on microvm: skip probing for it.
+            c.push_str(" acpi=off pci=off");
         }
         if !self.append.is_empty() {
             c.push(' ');
@@ -89,10 +90,20 @@ pub fn vhost_device_vsock_path() -> PathBuf {
     std::env::var_os("OSBUILDER_VHOST_DEVICE_VSOCK").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("vhost-device-vsock"))
 }
 
-/// Whether KVM can be used (the device exists and opens read-write).
+/// Whether to try KVM: `OSBUILDER_ACCEL=kvm|tcg` decides; otherwise KVM
+/// when `/dev/kvm` opens read-write and no guest has yet failed on it in
+/// this process (some hosts expose a /dev/kvm that cannot run guests:
+/// [`Vm::start`] then falls back to TCG and remembers).
 pub fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    match std::env::var("OSBUILDER_ACCEL").as_deref() {
+        Ok("tcg") => return false,
+        Ok("kvm") => return true,
+        _ => {}
+    }
+    !KVM_BROKEN.load(std::sync::atomic::Ordering::Relaxed) && std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
 }
+
+static KVM_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 pub struct Vm {
     qemu: Child,
@@ -103,6 +114,8 @@ pub struct Vm {
     pub started: Instant,
     pub accel: &'static str,
     exit: Option<ExitStatus>,
+    cfg: VmConfig,
+    qemu_log: PathBuf,
 }
 
 fn die_with_parent(cmd: &mut Command) {
@@ -129,6 +142,40 @@ fn wait_for_path(path: &Path, child: &mut Child, what: &str, limit: Duration) ->
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
+}
+
+fn spawn_qemu(cfg: &VmConfig, accel: &str, vu: &Path, console: &Path, qemu_log: &Path) -> Result<(Child, Instant), VmError> {
+        let mem = format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.mem_mib);
+        let mut q = Command::new(&cfg.qemu);
+        match cfg.machine {
+            // acpi=off: QEMU then lists the virtio-mmio devices on the kernel
+            // command line (virtio_mmio.device=...), as Firecracker does.
+            Machine::Microvm => q.args(["-M", "microvm,acpi=off,memory-backend=mem"]),
+            Machine::Q35 => q.args(["-M", "q35,memory-backend=mem"]),
+        };
+        q.args(["-object", &mem, "-accel", accel, "-m", &format!("{}M", cfg.mem_mib), "-smp", &cfg.cpus.to_string()]);
+        if accel == "kvm" {
+            q.args(["-cpu", "host"]);
+        }
+        q.args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"]);
+        q.arg("-serial").arg(format!("file:{}", console.display()));
+        q.arg("-chardev").arg(format!("socket,id=vsock0,path={}", vu.display()));
+        q.args(["-device", match cfg.machine {
+            Machine::Microvm => "vhost-user-vsock-device,chardev=vsock0",
+            Machine::Q35 => "vhost-user-vsock-pci,chardev=vsock0",
+        }]);
+        q.arg("-kernel").arg(&cfg.kernel);
+        if let Some(initrd) = &cfg.initrd {
+            q.arg("-initrd").arg(initrd);
+        }
+        q.arg("-append").arg(cfg.cmdline());
+        q.args(&cfg.extra_args);
+        q.stdin(Stdio::null()).stdout(Stdio::null());
+        q.stderr(std::fs::File::create(qemu_log).map_err(|source| VmError::Io { context: "cannot create the qemu log".into(), source })?);
+        die_with_parent(&mut q);
+        let started = Instant::now();
+        let qemu = q.spawn().map_err(|source| VmError::Spawn { what: cfg.qemu.display().to_string(), source })?;
+        Ok((qemu, started))
 }
 
 impl Vm {
@@ -159,43 +206,18 @@ impl Vm {
             return Err(e);
         }
 
+        let qemu_log = cfg.work_dir.join("qemu.log");
         let accel = if kvm_usable() { "kvm" } else { "tcg" };
-        let mem = format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.mem_mib);
-        let mut q = Command::new(&cfg.qemu);
-        match cfg.machine {
-            Machine::Microvm => q.args(["-M", "microvm,memory-backend=mem"]),
-            Machine::Q35 => q.args(["-M", "q35,memory-backend=mem"]),
-        };
-        q.args(["-object", &mem, "-accel", accel, "-m", &format!("{}M", cfg.mem_mib), "-smp", &cfg.cpus.to_string()]);
-        if accel == "kvm" {
-            q.args(["-cpu", "host"]);
-        }
-        q.args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"]);
-        q.arg("-serial").arg(format!("file:{}", console.display()));
-        q.arg("-chardev").arg(format!("socket,id=vsock0,path={}", vu.display()));
-        q.args(["-device", match cfg.machine {
-            Machine::Microvm => "vhost-user-vsock-device,chardev=vsock0",
-            Machine::Q35 => "vhost-user-vsock-pci,chardev=vsock0",
-        }]);
-        q.arg("-kernel").arg(&cfg.kernel);
-        if let Some(initrd) = &cfg.initrd {
-            q.arg("-initrd").arg(initrd);
-        }
-        q.arg("-append").arg(cfg.cmdline());
-        q.args(&cfg.extra_args);
-        q.stdin(Stdio::null()).stdout(Stdio::null());
-        q.stderr(std::fs::File::create(cfg.work_dir.join("qemu.log")).map_err(io_err("cannot create the qemu log".into()))?);
-        die_with_parent(&mut q);
-        let started = Instant::now();
-        let qemu = match q.spawn() {
-            Ok(c) => c,
-            Err(source) => {
+        let (qemu, started) = match spawn_qemu(cfg, accel, &vu, &console, &qemu_log) {
+            Ok(q) => q,
+            Err(e) => {
                 let _ = vhost.kill();
                 let _ = vhost.wait();
-                return Err(VmError::Spawn { what: cfg.qemu.display().to_string(), source });
+                return Err(e);
             }
         };
-        Ok(Vm { qemu, vhost, console, vsock_socket: hv, started, accel, exit: None })
+        let vm = Vm { qemu, vhost, console, vsock_socket: hv, started, accel, exit: None, cfg: cfg.clone(), qemu_log };
+        Ok(vm)
     }
 
     pub fn qemu_pid(&self) -> u32 {
@@ -220,8 +242,26 @@ impl Vm {
         self.exit
     }
 
+    /// A guest that KVM could not run (some hosts expose a /dev/kvm that
+    /// fails with "KVM internal error", and QEMU then sits paused) is
+    /// started over under TCG; later guests of this process go straight to
+    /// TCG.
+    fn kvm_fallback(&mut self) -> Result<(), VmError> {
+        if self.accel == "kvm"
+            && std::env::var("OSBUILDER_ACCEL").as_deref() != Ok("kvm")
+            && std::fs::read_to_string(&self.qemu_log).unwrap_or_default().contains("KVM internal error")
+        {
+            KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.kill();
+            let cfg = self.cfg.clone();
+            *self = Vm::start(&cfg)?;
+        }
+        Ok(())
+    }
+
     /// Fails with the console tail if the guest has stopped.
     pub fn check_running(&mut self, what: &str) -> Result<(), VmError> {
+        self.kvm_fallback()?;
         match self.exited() {
             Some(status) => Err(VmError::Exited { what: what.to_string(), status: status.to_string(), console: self.console.clone(), tail: self.console_tail() }),
             None => Ok(()),
@@ -246,6 +286,7 @@ impl Vm {
     pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus, VmError> {
         let start = Instant::now();
         loop {
+            self.kvm_fallback()?;
             if let Some(s) = self.exited() {
                 return Ok(s);
             }
@@ -253,6 +294,32 @@ impl Vm {
                 return Err(VmError::Timeout { what: "guest poweroff".into(), secs: limit.as_secs(), detail: format!("; console:\n{}", self.console_tail()) });
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The agent's address through the hybrid-vsock socket.
+    pub fn agent_endpoint(&self, port: u32) -> osb_agent::client::Endpoint {
+        osb_agent::client::Endpoint::HybridVsock { path: self.vsock_socket.clone(), port }
+    }
+
+    /// Retries connect + grpc.Health/Check until the agent answers, the
+    /// guest stops (an error with the console tail), or `limit` passes.
+    pub fn wait_for_agent(&mut self, port: u32, limit: Duration) -> Result<osb_agent::client::Client, VmError> {
+        use osb_agent::client::Client;
+        let endpoint = self.agent_endpoint(port);
+        let start = Instant::now();
+        loop {
+            self.check_running("the agent answered")?;
+            if let Ok(mut c) = Client::connect(&endpoint, Duration::from_secs(2)) {
+                if c.check().unwrap_or(false) {
+                    c.set_timeout(Duration::from_secs(30));
+                    return Ok(c);
+                }
+            }
+            if start.elapsed() > limit {
+                return Err(VmError::Timeout { what: format!("the agent at {endpoint}"), secs: limit.as_secs(), detail: format!("; console:\n{}", self.console_tail()) });
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -269,7 +336,8 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // The sockets stay: a restarted Vm in the same directory (the KVM
+        // fallback) has already made new ones at these paths.
         self.kill();
-        let _ = std::fs::remove_file(&self.vsock_socket);
     }
 }

@@ -8,8 +8,6 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::guest::*;

@@ -126,3 +126,21 @@ pub fn osbuilder_binary() -> anyhow::Result<PathBuf> {
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| project_root().join("target"))
 }
+
+/// A tool from `ci/tools.sh` (installed and cached on first use).
+pub fn ci_tool(name: &str) -> anyhow::Result<PathBuf> {
+    let out = Cmd::new("bash").arg(project_root().join("ci/tools.sh")).arg(name).quiet().read()?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+/// The static guest binary `osb-init` (init + agent), built with static
+/// glibc for the only target installed here. The explicit --target keeps
+/// +crt-static away from build scripts and proc macros.
+pub fn guest_init_binary() -> anyhow::Result<PathBuf> {
+    Cmd::new("cargo")
+        .args(["build", "--quiet", "--profile", "guest", "--target", "x86_64-unknown-linux-gnu", "-p", "osb-init"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .cwd(project_root())
+        .run()?;
+    Ok(target_dir().join("x86_64-unknown-linux-gnu/guest/osb-init"))
+}

@@ -481,7 +481,9 @@ pub fn build(job: &KernelJob, log_line: &dyn Fn(&str)) -> Result<KernelReport, K
     }
     for p in &inputs.patches {
         log_line(&format!("kernel {series}: applying {}", p.name));
-        step(Command::new("patch").arg("-d").arg(&src).args(["-p1", "--batch", "--forward", "--fuzz=0", "-i"]).arg(&p.path), &log)?;
+        // Absolute: `patch -d` runs in the source tree.
+        let patch_file = std::path::absolute(&p.path).map_err(io_err(format!("cannot resolve {}", p.path.display())))?;
+        step(Command::new("patch").arg("-d").arg(&src).args(["-p1", "--batch", "--forward", "--fuzz=0", "-i"]).arg(&patch_file), &log)?;
     }
     log_line(&format!("kernel {series}: configuring ({} requested options)", inputs.merged.requests.len()));
     if let Err(e) = configure(&inputs, &src, &build_dir, &log) {

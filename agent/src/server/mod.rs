@@ -1,0 +1,271 @@
+//! The guest side: the agent server (cargo feature `server`).
+//!
+//! `osb-init` starts it as `/proc/self/exe` with argv[0] `osb-agent` and calls
+//! [`main`]. It listens on AF_VSOCK (any CID) and serves `grpc.AgentService` and
+//! `grpc.Health` over ttrpc (see [`rpc`] for the transport and its limits).
+//!
+//! Options:
+//! - `--port N`: vsock port (default 1024);
+//! - `--listen unix:///path` or `--listen vsock://CID:PORT` (CID -1: any): listen
+//!   there instead (the host tests use a Unix socket);
+//! - `--workload-fd N`: read init's workload events (JSON lines) from fd N;
+//! - `--init-pid N`: the pid DestroySandbox sends SIGUSR2 to (default 1; 0: none).
+
+pub mod call;
+pub mod copy;
+pub mod events;
+pub mod guest;
+pub mod netmap;
+pub mod passwd;
+pub mod process;
+pub mod rpc;
+pub mod service;
+pub mod sys;
+
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::proto::{agent_ttrpc, health_ttrpc};
+
+/// The vsock port the agent listens on unless told otherwise.
+pub const DEFAULT_PORT: u32 = 1024;
+/// Processes (running or not yet collected) the agent keeps at once.
+pub const MAX_PROCESSES: usize = 256;
+
+/// Where to listen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Vsock { cid: u32, port: u32 },
+    Unix(PathBuf),
+}
+
+/// The parsed command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub listen: ListenAddr,
+    pub workload_fd: Option<i32>,
+    pub init_pid: i32,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            listen: ListenAddr::Vsock {
+                cid: libc::VMADDR_CID_ANY,
+                port: DEFAULT_PORT,
+            },
+            workload_fd: None,
+            init_pid: 1,
+        }
+    }
+}
+
+const USAGE: &str = "usage: osb-agent [--port N | --listen unix:///PATH | --listen vsock://CID:PORT] [--workload-fd N] [--init-pid N]";
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Some(path) = s.strip_prefix("unix://") {
+        if path.is_empty() {
+            return Err(format!("--listen {s:?}: empty socket path"));
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    if let Some(rest) = s.strip_prefix("vsock://") {
+        let (cid, port) = rest
+            .split_once(':')
+            .ok_or_else(|| format!("--listen {s:?}: expected vsock://CID:PORT"))?;
+        let cid = if cid == "-1" {
+            libc::VMADDR_CID_ANY
+        } else {
+            cid.parse().map_err(|_| format!("--listen {s:?}: bad CID"))?
+        };
+        let port = port.parse().map_err(|_| format!("--listen {s:?}: bad port"))?;
+        return Ok(ListenAddr::Vsock { cid, port });
+    }
+    Err(format!("--listen {s:?}: use unix:///PATH or vsock://CID:PORT"))
+}
+
+/// Parses the arguments after argv[0] (a leading `agent` word is skipped, for an
+/// `osb-init agent ...` invocation).
+pub fn parse_args(args: &[String]) -> Result<Options, String> {
+    let mut opts = Options::default();
+    let mut it = args.iter().peekable();
+    if it.peek().map(|a| a.as_str()) == Some("agent") {
+        it.next();
+    }
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag {
+            "--port" => {
+                let port = value()?;
+                let port = port.parse().map_err(|_| format!("--port {port:?} is not a port number"))?;
+                opts.listen = ListenAddr::Vsock {
+                    cid: libc::VMADDR_CID_ANY,
+                    port,
+                };
+            }
+            "--listen" => opts.listen = parse_listen(&value()?)?,
+            "--workload-fd" => {
+                let fd = value()?;
+                opts.workload_fd = Some(
+                    fd.parse()
+                        .ok()
+                        .filter(|n: &i32| *n >= 0)
+                        .ok_or_else(|| format!("--workload-fd {fd:?} is not a descriptor number"))?,
+                );
+            }
+            "--init-pid" => {
+                let pid = value()?;
+                opts.init_pid = pid
+                    .parse()
+                    .ok()
+                    .filter(|n: &i32| *n >= 0)
+                    .ok_or_else(|| format!("--init-pid {pid:?} is not a pid"))?;
+            }
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(opts)
+}
+
+/// Runs the agent with `args` (argv including argv[0]); returns the exit code.
+pub fn main<I, S>(args: I) -> i32
+where
+    I: IntoIterator<Item = S>,
+    S: Into<OsString>,
+{
+    let args: Vec<String> = args
+        .into_iter()
+        .skip(1)
+        .map(|a| a.into().to_string_lossy().into_owned())
+        .collect();
+    let opts = match parse_args(&args) {
+        Ok(opts) => opts,
+        Err(msg) => {
+            eprintln!("osb-agent: {msg}");
+            return 2;
+        }
+    };
+    match run(&opts) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("osb-agent: {e}");
+            1
+        }
+    }
+}
+
+/// Takes over descriptor `fd` (inherited from init), close-on-exec from now on.
+fn adopt_fd(fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only checks that the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above; sets FD_CLOEXEC so exec'd processes do not inherit it.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the descriptor is open and nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Serves until the listener fails.
+pub fn run(opts: &Options) -> std::io::Result<()> {
+    sys::ignore_sigpipe();
+    let table = Arc::new(process::Table::new(MAX_PROCESSES));
+    if let Some(fd) = opts.workload_fd {
+        match adopt_fd(fd) {
+            Ok(fd) => events::spawn_reader(fd, table.workload())?,
+            Err(e) => eprintln!("osb-agent: --workload-fd {fd}: {e}; no workload events"),
+        }
+    }
+    let agent = service::Agent {
+        table,
+        sysfs: guest::Sysfs::default(),
+        on_destroy: if opts.init_pid > 0 {
+            service::OnDestroy::Signal(opts.init_pid)
+        } else {
+            service::OnDestroy::Nothing
+        },
+        etc: PathBuf::from("/etc"),
+    };
+    let dispatcher = rpc::Dispatcher::new([
+        agent_ttrpc::create_agent_service(Arc::new(agent)),
+        health_ttrpc::create_health(Arc::new(service::Health)),
+    ]);
+    let listener = match &opts.listen {
+        ListenAddr::Unix(path) => {
+            // A socket file left by an earlier run would make bind fail.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(path);
+            }
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("listen on {}: {e}", path.display())))?;
+            eprintln!("osb-agent: listening on unix://{}", path.display());
+            rpc::Listener::Unix(l)
+        }
+        ListenAddr::Vsock { cid, port } => {
+            let fd = sys::vsock_listen(*cid, *port, 128)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("listen on vsock port {port}: {e}")))?;
+            eprintln!("osb-agent: listening on vsock port {port}");
+            rpc::Listener::Vsock(fd)
+        }
+    };
+    rpc::serve(listener, dispatcher, rpc::Limits::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn command_lines() {
+        let d = Options::default();
+        assert_eq!(parse_args(&[]).unwrap(), d);
+        assert_eq!(
+            parse_args(&args("--port 2000 --workload-fd 3")).unwrap(),
+            Options {
+                listen: ListenAddr::Vsock {
+                    cid: libc::VMADDR_CID_ANY,
+                    port: 2000
+                },
+                workload_fd: Some(3),
+                ..d.clone()
+            }
+        );
+        assert_eq!(
+            parse_args(&args("agent --listen=unix:///tmp/a.sock --init-pid 0")).unwrap(),
+            Options {
+                listen: ListenAddr::Unix("/tmp/a.sock".into()),
+                init_pid: 0,
+                ..d.clone()
+            }
+        );
+        assert_eq!(
+            parse_args(&args("--listen vsock://-1:1024")).unwrap().listen,
+            ListenAddr::Vsock {
+                cid: libc::VMADDR_CID_ANY,
+                port: 1024
+            }
+        );
+        for bad in ["--port", "--port x", "--bogus", "--listen tcp://x", "--workload-fd -1", "--help"] {
+            assert!(parse_args(&args(bad)).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The ttrpc server transport: framing, dispatch and limits.
+//!
+//! The `ttrpc` crate's generated service bindings (`create_agent_service`,
+//! `create_health`) are reused as they are, but not its sync `Server`, because that
+//! server answers an unknown method with INVALID_ARGUMENT where containerd's Go ttrpc
+//! (the protocol's reference) answers UNIMPLEMENTED, and it has no bound on
+//! connections or in-flight requests. This loop follows the Go server:
+//!
+//! - a frame is a 10-byte header (length u32 BE, stream id u32 BE, type u8, flags u8)
+//!   and a protobuf payload; payloads over 4 MiB are discarded and answered
+//!   RESOURCE_EXHAUSTED ("message length N exceed maximum message size of 4194304");
+//! - requests (type 1) need an odd stream id larger than the last one, else
+//!   INVALID_ARGUMENT; data frames (type 3) for a stream that is not open are
+//!   answered INVALID_ARGUMENT; other types are ignored;
+//! - an undecodable request envelope is INVALID_ARGUMENT; an unknown service or
+//!   method is UNIMPLEMENTED ("service X" / "method Y").
+//!
+//! Each request runs on a thread of its own, so blocking calls (ReadStdout,
+//! WaitProcess) never starve the others; the number of connections and of requests
+//! in flight is capped (RESOURCE_EXHAUSTED past the cap). When a client goes away,
+//! its handlers see the connection's cancel channel disconnect and return.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protobuf::Message as _;
+use ttrpc::proto::{MessageHeader, MESSAGE_HEADER_LENGTH, MESSAGE_TYPE_DATA, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE};
+use ttrpc::{Code, MethodHandler, Request, Response, TtrpcContext};
+
+use super::sys;
+
+/// Limits of the transport.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest frame payload accepted (ttrpc's own limit: 4 MiB).
+    pub max_frame: usize,
+    /// Connections served at once; more are closed right after accept.
+    pub max_connections: usize,
+    /// Requests in flight on one connection.
+    pub max_inflight_per_connection: usize,
+    /// Requests in flight on all connections together.
+    pub max_inflight: usize,
+    /// A response write blocked this long (client not reading) closes the connection.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_frame: ttrpc::proto::MESSAGE_LENGTH_MAX,
+            max_connections: 64,
+            max_inflight_per_connection: 128,
+            max_inflight: 512,
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+type Methods = HashMap<String, Box<dyn MethodHandler + Send + Sync>>;
+
+/// The registered methods, by `/service/method` path.
+pub struct Dispatcher {
+    methods: Methods,
+    services: HashSet<String>,
+}
+
+impl Dispatcher {
+    pub fn new(services: impl IntoIterator<Item = Methods>) -> Dispatcher {
+        let mut methods = Methods::new();
+        for service in services {
+            methods.extend(service);
+        }
+        let services = methods
+            .keys()
+            .filter_map(|path| path.trim_start_matches('/').split_once('/'))
+            .map(|(service, _)| service.to_string())
+            .collect();
+        Dispatcher { methods, services }
+    }
+
+    /// The handler of `service`/`method`, or the UNIMPLEMENTED status Go's ttrpc
+    /// answers.
+    fn lookup(&self, service: &str, method: &str) -> Result<&(dyn MethodHandler + Send + Sync), ttrpc::Status> {
+        if let Some(handler) = self.methods.get(&format!("/{service}/{method}")) {
+            return Ok(handler.as_ref());
+        }
+        let message = if self.services.contains(service) {
+            format!("method {method}")
+        } else {
+            format!("service {service}")
+        };
+        Err(ttrpc::get_status(Code::UNIMPLEMENTED, message))
+    }
+}
+
+/// Where connections come from.
+pub enum Listener {
+    Unix(std::os::unix::net::UnixListener),
+    Vsock(OwnedFd),
+}
+
+impl Listener {
+    fn accept(&self) -> std::io::Result<OwnedFd> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(stream, _)| stream.into()),
+            Listener::Vsock(fd) => sys::accept(fd.as_fd()),
+        }
+    }
+}
+
+/// Counts a resource and gives it back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        let mut current = counter.load(Ordering::SeqCst);
+        loop {
+            if current >= max {
+                return None;
+            }
+            match counter.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Some(Slot(counter.clone())),
+                Err(now) => current = now,
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct Shared {
+    dispatcher: Dispatcher,
+    limits: Limits,
+    connections: Arc<AtomicUsize>,
+    inflight: Arc<AtomicUsize>,
+}
+
+/// Accepts and serves connections until the listener fails for good.
+pub fn serve(listener: Listener, dispatcher: Dispatcher, limits: Limits) -> std::io::Result<()> {
+    let shared = Arc::new(Shared {
+        dispatcher,
+        limits,
+        connections: Arc::new(AtomicUsize::new(0)),
+        inflight: Arc::new(AtomicUsize::new(0)),
+    });
+    let mut consecutive_errors = 0u32;
+    loop {
+        let fd = match listener.accept() {
+            Ok(fd) => {
+                consecutive_errors = 0;
+                fd
+            }
+            Err(e) => {
+                // EMFILE, ENOBUFS, ECONNABORTED ...: wait and go on; give up only on a
+                // listener that keeps failing.
+                consecutive_errors += 1;
+                if consecutive_errors > 600 {
+                    return Err(e);
+                }
+                eprintln!("osb-agent: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let Some(slot) = Slot::take(&shared.connections, shared.limits.max_connections) else {
+            eprintln!("osb-agent: too many connections; closing a new one");
+            continue; // dropping fd closes it
+        };
+        let shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ttrpc-conn".into())
+            .stack_size(256 * 1024)
+            .spawn(move || serve_connection(fd, shared, slot));
+        if let Err(e) = spawned {
+            eprintln!("osb-agent: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// One accepted connection, shared by its reader, writer and handlers.
+struct Conn {
+    fd: OwnedFd,
+}
+
+impl Conn {
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Fills `buf` completely; false at a clean end of stream before the first byte.
+    fn read_full(&self, buf: &mut [u8]) -> std::io::Result<bool> {
+        let mut got = 0;
+        while got < buf.len() {
+            let n = sys::recv(self.raw(), &mut buf[got..])?;
+            if n == 0 {
+                if got == 0 {
+                    return Ok(false);
+                }
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n;
+        }
+        Ok(true)
+    }
+
+    fn discard(&self, mut len: usize) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        while len > 0 {
+            let want = len.min(buf.len());
+            if !self.read_full(&mut buf[..want])? {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            len -= want;
+        }
+        Ok(())
+    }
+
+    fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            let n = sys::send(self.raw(), buf)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    fn write_frame(&self, header: &MessageHeader, payload: &[u8]) -> std::io::Result<()> {
+        let mut frame = Vec::with_capacity(MESSAGE_HEADER_LENGTH + payload.len());
+        frame.extend_from_slice(&encode_header(header));
+        frame.extend_from_slice(payload);
+        self.write_all(&frame)
+    }
+}
+
+/// The 10 header bytes of a frame.
+pub fn encode_header(h: &MessageHeader) -> [u8; MESSAGE_HEADER_LENGTH] {
+    let mut b = [0u8; MESSAGE_HEADER_LENGTH];
+    b[..4].copy_from_slice(&h.length.to_be_bytes());
+    b[4..8].copy_from_slice(&h.stream_id.to_be_bytes());
+    b[8] = h.type_;
+    b[9] = h.flags;
+    b
+}
+
+pub fn decode_header(b: &[u8; MESSAGE_HEADER_LENGTH]) -> MessageHeader {
+    MessageHeader {
+        length: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        stream_id: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+        type_: b[8],
+        flags: b[9],
+    }
+}
+
+type ResponseSender = mpsc::Sender<(MessageHeader, Vec<u8>)>;
+
+/// Queues a response carrying only `status` for `stream_id`.
+fn send_status(tx: &ResponseSender, stream_id: u32, code: Code, message: impl Into<String>) {
+    let mut res = Response::new();
+    res.set_status(ttrpc::get_status(code, message.into()));
+    send_response(tx, stream_id, &res);
+}
+
+fn send_response(tx: &ResponseSender, stream_id: u32, res: &Response) {
+    let payload = match res.write_to_bytes() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("osb-agent: cannot encode a ttrpc response: {e}");
+            return;
+        }
+    };
+    let header = MessageHeader {
+        length: payload.len() as u32,
+        stream_id,
+        type_: MESSAGE_TYPE_RESPONSE,
+        flags: 0,
+    };
+    let _ = tx.send((header, payload));
+}
+
+fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
+    let conn = Arc::new(Conn { fd });
+    if let Err(e) = sys::set_send_timeout(conn.raw(), shared.limits.write_timeout) {
+        eprintln!("osb-agent: SO_SNDTIMEO: {e}");
+    }
+    let (res_tx, res_rx) = mpsc::channel::<(MessageHeader, Vec<u8>)>();
+    // The writer owns the connection slot: the connection counts until every
+    // handler has answered (or failed to) and the socket is closed.
+    let writer_conn = conn.clone();
+    let writer = std::thread::Builder::new()
+        .name("ttrpc-write".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            let _slot = connection_slot;
+            let mut broken = false;
+            for (header, payload) in res_rx {
+                if broken {
+                    continue; // drain so handlers never block on a dead client
+                }
+                if let Err(e) = writer_conn.write_frame(&header, &payload) {
+                    eprintln!("osb-agent: write to a client failed ({e}); closing the connection");
+                    sys::shutdown(writer_conn.raw());
+                    broken = true;
+                }
+            }
+        });
+    if let Err(e) = writer {
+        eprintln!("osb-agent: cannot start a writer thread: {e}");
+        return;
+    }
+    // Dropping cancel_tx (when this reader returns) tells blocked handlers that the
+    // client is gone.
+    let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(0);
+    let conn_inflight = Arc::new(AtomicUsize::new(0));
+    let conn_ctx = Arc::new(ttrpc::ConnectionContext::default());
+    let mut last_stream_id = 0u32;
+    loop {
+        let mut head = [0u8; MESSAGE_HEADER_LENGTH];
+        match conn.read_full(&mut head) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(_) => break,
+        }
+        let header = decode_header(&head);
+        let len = header.length as usize;
+        if len > shared.limits.max_frame {
+            // As Go's ttrpc: skip the payload and answer on that stream.
+            if conn.discard(len).is_err() {
+                break;
+            }
+            send_status(
+                &res_tx,
+                header.stream_id,
+                Code::RESOURCE_EXHAUSTED,
+                format!(
+                    "message length {len} exceed maximum message size of {}",
+                    shared.limits.max_frame
+                ),
+            );
+            continue;
+        }
+        let mut payload = vec![0u8; len];
+        match conn.read_full(&mut payload) {
+            Ok(true) => {}
+            Ok(false) if len == 0 => {}
+            _ => break,
+        }
+        match header.type_ {
+            MESSAGE_TYPE_REQUEST => {}
+            MESSAGE_TYPE_DATA => {
+                // No streaming method is registered: no stream is ever open.
+                send_status(&res_tx, header.stream_id, Code::INVALID_ARGUMENT, "StreamID is no longer active");
+                continue;
+            }
+            _ => continue,
+        }
+        if header.stream_id % 2 != 1 {
+            send_status(
+                &res_tx,
+                header.stream_id,
+                Code::INVALID_ARGUMENT,
+                "StreamID must be odd for client initiated streams",
+            );
+            continue;
+        }
+        if header.stream_id <= last_stream_id {
+            send_status(
+                &res_tx,
+                header.stream_id,
+                Code::INVALID_ARGUMENT,
+                "StreamID cannot be re-used and must increment",
+            );
+            continue;
+        }
+        last_stream_id = header.stream_id;
+        let req = match Request::parse_from_bytes(&payload) {
+            Ok(req) => req,
+            Err(e) => {
+                send_status(&res_tx, header.stream_id, Code::INVALID_ARGUMENT, format!("bad ttrpc request: {e}"));
+                continue;
+            }
+        };
+        if let Err(status) = shared.dispatcher.lookup(&req.service, &req.method) {
+            let mut res = Response::new();
+            res.set_status(status);
+            send_response(&res_tx, header.stream_id, &res);
+            continue;
+        }
+        let Some(conn_slot) = Slot::take(&conn_inflight, shared.limits.max_inflight_per_connection) else {
+            send_status(&res_tx, header.stream_id, Code::RESOURCE_EXHAUSTED, "too many requests in flight on this connection");
+            continue;
+        };
+        let Some(global_slot) = Slot::take(&shared.inflight, shared.limits.max_inflight) else {
+            send_status(&res_tx, header.stream_id, Code::RESOURCE_EXHAUSTED, "too many requests in flight");
+            continue;
+        };
+        let ctx = TtrpcContext {
+            fd: conn.raw(),
+            cancel_rx: cancel_rx.clone(),
+            mh: header,
+            res_tx: res_tx.clone(),
+            metadata: ttrpc::context::from_pb(&req.metadata),
+            timeout_nano: req.timeout_nano,
+            conn_ctx: conn_ctx.clone(),
+        };
+        let handler_shared = shared.clone();
+        let error_tx = res_tx.clone();
+        let stream_id = header.stream_id;
+        let spawned = std::thread::Builder::new()
+            .name("ttrpc-call".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let _slots = (conn_slot, global_slot);
+                let handler = match handler_shared.dispatcher.lookup(&req.service, &req.method) {
+                    Ok(h) => h,
+                    Err(_) => return,
+                };
+                if let Err(e) = handler.handler(ctx, req) {
+                    // The generated handler fails before answering only when the
+                    // payload does not decode (Go's ttrpc: INTERNAL).
+                    let (code, message) = match e {
+                        ttrpc::Error::RpcStatus(s) => (s.code(), s.message),
+                        other => (Code::INTERNAL, format!("ttrpc: error unmarshalling payload: {other}")),
+                    };
+                    send_status(&error_tx, stream_id, code, message);
+                }
+            });
+        if let Err(e) = spawned {
+            send_status(&res_tx, stream_id, Code::RESOURCE_EXHAUSTED, format!("cannot start a handler thread: {e}"));
+        }
+    }
+    drop(cancel_tx);
+    // res_tx drops here; the writer ends once every running handler has answered.
+}

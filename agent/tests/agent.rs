@@ -1,0 +1,720 @@
+//! The real agent server (the `osb-agent` binary with `--listen unix://...`) driven
+//! through real ttrpc: the typed client, the raw ttrpc client, and hand-made bytes on
+//! the socket. Each test starts its own agent as a child process and kills it by pid
+//! when the test ends (pass or fail).
+#![cfg(feature = "server")]
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use osb_agent::client::{Client, Code, Endpoint, Error, ExecSpec, ProcessId, User};
+use osb_agent::proto::agent::{CopyFileRequest, ReadStreamRequest};
+use protobuf::Message;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "osb-agent-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An agent process listening on a Unix socket; killed (by pid) on drop.
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Agent {
+    fn start() -> Agent {
+        Agent::start_with(&["--init-pid", "0"], None)
+    }
+
+    /// Starts the agent with `args`; `workload_fd` (a pipe's read end) becomes fd 3.
+    fn start_with(args: &[&str], workload_fd: Option<i32>) -> Agent {
+        let dir = TempDir::new("srv");
+        let socket = dir.0.join("agent.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_osb-agent"));
+        cmd.arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .args(args)
+            .stdin(Stdio::null());
+        if let Some(fd) = workload_fd {
+            // SAFETY: dup2 between fork and exec is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if fd == 3 {
+                        // dup2 onto itself would keep close-on-exec.
+                        libc::fcntl(3, libc::F_SETFD, 0);
+                    } else if libc::dup2(fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("start osb-agent");
+        let agent = Agent { child, socket, _dir: dir };
+        let start = Instant::now();
+        while UnixStream::connect(&agent.socket).is_err() {
+            assert!(start.elapsed() < TIMEOUT, "the agent did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::Unix(self.socket.clone())
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.endpoint(), TIMEOUT).expect("connect to the agent")
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn threads(&self) -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The agent is still running (did not crash).
+    fn assert_alive(&mut self) {
+        assert!(self.child.try_wait().unwrap().is_none(), "the agent died");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spec(args: &[&str]) -> ExecSpec {
+    ExecSpec {
+        timeout: Some(Duration::from_secs(30)),
+        ..ExecSpec::new(args.iter().copied())
+    }
+}
+
+fn code_of(r: Result<impl std::fmt::Debug, Error>) -> Code {
+    match r {
+        Err(e) => e.code().unwrap_or_else(|| panic!("not a status: {e}")),
+        Ok(v) => panic!("expected an error status, got {v:?}"),
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn health_and_version() {
+    let agent = Agent::start();
+    let client = agent.client();
+    assert!(client.check().unwrap());
+    let v = client.version().unwrap();
+    assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(v.grpc_version, "0.0.1");
+}
+
+#[test]
+fn exec_output_stdin_and_exit_codes() {
+    let agent = Agent::start();
+    let client = agent.client();
+
+    let out = client.exec(&spec(&["echo", "hello", "world"]), b"").unwrap();
+    assert_eq!(out, osb_agent::client::ExecOutput { code: 0, stdout: b"hello world\n".to_vec(), stderr: vec![] });
+
+    // stdin round trip, larger than a pipe buffer and several WriteStdin chunks.
+    let input: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let out = client.exec(&spec(&["cat"]), &input).unwrap();
+    assert_eq!(out.code, 0);
+    assert!(out.stdout == input, "cat returned {} bytes of {}", out.stdout.len(), input.len());
+
+    let out = client
+        .exec(&spec(&["sh", "-c", "echo out; echo err >&2; exit 7"]), b"")
+        .unwrap();
+    assert_eq!((out.code, &out.stdout[..], &out.stderr[..]), (7, &b"out\n"[..], &b"err\n"[..]));
+
+    // Environment and working directory.
+    let mut s = spec(&["sh", "-c", "echo $FOO:$PWD:$HOME"]);
+    s.env = vec!["FOO=bar".into()];
+    s.cwd = "/tmp".into();
+    assert_eq!(client.exec(&s, b"").unwrap().stdout, b"bar:/tmp:/root\n");
+
+    // A missing program is an error status, not a process.
+    assert_eq!(code_of(client.exec(&spec(&["/no/such/program"]), b"")), Code::NOT_FOUND);
+    assert_eq!(code_of(client.exec(&spec(&[]), b"")), Code::INVALID_ARGUMENT);
+}
+
+#[test]
+fn stdin_writes_and_close() {
+    let agent = Agent::start();
+    let client = agent.client();
+    let id = client.start(&spec(&["cat"])).unwrap();
+    assert_eq!(client.write_stdin(&id, b"abc").unwrap(), 3);
+    assert_eq!(client.read_stream(&id, true, 100).unwrap().unwrap(), b"abc");
+    client.close_stdin(&id).unwrap();
+    assert_eq!(client.read_stream(&id, true, 100).unwrap(), None);
+    assert_eq!(client.read_stream(&id, false, 100).unwrap(), None);
+    assert_eq!(code_of(client.write_stdin(&id, b"x")), Code::FAILED_PRECONDITION);
+    assert_eq!(client.wait(&id).unwrap(), 0);
+    // Waited for and drained: the entry is gone.
+    assert_eq!(code_of(client.wait(&id)), Code::NOT_FOUND);
+}
+
+#[test]
+fn ids_duplicate_unknown_and_signals() {
+    let agent = Agent::start();
+    let client = agent.client();
+    let mut s = spec(&["sleep", "1000"]);
+    s.exec_id = "sleeper".into();
+    let id = client.start(&s).unwrap();
+    assert_eq!(code_of(client.start(&s)), Code::ALREADY_EXISTS);
+
+    let unknown = ProcessId { container_id: "osb".into(), exec_id: "nope".into() };
+    assert_eq!(code_of(client.wait(&unknown)), Code::NOT_FOUND);
+    assert_eq!(code_of(client.signal(&unknown, 9)), Code::NOT_FOUND);
+    assert_eq!(code_of(client.read_stream(&unknown, true, 10)), Code::NOT_FOUND);
+    assert_eq!(code_of(client.close_stdin(&unknown)), Code::NOT_FOUND);
+    assert_eq!(code_of(client.signal(&id, 1000)), Code::INVALID_ARGUMENT);
+
+    // A bounded wait times out on the agent's side.
+    assert_eq!(
+        code_of(client.wait_timeout(&id, Duration::from_millis(300))),
+        Code::DEADLINE_EXCEEDED
+    );
+    client.signal(&id, libc::SIGKILL).unwrap();
+    assert_eq!(client.wait(&id).unwrap(), 128 + libc::SIGKILL);
+
+    let term = client.start(&spec(&["sleep", "1000"])).unwrap();
+    client.signal(&term, libc::SIGTERM).unwrap();
+    assert_eq!(client.wait(&term).unwrap(), 128 + libc::SIGTERM);
+    // Signalling an exited process is not an error.
+    client.signal(&term, libc::SIGTERM).unwrap();
+
+    // An empty exec id signals every process of the container.
+    let mut a = spec(&["sleep", "1000"]);
+    a.container_id = "box".into();
+    let (a, b) = (client.start(&a).unwrap(), client.start(&a).unwrap());
+    client
+        .signal(&ProcessId { container_id: "box".into(), exec_id: String::new() }, libc::SIGKILL)
+        .unwrap();
+    assert_eq!(client.wait(&a).unwrap(), 137);
+    assert_eq!(client.wait(&b).unwrap(), 137);
+}
+
+#[test]
+fn tty_exec_and_resize() {
+    let agent = Agent::start();
+    let client = agent.client();
+    let mut s = spec(&["sh", "-c", "stty size; echo $0 >&2"]);
+    s.tty = true;
+    s.tty_size = Some((24, 80));
+    let out = client.exec(&s, b"").unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.code, 0);
+    assert!(text.contains("24 80"), "{text:?}");
+    assert!(text.contains("sh"), "stderr goes to the terminal too: {text:?}");
+    assert!(out.stderr.is_empty());
+
+    let mut s = spec(&["sh", "-c", "read line; stty size"]);
+    s.tty = true;
+    let id = client.start(&s).unwrap();
+    client.resize_tty(&id, 50, 132).unwrap();
+    client.write_stdin(&id, b"go\n").unwrap();
+    let mut output = Vec::new();
+    while let Some(chunk) = client.read_stream(&id, true, 1024).unwrap() {
+        output.extend(chunk);
+    }
+    assert_eq!(client.read_stream(&id, false, 1024).unwrap(), None);
+    assert_eq!(client.wait(&id).unwrap(), 0);
+    let text = String::from_utf8_lossy(&output);
+    assert!(text.contains("50 132"), "{text:?}");
+
+    let plain = client.start(&spec(&["sleep", "1000"])).unwrap();
+    assert_eq!(code_of(client.resize_tty(&plain, 10, 10)), Code::FAILED_PRECONDITION);
+    client.signal(&plain, 9).unwrap();
+}
+
+#[test]
+fn user_and_groups() {
+    if !is_root() {
+        eprintln!("SKIP: needs root to switch users");
+        return;
+    }
+    let agent = Agent::start();
+    let client = agent.client();
+    let mut s = spec(&["id"]);
+    s.user = User { uid: 65534, gid: 65534, additional_gids: vec![4242], username: String::new() };
+    let text = String::from_utf8(client.exec(&s, b"").unwrap().stdout).unwrap();
+    assert!(text.starts_with("uid=65534") && text.contains("gid=65534"), "{text}");
+    assert!(text.contains("4242"), "{text}");
+
+    let mut s = spec(&["id", "-u"]);
+    s.user.username = "nobody".into();
+    assert_eq!(client.exec(&s, b"").unwrap().stdout, b"65534\n");
+    s.user.username = "no-such-user-here".into();
+    assert_eq!(code_of(client.exec(&s, b"")), Code::INVALID_ARGUMENT);
+}
+
+#[test]
+fn copy_file_chunks_temp_rename_and_refusals() {
+    use std::os::unix::fs::PermissionsExt;
+    let agent = Agent::start();
+    let client = agent.client();
+    let dir = TempDir::new("copy");
+
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 253) as u8).collect();
+    let local = dir.0.join("local.bin");
+    std::fs::write(&local, &data).unwrap();
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let dest = dir.0.join("new/sub/dir/file.bin");
+    client.copy_file(&local, dest.to_str().unwrap(), 0, 0).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o7777, 0o640);
+    assert!(!dir.0.join("new/sub/dir/.file.bin.osb-copy").exists());
+
+    // Chunk by chunk: nothing at the destination until the last chunk arrives.
+    let target = dir.0.join("partial.txt");
+    let chunk = |offset: usize, bytes: &[u8]| CopyFileRequest {
+        path: target.to_str().unwrap().to_string(),
+        file_size: 10,
+        file_mode: 0o100644,
+        dir_mode: 0o755,
+        uid: -1,
+        gid: -1,
+        offset: offset as i64,
+        data: bytes.to_vec(),
+        ..Default::default()
+    };
+    let svc = client.agent_service();
+    let ctx = || ttrpc::context::with_duration(TIMEOUT);
+    svc.copy_file(ctx(), &chunk(0, b"01234")).unwrap();
+    assert!(!target.exists());
+    assert!(dir.0.join(".partial.txt.osb-copy").exists());
+    svc.copy_file(ctx(), &chunk(5, b"56789")).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"0123456789");
+    assert!(!dir.0.join(".partial.txt.osb-copy").exists());
+    // Past file_size, or a later chunk without a copy in progress.
+    assert_eq!(code_of(svc.copy_file(ctx(), &chunk(8, b"xyz")).map_err(Error::from)), Code::INVALID_ARGUMENT);
+    assert_eq!(code_of(svc.copy_file(ctx(), &chunk(5, b"x")).map_err(Error::from)), Code::FAILED_PRECONDITION);
+
+    // Empty files, directories and symlinks.
+    let empty = dir.0.join("empty");
+    client.copy_bytes(b"", empty.to_str().unwrap(), 0o600, 0, 0).unwrap();
+    assert_eq!(std::fs::read(&empty).unwrap(), b"");
+    let mut mkdir = chunk(0, b"");
+    mkdir.path = dir.0.join("a-dir").to_str().unwrap().into();
+    mkdir.file_mode = 0o040750;
+    mkdir.file_size = 0;
+    svc.copy_file(ctx(), &mkdir).unwrap();
+    assert!(dir.0.join("a-dir").is_dir());
+    let mut link = chunk(0, b"a-dir");
+    link.path = dir.0.join("a-link").to_str().unwrap().into();
+    link.file_mode = 0o120777;
+    link.file_size = 5;
+    svc.copy_file(ctx(), &link).unwrap();
+    assert_eq!(std::fs::read_link(dir.0.join("a-link")).unwrap(), Path::new("a-dir"));
+
+    // Relative paths and `..` are refused.
+    let escape = format!("{}/../escape", dir.0.display());
+    for bad in [escape.as_str(), "relative/path", "/"] {
+        assert_eq!(code_of(client.copy_bytes(b"x", bad, 0o644, 0, 0)), Code::INVALID_ARGUMENT, "{bad}");
+    }
+    assert!(!dir.0.parent().unwrap().join("escape").exists());
+}
+
+/// A raw ttrpc request through the `ttrpc` crate's client.
+fn raw_request(client: &Client, service: &str, method: &str) -> Result<ttrpc::Response, ttrpc::Error> {
+    let mut req = ttrpc::Request::new();
+    req.service = service.into();
+    req.method = method.into();
+    req.timeout_nano = TIMEOUT.as_nanos() as i64;
+    client.raw().request(req)
+}
+
+#[test]
+fn unknown_methods_are_unimplemented() {
+    let agent = Agent::start();
+    let client = agent.client();
+    for (service, method, message) in [
+        ("grpc.AgentService", "CreateContainer", "method CreateContainer"),
+        ("grpc.AgentService", "NoSuchMethod", "method NoSuchMethod"),
+        ("grpc.NoSuchService", "Check", "service grpc.NoSuchService"),
+    ] {
+        match raw_request(&client, service, method) {
+            Err(ttrpc::Error::RpcStatus(s)) => {
+                assert_eq!(s.code(), Code::UNIMPLEMENTED);
+                assert_eq!(s.code() as i32, 12);
+                assert_eq!(s.message, message);
+            }
+            other => panic!("{service}/{method}: {other:?}"),
+        }
+    }
+    // The connection still serves.
+    assert!(client.check().unwrap());
+}
+
+// ---- byte-level ttrpc ----
+
+fn frame(length: u32, stream_id: u32, kind: u8, flags: u8) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&length.to_be_bytes());
+    b.extend_from_slice(&stream_id.to_be_bytes());
+    b.push(kind);
+    b.push(flags);
+    b
+}
+
+/// Reads one frame: (stream id, type, flags, payload).
+fn read_frame(s: &mut UnixStream) -> (u32, u8, u8, Vec<u8>) {
+    let mut head = [0u8; 10];
+    s.read_exact(&mut head).unwrap();
+    let len = u32::from_be_bytes(head[..4].try_into().unwrap());
+    let stream = u32::from_be_bytes(head[4..8].try_into().unwrap());
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).unwrap();
+    (stream, head[8], head[9], payload)
+}
+
+fn raw_stream(agent: &Agent) -> UnixStream {
+    let s = UnixStream::connect(&agent.socket).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// grpc.Health/Check as ttrpc Request bytes, encoded by hand:
+/// service (1) "grpc.Health", method (2) "Check", payload (3) empty.
+fn check_request_bytes() -> Vec<u8> {
+    let mut p = vec![0x0a, 11];
+    p.extend_from_slice(b"grpc.Health");
+    p.extend_from_slice(&[0x12, 5]);
+    p.extend_from_slice(b"Check");
+    p.extend_from_slice(&[0x1a, 0]);
+    p
+}
+
+fn status_of(payload: &[u8]) -> (Code, String) {
+    let res = ttrpc::Response::parse_from_bytes(payload).unwrap();
+    let status = res.status.clone().unwrap_or_default();
+    (status.code(), status.message)
+}
+
+#[test]
+fn frames_match_the_ttrpc_spec_byte_for_byte() {
+    let agent = Agent::start();
+    let mut s = raw_stream(&agent);
+    let payload = check_request_bytes();
+    let mut req = frame(payload.len() as u32, 1, 1, 0);
+    req.extend_from_slice(&payload);
+    s.write_all(&req).unwrap();
+
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        reply,
+        [
+            0, 0, 0, 6, // length, big endian
+            0, 0, 0, 1, // stream id, big endian
+            2, // type: response
+            0, // flags
+            0x0a, 0x00, // Response.status (1): Status { code: OK }
+            0x12, 0x02, 0x08, 0x01, // Response.payload (2): HealthCheckResponse { status: SERVING }
+        ]
+    );
+}
+
+#[test]
+fn oversized_malformed_and_garbage_frames() {
+    let mut agent = Agent::start();
+    let mut s = raw_stream(&agent);
+
+    // Over ttrpc's 4 MiB: discarded and answered RESOURCE_EXHAUSTED, as Go's ttrpc does.
+    let len = (4 << 20) + 1;
+    let mut big = frame(len, 1, 1, 0);
+    big.resize(10 + len as usize, 0xee);
+    s.write_all(&big).unwrap();
+    let (stream, kind, _, payload) = read_frame(&mut s);
+    assert_eq!((stream, kind), (1, 2));
+    let (code, message) = status_of(&payload);
+    assert_eq!(code, Code::RESOURCE_EXHAUSTED);
+    assert!(message.contains("exceed maximum message size"), "{message}");
+
+    // An undecodable envelope: INVALID_ARGUMENT.
+    let mut bad = frame(3, 3, 1, 0);
+    bad.extend_from_slice(&[0xff, 0xff, 0xff]);
+    s.write_all(&bad).unwrap();
+    let (stream, _, _, payload) = read_frame(&mut s);
+    assert_eq!((stream, status_of(&payload).0), (3, Code::INVALID_ARGUMENT));
+
+    // An even (server-side) stream id, and a re-used one: INVALID_ARGUMENT.
+    let payload = check_request_bytes();
+    for id in [4u32, 3] {
+        let mut f = frame(payload.len() as u32, id, 1, 0);
+        f.extend_from_slice(&payload);
+        s.write_all(&f).unwrap();
+        let (stream, _, _, reply) = read_frame(&mut s);
+        assert_eq!((stream, status_of(&reply).0), (id, Code::INVALID_ARGUMENT));
+    }
+
+    // A well-formed request whose payload is garbage for its method.
+    let mut req = vec![0x0a, 11];
+    req.extend_from_slice(b"grpc.Health");
+    req.extend_from_slice(&[0x12, 5]);
+    req.extend_from_slice(b"Check");
+    req.extend_from_slice(&[0x1a, 2, 0xff, 0xff]);
+    let mut f = frame(req.len() as u32, 5, 1, 0);
+    f.extend_from_slice(&req);
+    s.write_all(&f).unwrap();
+    let (stream, _, _, reply) = read_frame(&mut s);
+    assert_eq!(stream, 5);
+    assert_ne!(status_of(&reply).0, Code::OK);
+
+    // The same connection still answers a good request.
+    let mut f = frame(payload.len() as u32, 7, 1, 0);
+    f.extend_from_slice(&payload);
+    s.write_all(&f).unwrap();
+    let (stream, _, _, reply) = read_frame(&mut s);
+    assert_eq!((stream, status_of(&reply).0), (7, Code::OK));
+
+    // Plain garbage on another connection: an error status or a closed connection.
+    let mut g = raw_stream(&agent);
+    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    g.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = g.read_to_end(&mut rest);
+    drop(g);
+    // A connection that ends inside a header or payload.
+    let mut h = raw_stream(&agent);
+    h.write_all(&frame(100, 1, 1, 0)[..7]).unwrap();
+    drop(h);
+
+    agent.assert_alive();
+    assert!(agent.client().check().unwrap());
+}
+
+#[test]
+fn vanished_client_does_not_leak_a_blocked_read() {
+    let mut agent = Agent::start();
+    let client = agent.client();
+    let id = client.start(&spec(&["sleep", "1000"])).unwrap();
+    let baseline = agent.threads();
+
+    // A second client blocks in ReadStdout (sleep prints nothing), then vanishes.
+    let mut s = raw_stream(&agent);
+    let req = ReadStreamRequest {
+        container_id: id.container_id.clone(),
+        exec_id: id.exec_id.clone(),
+        len: 1024,
+        ..Default::default()
+    };
+    let mut r = ttrpc::Request::new();
+    r.service = "grpc.AgentService".into();
+    r.method = "ReadStdout".into();
+    r.payload = req.write_to_bytes().unwrap();
+    let payload = r.write_to_bytes().unwrap();
+    let mut f = frame(payload.len() as u32, 1, 1, 0);
+    f.extend_from_slice(&payload);
+    s.write_all(&f).unwrap();
+    wait_until("the blocked read to start", || agent.threads() > baseline);
+    drop(s);
+    wait_until("the blocked read to end", || agent.threads() <= baseline);
+
+    // The process is unaffected.
+    client.signal(&id, libc::SIGKILL).unwrap();
+    assert_eq!(client.wait(&id).unwrap(), 137);
+    agent.assert_alive();
+}
+
+#[test]
+fn concurrent_execs_all_complete() {
+    let agent = Agent::start();
+    let shared = agent.client();
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            // Half share one connection, half have their own.
+            let client = if i % 2 == 0 { shared.clone() } else { agent.client() };
+            std::thread::spawn(move || {
+                let out = client
+                    .exec(&spec(&["sh", "-c", &format!("sleep 0.2; echo {i}; echo e{i} >&2; exit {}", i % 5)]), b"")
+                    .unwrap();
+                assert_eq!(out.stdout, format!("{i}\n").into_bytes());
+                assert_eq!(out.stderr, format!("e{i}\n").into_bytes());
+                assert_eq!(out.code, i % 5);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(shared.check().unwrap());
+}
+
+#[test]
+fn resources_and_guest_details() {
+    let agent = Agent::start();
+    let client = agent.client();
+    let res = client.resources().unwrap();
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    assert_eq!(res.cpus_online, osb_agent::resources::count_cpu_list(&online));
+    // SAFETY: sysconf has no preconditions.
+    let nproc = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    assert_eq!(i64::from(res.cpus_online), nproc as i64);
+    assert!(res.mem_total_bytes > 0 && res.mem_available_bytes <= res.mem_total_bytes);
+    let text = client.metrics().unwrap();
+    assert!(text.contains(&format!("osb_guest_cpus_online {}", res.cpus_online)), "{text}");
+
+    let details = client.guest_details().unwrap();
+    let expected = std::fs::read_to_string("/sys/devices/system/memory/block_size_bytes")
+        .map(|s| u64::from_str_radix(s.trim(), 16).unwrap())
+        .unwrap_or(0);
+    assert_eq!(details.mem_block_size_bytes, expected);
+    assert_eq!(details.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(!details.init_daemon);
+    assert_eq!(
+        details.support_mem_hotplug_probe,
+        Path::new("/sys/devices/system/memory/probe").exists()
+    );
+    // Bad times are refused before the clock is touched.
+    let req = osb_agent::proto::agent::SetGuestDateTimeRequest { Sec: 1, Usec: 5_000_000, ..Default::default() };
+    let r = client.agent_service().set_guest_date_time(ttrpc::context::with_duration(TIMEOUT), &req);
+    assert_eq!(code_of(r.map_err(Error::from)), Code::INVALID_ARGUMENT);
+}
+
+#[test]
+fn workload_events_and_destroy_sandbox() {
+    // The "workload" and the "init" are sleeps of this test; the agent learns of the
+    // workload through the event pipe and signals the "init" on DestroySandbox.
+    let mut workload = Command::new("sleep").arg("1000").spawn().unwrap();
+    let mut init = Command::new("sleep").arg("1000").spawn().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let init_pid = init.id().to_string();
+    let agent = Agent::start_with(&["--workload-fd", "3", "--init-pid", &init_pid], Some(fds[0]));
+    // SAFETY: the read end now lives in the agent; the write end is ours.
+    unsafe { libc::close(fds[0]) };
+    let mut events = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let client = agent.client();
+    let w = ProcessId { container_id: "workload".into(), exec_id: String::new() };
+
+    assert_eq!(code_of(client.wait_timeout(&w, Duration::from_millis(100))), Code::NOT_FOUND);
+    writeln!(events, "{{\"event\":\"started\",\"pid\":{}}}", workload.id()).unwrap();
+    wait_until("the started event", || client.wait_timeout(&w, Duration::from_millis(50)).is_err_and(|e| e.code() == Some(Code::DEADLINE_EXCEEDED)));
+    assert_eq!(code_of(client.read_stream(&w, true, 10)), Code::FAILED_PRECONDITION);
+    client.signal(&w, libc::SIGTERM).unwrap();
+    let status = workload.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM));
+    writeln!(events, "{{\"event\":\"exited\",\"pid\":{},\"code\":143}}", workload.id()).unwrap();
+    let waiter = {
+        let client = client.clone();
+        let w = w.clone();
+        std::thread::spawn(move || client.wait(&w))
+    };
+    assert_eq!(waiter.join().unwrap().unwrap(), 143);
+    assert_eq!(client.wait(&WorkloadAlias::id()).unwrap(), 143);
+
+    // DestroySandbox kills exec'd processes and signals "init" with SIGUSR2.
+    let id = client.start(&spec(&["sleep", "1000"])).unwrap();
+    client.destroy_sandbox().unwrap();
+    assert_eq!(client.wait(&id).unwrap(), 137);
+    let status = init.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGUSR2));
+}
+
+/// The workload's other name: exec id "workload".
+struct WorkloadAlias;
+
+impl WorkloadAlias {
+    fn id() -> ProcessId {
+        ProcessId { container_id: "workload".into(), exec_id: "workload".into() }
+    }
+}
+
+#[test]
+fn hybrid_vsock_handshake() {
+    let agent = Agent::start();
+    let dir = TempDir::new("hv");
+    let hv = dir.0.join("hv.sock");
+    let listener = UnixListener::bind(&hv).unwrap();
+    let target = agent.socket.clone();
+    // A stand-in for the VMM's hybrid vsock socket: answers CONNECT 1024 with OK and
+    // then relays bytes to the agent; any other port gets an error line.
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while conn.read_exact(&mut b).is_ok() && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                if line != b"CONNECT 1024" {
+                    let _ = conn.write_all(b"ERR unknown port\n");
+                    return;
+                }
+                conn.write_all(b"OK 1073741824\n").unwrap();
+                let agent = UnixStream::connect(target).unwrap();
+                let (mut a1, mut c1) = (agent.try_clone().unwrap(), conn.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut c1, &mut a1));
+                let (mut a2, mut c2) = (agent, conn);
+                let _ = std::io::copy(&mut a2, &mut c2);
+            });
+        }
+    });
+    let endpoint = Endpoint::HybridVsock { path: hv.clone(), port: 1024 };
+    let client = Client::connect(&endpoint, TIMEOUT).unwrap();
+    assert!(client.check().unwrap());
+    assert_eq!(client.exec(&spec(&["echo", "via hvsock"]), b"").unwrap().stdout, b"via hvsock\n");
+
+    let wrong = Endpoint::HybridVsock { path: hv, port: 9 };
+    match Client::connect(&wrong, TIMEOUT) {
+        Err(Error::Handshake { reply, .. }) => assert_eq!(reply, "ERR unknown port"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("connected to a port nobody listens on"),
+    }
+}

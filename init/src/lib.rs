@@ -1,0 +1,25 @@
+//! `osb-init`: the static PID 1 of osbuilder guests (issue #4).
+//!
+//! Boot: mount the pseudo filesystems, take the console, read the kernel
+//! command line ([`cmdline`]), optionally switch to the real root
+//! ([`boot`]); then start the agent and the workload from the run config
+//! ([`config`], [`user`], [`workload`]) and supervise them ([`supervisor`]):
+//! reap, forward signals, restart the agent, and finally shut down
+//! ([`shutdown`]). Everything that touches the machine goes through
+//! [`sys::Sys`] so the sequences are unit-tested on the host.
+//!
+//! **Invariants:** only `sys` makes raw syscalls; nothing here panics or
+//! exits on purpose once running as PID 1 ([`pid1::main`] never returns).
+
+#[macro_use]
+pub mod log;
+pub mod agent;
+pub mod boot;
+pub mod cmdline;
+pub mod config;
+pub mod pid1;
+pub mod shutdown;
+pub mod supervisor;
+pub mod sys;
+pub mod user;
+pub mod workload;

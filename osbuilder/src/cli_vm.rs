@@ -1,0 +1,246 @@
+//! `osbuilder vm ...`: boot a guest with its agent, and talk to an agent
+//! (ours or Kata's protocol) over vsock or a hybrid-vsock socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand};
+
+use osb_agent::client::{Client, Endpoint, ExecSpec, User, DEFAULT_PORT};
+use osbuilder::vm::{Machine, Vm, VmConfig};
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Boot a kernel + initrd under QEMU with vsock, wait for the agent's
+    /// health check, then run a command through it or power off.
+    Boot(BootArgs),
+    /// Health check (grpc.Health/Check) and version.
+    Check(AgentArgs),
+    /// Agent version, guest details and the guest's resources.
+    Info(AgentArgs),
+    /// Run a command in the guest; exits with its exit code.
+    Exec(ExecArgs),
+    /// Copy a host file into the guest.
+    Cp {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Host file.
+        src: PathBuf,
+        /// Absolute path in the guest.
+        dest: String,
+    },
+    /// Send a signal to a process started through the agent.
+    Signal {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Container id (`workload` for the image's own command).
+        #[arg(long, default_value = "osb")]
+        container: String,
+        /// Exec id.
+        exec_id: String,
+        /// Signal number.
+        #[arg(default_value_t = 15)]
+        signal: i32,
+    },
+    /// Orderly poweroff (DestroySandbox).
+    Shutdown(AgentArgs),
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The agent: hvsock:///PATH:PORT (Firecracker / Cloud Hypervisor /
+    /// vhost-device-vsock socket), vsock://CID:PORT or unix:///PATH.
+    #[arg(long, env = "OSBUILDER_AGENT")]
+    agent: Endpoint,
+    /// Timeout of each call, in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+impl AgentArgs {
+    fn client(&self) -> anyhow::Result<Client> {
+        Client::connect(&self.agent, Duration::from_secs(self.timeout)).with_context(|| format!("connecting to the agent at {}", self.agent))
+    }
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+    #[command(flatten)]
+    process: ProcessArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct ProcessArgs {
+    /// Pass our stdin to the process.
+    #[arg(long, short)]
+    interactive: bool,
+    /// Run on a pseudo-terminal.
+    #[arg(long, short)]
+    tty: bool,
+    /// UID[:GID] in the guest (default root).
+    #[arg(long, short)]
+    user: Option<String>,
+    /// Working directory in the guest.
+    #[arg(long, short = 'w', default_value = "/")]
+    workdir: String,
+    /// KEY=VALUE (repeatable).
+    #[arg(long, short)]
+    env: Vec<String>,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct BootArgs {
+    /// Kernel image (bzImage, or vmlinux for PVH).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initrd (e.g. from `osbuilder initrd --init`).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "microvm")]
+    machine: Machine,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u32,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Extra kernel command line (e.g. osb.cmd=..., osb.on_exit=stay).
+    #[arg(long, default_value = "")]
+    append: String,
+    /// Directory for the sockets and console log (default: a temporary one).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Agent vsock port.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u32,
+    /// Seconds to wait for the agent.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Stay up after the health check until the guest powers off (Ctrl-C kills it).
+    #[arg(long)]
+    keep: bool,
+    #[command(flatten)]
+    process: ProcessArgs,
+}
+
+pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        VmCommand::Boot(args) => boot(args),
+        VmCommand::Check(a) => {
+            let c = a.client()?;
+            let ok = c.check()?;
+            let v = c.version()?;
+            println!("{} (agent {}, grpc {})", if ok { "SERVING" } else { "NOT SERVING" }, v.agent_version, v.grpc_version);
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        VmCommand::Info(a) => {
+            let c = a.client()?;
+            let v = c.version()?;
+            let d = c.guest_details()?;
+            let r = c.resources()?;
+            println!("agent version:        {}", v.agent_version);
+            println!("memory block size:    {} bytes", d.mem_block_size_bytes);
+            println!("mem hotplug probe:    {}", d.support_mem_hotplug_probe);
+            println!("cpus online:          {}", r.cpus_online);
+            println!("memory total:         {} bytes", r.mem_total_bytes);
+            println!("memory available:     {} bytes", r.mem_available_bytes);
+            println!("cgroup:               {}", r.cgroup);
+            println!("cgroup memory.max:    {}", r.cgroup_memory_max_bytes.map_or("max".into(), |v| v.to_string()));
+            println!("cgroup cpu.max:       {}", r.cgroup_cpu_max.map_or("max".into(), |(q, p)| format!("{q} {p}")));
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Exec(a) => {
+            let c = a.agent.client()?;
+            exec(&c, &a.process)
+        }
+        VmCommand::Cp { agent, src, dest } => {
+            let c = agent.client()?;
+            c.copy_file(&src, &dest, 0, 0).with_context(|| format!("copying {} to {dest}", src.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Signal { agent, container, exec_id, signal } => {
+            let c = agent.client()?;
+            c.signal(&osb_agent::client::ProcessId { container_id: container, exec_id }, signal)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Shutdown(a) => {
+            a.client()?.destroy_sandbox()?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn parse_user(s: &str) -> anyhow::Result<User> {
+    let (uid, gid) = s.split_once(':').unwrap_or((s, s));
+    match (uid.parse(), gid.parse()) {
+        (Ok(uid), Ok(gid)) => Ok(User { uid, gid, ..User::default() }),
+        _ if !s.contains(':') => Ok(User { username: s.to_string(), ..User::default() }),
+        _ => bail!("--user {s:?} is not UID[:GID] or a user name"),
+    }
+}
+
+fn exec(client: &Client, p: &ProcessArgs) -> anyhow::Result<ExitCode> {
+    if p.command.is_empty() {
+        bail!("no command given");
+    }
+    let mut spec = ExecSpec::new(p.command.clone());
+    spec.env = p.env.clone();
+    spec.cwd = p.workdir.clone();
+    spec.tty = p.tty;
+    if let Some(u) = &p.user {
+        spec.user = parse_user(u)?;
+    }
+    let code = if p.interactive {
+        client.exec_streaming(&spec, std::io::stdin(), std::io::stdout(), std::io::stderr())?
+    } else {
+        client.exec_streaming(&spec, std::io::empty(), std::io::stdout(), std::io::stderr())?
+    };
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
+}
+
+fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
+    let tmp;
+    let work_dir = match &args.work_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new().prefix("osbuilder-vm-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut cfg = VmConfig::new(&args.kernel, args.initrd.clone(), &work_dir);
+    cfg.machine = args.machine;
+    cfg.mem_mib = args.mem;
+    cfg.cpus = args.cpus;
+    cfg.append = args.append.clone();
+    let mut vm = Vm::start(&cfg)?;
+    let endpoint = Endpoint::HybridVsock { path: vm.vsock_socket.clone(), port: args.port };
+    let client = vm.wait_for_agent(args.port, Duration::from_secs(args.timeout))?;
+    eprintln!(
+        "osbuilder: agent healthy {:.2}s after QEMU start ({}, {:?}); agent {endpoint}; console {}",
+        vm.started.elapsed().as_secs_f64(),
+        vm.accel,
+        args.machine,
+        vm.console.display()
+    );
+    let code = if !args.process.command.is_empty() {
+        exec(&client, &args.process)?
+    } else {
+        ExitCode::SUCCESS
+    };
+    if args.keep {
+        eprintln!("osbuilder: guest running; `osbuilder vm exec --agent {endpoint} -- CMD`; Ctrl-C stops it");
+        vm.wait_exit(Duration::from_secs(u64::MAX / 4))?;
+        return Ok(code);
+    }
+    // DestroySandbox may race the poweroff that answers it: ignore its error
+    // and judge by the VM ending.
+    let _ = client.destroy_sandbox();
+    vm.wait_exit(Duration::from_secs(60)).context("the guest did not power off after DestroySandbox")?;
+    Ok(code)
+}
