@@ -23,14 +23,25 @@ fn main() {
             gen_mod: false,
             ..Default::default()
         })
-        .rust_protobuf_customize(ttrpc_codegen::ProtobufCustomize::default().gen_mod_rs(false))
+        .rust_protobuf_customize(
+            ttrpc_codegen::ProtobufCustomize::default()
+                .gen_mod_rs(false)
+                .lite_runtime(true),
+        )
         .run()
         .expect("generating the agent protocol from proto/*.proto failed");
 
     // The generated files are `include!`d into modules of src/proto.rs, where inner
     // attributes and inner doc comments are not allowed: drop them (proto.rs carries
     // the lint allowances instead).
-    for name in ["agent", "agent_ttrpc", "health", "health_ttrpc", "oci", "types"] {
+    for name in [
+        "agent",
+        "agent_ttrpc",
+        "health",
+        "health_ttrpc",
+        "oci",
+        "types",
+    ] {
         let path = std::path::Path::new(&out_dir).join(format!("{name}.rs"));
         let text = std::fs::read_to_string(&path).expect("generated file is readable");
         let kept: Vec<&str> = text

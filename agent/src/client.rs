@@ -112,7 +112,10 @@ impl fmt::Display for Endpoint {
 #[derive(Debug)]
 pub enum Error {
     /// Could not reach the agent's socket.
-    Connect { endpoint: String, source: std::io::Error },
+    Connect {
+        endpoint: String,
+        source: std::io::Error,
+    },
     /// The hybrid-vsock handshake failed (the VMM did not answer `OK`).
     Handshake { endpoint: String, reply: String },
     /// The agent answered a ttrpc error status.
@@ -200,8 +203,12 @@ pub fn connect_stream(endpoint: &Endpoint, timeout: Duration) -> Result<OwnedFd>
         Endpoint::Unix(path) => Ok(UnixStream::connect(path).map_err(connect_err)?.into()),
         Endpoint::HybridVsock { path, port } => {
             let mut stream = UnixStream::connect(path).map_err(connect_err)?;
-            stream.set_read_timeout(Some(timeout)).map_err(connect_err)?;
-            stream.set_write_timeout(Some(timeout)).map_err(connect_err)?;
+            stream
+                .set_read_timeout(Some(timeout))
+                .map_err(connect_err)?;
+            stream
+                .set_write_timeout(Some(timeout))
+                .map_err(connect_err)?;
             stream
                 .write_all(format!("CONNECT {port}\n").as_bytes())
                 .map_err(connect_err)?;
@@ -363,7 +370,11 @@ impl Client {
 
     /// Retries [`Client::connect`] plus a health check until they succeed or
     /// `total` has passed (for a guest that is still booting).
-    pub fn connect_retry(endpoint: &Endpoint, timeout: Duration, total: Duration) -> Result<Client> {
+    pub fn connect_retry(
+        endpoint: &Endpoint,
+        timeout: Duration,
+        total: Duration,
+    ) -> Result<Client> {
         let start = Instant::now();
         loop {
             let attempt = Client::connect(endpoint, timeout).and_then(|client| {
@@ -455,7 +466,10 @@ impl Client {
 
     /// `GetMetrics`: the guest resource report as Prometheus text.
     pub fn metrics(&self) -> Result<String> {
-        Ok(self.agent.get_metrics(self.ctx(), &GetMetricsRequest::new())?.metrics)
+        Ok(self
+            .agent
+            .get_metrics(self.ctx(), &GetMetricsRequest::new())?
+            .metrics)
     }
 
     /// The guest resource report, parsed.
@@ -539,14 +553,22 @@ impl Client {
     ///
     /// `stdin` is copied on a thread of its own that is not waited for: a source that
     /// blocks (a terminal) does not hold up the return once the process has ended.
-    pub fn exec_streaming<R, W, E>(&self, spec: &ExecSpec, stdin: R, stdout: W, stderr: E) -> Result<i32>
+    pub fn exec_streaming<R, W, E>(
+        &self,
+        spec: &ExecSpec,
+        stdin: R,
+        stdout: W,
+        stderr: E,
+    ) -> Result<i32>
     where
         R: Read + Send + 'static,
         W: Write + Send,
         E: Write + Send,
     {
         let id = self.start(spec)?;
-        let watchdog = spec.timeout.map(|limit| Watchdog::start(self.clone(), id.clone(), limit));
+        let watchdog = spec
+            .timeout
+            .map(|limit| Watchdog::start(self.clone(), id.clone(), limit));
         {
             let client = self.clone();
             let id = id.clone();
@@ -585,7 +607,10 @@ impl Client {
                 }
                 Ok(None) => return Ok(()),
                 // The process entry is gone: nothing more to read.
-                Err(Error::Status { code: Code::NOT_FOUND, .. }) => return Ok(()),
+                Err(Error::Status {
+                    code: Code::NOT_FOUND,
+                    ..
+                }) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
@@ -687,7 +712,8 @@ impl Client {
         let req = SignalProcessRequest {
             container_id: id.container_id.clone(),
             exec_id: id.exec_id.clone(),
-            signal: u32::try_from(signal).map_err(|_| Error::Protocol(format!("bad signal {signal}")))?,
+            signal: u32::try_from(signal)
+                .map_err(|_| Error::Protocol(format!("bad signal {signal}")))?,
             ..Default::default()
         };
         self.agent.signal_process(self.ctx(), &req)?;
@@ -718,8 +744,22 @@ impl Client {
     }
 
     /// Copies `data` to `guest_path` with permission bits `mode`.
-    pub fn copy_bytes(&self, data: &[u8], guest_path: &str, mode: u32, uid: u32, gid: u32) -> Result<()> {
-        self.copy_from(&mut &data[..], data.len() as u64, guest_path, mode, uid, gid)
+    pub fn copy_bytes(
+        &self,
+        data: &[u8],
+        guest_path: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<()> {
+        self.copy_from(
+            &mut &data[..],
+            data.len() as u64,
+            guest_path,
+            mode,
+            uid,
+            gid,
+        )
     }
 
     /// `CopyFile` of `size` bytes from `source`, in chunks; the agent writes a
@@ -733,7 +773,8 @@ impl Client {
         uid: u32,
         gid: u32,
     ) -> Result<()> {
-        let file_size = i64::try_from(size).map_err(|_| Error::Protocol("file too large".into()))?;
+        let file_size =
+            i64::try_from(size).map_err(|_| Error::Protocol("file too large".into()))?;
         let mut offset: u64 = 0;
         let mut buf = vec![0u8; WRITE_CHUNK.min(size as usize).max(1)];
         loop {
@@ -800,7 +841,8 @@ impl Client {
 
     /// `DestroySandbox`: kills every exec'd process and powers the guest off.
     pub fn destroy_sandbox(&self) -> Result<()> {
-        self.agent.destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())?;
+        self.agent
+            .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())?;
         Ok(())
     }
 
@@ -823,7 +865,10 @@ impl Client {
 
     /// `ListRoutes`.
     pub fn list_routes(&self) -> Result<Vec<types::Route>> {
-        Ok(self.agent.list_routes(self.ctx(), &ListRoutesRequest::new())?.Routes)
+        Ok(self
+            .agent
+            .list_routes(self.ctx(), &ListRoutesRequest::new())?
+            .Routes)
     }
 
     /// `UpdateRoutes`: the routing table as the agent left it.

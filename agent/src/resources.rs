@@ -124,7 +124,9 @@ impl Resources {
             "osb_guest_cgroup_cpu_period_microseconds",
             "Period of that cpu.max (0: no quota).",
             &labels,
-            self.cgroup_cpu_max.map_or(0, |(_, period)| period).to_string(),
+            self.cgroup_cpu_max
+                .map_or(0, |(_, period)| period)
+                .to_string(),
         );
         gauge(
             "osb_guest_effective_cpus",
@@ -197,13 +199,20 @@ fn parse_value(s: &str) -> Option<Option<u64>> {
         _ => s
             .parse::<u64>()
             .ok()
-            .or_else(|| s.parse::<f64>().ok().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .or_else(|| {
+                s.parse::<f64>()
+                    .ok()
+                    .filter(|f| *f >= 0.0)
+                    .map(|f| f as u64)
+            })
             .map(Some),
     }
 }
 
 fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn label_value(labels: &str, key: &str) -> Option<String> {
@@ -294,7 +303,9 @@ pub fn cgroup_limits(cgroup_root: &Path, cgroup: &str) -> (Option<u64>, Option<(
                 if let (Ok(quota), Ok(period)) = (quota.parse::<u64>(), period.parse::<u64>()) {
                     let tighter = match cpu {
                         // quota/period < q/p  <=>  quota*p < q*period
-                        Some((q, p)) => u128::from(quota) * u128::from(p) < u128::from(q) * u128::from(period),
+                        Some((q, p)) => {
+                            u128::from(quota) * u128::from(p) < u128::from(q) * u128::from(period)
+                        }
                         None => true,
                     };
                     if period > 0 && tighter {
@@ -335,8 +346,14 @@ mod tests {
 
     #[test]
     fn own_cgroup() {
-        assert_eq!(own_cgroup_v2("0::/init.scope\n").as_deref(), Some("/init.scope"));
-        assert_eq!(own_cgroup_v2("1:name=systemd:/x\n0::/\n").as_deref(), Some("/"));
+        assert_eq!(
+            own_cgroup_v2("0::/init.scope\n").as_deref(),
+            Some("/init.scope")
+        );
+        assert_eq!(
+            own_cgroup_v2("1:name=systemd:/x\n0::/\n").as_deref(),
+            Some("/")
+        );
         assert_eq!(own_cgroup_v2("1:cpu:/x\n"), None);
     }
 

@@ -82,10 +82,17 @@ impl Agent {
             }
         }
         let child = cmd.spawn().expect("start osb-agent");
-        let agent = Agent { child, socket, _dir: dir };
+        let agent = Agent {
+            child,
+            socket,
+            _dir: dir,
+        };
         let start = Instant::now();
         while UnixStream::connect(&agent.socket).is_err() {
-            assert!(start.elapsed() < TIMEOUT, "the agent did not start listening");
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "the agent did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         agent
@@ -164,19 +171,36 @@ fn exec_output_stdin_and_exit_codes() {
     let agent = Agent::start();
     let client = agent.client();
 
-    let out = client.exec(&spec(&["echo", "hello", "world"]), b"").unwrap();
-    assert_eq!(out, osb_agent::client::ExecOutput { code: 0, stdout: b"hello world\n".to_vec(), stderr: vec![] });
+    let out = client
+        .exec(&spec(&["echo", "hello", "world"]), b"")
+        .unwrap();
+    assert_eq!(
+        out,
+        osb_agent::client::ExecOutput {
+            code: 0,
+            stdout: b"hello world\n".to_vec(),
+            stderr: vec![]
+        }
+    );
 
     // stdin round trip, larger than a pipe buffer and several WriteStdin chunks.
     let input: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
     let out = client.exec(&spec(&["cat"]), &input).unwrap();
     assert_eq!(out.code, 0);
-    assert!(out.stdout == input, "cat returned {} bytes of {}", out.stdout.len(), input.len());
+    assert!(
+        out.stdout == input,
+        "cat returned {} bytes of {}",
+        out.stdout.len(),
+        input.len()
+    );
 
     let out = client
         .exec(&spec(&["sh", "-c", "echo out; echo err >&2; exit 7"]), b"")
         .unwrap();
-    assert_eq!((out.code, &out.stdout[..], &out.stderr[..]), (7, &b"out\n"[..], &b"err\n"[..]));
+    assert_eq!(
+        (out.code, &out.stdout[..], &out.stderr[..]),
+        (7, &b"out\n"[..], &b"err\n"[..])
+    );
 
     // Environment and working directory.
     let mut s = spec(&["sh", "-c", "echo $FOO:$PWD:$HOME"]);
@@ -185,8 +209,14 @@ fn exec_output_stdin_and_exit_codes() {
     assert_eq!(client.exec(&s, b"").unwrap().stdout, b"bar:/tmp:/root\n");
 
     // A missing program is an error status, not a process.
-    assert_eq!(code_of(client.exec(&spec(&["/no/such/program"]), b"")), Code::NOT_FOUND);
-    assert_eq!(code_of(client.exec(&spec(&[]), b"")), Code::INVALID_ARGUMENT);
+    assert_eq!(
+        code_of(client.exec(&spec(&["/no/such/program"]), b"")),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code_of(client.exec(&spec(&[]), b"")),
+        Code::INVALID_ARGUMENT
+    );
 }
 
 #[test]
@@ -199,7 +229,10 @@ fn stdin_writes_and_close() {
     client.close_stdin(&id).unwrap();
     assert_eq!(client.read_stream(&id, true, 100).unwrap(), None);
     assert_eq!(client.read_stream(&id, false, 100).unwrap(), None);
-    assert_eq!(code_of(client.write_stdin(&id, b"x")), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code_of(client.write_stdin(&id, b"x")),
+        Code::FAILED_PRECONDITION
+    );
     assert_eq!(client.wait(&id).unwrap(), 0);
     // Waited for and drained: the entry is gone.
     assert_eq!(code_of(client.wait(&id)), Code::NOT_FOUND);
@@ -214,10 +247,16 @@ fn ids_duplicate_unknown_and_signals() {
     let id = client.start(&s).unwrap();
     assert_eq!(code_of(client.start(&s)), Code::ALREADY_EXISTS);
 
-    let unknown = ProcessId { container_id: "osb".into(), exec_id: "nope".into() };
+    let unknown = ProcessId {
+        container_id: "osb".into(),
+        exec_id: "nope".into(),
+    };
     assert_eq!(code_of(client.wait(&unknown)), Code::NOT_FOUND);
     assert_eq!(code_of(client.signal(&unknown, 9)), Code::NOT_FOUND);
-    assert_eq!(code_of(client.read_stream(&unknown, true, 10)), Code::NOT_FOUND);
+    assert_eq!(
+        code_of(client.read_stream(&unknown, true, 10)),
+        Code::NOT_FOUND
+    );
     assert_eq!(code_of(client.close_stdin(&unknown)), Code::NOT_FOUND);
     assert_eq!(code_of(client.signal(&id, 1000)), Code::INVALID_ARGUMENT);
 
@@ -240,7 +279,13 @@ fn ids_duplicate_unknown_and_signals() {
     a.container_id = "box".into();
     let (a, b) = (client.start(&a).unwrap(), client.start(&a).unwrap());
     client
-        .signal(&ProcessId { container_id: "box".into(), exec_id: String::new() }, libc::SIGKILL)
+        .signal(
+            &ProcessId {
+                container_id: "box".into(),
+                exec_id: String::new(),
+            },
+            libc::SIGKILL,
+        )
         .unwrap();
     assert_eq!(client.wait(&a).unwrap(), 137);
     assert_eq!(client.wait(&b).unwrap(), 137);
@@ -257,7 +302,10 @@ fn tty_exec_and_resize() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.code, 0);
     assert!(text.contains("24 80"), "{text:?}");
-    assert!(text.contains("sh"), "stderr goes to the terminal too: {text:?}");
+    assert!(
+        text.contains("sh"),
+        "stderr goes to the terminal too: {text:?}"
+    );
     assert!(out.stderr.is_empty());
 
     let mut s = spec(&["sh", "-c", "read line; stty size"]);
@@ -275,7 +323,10 @@ fn tty_exec_and_resize() {
     assert!(text.contains("50 132"), "{text:?}");
 
     let plain = client.start(&spec(&["sleep", "1000"])).unwrap();
-    assert_eq!(code_of(client.resize_tty(&plain, 10, 10)), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code_of(client.resize_tty(&plain, 10, 10)),
+        Code::FAILED_PRECONDITION
+    );
     client.signal(&plain, 9).unwrap();
 }
 
@@ -288,9 +339,17 @@ fn user_and_groups() {
     let agent = Agent::start();
     let client = agent.client();
     let mut s = spec(&["id"]);
-    s.user = User { uid: 65534, gid: 65534, additional_gids: vec![4242], username: String::new() };
+    s.user = User {
+        uid: 65534,
+        gid: 65534,
+        additional_gids: vec![4242],
+        username: String::new(),
+    };
     let text = String::from_utf8(client.exec(&s, b"").unwrap().stdout).unwrap();
-    assert!(text.starts_with("uid=65534") && text.contains("gid=65534"), "{text}");
+    assert!(
+        text.starts_with("uid=65534") && text.contains("gid=65534"),
+        "{text}"
+    );
     assert!(text.contains("4242"), "{text}");
 
     let mut s = spec(&["id", "-u"]);
@@ -312,9 +371,14 @@ fn copy_file_chunks_temp_rename_and_refusals() {
     std::fs::write(&local, &data).unwrap();
     std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o640)).unwrap();
     let dest = dir.0.join("new/sub/dir/file.bin");
-    client.copy_file(&local, dest.to_str().unwrap(), 0, 0).unwrap();
+    client
+        .copy_file(&local, dest.to_str().unwrap(), 0, 0)
+        .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
-    assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o7777, 0o640);
+    assert_eq!(
+        std::fs::metadata(&dest).unwrap().permissions().mode() & 0o7777,
+        0o640
+    );
     assert!(!dir.0.join("new/sub/dir/.file.bin.osb-copy").exists());
 
     // Chunk by chunk: nothing at the destination until the last chunk arrives.
@@ -339,12 +403,20 @@ fn copy_file_chunks_temp_rename_and_refusals() {
     assert_eq!(std::fs::read(&target).unwrap(), b"0123456789");
     assert!(!dir.0.join(".partial.txt.osb-copy").exists());
     // Past file_size, or a later chunk without a copy in progress.
-    assert_eq!(code_of(svc.copy_file(ctx(), &chunk(8, b"xyz")).map_err(Error::from)), Code::INVALID_ARGUMENT);
-    assert_eq!(code_of(svc.copy_file(ctx(), &chunk(5, b"x")).map_err(Error::from)), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code_of(svc.copy_file(ctx(), &chunk(8, b"xyz")).map_err(Error::from)),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code_of(svc.copy_file(ctx(), &chunk(5, b"x")).map_err(Error::from)),
+        Code::FAILED_PRECONDITION
+    );
 
     // Empty files, directories and symlinks.
     let empty = dir.0.join("empty");
-    client.copy_bytes(b"", empty.to_str().unwrap(), 0o600, 0, 0).unwrap();
+    client
+        .copy_bytes(b"", empty.to_str().unwrap(), 0o600, 0, 0)
+        .unwrap();
     assert_eq!(std::fs::read(&empty).unwrap(), b"");
     let mut mkdir = chunk(0, b"");
     mkdir.path = dir.0.join("a-dir").to_str().unwrap().into();
@@ -357,18 +429,29 @@ fn copy_file_chunks_temp_rename_and_refusals() {
     link.file_mode = 0o120777;
     link.file_size = 5;
     svc.copy_file(ctx(), &link).unwrap();
-    assert_eq!(std::fs::read_link(dir.0.join("a-link")).unwrap(), Path::new("a-dir"));
+    assert_eq!(
+        std::fs::read_link(dir.0.join("a-link")).unwrap(),
+        Path::new("a-dir")
+    );
 
     // Relative paths and `..` are refused.
     let escape = format!("{}/../escape", dir.0.display());
     for bad in [escape.as_str(), "relative/path", "/"] {
-        assert_eq!(code_of(client.copy_bytes(b"x", bad, 0o644, 0, 0)), Code::INVALID_ARGUMENT, "{bad}");
+        assert_eq!(
+            code_of(client.copy_bytes(b"x", bad, 0o644, 0, 0)),
+            Code::INVALID_ARGUMENT,
+            "{bad}"
+        );
     }
     assert!(!dir.0.parent().unwrap().join("escape").exists());
 }
 
 /// A raw ttrpc request through the `ttrpc` crate's client.
-fn raw_request(client: &Client, service: &str, method: &str) -> Result<ttrpc::Response, ttrpc::Error> {
+fn raw_request(
+    client: &Client,
+    service: &str,
+    method: &str,
+) -> Result<ttrpc::Response, ttrpc::Error> {
     let mut req = ttrpc::Request::new();
     req.service = service.into();
     req.method = method.into();
@@ -381,7 +464,11 @@ fn unknown_methods_are_unimplemented() {
     let agent = Agent::start();
     let client = agent.client();
     for (service, method, message) in [
-        ("grpc.AgentService", "CreateContainer", "method CreateContainer"),
+        (
+            "grpc.AgentService",
+            "CreateContainer",
+            "method CreateContainer",
+        ),
         ("grpc.AgentService", "NoSuchMethod", "method NoSuchMethod"),
         ("grpc.NoSuchService", "Check", "service grpc.NoSuchService"),
     ] {
@@ -462,7 +549,8 @@ fn frames_match_the_ttrpc_spec_byte_for_byte() {
             2, // type: response
             0, // flags
             0x0a, 0x00, // Response.status (1): Status { code: OK }
-            0x12, 0x02, 0x08, 0x01, // Response.payload (2): HealthCheckResponse { status: SERVING }
+            0x12, 0x02, 0x08,
+            0x01, // Response.payload (2): HealthCheckResponse { status: SERVING }
         ]
     );
 }
@@ -576,10 +664,21 @@ fn concurrent_execs_all_complete() {
     let threads: Vec<_> = (0..20)
         .map(|i| {
             // Half share one connection, half have their own.
-            let client = if i % 2 == 0 { shared.clone() } else { agent.client() };
+            let client = if i % 2 == 0 {
+                shared.clone()
+            } else {
+                agent.client()
+            };
             std::thread::spawn(move || {
                 let out = client
-                    .exec(&spec(&["sh", "-c", &format!("sleep 0.2; echo {i}; echo e{i} >&2; exit {}", i % 5)]), b"")
+                    .exec(
+                        &spec(&[
+                            "sh",
+                            "-c",
+                            &format!("sleep 0.2; echo {i}; echo e{i} >&2; exit {}", i % 5),
+                        ]),
+                        b"",
+                    )
                     .unwrap();
                 assert_eq!(out.stdout, format!("{i}\n").into_bytes());
                 assert_eq!(out.stderr, format!("e{i}\n").into_bytes());
@@ -599,13 +698,19 @@ fn resources_and_guest_details() {
     let client = agent.client();
     let res = client.resources().unwrap();
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    assert_eq!(res.cpus_online, osb_agent::resources::count_cpu_list(&online));
+    assert_eq!(
+        res.cpus_online,
+        osb_agent::resources::count_cpu_list(&online)
+    );
     // SAFETY: sysconf has no preconditions.
     let nproc = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     assert_eq!(i64::from(res.cpus_online), nproc as i64);
     assert!(res.mem_total_bytes > 0 && res.mem_available_bytes <= res.mem_total_bytes);
     let text = client.metrics().unwrap();
-    assert!(text.contains(&format!("osb_guest_cpus_online {}", res.cpus_online)), "{text}");
+    assert!(
+        text.contains(&format!("osb_guest_cpus_online {}", res.cpus_online)),
+        "{text}"
+    );
 
     let details = client.guest_details().unwrap();
     let expected = std::fs::read_to_string("/sys/devices/system/memory/block_size_bytes")
@@ -619,8 +724,14 @@ fn resources_and_guest_details() {
         Path::new("/sys/devices/system/memory/probe").exists()
     );
     // Bad times are refused before the clock is touched.
-    let req = osb_agent::proto::agent::SetGuestDateTimeRequest { Sec: 1, Usec: 5_000_000, ..Default::default() };
-    let r = client.agent_service().set_guest_date_time(ttrpc::context::with_duration(TIMEOUT), &req);
+    let req = osb_agent::proto::agent::SetGuestDateTimeRequest {
+        Sec: 1,
+        Usec: 5_000_000,
+        ..Default::default()
+    };
+    let r = client
+        .agent_service()
+        .set_guest_date_time(ttrpc::context::with_duration(TIMEOUT), &req);
     assert_eq!(code_of(r.map_err(Error::from)), Code::INVALID_ARGUMENT);
 }
 
@@ -634,21 +745,50 @@ fn workload_events_and_destroy_sandbox() {
     // SAFETY: fds has room for the two descriptors.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     let init_pid = init.id().to_string();
-    let agent = Agent::start_with(&["--workload-fd", "3", "--init-pid", &init_pid], Some(fds[0]));
+    let agent = Agent::start_with(
+        &["--workload-fd", "3", "--init-pid", &init_pid],
+        Some(fds[0]),
+    );
     // SAFETY: the read end now lives in the agent; the write end is ours.
     unsafe { libc::close(fds[0]) };
     let mut events = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
     let client = agent.client();
-    let w = ProcessId { container_id: "workload".into(), exec_id: String::new() };
+    let w = ProcessId {
+        container_id: "workload".into(),
+        exec_id: String::new(),
+    };
 
-    assert_eq!(code_of(client.wait_timeout(&w, Duration::from_millis(100))), Code::NOT_FOUND);
-    writeln!(events, "{{\"event\":\"started\",\"pid\":{}}}", workload.id()).unwrap();
-    wait_until("the started event", || client.wait_timeout(&w, Duration::from_millis(50)).is_err_and(|e| e.code() == Some(Code::DEADLINE_EXCEEDED)));
-    assert_eq!(code_of(client.read_stream(&w, true, 10)), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code_of(client.wait_timeout(&w, Duration::from_millis(100))),
+        Code::NOT_FOUND
+    );
+    writeln!(
+        events,
+        "{{\"event\":\"started\",\"pid\":{}}}",
+        workload.id()
+    )
+    .unwrap();
+    wait_until("the started event", || {
+        client
+            .wait_timeout(&w, Duration::from_millis(50))
+            .is_err_and(|e| e.code() == Some(Code::DEADLINE_EXCEEDED))
+    });
+    assert_eq!(
+        code_of(client.read_stream(&w, true, 10)),
+        Code::FAILED_PRECONDITION
+    );
     client.signal(&w, libc::SIGTERM).unwrap();
     let status = workload.wait().unwrap();
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM));
-    writeln!(events, "{{\"event\":\"exited\",\"pid\":{},\"code\":143}}", workload.id()).unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGTERM)
+    );
+    writeln!(
+        events,
+        "{{\"event\":\"exited\",\"pid\":{},\"code\":143}}",
+        workload.id()
+    )
+    .unwrap();
     let waiter = {
         let client = client.clone();
         let w = w.clone();
@@ -662,7 +802,10 @@ fn workload_events_and_destroy_sandbox() {
     client.destroy_sandbox().unwrap();
     assert_eq!(client.wait(&id).unwrap(), 137);
     let status = init.wait().unwrap();
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGUSR2));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGUSR2)
+    );
 }
 
 /// The workload's other name: exec id "workload".
@@ -670,7 +813,10 @@ struct WorkloadAlias;
 
 impl WorkloadAlias {
     fn id() -> ProcessId {
-        ProcessId { container_id: "workload".into(), exec_id: "workload".into() }
+        ProcessId {
+            container_id: "workload".into(),
+            exec_id: "workload".into(),
+        }
     }
 }
 
@@ -706,10 +852,19 @@ fn hybrid_vsock_handshake() {
             });
         }
     });
-    let endpoint = Endpoint::HybridVsock { path: hv.clone(), port: 1024 };
+    let endpoint = Endpoint::HybridVsock {
+        path: hv.clone(),
+        port: 1024,
+    };
     let client = Client::connect(&endpoint, TIMEOUT).unwrap();
     assert!(client.check().unwrap());
-    assert_eq!(client.exec(&spec(&["echo", "via hvsock"]), b"").unwrap().stdout, b"via hvsock\n");
+    assert_eq!(
+        client
+            .exec(&spec(&["echo", "via hvsock"]), b"")
+            .unwrap()
+            .stdout,
+        b"via hvsock\n"
+    );
 
     let wrong = Endpoint::HybridVsock { path: hv, port: 9 };
     match Client::connect(&wrong, TIMEOUT) {

@@ -125,6 +125,9 @@ pub struct BootArgs {
     /// Stay up after the health check until the guest powers off (Ctrl-C kills it).
     #[arg(long)]
     keep: bool,
+    /// Print one JSON line with the timings and the agent's RSS.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     process: ProcessArgs,
 }
@@ -221,9 +224,27 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     let mut vm = Vm::start(&cfg)?;
     let endpoint = Endpoint::HybridVsock { path: vm.vsock_socket.clone(), port: args.port };
     let client = vm.wait_for_agent(args.port, Duration::from_secs(args.timeout))?;
+    let health_seconds = vm.started.elapsed().as_secs_f64();
+    if args.json {
+        // From the agent's own metrics: its RSS and the guest uptime when it
+        // started listening.
+        let metrics = client.metrics().unwrap_or_default();
+        let metric = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()));
+        println!(
+            "{}",
+            serde_json::json!({
+                "health_seconds": health_seconds,
+                "accel": vm.accel,
+                "machine": format!("{:?}", args.machine).to_lowercase(),
+                "agent_rss_bytes": metric("osb_agent_rss_bytes"),
+                "agent_ready_uptime_seconds": metric("osb_agent_ready_uptime_seconds"),
+                "guest_memory_total_bytes": metric("osb_guest_memory_total_bytes"),
+            })
+        );
+    }
     eprintln!(
         "osbuilder: agent healthy {:.2}s after QEMU start ({}, {:?}); agent {endpoint}; console {}",
-        vm.started.elapsed().as_secs_f64(),
+        health_seconds,
         vm.accel,
         args.machine,
         vm.console.display()

@@ -39,6 +39,8 @@ pub enum Section {
     Initrd,
     /// Guest kernel build and boot, ours vs Debian's cloud kernel.
     Kernel,
+    /// Init + agent sizes, agent RSS, time to agent health.
+    Guest,
 }
 
 /// A docker-registry on a free loopback port, killed on drop.
@@ -127,6 +129,11 @@ impl Bench {
         if wants(Section::Kernel) {
             let work = tempdir()?;
             crate::bench_kernel::run(&osbuilder, &work, self.runs, !self.skip_cold_kernel)?;
+            std::fs::remove_dir_all(&work)?;
+        }
+        if wants(Section::Guest) {
+            let work = tempdir()?;
+            crate::bench_guest::run(&osbuilder, &work, self.runs)?;
             std::fs::remove_dir_all(&work)?;
         }
         Ok(())

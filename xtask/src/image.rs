@@ -42,6 +42,9 @@ pub struct BuildImage {
     /// gzip, zstd or none.
     #[arg(long, default_value = "gzip")]
     compress: String,
+    /// Leave out our init (osb-init at /init with the image's run config).
+    #[arg(long)]
+    no_init: bool,
     /// Extra arguments for `osbuilder initrd` (e.g. --add SRC:DEST).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     extra: Vec<String>,
@@ -61,13 +64,15 @@ impl BuildImage {
         let output = self.output.unwrap_or_else(|| target_dir().join(format!("guest/initrd-debian-bookworm.cpio{ext}")));
         std::fs::create_dir_all(output.parent().expect("has a parent"))?;
         let report = output.with_extension("report.json");
-        Cmd::new(osbuilder_binary()?)
+        let mut cmd = Cmd::new(osbuilder_binary()?)
             .args(["initrd", "--image", &image, "--compress", &self.compress, "-o"])
             .arg(&output)
             .arg("--report")
-            .arg(&report)
-            .args(self.extra)
-            .run()?;
+            .arg(&report);
+        if !self.no_init {
+            cmd = cmd.arg("--init").arg(crate::util::guest_init_binary()?);
+        }
+        cmd.args(self.extra).run()?;
         eprintln!("xtask: initrd at {}, build report at {}", output.display(), report.display());
         Ok(())
     }

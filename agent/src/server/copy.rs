@@ -24,7 +24,12 @@ const S_IFREG: u32 = libc::S_IFREG;
 
 /// The destination, checked: absolute, no `..`, not `/`.
 pub fn checked_path(path: &str) -> ttrpc::Result<PathBuf> {
-    let bad = |why: &str| status(Code::INVALID_ARGUMENT, format!("CopyFile path {path:?}: {why}"));
+    let bad = |why: &str| {
+        status(
+            Code::INVALID_ARGUMENT,
+            format!("CopyFile path {path:?}: {why}"),
+        )
+    };
     if path.contains('\0') {
         return Err(bad("contains a NUL byte"));
     }
@@ -43,7 +48,10 @@ pub fn checked_path(path: &str) -> ttrpc::Result<PathBuf> {
 
 /// The temporary name a copy to `path` is written under.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.osb-copy"))
 }
 
@@ -62,7 +70,11 @@ pub fn copy_file(req: &CopyFileRequest) -> ttrpc::Result<()> {
     let mode = req.file_mode & 0o7777;
     if let Some(parent) = path.parent() {
         if !parent.is_dir() {
-            let dir_mode = if req.dir_mode == 0 { 0o755 } else { req.dir_mode & 0o7777 };
+            let dir_mode = if req.dir_mode == 0 {
+                0o755
+            } else {
+                req.dir_mode & 0o7777
+            };
             DirBuilder::new()
                 .recursive(true)
                 .mode(dir_mode)
@@ -79,17 +91,23 @@ pub fn copy_file(req: &CopyFileRequest) -> ttrpc::Result<()> {
             }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| io_status(&format!("chmod {}", path.display()), &e))?;
-            sys::lchown(&path, uid, gid).map_err(|e| io_status(&format!("chown {}", path.display()), &e))
+            sys::lchown(&path, uid, gid)
+                .map_err(|e| io_status(&format!("chown {}", path.display()), &e))
         }
         S_IFLNK => {
             let target = std::str::from_utf8(&req.data)
                 .map_err(|_| status(Code::INVALID_ARGUMENT, "symbolic link target is not UTF-8"))?;
-            if path.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
-                std::fs::remove_file(&path).map_err(|e| io_status(&format!("unlink {}", path.display()), &e))?;
+            if path
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+            {
+                std::fs::remove_file(&path)
+                    .map_err(|e| io_status(&format!("unlink {}", path.display()), &e))?;
             }
             std::os::unix::fs::symlink(target, &path)
                 .map_err(|e| io_status(&format!("symlink {}", path.display()), &e))?;
-            sys::lchown(&path, uid, gid).map_err(|e| io_status(&format!("chown {}", path.display()), &e))
+            sys::lchown(&path, uid, gid)
+                .map_err(|e| io_status(&format!("chown {}", path.display()), &e))
         }
         0 | S_IFREG => copy_chunk(req, &path, mode, uid, gid),
         other => Err(status(
@@ -99,9 +117,17 @@ pub fn copy_file(req: &CopyFileRequest) -> ttrpc::Result<()> {
     }
 }
 
-fn copy_chunk(req: &CopyFileRequest, path: &Path, mode: u32, uid: u32, gid: u32) -> ttrpc::Result<()> {
-    let size = u64::try_from(req.file_size).map_err(|_| status(Code::INVALID_ARGUMENT, "negative file_size"))?;
-    let offset = u64::try_from(req.offset).map_err(|_| status(Code::INVALID_ARGUMENT, "negative offset"))?;
+fn copy_chunk(
+    req: &CopyFileRequest,
+    path: &Path,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> ttrpc::Result<()> {
+    let size = u64::try_from(req.file_size)
+        .map_err(|_| status(Code::INVALID_ARGUMENT, "negative file_size"))?;
+    let offset =
+        u64::try_from(req.offset).map_err(|_| status(Code::INVALID_ARGUMENT, "negative offset"))?;
     let end = offset
         .checked_add(req.data.len() as u64)
         .filter(|end| *end <= size)
@@ -125,7 +151,10 @@ fn copy_chunk(req: &CopyFileRequest, path: &Path, mode: u32, uid: u32, gid: u32)
         if offset > 0 && e.kind() == std::io::ErrorKind::NotFound {
             status(
                 Code::FAILED_PRECONDITION,
-                format!("chunk at offset {offset} for {} but no copy in progress (send offset 0 first)", path.display()),
+                format!(
+                    "chunk at offset {offset} for {} but no copy in progress (send offset 0 first)",
+                    path.display()
+                ),
             )
         } else {
             io_status(&format!("open {}", temp.display()), &e)
@@ -143,9 +172,11 @@ fn copy_chunk(req: &CopyFileRequest, path: &Path, mode: u32, uid: u32, gid: u32)
     }
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_status(&format!("chmod {}", temp.display()), &e))?;
-    sys::lchown(&temp, uid, gid).map_err(|e| io_status(&format!("chown {}", temp.display()), &e))?;
+    sys::lchown(&temp, uid, gid)
+        .map_err(|e| io_status(&format!("chown {}", temp.display()), &e))?;
     drop(file);
-    std::fs::rename(&temp, path).map_err(|e| io_status(&format!("rename to {}", path.display()), &e))
+    std::fs::rename(&temp, path)
+        .map_err(|e| io_status(&format!("rename to {}", path.display()), &e))
 }
 
 #[cfg(test)]
@@ -159,6 +190,9 @@ mod tests {
         for bad in ["etc/x", "/etc/../x", "/..", "/", "", "/a\0b"] {
             assert!(checked_path(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(temp_path(Path::new("/a/b.txt")), PathBuf::from("/a/.b.txt.osb-copy"));
+        assert_eq!(
+            temp_path(Path::new("/a/b.txt")),
+            PathBuf::from("/a/.b.txt.osb-copy")
+        );
     }
 }

@@ -90,7 +90,10 @@ impl Parser<'_> {
                     'f' => s.push('\u{c}'),
                     'u' => {
                         let hex: String = (0..4).filter_map(|_| self.next()).collect();
-                        s.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('\u{fffd}'));
+                        s.push(
+                            char::from_u32(u32::from_str_radix(&hex, 16).ok()?)
+                                .unwrap_or('\u{fffd}'),
+                        );
                     }
                     c => s.push(c),
                 },
@@ -129,7 +132,9 @@ pub enum Event {
 pub fn parse_event(line: &str) -> Option<Event> {
     let obj = parse_flat_object(line)?;
     let int = |key: &str| match obj.get(key) {
-        Some(Value::Num(n)) if n.fract() == 0.0 && *n >= f64::from(i32::MIN) && *n <= f64::from(i32::MAX) => {
+        Some(Value::Num(n))
+            if n.fract() == 0.0 && *n >= f64::from(i32::MIN) && *n <= f64::from(i32::MAX) =>
+        {
             Some(*n as i32)
         }
         _ => None,
@@ -174,7 +179,10 @@ mod tests {
     #[test]
     fn events() {
         for (line, event) in [
-            (r#"{"event":"started","pid":123}"#, Some(Event::Started { pid: 123 })),
+            (
+                r#"{"event":"started","pid":123}"#,
+                Some(Event::Started { pid: 123 }),
+            ),
             (
                 r#" { "pid" : 7, "event" : "exited", "code" : 137 } "#,
                 Some(Event::Exited { pid: 7, code: 137 }),
@@ -183,7 +191,10 @@ mod tests {
             (r#"{"event":"paused","pid":7}"#, None),
             (r#"{"event":"started","pid":1.5}"#, None),
             (r#"{"event":"started","pid":1,"extra":[1]}"#, None),
-            (r#"{"event":"started","pid":1,"x":null,"y":true,"z":"a\"b\u0041"}"#, Some(Event::Started { pid: 1 })),
+            (
+                r#"{"event":"started","pid":1,"x":null,"y":true,"z":"a\"b\u0041"}"#,
+                Some(Event::Started { pid: 1 }),
+            ),
             ("not json", None),
             (r#"{"event":"started","pid":1} trailing"#, None),
         ] {

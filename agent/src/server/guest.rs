@@ -16,7 +16,9 @@ pub struct Sysfs {
 
 impl Default for Sysfs {
     fn default() -> Sysfs {
-        Sysfs { root: PathBuf::from("/sys") }
+        Sysfs {
+            root: PathBuf::from("/sys"),
+        }
     }
 }
 
@@ -36,8 +38,14 @@ impl Sysfs {
     /// memory hotplug.
     pub fn mem_block_size(&self) -> ttrpc::Result<u64> {
         match std::fs::read_to_string(self.memory().join("block_size_bytes")) {
-            Ok(text) => u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)
-                .map_err(|_| status(Code::INTERNAL, format!("bad memory block size {:?}", text.trim()))),
+            Ok(text) => {
+                u64::from_str_radix(text.trim().trim_start_matches("0x"), 16).map_err(|_| {
+                    status(
+                        Code::INTERNAL,
+                        format!("bad memory block size {:?}", text.trim()),
+                    )
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(io_status("read block_size_bytes", &e)),
         }
@@ -98,7 +106,10 @@ impl Sysfs {
         }
         Err(status(
             Code::INTERNAL,
-            format!("only {} of {target} CPUs could be onlined", self.online_cpu_count()),
+            format!(
+                "only {} of {target} CPUs could be onlined",
+                self.online_cpu_count()
+            ),
         ))
     }
 
@@ -106,7 +117,8 @@ impl Sysfs {
     pub fn online_memory(&self) -> ttrpc::Result<()> {
         for (_, file) in Self::online_files(&self.memory(), "memory") {
             if file.exists() && !Self::is_online(&file) {
-                std::fs::write(&file, "1").map_err(|e| io_status(&format!("online {}", file.display()), &e))?;
+                std::fs::write(&file, "1")
+                    .map_err(|e| io_status(&format!("online {}", file.display()), &e))?;
             }
         }
         Ok(())
@@ -116,10 +128,16 @@ impl Sysfs {
 /// SetGuestDateTime: seconds and microseconds since the epoch.
 pub fn set_date_time(sec: i64, usec: i64) -> ttrpc::Result<()> {
     if !(0..1_000_000).contains(&usec) {
-        return Err(status(Code::INVALID_ARGUMENT, format!("Usec {usec} is not in 0..1000000")));
+        return Err(status(
+            Code::INVALID_ARGUMENT,
+            format!("Usec {usec} is not in 0..1000000"),
+        ));
     }
     if sec < 0 {
-        return Err(status(Code::INVALID_ARGUMENT, format!("Sec {sec} is before 1970")));
+        return Err(status(
+            Code::INVALID_ARGUMENT,
+            format!("Sec {sec} is before 1970"),
+        ));
     }
     sys::set_realtime(sec, usec * 1000).map_err(|e| io_status("clock_settime", &e))
 }
@@ -163,7 +181,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&cpu3).unwrap(), "0");
         sys.online_cpus(2).unwrap(); // already there
         sys.online_memory().unwrap();
-        assert_eq!(std::fs::read_to_string(sys.memory().join("memory1/online")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(sys.memory().join("memory1/online")).unwrap(),
+            "1"
+        );
         std::fs::remove_dir_all(&sys.root).unwrap();
     }
 

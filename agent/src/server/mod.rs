@@ -78,12 +78,17 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
         let cid = if cid == "-1" {
             libc::VMADDR_CID_ANY
         } else {
-            cid.parse().map_err(|_| format!("--listen {s:?}: bad CID"))?
+            cid.parse()
+                .map_err(|_| format!("--listen {s:?}: bad CID"))?
         };
-        let port = port.parse().map_err(|_| format!("--listen {s:?}: bad port"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("--listen {s:?}: bad port"))?;
         return Ok(ListenAddr::Vsock { cid, port });
     }
-    Err(format!("--listen {s:?}: use unix:///PATH or vsock://CID:PORT"))
+    Err(format!(
+        "--listen {s:?}: use unix:///PATH or vsock://CID:PORT"
+    ))
 }
 
 /// Parses the arguments after argv[0] (a leading `agent` word is skipped, for an
@@ -108,7 +113,9 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
         match flag {
             "--port" => {
                 let port = value()?;
-                let port = port.parse().map_err(|_| format!("--port {port:?} is not a port number"))?;
+                let port = port
+                    .parse()
+                    .map_err(|_| format!("--port {port:?} is not a port number"))?;
                 opts.listen = ListenAddr::Vsock {
                     cid: libc::VMADDR_CID_ANY,
                     port,
@@ -117,12 +124,10 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
             "--listen" => opts.listen = parse_listen(&value()?)?,
             "--workload-fd" => {
                 let fd = value()?;
-                opts.workload_fd = Some(
-                    fd.parse()
-                        .ok()
-                        .filter(|n: &i32| *n >= 0)
-                        .ok_or_else(|| format!("--workload-fd {fd:?} is not a descriptor number"))?,
-                );
+                opts.workload_fd =
+                    Some(fd.parse().ok().filter(|n: &i32| *n >= 0).ok_or_else(|| {
+                        format!("--workload-fd {fd:?} is not a descriptor number")
+                    })?);
             }
             "--init-pid" => {
                 let pid = value()?;
@@ -211,15 +216,20 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
             }) {
                 let _ = std::fs::remove_file(path);
             }
-            let l = std::os::unix::net::UnixListener::bind(path)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("listen on {}: {e}", path.display())))?;
+            let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("listen on {}: {e}", path.display()))
+            })?;
+            let _ = READY_UPTIME.set(guest_uptime());
             eprintln!("osb-agent: listening on unix://{}", path.display());
             rpc::Listener::Unix(l)
         }
         ListenAddr::Vsock { cid, port } => {
-            let fd = sys::vsock_listen(*cid, *port, 128)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("listen on vsock port {port}: {e}")))?;
-            eprintln!("osb-agent: listening on vsock port {port}");
+            let fd = sys::vsock_listen(*cid, *port, 128).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("listen on vsock port {port}: {e}"))
+            })?;
+            let up = guest_uptime();
+            let _ = READY_UPTIME.set(up);
+            eprintln!("osb-agent: listening on vsock port {port} (guest uptime {up:.2}s)");
             rpc::Listener::Vsock(fd)
         }
     };
@@ -258,14 +268,46 @@ mod tests {
             }
         );
         assert_eq!(
-            parse_args(&args("--listen vsock://-1:1024")).unwrap().listen,
+            parse_args(&args("--listen vsock://-1:1024"))
+                .unwrap()
+                .listen,
             ListenAddr::Vsock {
                 cid: libc::VMADDR_CID_ANY,
                 port: 1024
             }
         );
-        for bad in ["--port", "--port x", "--bogus", "--listen tcp://x", "--workload-fd -1", "--help"] {
+        for bad in [
+            "--port",
+            "--port x",
+            "--bogus",
+            "--listen tcp://x",
+            "--workload-fd -1",
+            "--help",
+        ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad}");
         }
     }
+}
+
+/// The guest's uptime when this agent started listening.
+static READY_UPTIME: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// Seconds since boot (`/proc/uptime`), 0 when unreadable.
+fn guest_uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime").ok().and_then(|t| t.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
+}
+
+/// The agent's own gauges, appended to the resource report: its resident
+/// memory and when it became ready.
+pub(crate) fn agent_metrics() -> String {
+    let rss_kib: u64 = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())))
+        .unwrap_or(0);
+    let ready = READY_UPTIME.get().copied().unwrap_or(0.0);
+    format!(
+        "# HELP osb_agent_rss_bytes Resident memory of the agent process.\n# TYPE osb_agent_rss_bytes gauge\nosb_agent_rss_bytes {}\n\
+         # HELP osb_agent_ready_uptime_seconds Guest uptime when the agent started listening.\n# TYPE osb_agent_ready_uptime_seconds gauge\nosb_agent_ready_uptime_seconds {ready:.3}\n",
+        rss_kib * 1024
+    )
 }

@@ -18,7 +18,10 @@ fn family_from_proto(f: protobuf::EnumOrUnknown<IPFamily>) -> ttrpc::Result<Fami
     match f.enum_value() {
         Ok(IPFamily::v4) => Ok(Family::V4),
         Ok(IPFamily::v6) => Ok(Family::V6),
-        Err(n) => Err(status(Code::INVALID_ARGUMENT, format!("unknown IP family {n}"))),
+        Err(n) => Err(status(
+            Code::INVALID_ARGUMENT,
+            format!("unknown IP family {n}"),
+        )),
     }
 }
 
@@ -50,7 +53,11 @@ pub fn iface_to_proto(i: &Iface) -> Interface {
             .collect(),
         mtu: u64::from(i.mtu),
         hwAddr: i.mac.clone(),
-        raw_flags: if i.up { (libc::IFF_UP | libc::IFF_RUNNING) as u32 } else { 0 },
+        raw_flags: if i.up {
+            (libc::IFF_UP | libc::IFF_RUNNING) as u32
+        } else {
+            0
+        },
         ..Default::default()
     }
 }
@@ -67,11 +74,12 @@ pub fn update_from_proto(i: &Interface) -> ttrpc::Result<IfaceUpdate> {
             let max = if family == Family::V4 { 32 } else { 128 };
             let prefix_len = match a.mask.trim() {
                 "" => max,
-                m => m
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|p| *p <= max)
-                    .ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("bad prefix length {m:?} for {}", a.address)))?,
+                m => m.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                    status(
+                        Code::INVALID_ARGUMENT,
+                        format!("bad prefix length {m:?} for {}", a.address),
+                    )
+                })?,
             };
             Ok(Addr {
                 family,
@@ -82,11 +90,21 @@ pub fn update_from_proto(i: &Interface) -> ttrpc::Result<IfaceUpdate> {
         .collect::<ttrpc::Result<Vec<Addr>>>()?;
     let mtu = match i.mtu {
         0 => None,
-        m => Some(u32::try_from(m).map_err(|_| status(Code::INVALID_ARGUMENT, format!("MTU {m} is too large")))?),
+        m => Some(
+            u32::try_from(m)
+                .map_err(|_| status(Code::INVALID_ARGUMENT, format!("MTU {m} is too large")))?,
+        ),
     };
-    let name = if !i.name.is_empty() { i.name.clone() } else { i.device.clone() };
+    let name = if !i.name.is_empty() {
+        i.name.clone()
+    } else {
+        i.device.clone()
+    };
     if name.is_empty() && i.hwAddr.is_empty() {
-        return Err(status(Code::INVALID_ARGUMENT, "the interface has neither a name nor a hwAddr"));
+        return Err(status(
+            Code::INVALID_ARGUMENT,
+            "the interface has neither a name nor a hwAddr",
+        ));
     }
     Ok(IfaceUpdate {
         name,
@@ -115,7 +133,12 @@ pub fn route_from_proto(r: &Route) -> ttrpc::Result<RouteEntry> {
         gateway: r.gateway.clone(),
         device: r.device.clone(),
         source: r.source.clone(),
-        scope: u8::try_from(r.scope).map_err(|_| status(Code::INVALID_ARGUMENT, format!("scope {} is out of range", r.scope)))?,
+        scope: u8::try_from(r.scope).map_err(|_| {
+            status(
+                Code::INVALID_ARGUMENT,
+                format!("scope {} is out of range", r.scope),
+            )
+        })?,
         family: family_from_proto(r.family)?,
     })
 }
@@ -142,7 +165,10 @@ pub fn list_routes() -> ttrpc::Result<Vec<Route>> {
 }
 
 pub fn update_routes(routes: &[Route]) -> ttrpc::Result<Vec<Route>> {
-    let want = routes.iter().map(route_from_proto).collect::<ttrpc::Result<Vec<_>>>()?;
+    let want = routes
+        .iter()
+        .map(route_from_proto)
+        .collect::<ttrpc::Result<Vec<_>>>()?;
     let got = net::update_routes(&want).map_err(|e| net_status("update routes", &e))?;
     Ok(got.iter().map(route_to_proto).collect())
 }

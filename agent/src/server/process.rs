@@ -87,7 +87,10 @@ pub struct Proc {
 impl Proc {
     fn drained(&self) -> bool {
         self.stdout.eof.load(Ordering::SeqCst)
-            && self.stderr.as_ref().is_none_or(|s| s.eof.load(Ordering::SeqCst))
+            && self
+                .stderr
+                .as_ref()
+                .is_none_or(|s| s.eof.load(Ordering::SeqCst))
     }
 }
 
@@ -205,7 +208,9 @@ impl Table {
         procs.retain(|_, p| {
             let st = lock(&p.state);
             match (st.exited_at, st.waited_at) {
-                (Some(_), Some(waited)) => !p.drained() && now.duration_since(waited) < UNDRAINED_TTL,
+                (Some(_), Some(waited)) => {
+                    !p.drained() && now.duration_since(waited) < UNDRAINED_TTL
+                }
                 (Some(exited), None) => now.duration_since(exited) < UNWAITED_TTL,
                 _ => true,
             }
@@ -226,10 +231,16 @@ impl Table {
     /// ExecProcess.
     pub fn exec(&self, container_id: &str, exec_id: &str, spec: SpawnSpec) -> ttrpc::Result<()> {
         if container_id.is_empty() || exec_id.is_empty() {
-            return Err(status(Code::INVALID_ARGUMENT, "container_id and exec_id must not be empty"));
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "container_id and exec_id must not be empty",
+            ));
         }
         if container_id.len() > 256 || exec_id.len() > 256 {
-            return Err(status(Code::INVALID_ARGUMENT, "container_id and exec_id are limited to 256 bytes"));
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "container_id and exec_id are limited to 256 bytes",
+            ));
         }
         if spec.args.is_empty() || spec.args[0].is_empty() {
             return Err(status(Code::INVALID_ARGUMENT, "process.Args is empty"));
@@ -238,10 +249,13 @@ impl Table {
         // The table stays locked while the child is spawned: the key is checked and
         // taken atomically, and a spawn is only a fork and an exec.
         let mut procs = lock(&self.procs);
-        if procs.contains_key(&key) || (is_workload(container_id, exec_id) && self.workload.known()) {
+        if procs.contains_key(&key) || (is_workload(container_id, exec_id) && self.workload.known())
+        {
             return Err(status(
                 Code::ALREADY_EXISTS,
-                format!("a process with container id {container_id:?} and exec id {exec_id:?} exists"),
+                format!(
+                    "a process with container id {container_id:?} and exec id {exec_id:?} exists"
+                ),
             ));
         }
         Self::collect_garbage(&mut procs);
@@ -274,11 +288,19 @@ impl Table {
         let signal = i32::try_from(signal)
             .ok()
             .filter(|s| *s <= 64)
-            .ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("bad signal number {signal}")))?;
+            .ok_or_else(|| {
+                status(
+                    Code::INVALID_ARGUMENT,
+                    format!("bad signal number {signal}"),
+                )
+            })?;
         if exec_id.is_empty() && !is_workload(container_id, exec_id) {
             let procs = self.of_container(container_id);
             if procs.is_empty() {
-                return Err(status(Code::NOT_FOUND, format!("no process in container {container_id:?}")));
+                return Err(status(
+                    Code::NOT_FOUND,
+                    format!("no process in container {container_id:?}"),
+                ));
             }
             for p in procs {
                 signal_proc(&p, signal)?;
@@ -291,7 +313,9 @@ impl Table {
                 let st = lock(&self.workload.state);
                 match (st.pid, st.exit) {
                     (Some(pid), None) => match sys::kill(pid, signal) {
-                        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => Err(io_status("kill the workload", &e)),
+                        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                            Err(io_status("kill the workload", &e))
+                        }
                         _ => Ok(()),
                     },
                     _ => Ok(()),
@@ -342,7 +366,14 @@ impl Table {
 
     /// ReadStdout (`stdout`) or ReadStderr: up to `len` bytes, blocking until there
     /// is output; at end of stream the error status Kata's agent answers.
-    pub fn read(&self, call: &Call<'_>, container_id: &str, exec_id: &str, stdout: bool, len: u32) -> ttrpc::Result<Vec<u8>> {
+    pub fn read(
+        &self,
+        call: &Call<'_>,
+        container_id: &str,
+        exec_id: &str,
+        stdout: bool,
+        len: u32,
+    ) -> ttrpc::Result<Vec<u8>> {
         let p = match self.get(container_id, exec_id)? {
             Target::Exec(p) => p,
             Target::Workload => return Err(workload_stdio()),
@@ -393,14 +424,23 @@ impl Table {
     }
 
     /// WriteStdin: writes all of `data`; the number of bytes written.
-    pub fn write(&self, call: &Call<'_>, container_id: &str, exec_id: &str, data: &[u8]) -> ttrpc::Result<u32> {
+    pub fn write(
+        &self,
+        call: &Call<'_>,
+        container_id: &str,
+        exec_id: &str,
+        data: &[u8],
+    ) -> ttrpc::Result<u32> {
         let p = match self.get(container_id, exec_id)? {
             Target::Exec(p) => p,
             Target::Workload => return Err(workload_stdio()),
         };
         let stdin = lock(&p.stdin);
         let Some(fd) = stdin.as_ref() else {
-            return Err(status(Code::FAILED_PRECONDITION, "stdin of the process is closed"));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "stdin of the process is closed",
+            ));
         };
         let mut written = 0;
         while written < data.len() {
@@ -438,16 +478,27 @@ impl Table {
     }
 
     /// TtyWinResize.
-    pub fn resize(&self, container_id: &str, exec_id: &str, rows: u32, cols: u32) -> ttrpc::Result<()> {
+    pub fn resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> ttrpc::Result<()> {
         let p = match self.get(container_id, exec_id)? {
             Target::Exec(p) => p,
             Target::Workload => return Err(workload_stdio()),
         };
         if !p.tty {
-            return Err(status(Code::FAILED_PRECONDITION, "the process has no terminal"));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "the process has no terminal",
+            ));
         }
-        let rows = u16::try_from(rows).map_err(|_| status(Code::INVALID_ARGUMENT, "row out of range"))?;
-        let cols = u16::try_from(cols).map_err(|_| status(Code::INVALID_ARGUMENT, "column out of range"))?;
+        let rows =
+            u16::try_from(rows).map_err(|_| status(Code::INVALID_ARGUMENT, "row out of range"))?;
+        let cols = u16::try_from(cols)
+            .map_err(|_| status(Code::INVALID_ARGUMENT, "column out of range"))?;
         sys::set_winsize(p.stdout.fd.as_fd(), rows, cols).map_err(|e| io_status("TIOCSWINSZ", &e))
     }
 
@@ -509,7 +560,10 @@ fn start_reaper(p: Arc<Proc>) -> ttrpc::Result<()> {
     if let Err(e) = spawned {
         let _ = sys::kill(pid, libc::SIGKILL);
         let _ = sys::reap(pid);
-        return Err(status(Code::RESOURCE_EXHAUSTED, format!("cannot start a reaper thread: {e}")));
+        return Err(status(
+            Code::RESOURCE_EXHAUSTED,
+            format!("cannot start a reaper thread: {e}"),
+        ));
     }
     Ok(())
 }
@@ -542,9 +596,11 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
     cmd.current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
 
     let pty_master = if spec.tty {
-        let (master, slave) = sys::openpty().map_err(|e| io_status("open a pseudo-terminal", &e))?;
+        let (master, slave) =
+            sys::openpty().map_err(|e| io_status("open a pseudo-terminal", &e))?;
         if let Some((rows, cols)) = spec.tty_size {
-            sys::set_winsize(master.as_fd(), rows, cols).map_err(|e| io_status("TIOCSWINSZ", &e))?;
+            sys::set_winsize(master.as_fd(), rows, cols)
+                .map_err(|e| io_status("TIOCSWINSZ", &e))?;
         }
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| io_status("dup", &e));
         cmd.stdin(Stdio::from(dup(&slave)?));
@@ -616,7 +672,11 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
     };
     // `child` is dropped without waiting: the reaper thread owns the wait.
     drop(child);
-    for fd in stdin_fd.iter().chain([&stdout_stream]).chain(stderr_stream.iter()) {
+    for fd in stdin_fd
+        .iter()
+        .chain([&stdout_stream])
+        .chain(stderr_stream.iter())
+    {
         sys::set_nonblocking(fd.as_fd()).map_err(|e| io_status("O_NONBLOCK", &e))?;
     }
     Ok(Proc {

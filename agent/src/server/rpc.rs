@@ -28,7 +28,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protobuf::Message as _;
-use ttrpc::proto::{MessageHeader, MESSAGE_HEADER_LENGTH, MESSAGE_TYPE_DATA, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE};
+use ttrpc::proto::{
+    MessageHeader, MESSAGE_HEADER_LENGTH, MESSAGE_TYPE_DATA, MESSAGE_TYPE_REQUEST,
+    MESSAGE_TYPE_RESPONSE,
+};
 use ttrpc::{Code, MethodHandler, Request, Response, TtrpcContext};
 
 use super::sys;
@@ -84,7 +87,11 @@ impl Dispatcher {
 
     /// The handler of `service`/`method`, or the UNIMPLEMENTED status Go's ttrpc
     /// answers.
-    fn lookup(&self, service: &str, method: &str) -> Result<&(dyn MethodHandler + Send + Sync), ttrpc::Status> {
+    fn lookup(
+        &self,
+        service: &str,
+        method: &str,
+    ) -> Result<&(dyn MethodHandler + Send + Sync), ttrpc::Status> {
         if let Some(handler) = self.methods.get(&format!("/{service}/{method}")) {
             return Ok(handler.as_ref());
         }
@@ -122,7 +129,8 @@ impl Slot {
             if current >= max {
                 return None;
             }
-            match counter.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst) {
+            match counter.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
                 Ok(_) => return Some(Slot(counter.clone())),
                 Err(now) => current = now,
             }
@@ -358,7 +366,12 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
             MESSAGE_TYPE_REQUEST => {}
             MESSAGE_TYPE_DATA => {
                 // No streaming method is registered: no stream is ever open.
-                send_status(&res_tx, header.stream_id, Code::INVALID_ARGUMENT, "StreamID is no longer active");
+                send_status(
+                    &res_tx,
+                    header.stream_id,
+                    Code::INVALID_ARGUMENT,
+                    "StreamID is no longer active",
+                );
                 continue;
             }
             _ => continue,
@@ -385,7 +398,12 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
         let req = match Request::parse_from_bytes(&payload) {
             Ok(req) => req,
             Err(e) => {
-                send_status(&res_tx, header.stream_id, Code::INVALID_ARGUMENT, format!("bad ttrpc request: {e}"));
+                send_status(
+                    &res_tx,
+                    header.stream_id,
+                    Code::INVALID_ARGUMENT,
+                    format!("bad ttrpc request: {e}"),
+                );
                 continue;
             }
         };
@@ -395,12 +413,23 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
             send_response(&res_tx, header.stream_id, &res);
             continue;
         }
-        let Some(conn_slot) = Slot::take(&conn_inflight, shared.limits.max_inflight_per_connection) else {
-            send_status(&res_tx, header.stream_id, Code::RESOURCE_EXHAUSTED, "too many requests in flight on this connection");
+        let Some(conn_slot) = Slot::take(&conn_inflight, shared.limits.max_inflight_per_connection)
+        else {
+            send_status(
+                &res_tx,
+                header.stream_id,
+                Code::RESOURCE_EXHAUSTED,
+                "too many requests in flight on this connection",
+            );
             continue;
         };
         let Some(global_slot) = Slot::take(&shared.inflight, shared.limits.max_inflight) else {
-            send_status(&res_tx, header.stream_id, Code::RESOURCE_EXHAUSTED, "too many requests in flight");
+            send_status(
+                &res_tx,
+                header.stream_id,
+                Code::RESOURCE_EXHAUSTED,
+                "too many requests in flight",
+            );
             continue;
         };
         let ctx = TtrpcContext {
@@ -429,13 +458,21 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
                     // payload does not decode (Go's ttrpc: INTERNAL).
                     let (code, message) = match e {
                         ttrpc::Error::RpcStatus(s) => (s.code(), s.message),
-                        other => (Code::INTERNAL, format!("ttrpc: error unmarshalling payload: {other}")),
+                        other => (
+                            Code::INTERNAL,
+                            format!("ttrpc: error unmarshalling payload: {other}"),
+                        ),
                     };
                     send_status(&error_tx, stream_id, code, message);
                 }
             });
         if let Err(e) = spawned {
-            send_status(&res_tx, stream_id, Code::RESOURCE_EXHAUSTED, format!("cannot start a handler thread: {e}"));
+            send_status(
+                &res_tx,
+                stream_id,
+                Code::RESOURCE_EXHAUSTED,
+                format!("cannot start a handler thread: {e}"),
+            );
         }
     }
     drop(cancel_tx);

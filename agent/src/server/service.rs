@@ -13,12 +13,15 @@ use super::process::{SpawnSpec, Table};
 use super::{copy, netmap, passwd, sys};
 use crate::proto::agent::{
     AgentDetails, CloseStdinRequest, CopyFileRequest, DestroySandboxRequest, ExecProcessRequest,
-    GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse, Interfaces, ListInterfacesRequest,
-    ListRoutesRequest, Metrics, OnlineCPUMemRequest, ReadStreamRequest, ReadStreamResponse, Routes,
-    SetGuestDateTimeRequest, SignalProcessRequest, TtyWinResizeRequest, UpdateInterfaceRequest,
-    UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
+    GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse, Interfaces,
+    ListInterfacesRequest, ListRoutesRequest, Metrics, OnlineCPUMemRequest, ReadStreamRequest,
+    ReadStreamResponse, Routes, SetGuestDateTimeRequest, SignalProcessRequest, TtyWinResizeRequest,
+    UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
+    WriteStreamRequest, WriteStreamResponse,
 };
-use crate::proto::health::{health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse};
+use crate::proto::health::{
+    health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse,
+};
 use crate::proto::{agent_ttrpc, health_ttrpc, oci, types};
 use crate::resources::Resources;
 
@@ -85,7 +88,12 @@ impl Agent {
             .ConsoleSize
             .as_ref()
             .filter(|b| b.Height > 0 && b.Width > 0)
-            .map(|b| (b.Height.min(u32::from(u16::MAX)) as u16, b.Width.min(u32::from(u16::MAX)) as u16));
+            .map(|b| {
+                (
+                    b.Height.min(u32::from(u16::MAX)) as u16,
+                    b.Width.min(u32::from(u16::MAX)) as u16,
+                )
+            });
         Ok(SpawnSpec {
             args: process.Args.clone(),
             env,
@@ -110,20 +118,35 @@ impl agent_ttrpc::AgentService for Agent {
         Ok(empty())
     }
 
-    fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
-        self.table.signal(&req.container_id, &req.exec_id, req.signal)?;
+    fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.table
+            .signal(&req.container_id, &req.exec_id, req.signal)?;
         Ok(empty())
     }
 
-    fn wait_process(&self, ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
-        let status = self.table.wait(&Call::new(ctx), &req.container_id, &req.exec_id)?;
+    fn wait_process(
+        &self,
+        ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let status = self
+            .table
+            .wait(&Call::new(ctx), &req.container_id, &req.exec_id)?;
         Ok(WaitProcessResponse {
             status,
             ..Default::default()
         })
     }
 
-    fn write_stdin(&self, ctx: &TtrpcContext, req: WriteStreamRequest) -> ttrpc::Result<WriteStreamResponse> {
+    fn write_stdin(
+        &self,
+        ctx: &TtrpcContext,
+        req: WriteStreamRequest,
+    ) -> ttrpc::Result<WriteStreamResponse> {
         let len = self
             .table
             .write(&Call::new(ctx), &req.container_id, &req.exec_id, &req.data)?;
@@ -133,20 +156,36 @@ impl agent_ttrpc::AgentService for Agent {
         })
     }
 
-    fn read_stdout(&self, ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
-        let data = self
-            .table
-            .read(&Call::new(ctx), &req.container_id, &req.exec_id, true, req.len)?;
+    fn read_stdout(
+        &self,
+        ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        let data = self.table.read(
+            &Call::new(ctx),
+            &req.container_id,
+            &req.exec_id,
+            true,
+            req.len,
+        )?;
         Ok(ReadStreamResponse {
             data,
             ..Default::default()
         })
     }
 
-    fn read_stderr(&self, ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
-        let data = self
-            .table
-            .read(&Call::new(ctx), &req.container_id, &req.exec_id, false, req.len)?;
+    fn read_stderr(
+        &self,
+        ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        let data = self.table.read(
+            &Call::new(ctx),
+            &req.container_id,
+            &req.exec_id,
+            false,
+            req.len,
+        )?;
         Ok(ReadStreamResponse {
             data,
             ..Default::default()
@@ -158,13 +197,21 @@ impl agent_ttrpc::AgentService for Agent {
         Ok(empty())
     }
 
-    fn tty_win_resize(&self, _ctx: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+    fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
         self.table
             .resize(&req.container_id, &req.exec_id, req.row, req.column)?;
         Ok(empty())
     }
 
-    fn update_interface(&self, _ctx: &TtrpcContext, req: UpdateInterfaceRequest) -> ttrpc::Result<types::Interface> {
+    fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<types::Interface> {
         let interface = req
             .interface
             .as_ref()
@@ -172,7 +219,11 @@ impl agent_ttrpc::AgentService for Agent {
         netmap::update_interface(interface)
     }
 
-    fn update_routes(&self, _ctx: &TtrpcContext, req: UpdateRoutesRequest) -> ttrpc::Result<Routes> {
+    fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<Routes> {
         let routes = req
             .routes
             .as_ref()
@@ -183,7 +234,11 @@ impl agent_ttrpc::AgentService for Agent {
         })
     }
 
-    fn list_interfaces(&self, _ctx: &TtrpcContext, _req: ListInterfacesRequest) -> ttrpc::Result<Interfaces> {
+    fn list_interfaces(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ListInterfacesRequest,
+    ) -> ttrpc::Result<Interfaces> {
         Ok(Interfaces {
             Interfaces: netmap::list_interfaces()?,
             ..Default::default()
@@ -199,12 +254,16 @@ impl agent_ttrpc::AgentService for Agent {
 
     fn get_metrics(&self, _ctx: &TtrpcContext, _req: GetMetricsRequest) -> ttrpc::Result<Metrics> {
         Ok(Metrics {
-            metrics: Resources::collect().to_prometheus(),
+            metrics: Resources::collect().to_prometheus() + &super::agent_metrics(),
             ..Default::default()
         })
     }
 
-    fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: DestroySandboxRequest) -> ttrpc::Result<Empty> {
+    fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: DestroySandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         self.table.kill_all();
         if let OnDestroy::Signal(pid) = self.on_destroy {
             // Answer first; init's shutdown then stops this agent too.
@@ -218,13 +277,18 @@ impl agent_ttrpc::AgentService for Agent {
                     }
                 });
             if spawned.is_err() {
-                sys::kill(pid, libc::SIGUSR2).map_err(|e| status(Code::INTERNAL, format!("signal init: {e}")))?;
+                sys::kill(pid, libc::SIGUSR2)
+                    .map_err(|e| status(Code::INTERNAL, format!("signal init: {e}")))?;
             }
         }
         Ok(empty())
     }
 
-    fn online_cpu_mem(&self, _ctx: &TtrpcContext, req: OnlineCPUMemRequest) -> ttrpc::Result<Empty> {
+    fn online_cpu_mem(
+        &self,
+        _ctx: &TtrpcContext,
+        req: OnlineCPUMemRequest,
+    ) -> ttrpc::Result<Empty> {
         let sysfs = self.sysfs.clone();
         let work = move || -> ttrpc::Result<()> {
             if req.nb_cpus > 0 {
@@ -246,14 +310,27 @@ impl agent_ttrpc::AgentService for Agent {
                         eprintln!("osb-agent: OnlineCPUMem: {e:?}");
                     }
                 })
-                .map_err(|e| status(Code::RESOURCE_EXHAUSTED, format!("cannot start a thread: {e}")))?;
+                .map_err(|e| {
+                    status(
+                        Code::RESOURCE_EXHAUSTED,
+                        format!("cannot start a thread: {e}"),
+                    )
+                })?;
         }
         Ok(empty())
     }
 
-    fn get_guest_details(&self, _ctx: &TtrpcContext, req: GuestDetailsRequest) -> ttrpc::Result<GuestDetailsResponse> {
+    fn get_guest_details(
+        &self,
+        _ctx: &TtrpcContext,
+        req: GuestDetailsRequest,
+    ) -> ttrpc::Result<GuestDetailsResponse> {
         Ok(GuestDetailsResponse {
-            mem_block_size_bytes: if req.mem_block_size { self.sysfs.mem_block_size()? } else { 0 },
+            mem_block_size_bytes: if req.mem_block_size {
+                self.sysfs.mem_block_size()?
+            } else {
+                0
+            },
             support_mem_hotplug_probe: req.mem_hotplug_probe && self.sysfs.mem_hotplug_probe(),
             agent_details: MessageField::some(AgentDetails {
                 version: AGENT_VERSION.to_string(),
@@ -267,7 +344,11 @@ impl agent_ttrpc::AgentService for Agent {
         })
     }
 
-    fn set_guest_date_time(&self, _ctx: &TtrpcContext, req: SetGuestDateTimeRequest) -> ttrpc::Result<Empty> {
+    fn set_guest_date_time(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SetGuestDateTimeRequest,
+    ) -> ttrpc::Result<Empty> {
         guest::set_date_time(req.Sec, req.Usec)?;
         Ok(empty())
     }
@@ -288,7 +369,11 @@ impl health_ttrpc::Health for Health {
         })
     }
 
-    fn version(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<VersionCheckResponse> {
+    fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: CheckRequest,
+    ) -> ttrpc::Result<VersionCheckResponse> {
         Ok(VersionCheckResponse {
             grpc_version: API_VERSION.to_string(),
             agent_version: AGENT_VERSION.to_string(),

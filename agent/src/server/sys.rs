@@ -72,7 +72,8 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<u
 /// A new pseudo-terminal: (master, slave), both close-on-exec.
 pub fn openpty() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: posix_openpt returns a new descriptor or -1.
-    let master = check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    let master =
+        check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
     // SAFETY: master is a fresh descriptor owned here.
     let master = unsafe { OwnedFd::from_raw_fd(master) };
     // SAFETY: grantpt/unlockpt on the pty master just opened.
@@ -89,7 +90,12 @@ pub fn openpty() -> io::Result<(OwnedFd, OwnedFd)> {
     let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_owned();
     let slave = retry(|| {
         // SAFETY: path is a valid NUL-terminated string.
-        check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })
+        check(unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
+        })
     })?;
     // SAFETY: slave is a fresh descriptor owned here.
     Ok((master, unsafe { OwnedFd::from_raw_fd(slave) }))
@@ -117,7 +123,8 @@ pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
 /// A listening AF_VSOCK socket on `cid` (VMADDR_CID_ANY: any) and `port`.
 pub fn vsock_listen(cid: u32, port: u32, backlog: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2).
-    let fd = check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd =
+        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd is a fresh socket owned here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
@@ -143,7 +150,12 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     retry(|| {
         // SAFETY: null address pointers are allowed by accept4.
         let fd = check(unsafe {
-            libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
         })?;
         // SAFETY: accept4 returned a new descriptor owned here.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
