@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::bench_kernel::{artifacts, boot_to_marker, debian_cloud_kernel, kernel_cmd, BootSample, Q35};
+use crate::bench_kernel::{artifacts, boot_to_marker, debian_cloud_kernel, kernel_cmd, marker_initrd, BootSample, Q35};
 use crate::util::{ci_tool, guest_init_binary, project_root, target_dir, Cmd};
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -14,30 +14,6 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     Some(v[v.len() / 2])
-}
-
-/// A busybox initrd whose /init prints `MARK <uptime>` and execs a shell on
-/// the console (what "reaching a shell" means for the anchor).
-fn busybox_shell_initrd(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let root = dir.join("shell-root");
-    for d in ["bin", "dev", "proc"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
-    std::fs::write(
-        root.join("init"),
-        "#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev 2>/dev/null\n/bin/busybox mount -t proc proc /proc\n\
-         /bin/busybox echo \"<1>MARK $(/bin/busybox cut -d' ' -f1 /proc/uptime)\" > /dev/kmsg\n\
-         (/bin/busybox sleep 1; /bin/busybox reboot -f) &\nexec /bin/busybox sh\n",
-    )?;
-    Cmd::new("chmod").arg("0755").arg(root.join("init")).quiet().run()?;
-    let initrd = dir.join("shell-initrd.gz");
-    Cmd::new("sh")
-        .arg("-c")
-        .arg(format!("cd {} && find . | LC_ALL=C sort | cpio --quiet -H newc -o | gzip -9 > {}", root.display(), initrd.display()))
-        .quiet()
-        .run()?;
-    Ok(initrd)
 }
 
 pub fn run(osbuilder: &Path, work: &Path, runs: usize) -> anyhow::Result<()> {
@@ -60,7 +36,9 @@ pub fn run(osbuilder: &Path, work: &Path, runs: usize) -> anyhow::Result<()> {
 
     let mut ours: Vec<(String, Vec<serde_json::Value>)> = vec![("ours, agent-only, microvm".into(), vec![]), ("ours, agent-only, q35".into(), vec![])];
     let (debian_pkg, debian) = debian_cloud_kernel()?;
-    let shell_initrd = busybox_shell_initrd(work)?;
+    // Reaching a shell: the marker, then busybox sh on the console (the VM
+    // powers off a second later).
+    let shell_initrd = marker_initrd(work, "shell", "(/bin/busybox sleep 1; /bin/busybox reboot -f) &\nexec /bin/busybox sh")?;
     let mut anchor: Vec<BootSample> = Vec::new();
     for _ in 0..runs {
         for (i, machine) in ["microvm", "q35"].iter().enumerate() {

@@ -86,20 +86,23 @@ pub fn debian_cloud_kernel() -> anyhow::Result<(String, PathBuf)> {
     Ok((package, vmlinuz))
 }
 
-/// A busybox initrd whose /init prints `MARK <uptime>` and powers off.
-pub fn marker_initrd(dir: &Path) -> anyhow::Result<PathBuf> {
-    let root = dir.join("marker-root");
+/// A busybox initrd whose /init prints `MARK <uptime>` and then runs
+/// `then` (shell lines), e.g. `reboot -f` to power off at once.
+pub fn marker_initrd(dir: &Path, name: &str, then: &str) -> anyhow::Result<PathBuf> {
+    let root = dir.join(format!("{name}-root"));
     for d in ["bin", "dev", "proc"] {
         std::fs::create_dir_all(root.join(d))?;
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("static busybox (busybox-static) is missing")?;
     std::fs::write(
         root.join("init"),
-        "#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev 2>/dev/null\n/bin/busybox mount -t proc proc /proc\n\
-         /bin/busybox echo \"<1>MARK $(/bin/busybox cut -d' ' -f1 /proc/uptime)\" > /dev/kmsg\n/bin/busybox reboot -f\n",
+        format!(
+            "#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev 2>/dev/null\n/bin/busybox mount -t proc proc /proc\n\
+             /bin/busybox echo \"<1>MARK $(/bin/busybox cut -d' ' -f1 /proc/uptime)\" > /dev/kmsg\n{then}\n"
+        ),
     )?;
     Cmd::new("chmod").arg("0755").arg(root.join("init")).quiet().run()?;
-    let initrd = dir.join("marker-initrd.gz");
+    let initrd = dir.join(format!("{name}-initrd.gz"));
     Cmd::new("sh")
         .arg("-c")
         .arg(format!("cd {} && find . | LC_ALL=C sort | cpio --quiet -H newc -o | gzip -9 > {}", root.display(), initrd.display()))
@@ -204,7 +207,7 @@ pub fn run(osbuilder: &Path, work: &Path, runs: usize, cold: bool) -> anyhow::Re
     };
 
     let (debian_pkg, debian) = debian_cloud_kernel()?;
-    let initrd = marker_initrd(work)?;
+    let initrd = marker_initrd(work, "marker", "/bin/busybox reboot -f")?;
     let console = work.join("console.log");
     let cases: Vec<(&str, &[&str], &Path, &str)> = vec![
         ("ours, microvm (acpi=off)", MICROVM, &ours.bzimage, "acpi=off"),
