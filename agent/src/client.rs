@@ -44,7 +44,7 @@ pub const DEFAULT_PORT: u32 = 1024;
 /// The timeout of unary calls unless [`Client::set_timeout`] changes it.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes asked for per ReadStdout/ReadStderr call.
-pub const READ_CHUNK: u32 = 64 * 1024;
+pub const READ_CHUNK: u32 = 16 * 1024; // the agent answers at most this much (see server::process::MAX_READ)
 /// Bytes sent per CopyFile/WriteStdin call (well under ttrpc's 4 MiB frame limit).
 pub const WRITE_CHUNK: usize = 1 << 20;
 

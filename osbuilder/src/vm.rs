@@ -191,7 +191,9 @@ impl Vm {
         let mut vhost_cmd = Command::new(&cfg.vhost_device_vsock);
         vhost_cmd
             .arg("--vm")
-            .arg(format!("guest-cid={},socket={},uds-path={}", cfg.guest_cid, vu.display(), hv.display()))
+            // tx-buffer-size: the default 64 KiB cannot hold one 64 KiB
+            // ReadStdout answer plus its framing, and the stream stalls.
+            .arg(format!("guest-cid={},socket={},uds-path={},tx-buffer-size={}", cfg.guest_cid, vu.display(), hv.display(), 1 << 20))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(cfg.work_dir.join("vhost-device-vsock.log")).map_err(io_err("cannot create the vhost log".into()))?);
