@@ -93,9 +93,12 @@ impl<W: Write> Write for Counting<W> {
 /// Writes `tree` as an initrd at `out`; `progress` counts uncompressed bytes.
 pub fn write_initrd(tree: &Tree, out: &Path, opts: &InitrdOptions, progress: &ProgressBar) -> Result<InitrdReport, InitrdError> {
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // 0644 like any build output (tempfile's default is 0600); the umask
+    // still applies.
     let tmp = tempfile::Builder::new()
         .prefix(".osbuilder-")
         .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .tempfile_in(dir)
         .map_err(|source| InitrdError::CreateTemp { path: out.display().to_string(), source })?;
     let file = tmp.as_file().try_clone().map_err(InitrdError::Write)?;
