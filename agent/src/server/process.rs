@@ -146,6 +146,19 @@ pub enum Target {
 }
 
 /// All processes the agent knows.
+impl Proc {
+    /// Blocks until the process has exited (or the call is cancelled) and
+    /// returns its state, locked.
+    fn wait_exited(&self, call: &Call<'_>) -> ttrpc::Result<MutexGuard<'_, State>> {
+        let mut st = lock(&self.state);
+        while st.exit.is_none() {
+            call.check()?;
+            st = self.exited.wait_timeout(st, call.tick()).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(st)
+    }
+}
+
 pub struct Table {
     procs: Mutex<HashMap<Key, Arc<Proc>>>,
     workload: Arc<Workload>,
@@ -347,19 +360,9 @@ impl Table {
             }
             Target::Exec(p) => {
                 let code = {
-                    let mut st = lock(&p.state);
-                    loop {
-                        if let Some(code) = st.exit {
-                            st.waited_at.get_or_insert_with(Instant::now);
-                            break code;
-                        }
-                        call.check()?;
-                        st = p
-                            .exited
-                            .wait_timeout(st, call.tick())
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
-                    }
+                    let mut st = p.wait_exited(call)?;
+                    st.waited_at.get_or_insert_with(Instant::now);
+                    st.exit.expect("wait_exited returns an exited state")
                 };
                 self.maybe_remove(&p);
                 Ok(code)
@@ -386,15 +389,7 @@ impl Table {
             (false, Some(stderr)) => stderr,
             (false, None) => {
                 // A terminal has no stderr: answer EOF once the process has ended.
-                let mut st = lock(&p.state);
-                while st.exit.is_none() {
-                    call.check()?;
-                    st = p
-                        .exited
-                        .wait_timeout(st, call.tick())
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
+                p.wait_exited(call)?;
                 return Err(status(Code::INTERNAL, "eof"));
             }
         };
