@@ -18,6 +18,14 @@ use osbuilder::vm::{Machine, Vm, VmConfig};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
 
+/// One guest at a time: on 2 cores parallel TCG guests only compete, and a
+/// run with five vhost-device-vsock + QEMU pairs at once once lost the
+/// vhost-user socket of a q35 guest (not understood yet; see the notes).
+fn one_guest_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn osbuilder_initrd(args: &[&str], out: &Path) {
     let r = tool(env!("CARGO_BIN_EXE_osbuilder")).args(["initrd", "--quiet"]).args(args).arg("-o").arg(out).output().unwrap();
     assert!(r.status.success(), "osbuilder initrd {args:?}: {}", String::from_utf8_lossy(&r.stderr));
@@ -85,6 +93,7 @@ fn sh(client: &Client, script: &str) -> osb_agent::client::ExecOutput {
 /// host; DestroySandbox powers it off.
 #[test]
 fn agent_only_guest_answers_on_microvm_and_q35() {
+    let _one = one_guest_at_a_time();
     for (machine, name) in [(Machine::Microvm, "agent-microvm"), (Machine::Q35, "agent-q35")] {
         let cfg = vm_config(agent_initrd(), machine, 256, "", name);
         let (vm, client) = boot(&cfg);
@@ -104,6 +113,7 @@ fn agent_only_guest_answers_on_microvm_and_q35() {
 /// copy, concurrent execs, and an agent killed in the guest comes back.
 #[test]
 fn debian_guest_runs_commands_through_the_agent() {
+    let _one = one_guest_at_a_time();
     let cfg = vm_config(debian_initrd(), Machine::Microvm, 1024, "", "debian");
     let (mut vm, client) = boot(&cfg);
 
@@ -177,6 +187,7 @@ fn debian_rootfs_file(rel: &str) -> PathBuf {
 /// osb.on_exit=poweroff the guest then powers off by itself.
 #[test]
 fn the_image_cmd_runs_as_the_workload_under_its_user_and_workdir() {
+    let _one = one_guest_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
     run(tool("cp").arg("-a").arg(debian_layout()).arg(&layout));
@@ -211,6 +222,7 @@ fn the_image_cmd_runs_as_the_workload_under_its_user_and_workdir() {
 /// ttrpc and Kata's agent do.
 #[test]
 fn unknown_methods_answer_unimplemented_in_the_guest() {
+    let _one = one_guest_at_a_time();
     let cfg = vm_config(agent_initrd(), Machine::Microvm, 256, "", "unimplemented");
     let (vm, client) = boot(&cfg);
     let req = ttrpc::Request { service: "grpc.AgentService".into(), method: "CreateContainer".into(), timeout_nano: 10_000_000_000, ..Default::default() };
@@ -225,6 +237,7 @@ fn unknown_methods_answer_unimplemented_in_the_guest() {
 /// Kata's own client, `kata-agent-ctl`, against our agent in a real guest.
 #[test]
 fn kata_agent_ctl_talks_to_our_agent() {
+    let _one = one_guest_at_a_time();
     let Some(ctl) = std::env::var_os("OSBUILDER_KATA_AGENT_CTL").filter(|v| !v.is_empty()).map(PathBuf::from) else {
         eprintln!("SKIP: kata-agent-ctl unavailable (no Kata sources: see ci/TOOLS.md); wire compatibility is not judged in this run");
         return;
