@@ -145,37 +145,37 @@ fn wait_for_path(path: &Path, child: &mut Child, what: &str, limit: Duration) ->
 }
 
 fn spawn_qemu(cfg: &VmConfig, accel: &str, vu: &Path, console: &Path, qemu_log: &Path) -> Result<(Child, Instant), VmError> {
-        let mem = format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.mem_mib);
-        let mut q = Command::new(&cfg.qemu);
-        match cfg.machine {
-            // acpi=off: QEMU then lists the virtio-mmio devices on the kernel
-            // command line (virtio_mmio.device=...), as Firecracker does.
-            Machine::Microvm => q.args(["-M", "microvm,acpi=off,memory-backend=mem"]),
-            Machine::Q35 => q.args(["-M", "q35,memory-backend=mem"]),
-        };
-        q.args(["-object", &mem, "-accel", accel, "-m", &format!("{}M", cfg.mem_mib), "-smp", &cfg.cpus.to_string()]);
-        if accel == "kvm" {
-            q.args(["-cpu", "host"]);
-        }
-        q.args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"]);
-        q.arg("-serial").arg(format!("file:{}", console.display()));
-        q.arg("-chardev").arg(format!("socket,id=vsock0,path={}", vu.display()));
-        q.args(["-device", match cfg.machine {
-            Machine::Microvm => "vhost-user-vsock-device,chardev=vsock0",
-            Machine::Q35 => "vhost-user-vsock-pci,chardev=vsock0",
-        }]);
-        q.arg("-kernel").arg(&cfg.kernel);
-        if let Some(initrd) = &cfg.initrd {
-            q.arg("-initrd").arg(initrd);
-        }
-        q.arg("-append").arg(cfg.cmdline());
-        q.args(&cfg.extra_args);
-        q.stdin(Stdio::null()).stdout(Stdio::null());
-        q.stderr(std::fs::File::create(qemu_log).map_err(|source| VmError::Io { context: "cannot create the qemu log".into(), source })?);
-        die_with_parent(&mut q);
-        let started = Instant::now();
-        let qemu = q.spawn().map_err(|source| VmError::Spawn { what: cfg.qemu.display().to_string(), source })?;
-        Ok((qemu, started))
+    let mem = format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.mem_mib);
+    let mut q = Command::new(&cfg.qemu);
+    match cfg.machine {
+        // acpi=off: QEMU then lists the virtio-mmio devices on the kernel
+        // command line (virtio_mmio.device=...), as Firecracker does.
+        Machine::Microvm => q.args(["-M", "microvm,acpi=off,memory-backend=mem"]),
+        Machine::Q35 => q.args(["-M", "q35,memory-backend=mem"]),
+    };
+    q.args(["-object", &mem, "-accel", accel, "-m", &format!("{}M", cfg.mem_mib), "-smp", &cfg.cpus.to_string()]);
+    if accel == "kvm" {
+        q.args(["-cpu", "host"]);
+    }
+    q.args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"]);
+    q.arg("-serial").arg(format!("file:{}", console.display()));
+    q.arg("-chardev").arg(format!("socket,id=vsock0,path={}", vu.display()));
+    q.args(["-device", match cfg.machine {
+        Machine::Microvm => "vhost-user-vsock-device,chardev=vsock0",
+        Machine::Q35 => "vhost-user-vsock-pci,chardev=vsock0",
+    }]);
+    q.arg("-kernel").arg(&cfg.kernel);
+    if let Some(initrd) = &cfg.initrd {
+        q.arg("-initrd").arg(initrd);
+    }
+    q.arg("-append").arg(cfg.cmdline());
+    q.args(&cfg.extra_args);
+    q.stdin(Stdio::null()).stdout(Stdio::null());
+    q.stderr(std::fs::File::create(qemu_log).map_err(|source| VmError::Io { context: "cannot create the qemu log".into(), source })?);
+    die_with_parent(&mut q);
+    let started = Instant::now();
+    let qemu = q.spawn().map_err(|source| VmError::Spawn { what: cfg.qemu.display().to_string(), source })?;
+    Ok((qemu, started))
 }
 
 impl Vm {

@@ -100,7 +100,7 @@ fn timed(cmd: Cmd, out: &Path) -> anyhow::Result<Sample> {
     cmd.quiet().read()?;
     let seconds = t.elapsed().as_secs_f64();
     let bytes = std::fs::metadata(out).with_context(|| format!("{} was not written", out.display()))?.len();
-    let sha256 = Cmd::new("sha256sum").arg(out).quiet().read()?.split_whitespace().next().unwrap_or("").to_string();
+    let sha256 = crate::util::sha256_file(out)?;
     Ok(Sample { seconds, bytes, sha256 })
 }
 

@@ -5,16 +5,8 @@
 
 use std::path::Path;
 
-use crate::bench_kernel::{artifacts, boot_to_marker, debian_cloud_kernel, kernel_cmd, marker_initrd, BootSample, Q35};
+use crate::bench_kernel::{artifacts, boot_to_marker, debian_cloud_kernel, kernel_cmd, marker_initrd, median, BootSample, Q35};
 use crate::util::{ci_tool, guest_init_binary, project_root, target_dir, Cmd};
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(v[v.len() / 2])
-}
 
 pub fn run(osbuilder: &Path, work: &Path, runs: usize) -> anyhow::Result<()> {
     let init = guest_init_binary()?;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::util::{cache_root, project_root, Cmd};
+use crate::util::{cache_root, project_root, sha256_file, Cmd};
 
 /// `osbuilder kernel` with the project's config and patches.
 pub fn kernel_cmd(osbuilder: &Path, out: &Path) -> Cmd {
@@ -141,7 +141,7 @@ pub fn boot_to_marker(machine: &[&str], kernel: &Path, initrd: &Path, append: &s
         .context("cannot start qemu-system-x86_64")?;
     let limit = Duration::from_secs(90);
     let mut sample = BootSample { wall: None, guest: None };
-    loop {
+    let look = |sample: &mut BootSample| {
         if sample.wall.is_none() {
             let text = std::fs::read_to_string(console).unwrap_or_default();
             if let Some(rest) = text.split(marker).nth(1) {
@@ -149,15 +149,12 @@ pub fn boot_to_marker(machine: &[&str], kernel: &Path, initrd: &Path, append: &s
                 sample.guest = rest.split_whitespace().next().and_then(|v| v.parse().ok());
             }
         }
+    };
+    loop {
+        look(&mut sample);
         if child.try_wait()?.is_some() {
-            if sample.wall.is_none() {
-                // The marker may have landed between the last read and the exit.
-                let text = std::fs::read_to_string(console).unwrap_or_default();
-                if let Some(rest) = text.split(marker).nth(1) {
-                    sample.wall = Some(started.elapsed().as_secs_f64());
-                    sample.guest = rest.split_whitespace().next().and_then(|v| v.parse().ok());
-                }
-            }
+            // The marker may have landed between the last read and the exit.
+            look(&mut sample);
             return Ok(sample);
         }
         if started.elapsed() > limit {
@@ -169,16 +166,13 @@ pub fn boot_to_marker(machine: &[&str], kernel: &Path, initrd: &Path, append: &s
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+/// The median of some samples (None when there are none).
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
     v.sort_by(|a, b| a.total_cmp(b));
     Some(v[v.len() / 2])
-}
-
-fn sha256(path: &Path) -> anyhow::Result<String> {
-    Ok(Cmd::new("sha256sum").arg(path).quiet().read()?.split_whitespace().next().unwrap_or("").to_string())
 }
 
 pub fn run(osbuilder: &Path, work: &Path, runs: usize, cold: bool) -> anyhow::Result<()> {
@@ -199,7 +193,7 @@ pub fn run(osbuilder: &Path, work: &Path, runs: usize, cold: bool) -> anyhow::Re
         kernel_cmd(osbuilder, &cold_out).arg("--cache-dir").arg(work.join("cold-cache")).run()?;
         let secs = t.elapsed().as_secs_f64();
         let other = artifacts(&cold_out)?;
-        let same = sha256(&other.vmlinux)? == sha256(&ours.vmlinux)? && sha256(&other.bzimage)? == sha256(&ours.bzimage)?;
+        let same = sha256_file(&other.vmlinux)? == sha256_file(&ours.vmlinux)? && sha256_file(&other.bzimage)? == sha256_file(&ours.bzimage)?;
         let _ = std::fs::remove_dir_all(work.join("cold-cache"));
         Some((secs, same))
     } else {

@@ -144,3 +144,8 @@ pub fn guest_init_binary() -> anyhow::Result<PathBuf> {
         .run()?;
     Ok(target_dir().join("x86_64-unknown-linux-gnu/guest/osb-init"))
 }
+
+/// sha256 of a file, hex (`sha256sum`).
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    Ok(Cmd::new("sha256sum").arg(path).quiet().read()?.split_whitespace().next().unwrap_or("").to_string())
+}
