@@ -8,6 +8,7 @@ pub mod progress;
 pub mod rootfs;
 pub mod compress;
 pub mod initrd;
+pub mod disk;
 pub mod pipeline;
 pub mod kernel;
 pub mod vm;

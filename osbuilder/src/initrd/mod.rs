@@ -1,7 +1,7 @@
 //! Writing a [`Tree`] as a kernel initramfs: cpio newc, optionally compressed.
 //!
 //! Reproducible by construction: entries in the tree's sorted order, inode
-//! numbers assigned in that order from 1, mtimes clamped to
+//! numbers from the layout plan (the walk's order) from 1, mtimes clamped to
 //! SOURCE_DATE_EPOCH, hard links sharing an inode number with the data on the
 //! last name (GNU cpio's convention, which the kernel also accepts). The
 //! output goes to a temporary file next to the destination and is renamed
@@ -9,7 +9,6 @@
 
 pub mod cpio;
 
-use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
@@ -17,15 +16,15 @@ use indicatif::ProgressBar;
 use sha2::{Digest as _, Sha256};
 
 use crate::compress::{CompressOptions, Compression, Encoder};
-use crate::rootfs::{Body, InodeIdx, Tree};
+use crate::rootfs::{Body, Plan, PlanError, Tree};
 use cpio::{NewcHeader, NewcWriter, MAX_FILE_SIZE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitrdError {
     #[error("{path} is {size} bytes; cpio newc cannot hold files of 4 GiB or more (build a disk image instead)")]
     FileTooLarge { path: String, size: u64 },
-    #[error("the tree has more than 4 billion entries")]
-    TooManyInodes,
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     #[error("cannot create the output next to {path}: {source}")]
     CreateTemp { path: String, source: io::Error },
     #[error("cannot write the initrd: {0}")]
@@ -117,6 +116,7 @@ pub fn write_archive<W: Write + Send + 'static>(
     progress: &ProgressBar,
 ) -> Result<InitrdReport, InitrdError> {
     let plan = Plan::new(tree)?;
+    check_file_sizes(&plan)?;
     let compressed = Counting::new(BufWriter::with_capacity(1 << 20, out), true, None);
     let encoder = Encoder::new(&opts.compression, compressed)?;
     let uncompressed = Counting::new(encoder, false, Some(progress.clone()));
@@ -124,15 +124,21 @@ pub fn write_archive<W: Write + Send + 'static>(
     let mut report = InitrdReport::default();
     let clamp = |mtime: i64| mtime.min(opts.source_date_epoch).clamp(0, i64::from(u32::MAX)) as u32;
 
-    for (i, (path, idx)) in plan.names.iter().enumerate() {
-        let inode = tree.inode(*idx);
-        let ino = plan.ino[idx];
+    let mut result = Ok(());
+    plan.walk_paths(|path, seq, ino| {
+        if result.is_err() {
+            return;
+        }
+        let planned = plan.inode(ino);
+        let inode = plan.tree_inode(ino);
+        let is_last_name = planned.last_name == seq;
         let mut header = NewcHeader {
-            ino,
+            // Plan numbers start at 0 for the root; cpio's at 1.
+            ino: ino.get() + 1,
             mode: inode.body.file_type_bits() | inode.meta.mode,
             uid: inode.meta.uid,
             gid: inode.meta.gid,
-            nlink: plan.nlink[idx],
+            nlink: planned.nlink,
             mtime: clamp(inode.meta.mtime),
             file_size: 0,
             dev_major: 0,
@@ -140,30 +146,33 @@ pub fn write_archive<W: Write + Send + 'static>(
             rdev_major: 0,
             rdev_minor: 0,
         };
-        if !inode.meta.xattrs.is_empty() && plan.last_name[idx] == i {
+        if !inode.meta.xattrs.is_empty() && is_last_name {
             report.dropped_xattrs += 1;
         }
         let name: &[u8] = if path.is_empty() { b"." } else { path };
-        match &inode.body {
-            Body::File(content) if plan.last_name[idx] == i => {
+        result = match &inode.body {
+            Body::File(content) if is_last_name => {
                 header.file_size = content.len() as u32;
-                let mut reader = tree.open_content(content).map_err(InitrdError::Write)?;
-                cpio.append(&header, name, &mut reader)?;
+                match tree.open_content(content) {
+                    Ok(mut reader) => cpio.append(&header, name, &mut reader).map_err(InitrdError::from),
+                    Err(e) => Err(InitrdError::Write(e)),
+                }
             }
             Body::Symlink(target) => {
                 header.file_size = target.len() as u32;
-                cpio.append_bytes(&header, name, target)?;
+                cpio.append_bytes(&header, name, target).map_err(InitrdError::from)
             }
             Body::CharDevice { major, minor } | Body::BlockDevice { major, minor } => {
                 header.rdev_major = *major;
                 header.rdev_minor = *minor;
-                cpio.append_bytes(&header, name, &[])?;
+                cpio.append_bytes(&header, name, &[]).map_err(InitrdError::from)
             }
             // Directories, fifos, sockets, and the earlier names of a hard link.
-            _ => cpio.append_bytes(&header, name, &[])?,
-        }
+            _ => cpio.append_bytes(&header, name, &[]).map_err(InitrdError::from),
+        };
         report.entries += 1;
-    }
+    });
+    result?;
     let buffered = cpio.finish()?;
     let uncompressed = buffered.into_inner().map_err(|e| InitrdError::Write(e.into_error()))?;
     report.uncompressed_bytes = uncompressed.count;
@@ -174,47 +183,19 @@ pub fn write_archive<W: Write + Send + 'static>(
     Ok(report)
 }
 
-/// Inode numbers, link counts and the order of names, computed before any
-/// byte is written so that errors (oversized files) come before output.
-struct Plan {
-    names: Vec<(Vec<u8>, InodeIdx)>,
-    ino: HashMap<InodeIdx, u32>,
-    nlink: HashMap<InodeIdx, u32>,
-    /// Index in `names` of each inode's last name: hard-linked data goes there.
-    last_name: HashMap<InodeIdx, usize>,
-}
-
-impl Plan {
-    fn new(tree: &Tree) -> Result<Self, InitrdError> {
-        let names = tree.walk();
-        let mut ino = HashMap::new();
-        let mut nlink: HashMap<InodeIdx, u32> = HashMap::new();
-        let mut last_name = HashMap::new();
-        for (i, (path, idx)) in names.iter().enumerate() {
-            let next = u32::try_from(ino.len() + 1).map_err(|_| InitrdError::TooManyInodes)?;
-            ino.entry(*idx).or_insert(next);
-            last_name.insert(*idx, i);
-            match &tree.inode(*idx).body {
-                Body::Dir(entries) => {
-                    // A directory's link count is 2 plus its subdirectories, as on disk.
-                    let subdirs = entries.values().filter(|d| matches!(tree.inode(d.inode).body, Body::Dir(_))).count();
-                    nlink.insert(*idx, 2 + subdirs as u32);
-                }
-                body => {
-                    *nlink.entry(*idx).or_insert(0) += 1;
-                    if let Body::File(content) = body {
-                        if content.len() > MAX_FILE_SIZE {
-                            return Err(InitrdError::FileTooLarge {
-                                path: format!("/{}", String::from_utf8_lossy(path)),
-                                size: content.len(),
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        Ok(Plan { names, ino, nlink, last_name })
+/// newc sizes are 32-bit: refuse files of 4 GiB or more before any output.
+fn check_file_sizes(plan: &Plan) -> Result<(), InitrdError> {
+    if plan.totals().file_bytes <= MAX_FILE_SIZE {
+        return Ok(());
     }
+    let mut too_large = None;
+    plan.walk_paths(|path, _, ino| match &plan.tree_inode(ino).body {
+        Body::File(content) if content.len() > MAX_FILE_SIZE && too_large.is_none() => {
+            too_large = Some(InitrdError::FileTooLarge { path: format!("/{}", String::from_utf8_lossy(path)), size: content.len() });
+        }
+        _ => {}
+    });
+    too_large.map_or(Ok(()), Err)
 }
 
 /// Warnings about an initrd too large for the guest it is meant for. The
@@ -350,5 +331,44 @@ mod tests {
         for kind in [Compression::None, Compression::Gzip, Compression::Zstd] {
             assert_eq!(write(kind, 1), write(kind, 2), "{kind:?}");
         }
+    }
+
+    /// The archive of a fixed tree (hard links across directories, every
+    /// kind, xattrs, mtimes above and below the clamp) has the digest the
+    /// writer produced before it read the shared layout plan: moving the
+    /// planning out of this module changed no byte.
+    #[test]
+    fn bytes_unchanged_by_the_layout_plan() {
+        let mut tree = Tree::new();
+        let p = |s: &str| RelPath::parse_user(s).unwrap();
+        for i in 0..40u32 {
+            let data = format!("{i}:").repeat(i as usize * 37).into_bytes();
+            tree.add_bytes(&p(&format!("/d{}/s{}/f{i}", i % 5, i % 3)), data, 0o640 + (i % 8), 500 + i64::from(i) * 100).unwrap();
+        }
+        let f3 = tree.lookup(&p("d3/s0/f3")).unwrap();
+        let d1 = tree.lookup(&p("d1")).unwrap();
+        tree.dir_entries_mut(d1).unwrap().insert(b"hard".to_vec(), crate::rootfs::Dentry { inode: f3, layer: 0 });
+        tree.inode_mut(f3).meta.xattrs.insert(b"security.capability".to_vec(), vec![1, 0, 0, 2]);
+        let meta = || crate::rootfs::Metadata::new(0o644, 7, 8, 99);
+        let root = crate::rootfs::InodeIdx::ROOT;
+        tree.put(root, b"null", meta(), Body::CharDevice { major: 1, minor: 3 }, 0);
+        tree.put(root, b"vda", meta(), Body::BlockDevice { major: 254, minor: 0 }, 0);
+        tree.put(root, b"fifo", meta(), Body::Fifo, 0);
+        tree.put(root, b"sock", meta(), Body::Socket, 0);
+        tree.put(d1, b"lnk", meta(), Body::Symlink(b"../d3/s0/f3".to_vec()), 0);
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let report = write_archive(&tree, Shared(buf.clone()), &options(), &ProgressBar::hidden()).unwrap();
+        assert_eq!(report.entries, 67);
+        assert_eq!(report.sha256, "63d5125d48a72b9bc4ea7bc84a3477849748a4111c46c8b38a840d946a875986");
     }
 }

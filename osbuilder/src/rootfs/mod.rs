@@ -15,6 +15,7 @@ mod content;
 mod host;
 mod layer;
 mod path;
+mod plan;
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,7 @@ pub use content::{Content, ContentReader, SpoolWriter};
 pub use host::HostAddError;
 pub use layer::{LayerError, LayerStats};
 pub use path::{PathError, RelPath};
+pub use plan::{DirIdx, Plan, PlanEntry, PlanError, PlanIno, PlanTotals, PlannedDir, PlannedInode};
 
 /// Index of an inode in a [`Tree`]'s arena.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
