@@ -61,15 +61,86 @@ impl Spools {
                 let file = self.files.get(*file as usize).cloned().ok_or_else(|| {
                     io::Error::new(io::ErrorKind::NotFound, format!("no spool file #{file}"))
                 })?;
-                ContentReader::Extent { file, pos: *offset, end: offset + len }
+                ContentReader::Extent { file, start: *offset, pos: *offset, end: offset + len }
             }
             Content::Host { path, len } => {
                 let file = File::open(path).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
                 })?;
-                ContentReader::Host(file.take(*len))
+                ContentReader::Extent { file: Arc::new(file), start: 0, pos: 0, end: *len }
             }
         })
+    }
+}
+
+/// Finds the runs of `block`-sized blocks of `content` that hold a non-zero
+/// byte, as `(first block, number of blocks)`; the last block may be short.
+///
+/// What counts is the bytes, not how the backing file stores them, so the
+/// answer (and a disk writer's layout built on it) is the same on every host
+/// filesystem; holes the backing file reports (`SEEK_DATA`) are only skipped
+/// without reading.
+pub(crate) fn data_runs(reader: &ContentReader, block: u64) -> io::Result<Vec<(u64, u64)>> {
+    assert!(block > 0 && block <= 1 << 20, "block size {block}");
+    let (len, base, file) = match reader {
+        ContentReader::Inline { bytes, .. } => (bytes.len() as u64, 0, None),
+        ContentReader::Extent { file, start, end, .. } => (end - start, *start, Some(file)),
+    };
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let chunk = (1 << 20) / block * block;
+    let mut buf = vec![0u8; chunk as usize];
+    let mut pos = 0u64;
+    while pos < len {
+        if let Some(file) = file {
+            match next_data(file, base + pos)? {
+                None => break,
+                Some(data) if data > base + pos => {
+                    let skip_to = (data - base) / block * block;
+                    if skip_to >= len {
+                        break;
+                    }
+                    pos = pos.max(skip_to);
+                }
+                Some(_) => {}
+            }
+        }
+        let n = chunk.min(len - pos);
+        let buf = &mut buf[..n as usize];
+        match reader {
+            ContentReader::Inline { bytes, .. } => buf.copy_from_slice(&bytes[pos as usize..(pos + n) as usize]),
+            ContentReader::Extent { file, .. } => file.read_exact_at(buf, base + pos)?,
+        }
+        for (i, blk) in buf.chunks(block as usize).enumerate() {
+            if blk.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let b = pos / block + i as u64;
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == b => *count += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        pos += n;
+    }
+    Ok(runs)
+}
+
+/// The offset of the first data at or after `offset` (`None`: only a hole
+/// follows). Filesystems without SEEK_DATA report everything as data.
+fn next_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(offset) else { return Ok(Some(offset)) };
+    // SAFETY: lseek on a file descriptor this `File` owns; it only moves
+    // the descriptor's position, which the positioned reads here ignore.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(offset)),
+        _ => Err(err),
     }
 }
 
@@ -108,8 +179,41 @@ impl SpoolWriter {
 /// A reader over one file's content.
 pub enum ContentReader {
     Inline { bytes: Arc<[u8]>, pos: usize },
-    Extent { file: Arc<File>, pos: u64, end: u64 },
-    Host(io::Take<File>),
+    /// A byte range of a spool file, or of a host file (from 0 to its length).
+    Extent { file: Arc<File>, start: u64, pos: u64, end: u64 },
+}
+
+impl ContentReader {
+    /// Reads exactly `buf.len()` bytes at `offset` from the start of the
+    /// content, leaving the sequential position alone.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let out_of_range = || io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of a file's content");
+        match self {
+            ContentReader::Inline { bytes, .. } => {
+                let start = usize::try_from(offset).map_err(|_| out_of_range())?;
+                let src = bytes.get(start..start + buf.len()).ok_or_else(out_of_range)?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            ContentReader::Extent { file, start, end, .. } => {
+                let len = buf.len() as u64;
+                let abs = start.checked_add(offset).filter(|a| a + len <= *end).ok_or_else(out_of_range)?;
+                file.read_exact_at(buf, abs)
+            }
+        }
+    }
+
+    /// The content's length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            ContentReader::Inline { bytes, .. } => bytes.len() as u64,
+            ContentReader::Extent { start, end, .. } => end - start,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Read for ContentReader {
@@ -121,7 +225,7 @@ impl Read for ContentReader {
                 *pos += n;
                 Ok(n)
             }
-            ContentReader::Extent { file, pos, end } => {
+            ContentReader::Extent { file, pos, end, .. } => {
                 let want = ((*end - *pos) as usize).min(buf.len());
                 if want == 0 {
                     return Ok(0);
@@ -130,7 +234,6 @@ impl Read for ContentReader {
                 *pos += n as u64;
                 Ok(n)
             }
-            ContentReader::Host(take) => take.read(buf),
         }
     }
 }
@@ -154,5 +257,44 @@ mod tests {
         let mut s = String::new();
         spools.open(&Content::Inline(Arc::from(&b"inline"[..]))).unwrap().read_to_string(&mut s).unwrap();
         assert_eq!(s, "inline");
+    }
+
+    #[test]
+    fn data_runs_follow_the_bytes_not_the_holes() {
+        let bs = 4096u64;
+        // A host file: a hole, data, explicit zeros written as data, a hole, a short tail.
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let file = f.as_file_mut();
+        file.write_all_at(&[7u8; 10], 3 * bs + 5).unwrap();
+        file.write_all_at(&vec![0u8; 2 * bs as usize], 5 * bs).unwrap();
+        file.write_all_at(&[1u8; 100], 9 * bs).unwrap();
+        file.set_len(9 * bs + 100).unwrap();
+        let spools = Spools::default();
+        let host = Content::Host { path: f.path().to_path_buf(), len: 9 * bs + 100 };
+        let reader = spools.open(&host).unwrap();
+        assert_eq!(data_runs(&reader, bs).unwrap(), vec![(3, 1), (9, 1)]);
+        let mut back = [0u8; 12];
+        reader.read_exact_at(&mut back, 3 * bs + 4).unwrap();
+        assert_eq!(back, [0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0]);
+        assert!(reader.read_exact_at(&mut back, 9 * bs + 95).is_err(), "past the end");
+
+        // Inline bytes and a spool extent not aligned to the block size.
+        let mut bytes = vec![0u8; 3 * bs as usize];
+        bytes[bs as usize + 1] = 9;
+        let inline = spools.open(&Content::Inline(Arc::from(bytes.clone()))).unwrap();
+        assert_eq!(data_runs(&inline, bs).unwrap(), vec![(1, 1)]);
+        let mut spools = Spools::default();
+        let mut w = spools.create(None).unwrap();
+        w.append(&mut &b"xyz"[..], 3).unwrap();
+        let c = w.append(&mut &bytes[..], bytes.len() as u64).unwrap();
+        w.finish().unwrap();
+        let mut r = spools.open(&c).unwrap();
+        assert_eq!(data_runs(&r, bs).unwrap(), vec![(1, 1)]);
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).unwrap();
+        assert_eq!(all, bytes);
+        let mut one = [0u8; 2];
+        r.read_exact_at(&mut one, bs).unwrap();
+        assert_eq!(one, [0, 9], "positioned reads ignore the sequential position");
     }
 }

@@ -182,6 +182,13 @@ impl Tree {
         self.spools.open(content)
     }
 
+    /// The runs of `block`-sized blocks of a file that hold a non-zero byte
+    /// (`(first block, count)`): disk writers leave the rest as holes, so
+    /// sparse files stay sparse whatever the host filesystem did with them.
+    pub fn data_runs(&self, content: &Content, block: u64) -> std::io::Result<Vec<(u64, u64)>> {
+        content::data_runs(&self.spools.open(content)?, block)
+    }
+
     pub(crate) fn spools_mut(&mut self) -> &mut content::Spools {
         &mut self.spools
     }
