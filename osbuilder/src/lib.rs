@@ -9,6 +9,7 @@ pub mod rootfs;
 pub mod compress;
 pub mod initrd;
 pub mod disk;
+pub mod output;
 pub mod pipeline;
 pub mod kernel;
 pub mod vm;

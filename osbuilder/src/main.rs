@@ -250,7 +250,7 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
     );
     if let Some(path) = args.report {
         let json = serde_json::to_vec_pretty(&report)?;
-        std::fs::write(&path, json).with_context(|| format!("writing the report to {}", path.display()))?;
+        osbuilder::output::write_file(&path, &json).with_context(|| format!("writing the report to {}", path.display()))?;
     }
     Ok(())
 }

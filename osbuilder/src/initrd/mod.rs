@@ -4,8 +4,8 @@
 //! numbers from the layout plan (the walk's order) from 1, mtimes clamped to
 //! SOURCE_DATE_EPOCH, hard links sharing an inode number with the data on the
 //! last name (GNU cpio's convention, which the kernel also accepts). The
-//! output goes to a temporary file next to the destination and is renamed
-//! into place only when complete.
+//! output is staged by [`crate::output`] and renamed into place only when
+//! complete.
 
 pub mod cpio;
 
@@ -15,6 +15,7 @@ use std::path::Path;
 use indicatif::ProgressBar;
 use sha2::{Digest as _, Sha256};
 
+use crate::output::Staged;
 use crate::compress::{CompressOptions, Compression, Encoder};
 use crate::rootfs::{Body, Plan, PlanError, Tree};
 use cpio::{NewcHeader, NewcWriter, MAX_FILE_SIZE};
@@ -25,14 +26,12 @@ pub enum InitrdError {
     FileTooLarge { path: String, size: u64 },
     #[error(transparent)]
     Plan(#[from] PlanError),
-    #[error("cannot create the output next to {path}: {source}")]
-    CreateTemp { path: String, source: io::Error },
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
     #[error("cannot write the initrd: {0}")]
     Write(#[source] io::Error),
     #[error("cannot write the initrd: {0}")]
     Cpio(#[from] cpio::CpioError),
-    #[error("cannot move the finished initrd to {path}: {source}")]
-    Persist { path: String, source: io::Error },
     #[error("cannot set up compression: {0}")]
     Compress(#[from] crate::compress::CompressError),
 }
@@ -91,19 +90,10 @@ impl<W: Write> Write for Counting<W> {
 
 /// Writes `tree` as an initrd at `out`; `progress` counts uncompressed bytes.
 pub fn write_initrd(tree: &Tree, out: &Path, opts: &InitrdOptions, progress: &ProgressBar) -> Result<InitrdReport, InitrdError> {
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    // 0644 like any build output (tempfile's default is 0600); the umask
-    // still applies.
-    let tmp = tempfile::Builder::new()
-        .prefix(".osbuilder-")
-        .suffix(".tmp")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .tempfile_in(dir)
-        .map_err(|source| InitrdError::CreateTemp { path: out.display().to_string(), source })?;
-    let file = tmp.as_file().try_clone().map_err(InitrdError::Write)?;
+    let staged = Staged::create(out)?;
+    let file = staged.file().try_clone().map_err(InitrdError::Write)?;
     let mut report = write_archive(tree, file, opts, progress)?;
-    tmp.as_file().sync_data().map_err(InitrdError::Write)?;
-    tmp.persist(out).map_err(|e| InitrdError::Persist { path: out.display().to_string(), source: e.error })?;
+    staged.commit()?;
     report.warnings.extend(size_warnings(&report, opts));
     Ok(report)
 }

@@ -588,7 +588,7 @@ fn manifest_from_cache(inputs: &KernelInputs, cached: &serde_json::Value) -> Res
 }
 
 /// Copies the artifacts and the manifest from the cache to `out_dir`
-/// (each through a temporary name).
+/// (each staged by [`crate::output`]).
 fn publish(done: &Path, manifest: &KernelManifest, out_dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
     std::fs::create_dir_all(out_dir).map_err(io_err(format!("cannot create {}", out_dir.display())))?;
     let mut files = Vec::new();
@@ -596,9 +596,7 @@ fn publish(done: &Path, manifest: &KernelManifest, out_dir: &Path) -> Result<Vec
     for name in names {
         let from = done.join(&name);
         let to = out_dir.join(if name == "manifest.json" { format!("manifest-{}-{}.json", manifest.kernel_version, manifest.config_version) } else { name.clone() });
-        let tmp = out_dir.join(format!(".{name}.tmp"));
-        std::fs::copy(&from, &tmp).map_err(io_err(format!("cannot copy {}", from.display())))?;
-        std::fs::rename(&tmp, &to).map_err(io_err(format!("cannot write {}", to.display())))?;
+        crate::output::copy_file(&from, &to).map_err(|e| KernelError::Io { context: format!("cannot publish {name}"), source: std::io::Error::other(e) })?;
         files.push(to);
     }
     Ok(files)
