@@ -147,6 +147,17 @@ mod tests {
     }
 
     #[test]
+    fn dx_hash_matches_debugfs() {
+        // `debugfs -R "dx_hash -h 4 -s 00000001-0000-0002-0000-000300000004 NAME"`
+        // (hash 4 is half_md4 unsigned; the seed's bytes are read as
+        // little-endian words, as the superblock stores them).
+        let seed = [0x0100_0000, 0x0200_0000, 0x0300_0000, 0x0400_0000];
+        assert_eq!(dx_hash(b"name-77777", &seed), (0xecab_6826, 0x244e_4af7));
+        let long = "café-with-a-name-longer-than-32-bytes-total".as_bytes();
+        assert_eq!(dx_hash(long, &seed), (0xae51_2c06, 0xaa21_9c36));
+    }
+
+    #[test]
     fn xattr_hashes() {
         // One name byte and one value word, by hand.
         assert_eq!(xattr_entry_hash(b"a", b"\x01"), ((0x61u32 << 16) ^ 0) ^ 1);

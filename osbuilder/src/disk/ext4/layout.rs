@@ -178,6 +178,16 @@ impl Geometry {
         Some(Geometry { blocks, groups: groups as u32, inodes_per_group: ipg as u32, itable_blocks, gdt_blocks })
     }
 
+    /// The most inodes a group can hold (bounded by the inode bitmap and by
+    /// a flex group's inode tables fitting in its first group), for a
+    /// filesystem of about `inodes` inodes.
+    fn max_inodes_per_group(inodes: u64) -> u64 {
+        let groups_guess = inodes.div_ceil(8 * BLOCK as u64).max(1);
+        let gdt_blocks = (groups_guess * 4 * DESC_SIZE as u64).div_ceil(BLOCK_SIZE);
+        let cap = (BLOCKS_PER_GROUP - 1 - gdt_blocks - 2 * GROUPS_PER_FLEX) / GROUPS_PER_FLEX;
+        (cap * (BLOCK / INODE_SIZE) as u64).min(8 * BLOCK as u64)
+    }
+
     pub fn group_start(&self, g: u32) -> u64 {
         u64::from(g) * BLOCKS_PER_GROUP
     }
@@ -790,8 +800,16 @@ impl Layout {
         // blocks (and the reserved blocks): grow until the need stops growing.
         let auto_size = |extra: u64, inodes: u64| -> Result<Geometry, Ext4Error> {
             let mut blocks = data_blocks + extra;
+            // Enough groups for the inodes (a group holds at most `max_ipg`).
+            let max_ipg = Geometry::max_inodes_per_group(inodes);
+            let min_groups = inodes.div_ceil(max_ipg).max(1);
+            blocks = blocks.max((min_groups - 1) * BLOCKS_PER_GROUP + 1);
             for _ in 0..200 {
-                let geo = Geometry::new(blocks, inodes).ok_or(Ext4Error::TooManyInodes { inodes })?;
+                let Some(geo) = Geometry::new(blocks, inodes) else {
+                    // The groups cannot hold the inodes: add one.
+                    blocks = blocks.div_ceil(BLOCKS_PER_GROUP) * BLOCKS_PER_GROUP + 1;
+                    continue;
+                };
                 let mut need = geo.overhead() + data_blocks + journal_blocks(blocks) + extra;
                 need += (need as f64 * opts.reserved_percent / (100.0 - opts.reserved_percent)).ceil() as u64;
                 // The last group must hold its own metadata and a block more.
