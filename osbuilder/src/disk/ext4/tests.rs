@@ -313,3 +313,42 @@ fn options_are_checked() {
     let err = layout(&plan, &Ext4Options { reserved_percent: 60.0, ..auto() }).unwrap_err();
     assert!(matches!(err, Ext4Error::ReservedPercent(_)), "{err}");
 }
+
+/// Builds an auto-sized image (no headroom, nothing reserved) of the host
+/// directory `EXT4_BENCH_DIR` into `EXT4_BENCH_OUT` and prints the figures,
+/// to compare with `mke2fs -t ext4 -d`. Run by hand:
+/// `EXT4_BENCH_DIR=/usr/lib/python3.11 EXT4_BENCH_OUT=/tmp/bench.img cargo test -p osbuilder --lib disk::ext4::tests::bench -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement over a host directory, run by hand"]
+fn bench_host_directory() {
+    let (Some(src), Some(out)) = (std::env::var_os("EXT4_BENCH_DIR"), std::env::var_os("EXT4_BENCH_OUT")) else {
+        panic!("set EXT4_BENCH_DIR and EXT4_BENCH_OUT");
+    };
+    let mut tree = Tree::new();
+    tree.add_host_path(Path::new(&src), &p("/data"), None, 0).unwrap();
+    let t0 = std::time::Instant::now();
+    let plan = Plan::new(&tree).unwrap();
+    let mut o = opts(Ext4Size::Auto { headroom: Headroom::Bytes(0) });
+    o.reserved_percent = 0.0;
+    let layout = layout(&plan, &o).unwrap();
+    let t1 = std::time::Instant::now();
+    let file = File::create(&out).unwrap();
+    let mut sink = SeekSink::at(file.try_clone().unwrap(), 0).unwrap();
+    layout.write(&plan, &mut sink).unwrap();
+    file.set_len(layout.size_bytes()).unwrap();
+    file.sync_all().unwrap();
+    let t2 = std::time::Instant::now();
+    let t = plan.totals();
+    println!(
+        "files {} dirs {} symlinks {} file bytes {}: image {} bytes ({:?}); layout {:?}, write {:?}",
+        t.files,
+        t.dirs,
+        t.symlinks,
+        t.file_bytes,
+        layout.size_bytes(),
+        layout.summary(),
+        t1 - t0,
+        t2 - t1
+    );
+    fsck(Path::new(&out));
+}
