@@ -559,6 +559,9 @@ impl Layout {
             .iter()
             .find(|e| e.name == b"lost+found" && matches!(plan.tree_inode(e.ino).body, Body::Dir(_)))
             .map(|e| e.ino);
+        if tree_lost_found.is_none() && root_dir.entries.iter().any(|e| e.name == b"lost+found") {
+            return Err(Ext4Error::LostFoundNotDirectory);
+        }
         let n_plan = plan.inodes().len() as u64;
         let others = n_plan - 1 - u64::from(tree_lost_found.is_some());
         let last_ino = u64::from(LOST_FOUND_INO) + others;

@@ -106,6 +106,8 @@ pub enum Ext4Error {
     XattrTooLong { path: String, name: String },
     #[error("/{path}: {name} is not a valid POSIX ACL (version 2, 8-byte entries); fix or drop it")]
     BadAcl { path: String, name: String },
+    #[error("/lost+found is not a directory; e2fsck needs it to be one, remove or replace it in the tree")]
+    LostFoundNotDirectory,
     #[error("cannot read /{path}: {source}")]
     ReadContent { path: String, source: io::Error },
     #[error("/{path} changed while the image was written (expected {expected} bytes); build from a stable tree")]

@@ -312,6 +312,23 @@ fn options_are_checked() {
     assert!(matches!(err, Ext4Error::LabelTooLong { .. }), "{err}");
     let err = layout(&plan, &Ext4Options { reserved_percent: 60.0, ..auto() }).unwrap_err();
     assert!(matches!(err, Ext4Error::ReservedPercent(_)), "{err}");
+    let mut tree = Tree::new();
+    tree.add_bytes(&p("/lost+found"), b"not a dir".to_vec(), 0o644, 0).unwrap();
+    let plan = Plan::new(&tree).unwrap();
+    let err = layout(&plan, &auto()).unwrap_err();
+    assert!(matches!(err, Ext4Error::LostFoundNotDirectory), "{err}");
+}
+
+#[test]
+fn a_lost_found_from_the_tree_becomes_inode_11() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tree = Tree::new();
+    tree.add_bytes(&p("/lost+found/kept"), b"k".to_vec(), 0o644, 0).unwrap();
+    tree.add_bytes(&p("/a"), b"a".to_vec(), 0o644, 0).unwrap();
+    let (image, _) = build(&tree, &auto(), dir.path(), "lf.img");
+    fsck(&image);
+    assert!(debugfs(&image, "stat /lost+found").starts_with("Inode: 11 "));
+    assert_eq!(debugfs_bytes(&image, "cat /lost+found/kept"), b"k");
 }
 
 /// Builds an auto-sized image (no headroom, nothing reserved) of the host
