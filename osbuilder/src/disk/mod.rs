@@ -5,6 +5,10 @@
 //! increasing offset order, doing no other I/O. Staging the output file
 //! (temporary name, fsync, rename) is [`crate::output`]'s job.
 
+pub mod dax;
+pub mod layout;
+pub mod table;
+
 use std::io::{self, Seek, SeekFrom, Write};
 
 /// Where a format writer's bytes go, in increasing offset order.
