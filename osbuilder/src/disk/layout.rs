@@ -429,3 +429,304 @@ impl DiskLayout {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{SeekSink, StreamSink};
+    use serde_json::{json, Value};
+    use std::io::{Read, Seek, SeekFrom};
+    use std::path::Path;
+    use std::process::Command;
+
+    const SEED: [u8; 32] = [7; 32];
+    const FS_MARK: &[u8] = b"filesystem starts here";
+    const EXTRA_MARK: &[u8] = b"extra partition starts here";
+
+    /// Writes the image the way the integrator will: head, the filesystem
+    /// (a marker, then a hole), each extra partition, tail, file length.
+    fn write_image(layout: &DiskLayout, sink: &mut dyn Sink) {
+        layout.write_head(sink).unwrap();
+        assert_eq!(sink.position(), layout.fs_offset(), "head ends at the filesystem");
+        let fs_bytes = layout.partitions().first().map_or(layout.total_bytes(), |p| p.size);
+        sink.write_all(FS_MARK).unwrap();
+        sink.zeros(fs_bytes - FS_MARK.len() as u64).unwrap();
+        for p in layout.partitions().iter().skip(1) {
+            advance_to(sink, p.start, "extra partition").unwrap();
+            sink.write_all(EXTRA_MARK).unwrap();
+            sink.zeros(p.size - EXTRA_MARK.len() as u64).unwrap();
+        }
+        layout.write_tail(sink).unwrap();
+        assert_eq!(sink.position(), layout.total_bytes(), "tail ends at the disk's end");
+    }
+
+    fn image_file(layout: &DiskLayout) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        {
+            let mut sink = SeekSink::at(file.as_file_mut(), 0).unwrap();
+            write_image(layout, &mut sink);
+        }
+        file.as_file().set_len(layout.total_bytes()).unwrap();
+        assert_eq!(file.as_file().metadata().unwrap().len(), layout.total_bytes());
+        file
+    }
+
+    fn image_bytes(layout: &DiskLayout) -> Vec<u8> {
+        let mut sink = StreamSink::new(Vec::new());
+        write_image(layout, &mut sink);
+        sink.into_inner()
+    }
+
+    /// The image from byte `from` on, as its own file: what pmem shows.
+    fn suffix_file(image: &Path, from: u64) -> tempfile::NamedTempFile {
+        let mut src = std::fs::File::open(image).unwrap();
+        src.seek(SeekFrom::Start(from)).unwrap();
+        let mut out = tempfile::NamedTempFile::new().unwrap();
+        std::io::copy(&mut src, out.as_file_mut()).unwrap();
+        out
+    }
+
+    fn read_at(image: &Path, offset: u64, len: usize) -> Vec<u8> {
+        let mut file = std::fs::File::open(image).unwrap();
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        let mut buf = vec![0; len];
+        file.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    fn run(program: &str, args: &[&str], image: &Path) -> String {
+        let out = Command::new(program)
+            .args(args)
+            .arg(image)
+            .output()
+            .unwrap_or_else(|e| panic!("{program} runs (install fdisk and gdisk): {e}"));
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{program} {args:?} failed: {text}");
+        text
+    }
+
+    /// `sfdisk --json`, reduced to what we check; `node` names are dropped
+    /// (they embed the temp file's name).
+    fn sfdisk_view(image: &Path) -> Value {
+        let text = run("sfdisk", &["--json"], image);
+        let mut json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("sfdisk --json: {e}: {text}"));
+        let table = json["partitiontable"].take();
+        let parts: Vec<Value> = table["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p.as_object_mut().unwrap().remove("node");
+                p
+            })
+            .collect();
+        let mut view = json!({ "label": table["label"], "id": table["id"], "partitions": parts });
+        for key in ["firstlba", "lastlba"] {
+            if let Some(v) = table.get(key) {
+                view[key] = v.clone();
+            }
+        }
+        view
+    }
+
+    fn mbr_part(start: u64, size: u64) -> Value {
+        json!({ "start": start, "size": size, "type": "83" })
+    }
+
+    fn upper(guid: Guid) -> String {
+        guid.to_string().to_uppercase()
+    }
+
+    #[test]
+    fn whole_disk_is_just_the_filesystem() {
+        let layout = plan_disk(&DiskSpec::new(TableKind::None, false, 4096 * 10, SEED)).unwrap();
+        assert_eq!((layout.fs_offset(), layout.total_bytes()), (0, 40960));
+        assert!(layout.partitions().is_empty());
+        let bytes = image_bytes(&layout);
+        assert_eq!(bytes.len(), 40960);
+        assert!(bytes.starts_with(FS_MARK));
+    }
+
+    #[test]
+    fn mbr_disk_has_one_linux_partition_at_1_mib() {
+        let fs_bytes = 5 * MIB + 4096;
+        let layout = plan_disk(&DiskSpec::new(TableKind::Mbr, false, fs_bytes, SEED)).unwrap();
+        assert_eq!(layout.fs_offset(), MIB);
+        assert_eq!(layout.total_bytes(), 7 * MIB, "padded to whole MiB");
+        let image = image_file(&layout);
+        let signature = format!("0x{:08x}", layout.mbr_signature().unwrap());
+        assert_eq!(
+            sfdisk_view(image.path()),
+            json!({ "label": "dos", "id": signature, "partitions": [mbr_part(2048, fs_bytes / 512)] })
+        );
+        let verify = run("sfdisk", &["--verify"], image.path());
+        assert!(!verify.to_lowercase().contains("different"), "sfdisk --verify: {verify}");
+        assert_eq!(read_at(image.path(), MIB, FS_MARK.len()), FS_MARK);
+    }
+
+    #[test]
+    fn mbr_extra_partitions_follow_1_mib_aligned() {
+        let mut spec = DiskSpec::new(TableKind::Mbr, false, 4 * MIB + 512, SEED);
+        spec.extra_partitions = vec![ExtraPartition::sized(64 * 1024), ExtraPartition::sized(MIB)];
+        let layout = plan_disk(&spec).unwrap();
+        let starts: Vec<u64> = layout.partitions().iter().map(|p| p.start).collect();
+        assert_eq!(starts, [MIB, 6 * MIB, 7 * MIB]);
+        assert_eq!(layout.total_bytes(), 8 * MIB);
+        let image = image_file(&layout);
+        assert_eq!(
+            sfdisk_view(image.path())["partitions"],
+            json!([mbr_part(2048, (4 * MIB + 512) / 512), mbr_part(6 * 2048, 128), mbr_part(7 * 2048, 2048)])
+        );
+        run("sfdisk", &["--verify"], image.path());
+        assert_eq!(read_at(image.path(), 6 * MIB, EXTRA_MARK.len()), EXTRA_MARK);
+    }
+
+    #[test]
+    fn gpt_disk_passes_sgdisk_and_shows_the_derived_identifiers() {
+        let fs_bytes = 3 * MIB;
+        let mut spec = DiskSpec::new(TableKind::Gpt, false, fs_bytes, SEED);
+        let verity_guid = Guid::parse("0123abcd-0000-4000-8000-00000000beef");
+        spec.extra_partitions = vec![ExtraPartition { size_bytes: 40960, guid: Some(verity_guid) }];
+        let layout = plan_disk(&spec).unwrap();
+        assert_eq!(layout.fs_offset(), MIB);
+        // 1 MiB + 3 MiB fs, verity at 4 MiB (80 sectors), backup 33 sectors: 5 MiB.
+        assert_eq!(layout.total_bytes(), 5 * MIB);
+        let disk_guid = layout.disk_guid().unwrap();
+        let root_guid = match &layout.partitions()[0].kind {
+            PartitionType::Gpt { guid, .. } => *guid,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(root_guid.0[6] >> 4, 4, "v4 version nibble");
+        assert_eq!(root_guid.0[8] >> 6, 0b10, "rfc 4122 variant");
+        let image = image_file(&layout);
+
+        let verify = run("sgdisk", &["-v"], image.path());
+        assert!(verify.contains("No problems found"), "sgdisk -v: {verify}");
+        let print = run("sgdisk", &["-p"], image.path());
+        assert!(print.contains(&format!("Disk identifier (GUID): {}", upper(disk_guid))), "{print}");
+        let info = run("sgdisk", &["-i", "1"], image.path());
+        assert!(info.contains(&format!("Partition unique GUID: {}", upper(root_guid))), "{info}");
+        assert!(info.contains("Partition name: 'root-x86-64'"), "{info}");
+
+        let last_lba = 5 * MIB / 512 - 1;
+        assert_eq!(
+            sfdisk_view(image.path()),
+            json!({
+                "label": "gpt", "id": upper(disk_guid), "firstlba": 34, "lastlba": last_lba - 33,
+                "partitions": [
+                    { "start": 2048, "size": fs_bytes / 512, "type": upper(GPT_TYPE_ROOT_X86_64),
+                      "uuid": upper(root_guid), "name": "root-x86-64" },
+                    { "start": 4 * 2048, "size": 80, "type": upper(GPT_TYPE_ROOT_VERITY_X86_64),
+                      "uuid": upper(verity_guid), "name": "root-x86-64-verity" },
+                ],
+            })
+        );
+        run("sfdisk", &["--verify"], image.path());
+        assert_eq!(read_at(image.path(), MIB, FS_MARK.len()), FS_MARK);
+        assert_eq!(&read_at(image.path(), last_lba * 512, 8), b"EFI PART");
+    }
+
+    #[test]
+    fn gpt_root_guid_can_be_given() {
+        let mut spec = DiskSpec::new(TableKind::Gpt, false, MIB, SEED);
+        let guid = Guid::parse("11111111-2222-4333-8444-555555555555");
+        spec.root_guid = Some(guid);
+        let layout = plan_disk(&spec).unwrap();
+        assert!(matches!(layout.partitions()[0].kind, PartitionType::Gpt { guid: g, .. } if g == guid));
+    }
+
+    #[test]
+    fn dax_disk_matches_kata_layout_from_both_readers() {
+        let fs_bytes = 5 * MIB;
+        let mut spec = DiskSpec::new(TableKind::Mbr, true, fs_bytes, SEED);
+        spec.extra_partitions = vec![ExtraPartition::sized(8192)];
+        let layout = plan_disk(&spec).unwrap();
+        assert_eq!(layout.fs_offset(), 3 * MIB);
+        assert_eq!(layout.dax_data_offset(), Some(2 * MIB));
+        // fs 3..8 MiB, hash 8 MiB + 8 KiB, padded to 10 MiB.
+        assert_eq!(layout.total_bytes(), 10 * MIB);
+        let image = image_file(&layout);
+
+        // virtio-blk: the whole image; partition 1 at 3 MiB.
+        let outer = sfdisk_view(image.path());
+        assert_eq!(outer["label"], "dos");
+        assert_eq!(outer["partitions"], json!([mbr_part(6144, fs_bytes / 512), mbr_part(8 * 2048, 16)]));
+        run("sfdisk", &["--verify"], image.path());
+
+        // pmem: the device starts at 2 MiB and is total - 2 MiB long.
+        let pmem = suffix_file(image.path(), 2 * MIB);
+        assert_eq!(pmem.as_file().metadata().unwrap().len(), layout.total_bytes() - 2 * MIB);
+        let inner = sfdisk_view(pmem.path());
+        assert_eq!(inner["partitions"], json!([mbr_part(2048, fs_bytes / 512), mbr_part(6 * 2048, 16)]));
+        assert_ne!(inner["id"], outer["id"], "distinct signatures, distinct PARTUUIDs");
+        run("sfdisk", &["--verify"], pmem.path());
+
+        assert_eq!(read_at(image.path(), 4096, 4096), dax::encode_pfn_info());
+        assert_eq!(read_at(image.path(), 3 * MIB, FS_MARK.len()), FS_MARK);
+        assert_eq!(read_at(image.path(), 8 * MIB, EXTRA_MARK.len()), EXTRA_MARK);
+        // Nothing but the two MBRs and the PFN block in the reserved 3 MiB.
+        let head = read_at(image.path(), 0, 3 * MIB as usize);
+        let nonzero: Vec<usize> = head.iter().enumerate().filter(|(_, &b)| b != 0).map(|(i, _)| i).collect();
+        assert!(nonzero.iter().all(|&i| i < 512 || (4096..8192).contains(&i) || (2 * MIB as usize..2 * MIB as usize + 512).contains(&i)));
+    }
+
+    #[test]
+    fn dax_total_is_a_2_mib_multiple() {
+        for fs_bytes in [4096, MIB, 2 * MIB - 512, 2 * MIB, 7 * MIB + 4096] {
+            let layout = plan_disk(&DiskSpec::new(TableKind::Mbr, true, fs_bytes, SEED)).unwrap();
+            assert_eq!(layout.total_bytes() % (2 * MIB), 0, "fs {fs_bytes}");
+            assert!(layout.total_bytes() >= 3 * MIB + fs_bytes);
+            assert!(layout.total_bytes() < 3 * MIB + fs_bytes + 2 * MIB);
+        }
+    }
+
+    #[test]
+    fn same_spec_same_bytes_and_seed_changes_identifiers() {
+        for table in [TableKind::None, TableKind::Mbr, TableKind::Gpt] {
+            for dax in [false, true] {
+                let mut spec = DiskSpec::new(table, dax, 2 * MIB, SEED);
+                let Ok(layout) = plan_disk(&spec) else { continue };
+                assert_eq!(image_bytes(&layout), image_bytes(&plan_disk(&spec).unwrap()), "{table:?} dax {dax}");
+                if table != TableKind::None {
+                    spec.seed[0] ^= 1;
+                    let other = plan_disk(&spec).unwrap();
+                    assert_ne!(image_bytes(&layout), image_bytes(&other), "{table:?} dax {dax} seed matters");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn writers_refuse_a_sink_in_the_wrong_place() {
+        let layout = plan_disk(&DiskSpec::new(TableKind::Gpt, false, MIB, SEED)).unwrap();
+        let mut sink = StreamSink::new(Vec::new());
+        sink.zeros(1).unwrap();
+        assert!(matches!(layout.write_head(&mut sink), Err(DiskError::SinkPosition { expected: 0, found: 1, .. })));
+        let mut sink = StreamSink::new(Vec::new());
+        sink.zeros(MIB).unwrap();
+        assert!(matches!(layout.write_tail(&mut sink), Err(DiskError::SinkPosition { expected, .. }) if expected == 2 * MIB));
+    }
+
+    #[test]
+    fn impossible_specs_are_refused() {
+        let check = |spec: DiskSpec, expected: &str| {
+            let err = plan_disk(&spec).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err:?} lacks {expected:?}");
+        };
+        check(DiskSpec::new(TableKind::None, true, MIB, SEED), "needs a partition table");
+        check(DiskSpec::new(TableKind::Gpt, true, MIB, SEED), "not GPT");
+        check(DiskSpec::new(TableKind::Mbr, false, 0, SEED), "filesystem size 0");
+        check(DiskSpec::new(TableKind::Mbr, false, 1000, SEED), "filesystem size 1000");
+        check(DiskSpec::new(TableKind::Mbr, false, 3 << 40, SEED), "too large for an MBR");
+        let mut spec = DiskSpec::new(TableKind::None, false, MIB, SEED);
+        spec.extra_partitions = vec![ExtraPartition::sized(MIB)];
+        check(spec, "extra partitions need a partition table");
+        let mut spec = DiskSpec::new(TableKind::Mbr, false, MIB, SEED);
+        spec.extra_partitions = vec![ExtraPartition::sized(MIB); 4];
+        check(spec.clone(), "at most 4 primary partitions, 5");
+        spec.extra_partitions[1].size_bytes = 100;
+        check(spec, "partition 3 size 100");
+        assert!(plan_disk(&DiskSpec::new(TableKind::Gpt, false, 3 << 40, SEED)).is_ok(), "gpt takes big disks");
+    }
+}
