@@ -120,13 +120,16 @@ pub struct MbrEntry {
     pub sectors: u32,
 }
 
+/// The first LBA that CHS cannot address (1024 cylinders of 255 * 63).
+const CHS_LBA_LIMIT: u64 = 1024 * 255 * 63;
+
 /// The three CHS bytes for `lba` under the conventional 255-head,
 /// 63-sector geometry that fdisk assumes for images; addresses beyond
 /// cylinder 1023 saturate at 1023/254/63 as fdisk writes them.
 pub fn chs_bytes(lba: u64) -> [u8; 3] {
     const HEADS: u64 = 255;
     const SECTORS: u64 = 63;
-    let (c, h, s) = if lba >= 1024 * HEADS * SECTORS {
+    let (c, h, s) = if lba >= CHS_LBA_LIMIT {
         (1023, 254, 63)
     } else {
         (lba / (HEADS * SECTORS), (lba / SECTORS) % HEADS, lba % SECTORS + 1)
@@ -163,10 +166,11 @@ pub fn encode_mbr(disk_signature: u32, entries: &[MbrEntry]) -> [u8; 512] {
 /// CHS 0/0/2 and end CHS 0xFFFFFF when the end is not representable, as the
 /// UEFI specification says.
 pub fn encode_protective_mbr(disk_sectors: u64) -> [u8; 512] {
-    let sectors = u32::try_from(disk_sectors - 1).unwrap_or(u32::MAX);
+    let last_lba = disk_sectors - 1;
+    let sectors = u32::try_from(last_lba).unwrap_or(u32::MAX);
     let mut sector = encode_mbr(0, &[MbrEntry { kind: MBR_TYPE_PROTECTIVE, first: Lba(1), sectors }]);
     sector[446 + 1..446 + 4].copy_from_slice(&[0x00, 0x02, 0x00]);
-    if disk_sectors - 1 >= 1024 * 255 * 63 {
+    if last_lba >= CHS_LBA_LIMIT {
         sector[446 + 5..446 + 8].copy_from_slice(&[0xff, 0xff, 0xff]);
     }
     sector
@@ -303,6 +307,21 @@ mod tests {
         assert_eq!(&sector[446 + 12..446 + 16], &4096u32.to_le_bytes());
         assert!(sector[462..510].iter().all(|&b| b == 0));
         assert_eq!(&sector[510..], &[0x55, 0xaa]);
+    }
+
+    #[test]
+    fn protective_mbr_covers_the_disk_or_saturates() {
+        let small = encode_protective_mbr(14336);
+        assert_eq!(small[446], 0, "not bootable");
+        assert_eq!(&small[446 + 1..446 + 4], &[0x00, 0x02, 0x00], "start chs 0/0/2");
+        assert_eq!(small[446 + 4], 0xee);
+        assert_eq!(&small[446 + 5..446 + 8], &chs_bytes(14335), "end chs is the last lba's");
+        assert_eq!(&small[446 + 8..446 + 12], &1u32.to_le_bytes());
+        assert_eq!(&small[446 + 12..446 + 16], &14335u32.to_le_bytes());
+        let huge = encode_protective_mbr(1 << 40);
+        assert_eq!(&huge[446 + 5..446 + 8], &[0xff, 0xff, 0xff]);
+        assert_eq!(&huge[446 + 12..446 + 16], &u32::MAX.to_le_bytes());
+        assert_eq!(&huge[510..], &[0x55, 0xaa]);
     }
 
     #[test]
