@@ -5,7 +5,10 @@
 //! increasing offset order, doing no other I/O. Staging the output file
 //! (temporary name, fsync, rename) is [`crate::output`]'s job.
 
+pub mod dax;
 pub mod ext4;
+pub mod layout;
+pub mod table;
 
 use std::io::{self, Seek, SeekFrom, Write};
 
