@@ -10,7 +10,8 @@ PKGS=(
   skopeo umoci docker-registry debootstrap  # OCI images and a real registry
   apache2-utils libcap2-bin                 # htpasswd -B, setcap/getcap for fixtures
   cpio gzip zstd                            # initrd oracles
-  e2fsprogs erofs-utils cryptsetup-bin      # disk oracles (later issues)
+  e2fsprogs erofs-utils cryptsetup-bin      # filesystem oracles (e2fsck, debugfs, fsck.erofs, veritysetup)
+  fdisk gdisk python3                       # partition-table oracles (sfdisk, sgdisk), PFN block check
   qemu-system-x86 qemu-utils busybox-static # boots
   linux-source-6.12 bc bison flex libelf-dev libssl-dev make gcc patch xz-utils  # guest kernels
 )
