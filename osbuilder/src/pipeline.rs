@@ -7,11 +7,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::disk::{self, ext4::Ext4Size, image::{Cmdline, DiskOptions, DiskReport, FsKind, ImageError}, layout::TableKind};
 use crate::initrd::{self, InitrdError, InitrdOptions, InitrdReport};
 use crate::oci::digest::Digest;
 use crate::oci::{Image, ImageRef, LayerInfo, OciError, PullOptions};
 use crate::progress::Progress;
-use crate::rootfs::{HostAddError, LayerStats, PathError, RelPath, Tree, TreeStats};
+use crate::rootfs::{HostAddError, LayerStats, PathError, Plan, RelPath, Tree, TreeStats};
+use sha2::Digest as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -21,6 +23,8 @@ pub enum BuildError {
     Initrd(#[from] InitrdError),
     #[error(transparent)]
     HostAdd(#[from] HostAddError),
+    #[error(transparent)]
+    Disk(#[from] ImageError),
     #[error("{0}")]
     Usage(String),
 }
@@ -59,23 +63,35 @@ pub enum EpochSource {
     Zero,
 }
 
-/// Everything that shapes one initrd build.
+/// The inputs that make the guest tree, shared by every output kind.
 #[derive(Clone, Debug)]
-pub struct InitrdJob {
+pub struct TreeJob {
     pub image: ImageRef,
-    pub output: PathBuf,
     pub pull: PullOptions,
-    pub initrd: InitrdOptions,
     /// `None`: use the image config's `created`, else 0.
     pub source_date_epoch: Option<i64>,
     pub adds: Vec<AddSpec>,
     pub removes: Vec<RelPath>,
     /// Where layer file data is spooled (default: the system temp dir).
     pub spool_dir: Option<PathBuf>,
-    /// The guest init (static `osb-init`): placed at `/init`, with the
-    /// image's run config at [`RUN_CONFIG_PATH`].
+    /// The guest init (static `osb-init`), with the image's run config at
+    /// [`RUN_CONFIG_PATH`]; where it goes depends on the output kind.
     pub init: Option<PathBuf>,
 }
+
+/// Everything that shapes one initrd build.
+#[derive(Clone, Debug)]
+pub struct InitrdJob {
+    pub tree: TreeJob,
+    pub output: PathBuf,
+    pub initrd: InitrdOptions,
+}
+
+/// Where the guest init goes in an initrd: what the kernel runs.
+pub const INITRD_INIT_PATH: &str = "/init";
+/// Where the guest init goes on a disk: beside, not over, the image's own
+/// `/sbin/init`; the kernel is told with `init=`.
+pub const DISK_INIT_PATH: &str = "/.osb/init";
 
 /// Where the guest init reads the workload's run config.
 pub const RUN_CONFIG_PATH: &str = "etc/osb/run.json";
@@ -114,10 +130,10 @@ impl GuestRunConfig {
     }
 }
 
-/// Places the guest init at `/init` (0755) and, when the image names a
+/// Places the guest init at `dest` (0755) and, when the image names a
 /// workload, its run config at `/etc/osb/run.json` (0644).
-pub fn add_guest_init(tree: &mut Tree, init: &Path, run: Option<&GuestRunConfig>, epoch: i64) -> Result<(), BuildError> {
-    let dest = RelPath::parse_user("/init").expect("valid path");
+pub fn add_guest_init(tree: &mut Tree, init: &Path, dest: &str, run: Option<&GuestRunConfig>, epoch: i64) -> Result<(), BuildError> {
+    let dest = RelPath::parse_user(dest).expect("valid path");
     tree.add_host_path(init, &dest, Some(0o755), epoch)?;
     if let Some(run) = run.filter(|r| r.has_workload()) {
         let mut json = serde_json::to_vec_pretty(run).expect("serialisable");
@@ -133,7 +149,7 @@ pub fn build_agent_initrd(init: &Path, output: &Path, opts: &InitrdOptions, prog
         return Err(BuildError::Usage(format!("output {} is a directory; give a file name", output.display())));
     }
     let mut tree = Tree::new();
-    add_guest_init(&mut tree, init, None, opts.source_date_epoch)?;
+    add_guest_init(&mut tree, init, INITRD_INIT_PATH, None, opts.source_date_epoch)?;
     let bar = progress.bytes("write", tree.stats().file_bytes);
     let report = initrd::write_initrd(&tree, output, opts, &bar)?;
     bar.finish_and_clear();
@@ -225,7 +241,7 @@ pub struct Timings {
 
 /// Resolves the image and builds the guest tree (layers, then removals, then
 /// additions), returning it with what the build needs to report.
-pub fn build_tree(job: &InitrdJob, progress: &Progress, timings: &mut Timings) -> Result<(Image, Tree, Vec<LayerStats>, i64, EpochSource), BuildError> {
+pub fn build_tree(job: &TreeJob, init_path: &str, progress: &Progress, timings: &mut Timings) -> Result<(Image, Tree, Vec<LayerStats>, i64, EpochSource), BuildError> {
     let t = Instant::now();
     let image = Image::open(&job.image, &job.pull, progress)?;
     timings.resolve = t.elapsed().as_secs_f64();
@@ -241,7 +257,7 @@ pub fn build_tree(job: &InitrdJob, progress: &Progress, timings: &mut Timings) -
         tree.remove(path);
     }
     if let Some(init) = &job.init {
-        add_guest_init(&mut tree, init, Some(&GuestRunConfig::of(&image.config.config)), epoch)?;
+        add_guest_init(&mut tree, init, init_path, Some(&GuestRunConfig::of(&image.config.config)), epoch)?;
     }
     for add in &job.adds {
         tree.add_host_path(&add.src, &add.dest, add.mode, epoch)?;
@@ -256,7 +272,7 @@ pub fn build_initrd(job: &InitrdJob, progress: &Progress) -> Result<InitrdBuildR
         return Err(BuildError::Usage(format!("output {} is a directory; give a file name", job.output.display())));
     }
     let mut timings = Timings::default();
-    let (image, tree, stats, epoch, epoch_source) = build_tree(job, progress, &mut timings)?;
+    let (image, tree, stats, epoch, epoch_source) = build_tree(&job.tree, INITRD_INIT_PATH, progress, &mut timings)?;
     let t = Instant::now();
     let opts = InitrdOptions { source_date_epoch: epoch, ..job.initrd.clone() };
     // newc adds a 110-byte header plus the name and padding per entry.
@@ -279,6 +295,100 @@ pub fn build_initrd(job: &InitrdJob, progress: &Progress) -> Result<InitrdBuildR
     })
 }
 
+/// Everything that shapes one disk build.
+#[derive(Clone, Debug)]
+pub struct DiskJob {
+    pub tree: TreeJob,
+    pub output: PathBuf,
+    pub fs: FsKind,
+    pub table: TableKind,
+    pub dax: bool,
+    pub size: Ext4Size,
+    pub reserved_percent: f64,
+    pub label: Option<String>,
+    pub journal: bool,
+}
+
+/// What a disk build did.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskBuildReport {
+    pub image: ImageSummary,
+    pub source_date_epoch: i64,
+    pub epoch_source: EpochSource,
+    pub layers: Vec<LayerReport>,
+    pub tree: TreeStatsReport,
+    pub output: PathBuf,
+    pub disk: DiskReport,
+    /// The kernel arguments for each way to boot the disk (also in `disk`).
+    pub cmdline: Cmdline,
+    pub seconds: Timings,
+}
+
+/// The seed every identifier on a disk comes from: a hash of what the disk
+/// is made of (the image by digest, the epoch, the additions by name and
+/// size, the layout options), so the same inputs give the same UUIDs.
+fn disk_seed(job: &DiskJob, image: &Image, epoch: i64) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(b"osbuilder disk seed v1");
+    field(image.manifest_digest.as_ref().map(|d| d.to_string()).unwrap_or_default().as_bytes());
+    field(image.config_digest.as_ref().map(|d| d.to_string()).unwrap_or_default().as_bytes());
+    for layer in &image.layers {
+        field(layer.digest.as_ref().or(layer.diff_id.as_ref()).map(|d| d.to_string()).unwrap_or_default().as_bytes());
+    }
+    field(&epoch.to_le_bytes());
+    for add in &job.tree.adds {
+        field(&add.dest.to_bytes());
+        field(&std::fs::metadata(&add.src).map(|m| m.len()).unwrap_or(0).to_le_bytes());
+    }
+    for remove in &job.tree.removes {
+        field(&remove.to_bytes());
+    }
+    field(format!("{:?} {:?} {} {:?} {} {:?} {}", job.fs, job.table, job.dax, job.size, job.reserved_percent, job.label, job.journal).as_bytes());
+    field(&[job.tree.init.is_some() as u8]);
+    h.finalize().into()
+}
+
+/// The whole `osbuilder disk` job.
+pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport, BuildError> {
+    check_output_dir(&job.output)?;
+    if job.output.is_dir() {
+        return Err(BuildError::Usage(format!("output {} is a directory; give a file name", job.output.display())));
+    }
+    let mut timings = Timings::default();
+    let (image, tree, stats, epoch, epoch_source) = build_tree(&job.tree, DISK_INIT_PATH, progress, &mut timings)?;
+    let t = Instant::now();
+    let plan = Plan::new(&tree).map_err(|e| BuildError::Disk(e.into()))?;
+    let opts = DiskOptions {
+        fs: job.fs,
+        table: job.table,
+        dax: job.dax,
+        size: job.size,
+        reserved_percent: job.reserved_percent,
+        label: job.label.clone(),
+        journal: job.journal,
+        source_date_epoch: epoch,
+        seed: disk_seed(job, &image, epoch),
+        init_path: job.tree.init.as_ref().map(|_| DISK_INIT_PATH.to_string()),
+    };
+    let disk = disk::image::write_disk(&plan, &opts, &job.output)?;
+    timings.write = t.elapsed().as_secs_f64();
+    Ok(DiskBuildReport {
+        image: ImageSummary::of(&image),
+        source_date_epoch: epoch,
+        epoch_source,
+        layers: stats.into_iter().map(Into::into).collect(),
+        tree: tree.stats().into(),
+        output: job.output.clone(),
+        cmdline: disk.cmdline.clone(),
+        disk,
+        seconds: timings,
+    })
+}
+
 /// Parses a memory size: `512M`, `2G`, `1048576K`; a bare number is MiB, as in QEMU's `-m`.
 pub fn parse_mem_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -292,6 +402,22 @@ pub fn parse_mem_size(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_shl(shift).filter(|v| v >> shift == n))
         .ok_or_else(|| format!("memory size {s:?} is not like 512M or 2G"))
+}
+
+/// Parses a disk size: `512M`, `2G`, `1T`, `64K`; a bare number is bytes.
+pub fn parse_disk_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        Some((i, 'T' | 't')) => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_shl(shift).filter(|v| v >> shift == n))
+        .ok_or_else(|| format!("size {s:?} is not like 512M, 2G or a number of bytes"))
 }
 
 /// Checks `path` can be written as an output (its directory exists).

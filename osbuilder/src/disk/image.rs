@@ -1,0 +1,252 @@
+//! A whole disk image: the filesystem writer and the partition layout put
+//! together in one pass over one staged file, hashed as it is written, with
+//! the kernel arguments for every way to boot it.
+
+use std::io;
+use std::path::Path;
+
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use super::ext4::{self, Ext4Error, Ext4Options, Ext4Size, Ext4Summary};
+use super::layout::{plan_disk, DiskError, DiskSpec, PartitionType, TableKind};
+use super::{SeekSink, Sink};
+use crate::output::{OutputError, Staged};
+use crate::rootfs::Plan;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Plan(#[from] crate::rootfs::PlanError),
+    #[error(transparent)]
+    Ext4(#[from] Ext4Error),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error("cannot write the disk image: {0}")]
+    Write(#[source] io::Error),
+}
+
+/// The filesystems we write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FsKind {
+    Ext4,
+}
+
+/// Everything that shapes a disk, except the tree.
+#[derive(Clone, Debug)]
+pub struct DiskOptions {
+    pub fs: FsKind,
+    pub table: TableKind,
+    pub dax: bool,
+    pub size: Ext4Size,
+    pub reserved_percent: f64,
+    pub label: Option<String>,
+    pub journal: bool,
+    pub source_date_epoch: i64,
+    /// Every identifier (filesystem UUID, hash seed, partition GUIDs, disk
+    /// signature) is derived from this; the pipeline hashes its inputs into it.
+    pub seed: [u8; 32],
+    /// Where the guest init sits in the tree, for the `init=` argument.
+    pub init_path: Option<String>,
+}
+
+/// One partition, for the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartitionReport {
+    pub number: u32,
+    pub offset: u64,
+    pub size: u64,
+    /// `0x83` for MBR, the type GUID for GPT.
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guid: Option<String>,
+}
+
+/// The kernel arguments for each way to boot the disk.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Cmdline {
+    /// NVDIMM with DAX (only for `--dax` images: fs-dax needs the PFN block).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pmem: Option<String>,
+    #[serde(rename = "virtio-blk")]
+    pub virtio_blk: String,
+    #[serde(rename = "virtio-scsi")]
+    pub virtio_scsi: String,
+}
+
+/// How the guest sees the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    Pmem,
+    VirtioBlk,
+    VirtioScsi,
+}
+
+impl Cmdline {
+    pub fn get(&self, via: Via) -> Option<&str> {
+        match via {
+            Via::Pmem => self.pmem.as_deref(),
+            Via::VirtioBlk => Some(&self.virtio_blk),
+            Via::VirtioScsi => Some(&self.virtio_scsi),
+        }
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskReport {
+    pub bytes: u64,
+    pub sha256: String,
+    pub fs: FsKind,
+    pub table: &'static str,
+    pub dax: bool,
+    /// The filesystem partition (the whole disk with `--table none`).
+    pub partition: PartitionReport,
+    pub partitions: Vec<PartitionReport>,
+    pub filesystem: Ext4Summary,
+    pub cmdline: Cmdline,
+}
+
+/// Kata's root arguments (its GetKernelRootParams) for ext4, with `rw` for
+/// block devices a guest owns and `ro` for the shared DAX mapping.
+pub fn cmdline(table: TableKind, dax: bool, fs: FsKind, init_path: Option<&str>) -> Cmdline {
+    let FsKind::Ext4 = fs;
+    let part = |dev: &str, pmem: bool| match table {
+        TableKind::None => dev.to_string(),
+        _ if pmem => format!("{dev}p1"),
+        _ => format!("{dev}1"),
+    };
+    let init = init_path.map(|p| format!(" init={p}")).unwrap_or_default();
+    let block = |dev: &str| format!("root={} rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw{init}", part(dev, false));
+    Cmdline {
+        pmem: dax.then(|| format!("root={} rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4{init}", part("/dev/pmem0", true))),
+        virtio_blk: block("/dev/vda"),
+        virtio_scsi: block("/dev/sda"),
+    }
+}
+
+/// Positions relative to where the filesystem starts inside the image.
+struct Offset<'a> {
+    inner: &'a mut dyn Sink,
+    base: u64,
+}
+
+impl Sink for Offset<'_> {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_all(buf)
+    }
+    fn zeros(&mut self, len: u64) -> io::Result<()> {
+        self.inner.zeros(len)
+    }
+    fn position(&self) -> u64 {
+        self.inner.position() - self.base
+    }
+}
+
+/// Hashes everything that passes, holes as the zeros they read back as.
+struct Hashing<S> {
+    inner: S,
+    hasher: Sha256,
+}
+
+impl<S: Sink> Sink for Hashing<S> {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.hasher.update(buf);
+        self.inner.write_all(buf)
+    }
+    fn zeros(&mut self, len: u64) -> io::Result<()> {
+        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(ZEROS.len() as u64) as usize;
+            self.hasher.update(&ZEROS[..n]);
+            left -= n as u64;
+        }
+        self.inner.zeros(len)
+    }
+    fn position(&self) -> u64 {
+        self.inner.position()
+    }
+}
+
+/// Lays out and writes the disk for `plan` to `out` (staged: nothing is left
+/// at `out` unless the whole image was written). Errors in the layout, such
+/// as a fixed size too small, come before the output file is created.
+pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskReport, ImageError> {
+    let ext4_opts = Ext4Options {
+        size: opts.size,
+        reserved_percent: opts.reserved_percent,
+        source_date_epoch: opts.source_date_epoch,
+        seed: opts.seed,
+        label: opts.label.clone(),
+        journal: opts.journal,
+    };
+    let fs = ext4::layout(plan, &ext4_opts)?;
+    let disk = plan_disk(&DiskSpec::new(opts.table, opts.dax, fs.size_bytes(), opts.seed))?;
+
+    let staged = Staged::create(out)?;
+    let file = staged.file().try_clone().map_err(ImageError::Write)?;
+    let mut sink = Hashing { inner: SeekSink::at(io::BufWriter::with_capacity(4 << 20, file), 0).map_err(ImageError::Write)?, hasher: Sha256::new() };
+    disk.write_head(&mut sink)?;
+    fs.write(plan, &mut Offset { base: disk.fs_offset(), inner: &mut sink })?;
+    disk.write_tail(&mut sink)?;
+    debug_assert_eq!(sink.position(), disk.total_bytes());
+    let sha256 = hex::encode(sink.hasher.finalize());
+    let file = sink.inner.into_inner().into_inner().map_err(|e| ImageError::Write(e.into_error()))?;
+    file.set_len(disk.total_bytes()).map_err(ImageError::Write)?;
+    staged.commit()?;
+
+    let partitions: Vec<PartitionReport> = disk
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (kind, guid) = match &p.kind {
+                PartitionType::Mbr(t) => (format!("{t:#04x}"), None),
+                PartitionType::Gpt { type_guid, guid, .. } => (type_guid.to_string(), Some(guid.to_string())),
+            };
+            PartitionReport { number: p.number, offset: p.start, size: p.size, kind, guid }
+        })
+        .collect();
+    let partition = partitions.first().cloned().unwrap_or(PartitionReport {
+        number: 0,
+        offset: 0,
+        size: fs.size_bytes(),
+        kind: "none".into(),
+        guid: None,
+    });
+    Ok(DiskReport {
+        bytes: disk.total_bytes(),
+        sha256,
+        fs: opts.fs,
+        table: match opts.table {
+            TableKind::None => "none",
+            TableKind::Mbr => "mbr",
+            TableKind::Gpt => "gpt",
+        },
+        dax: opts.dax,
+        partition,
+        partitions,
+        filesystem: fs.summary(),
+        cmdline: cmdline(opts.table, opts.dax, opts.fs, opts.init_path.as_deref()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kata_root_arguments() {
+        let c = cmdline(TableKind::Mbr, true, FsKind::Ext4, Some("/.osb/init"));
+        assert_eq!(c.pmem.as_deref(), Some("root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4 init=/.osb/init"));
+        assert_eq!(c.virtio_blk, "root=/dev/vda1 rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw init=/.osb/init");
+        assert_eq!(c.virtio_scsi, "root=/dev/sda1 rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw init=/.osb/init");
+        let bare = cmdline(TableKind::None, false, FsKind::Ext4, None);
+        assert_eq!(bare.pmem, None, "no DAX without the PFN block");
+        assert_eq!(bare.virtio_blk, "root=/dev/vda rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw");
+        assert_eq!(bare.get(Via::VirtioScsi), Some("root=/dev/sda rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw"));
+    }
+}
