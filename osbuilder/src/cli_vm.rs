@@ -9,12 +9,13 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 
 use osb_agent::client::{Client, Endpoint, ExecSpec, User, DEFAULT_PORT};
-use osbuilder::vm::{Machine, Vm, VmConfig};
+use osbuilder::disk::image::{Cmdline, FsKind};
+use osbuilder::vm::{DiskAttach, Machine, Via, Vm, VmConfig};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
-    /// Boot a kernel + initrd under QEMU with vsock, wait for the agent's
-    /// health check, then run a command through it or power off.
+    /// Boot a kernel + initrd (or a disk) under QEMU with vsock, wait for
+    /// the agent's health check, then run a command through it or power off.
     Boot(BootArgs),
     /// Health check (grpc.Health/Check) and version.
     Check(AgentArgs),
@@ -105,6 +106,19 @@ pub struct BootArgs {
     initrd: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "microvm")]
     machine: Machine,
+    /// A disk image from `osbuilder disk`: its root is booted (no initrd
+    /// needed) with the kernel arguments for --via.
+    #[arg(long, requires = "via")]
+    disk: Option<PathBuf>,
+    /// How the guest sees --disk: pmem (NVDIMM with DAX; needs --machine q35
+    /// and a --dax image), virtio-blk or virtio-scsi.
+    #[arg(long, value_enum)]
+    via: Option<Via>,
+    /// The report `osbuilder disk --report` wrote: its `cmdline` entry for
+    /// --via is used as is (default: recognise the disk's layout and assume
+    /// the guest init at /.osb/init, as `osbuilder disk --init` puts it).
+    #[arg(long, requires = "disk")]
+    disk_report: Option<PathBuf>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     mem: u32,
@@ -207,6 +221,32 @@ fn exec(client: &Client, p: &ProcessArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
 }
 
+/// The kernel arguments that boot `disk` through `via`: from the build
+/// report when given, else from the disk's recognised layout.
+fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let cmdline: Cmdline = match report {
+        Some(path) => {
+            let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
+            let c = &json["cmdline"];
+            let field = |k: &str| c[k].as_str().map(str::to_string);
+            Cmdline {
+                pmem: field("pmem"),
+                virtio_blk: field("virtio-blk").with_context(|| format!("{} has no cmdline (is it a disk report?)", path.display()))?,
+                virtio_scsi: field("virtio-scsi").with_context(|| format!("{} has no cmdline (is it a disk report?)", path.display()))?,
+            }
+        }
+        None => {
+            let (table, dax) = osbuilder::disk::image::probe(disk).with_context(|| format!("reading {}", disk.display()))?;
+            osbuilder::disk::image::cmdline(table, dax, FsKind::Ext4, Some(osbuilder::pipeline::DISK_INIT_PATH))
+        }
+    };
+    match cmdline.get(via) {
+        Some(c) => Ok(c.to_string()),
+        None => bail!("{} has no DAX layout, so it cannot be booted through pmem (build it with `osbuilder disk --dax`)", disk.display()),
+    }
+}
+
 fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     let tmp;
     let work_dir = match &args.work_dir {
@@ -221,6 +261,11 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     cfg.mem_mib = args.mem;
     cfg.cpus = args.cpus;
     cfg.append = args.append.clone();
+    if let (Some(disk), Some(via)) = (&args.disk, args.via) {
+        let root = disk_cmdline(disk, via, args.disk_report.as_deref())?;
+        cfg.append = if cfg.append.is_empty() { root } else { format!("{root} {}", cfg.append) };
+        cfg.disk = Some(DiskAttach { path: disk.clone(), via });
+    }
     let mut vm = Vm::start(&cfg)?;
     let endpoint = Endpoint::HybridVsock { path: vm.vsock_socket.clone(), port: args.port };
     let client = vm.wait_for_agent(args.port, Duration::from_secs(args.timeout))?;

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub use crate::disk::image::Via;
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("cannot start {what}: {source}")]
@@ -48,6 +50,57 @@ pub struct VmConfig {
     pub qemu: PathBuf,
     /// Extra QEMU arguments (disks, devices).
     pub extra_args: Vec<String>,
+    /// A disk image attached as pmem (NVDIMM), virtio-blk or virtio-scsi.
+    pub disk: Option<DiskAttach>,
+}
+
+/// A disk image and how the guest sees it.
+#[derive(Clone, Debug)]
+pub struct DiskAttach {
+    pub path: PathBuf,
+    pub via: Via,
+}
+
+impl DiskAttach {
+    /// QEMU arguments for the disk (Kata's for the NVDIMM: a read-only,
+    /// shared file backend and an unarmed NVDIMM, so the guest maps the
+    /// host's page cache and cannot write it).
+    fn qemu_args(&self, machine: Machine) -> Result<Vec<String>, VmError> {
+        let path = self.path.display().to_string();
+        let drive = format!("file={path},if=none,id=disk0,format=raw,cache=writeback");
+        let mmio = machine == Machine::Microvm;
+        Ok(match self.via {
+            Via::Pmem => {
+                if mmio {
+                    return Err(VmError::Io { context: "pmem needs an NVDIMM".into(), source: io::Error::other("QEMU's microvm has no NVDIMM: use --machine q35") });
+                }
+                let size = std::fs::metadata(&self.path).map_err(|source| VmError::Io { context: format!("cannot read {path}"), source })?.len();
+                vec![
+                    "-object".into(),
+                    format!("memory-backend-file,id=mem0,share=on,mem-path={path},size={size},readonly=on"),
+                    "-device".into(),
+                    "nvdimm,id=nv0,memdev=mem0,unarmed=on".into(),
+                ]
+            }
+            Via::VirtioBlk => vec!["-drive".into(), drive, "-device".into(), if mmio { "virtio-blk-device,drive=disk0" } else { "virtio-blk-pci,drive=disk0" }.into()],
+            Via::VirtioScsi => vec![
+                "-device".into(),
+                if mmio { "virtio-scsi-device,id=scsi0" } else { "virtio-scsi-pci,id=scsi0" }.into(),
+                "-drive".into(),
+                drive,
+                "-device".into(),
+                "scsi-hd,drive=disk0,bus=scsi0.0".into(),
+            ],
+        })
+    }
+
+    /// The NVDIMM's size rounded up to MiB, for `maxmem`.
+    fn pmem_mib(&self) -> u64 {
+        match self.via {
+            Via::Pmem => std::fs::metadata(&self.path).map(|m| m.len().div_ceil(1 << 20)).unwrap_or(0),
+            _ => 0,
+        }
+    }
 }
 
 impl VmConfig {
@@ -64,6 +117,7 @@ impl VmConfig {
             vhost_device_vsock: vhost_device_vsock_path(),
             qemu: PathBuf::from("qemu-system-x86_64"),
             extra_args: Vec::new(),
+            disk: None,
         }
     }
 
@@ -147,13 +201,20 @@ fn wait_for_path(path: &Path, child: &mut Child, what: &str, limit: Duration) ->
 fn spawn_qemu(cfg: &VmConfig, accel: &str, vu: &Path, console: &Path, qemu_log: &Path) -> Result<(Child, Instant), VmError> {
     let mem = format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.mem_mib);
     let mut q = Command::new(&cfg.qemu);
+    let pmem = cfg.disk.as_ref().filter(|d| d.via == Via::Pmem);
     match cfg.machine {
         // acpi=off: QEMU then lists the virtio-mmio devices on the kernel
         // command line (virtio_mmio.device=...), as Firecracker does.
         Machine::Microvm => q.args(["-M", "microvm,acpi=off,memory-backend=mem"]),
+        Machine::Q35 if pmem.is_some() => q.args(["-M", "q35,nvdimm=on,memory-backend=mem"]),
         Machine::Q35 => q.args(["-M", "q35,memory-backend=mem"]),
     };
-    q.args(["-object", &mem, "-accel", accel, "-m", &format!("{}M", cfg.mem_mib), "-smp", &cfg.cpus.to_string()]);
+    // An NVDIMM is memory: it needs a slot and room under maxmem.
+    let m = match pmem {
+        Some(d) => format!("{}M,slots=2,maxmem={}M", cfg.mem_mib, u64::from(cfg.mem_mib) + d.pmem_mib() + 2),
+        None => format!("{}M", cfg.mem_mib),
+    };
+    q.args(["-object", &mem, "-accel", accel, "-m", &m, "-smp", &cfg.cpus.to_string()]);
     if accel == "kvm" {
         q.args(["-cpu", "host"]);
     }
@@ -169,6 +230,9 @@ fn spawn_qemu(cfg: &VmConfig, accel: &str, vu: &Path, console: &Path, qemu_log: 
         q.arg("-initrd").arg(initrd);
     }
     q.arg("-append").arg(cfg.cmdline());
+    if let Some(disk) = &cfg.disk {
+        q.args(disk.qemu_args(cfg.machine)?);
+    }
     q.args(&cfg.extra_args);
     q.stdin(Stdio::null()).stdout(Stdio::null());
     q.stderr(std::fs::File::create(qemu_log).map_err(|source| VmError::Io { context: "cannot create the qemu log".into(), source })?);

@@ -270,3 +270,147 @@ fn kata_agent_ctl_talks_to_our_agent() {
     vm.wait_exit(Duration::from_secs(60)).expect("DestroySandbox from kata-agent-ctl powers off");
     drop(client);
 }
+
+/// `osbuilder disk --init` of the Debian image into `dir`, with its report.
+fn debian_disk(dir: &Path, name: &str, args: &[&str]) -> (PathBuf, serde_json::Value) {
+    let out = dir.join(format!("{name}.img"));
+    let report = dir.join(format!("{name}.json"));
+    let init = guest_init();
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["disk", "--quiet", "--image", &oci_ref(&debian_layout(), DEBIAN_TAG), "--init", init.to_str().unwrap()])
+        .args(args)
+        .arg("-o")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "osbuilder disk {args:?}: {}", String::from_utf8_lossy(&r.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    (out, json)
+}
+
+/// A guest booted from a disk (no initrd) with the report's kernel
+/// arguments for `via`; `extra` is appended.
+fn disk_vm(disk: &Path, report: &serde_json::Value, via: osbuilder::vm::Via, machine: Machine, extra: &str, name: &str) -> VmConfig {
+    require_vhost_device_vsock();
+    let key = match via {
+        osbuilder::vm::Via::Pmem => "pmem",
+        osbuilder::vm::Via::VirtioBlk => "virtio-blk",
+        osbuilder::vm::Via::VirtioScsi => "virtio-scsi",
+    };
+    let root = report["cmdline"][key].as_str().unwrap_or_else(|| panic!("no cmdline.{key} in {report}"));
+    assert!(root.ends_with(" init=/.osb/init"), "{root}");
+    let k = default_kernel();
+    let mut cfg = VmConfig::new(&k.bzimage, None, scratch().join(name));
+    cfg.machine = machine;
+    cfg.mem_mib = 512;
+    cfg.append = format!("{root} {extra}");
+    cfg.disk = Some(osbuilder::vm::DiskAttach { path: disk.to_path_buf(), via });
+    cfg
+}
+
+/// The line of the guest's /proc/mounts for `/`.
+fn root_mount(client: &Client) -> String {
+    let out = sh(client, "grep ' / ' /proc/mounts");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Partition 1 of `disk` (per the report) copied out, for e2fsck and debugfs.
+fn partition_copy(disk: &Path, report: &serde_json::Value, to: &Path) {
+    let p = &report["disk"]["partition"];
+    let (offset, size) = (p["offset"].as_u64().unwrap(), p["size"].as_u64().unwrap());
+    run(tool("dd")
+        .arg(format!("if={}", disk.display()))
+        .arg(format!("of={}", to.display()))
+        .args(["iflag=skip_bytes,count_bytes", "bs=1M", "conv=sparse", "status=none"])
+        .arg(format!("skip={offset}"))
+        .arg(format!("count={size}")));
+}
+
+/// Kata's DAX layout through an NVDIMM with Kata's QEMU arguments: the root
+/// is /dev/pmem0p1 mounted with dax, the workload runs from it and the
+/// agent answers.
+#[test]
+fn debian_disk_boots_through_pmem_with_dax() {
+    let _one = one_guest_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, report) = debian_disk(dir.path(), "dax", &["--dax"]);
+    let cmdline = report["cmdline"]["pmem"].as_str().unwrap();
+    assert!(cmdline.starts_with("root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4"), "{cmdline}");
+    let cfg = disk_vm(&disk, &report, osbuilder::vm::Via::Pmem, Machine::Q35, r#"osb.cmd=["/bin/sh","-c","echo workload-ran-from-$(stat -c %D /)"] osb.on_exit=stay"#, "disk-pmem");
+    let (vm, client) = boot(&cfg);
+    let root = root_mount(&client);
+    assert!(root.starts_with("/dev/pmem0p1 / ext4 ro,"), "{root}");
+    assert!(root.contains("dax"), "the root is mapped with DAX: {root}");
+    let console = vm.console_text();
+    assert!(console.contains("workload-ran-from-"), "{console}");
+    assert!(console.contains("pfn0.1"), "the kernel found the PFN namespace: {console}");
+    shutdown(vm, &client);
+}
+
+/// virtio-blk on microvm as /dev/vda1, read-write: the kernel mounts our
+/// ext4, every file of /usr/bin reads back as on the host, a file written
+/// through the agent survives the poweroff, and e2fsck is clean afterwards.
+#[test]
+fn debian_disk_boots_read_write_through_virtio_blk() {
+    let _one = one_guest_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, report) = debian_disk(dir.path(), "blk", &[]);
+    let cfg = disk_vm(&disk, &report, osbuilder::vm::Via::VirtioBlk, Machine::Microvm, "", "disk-virtio-blk");
+    let (vm, client) = boot(&cfg);
+    let root = root_mount(&client);
+    assert!(root.starts_with("/dev/vda1 / ext4 rw,"), "{root}");
+
+    // sha256 of every regular file in /usr/bin, guest against host.
+    let out = sh(&client, "cd /usr/bin && find . -type f | sort | xargs sha256sum");
+    assert_eq!(out.code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let guest = String::from_utf8_lossy(&out.stdout).into_owned();
+    let host_root = debian_rootfs_file("usr/bin");
+    let host = run_stdout(tool("sh").arg("-c").arg("find . -type f | sort | xargs sha256sum").current_dir(&host_root));
+    assert!(guest.lines().count() > 100, "{guest}");
+    assert_eq!(guest, host, "/usr/bin in the guest differs from the image");
+
+    let payload = "written in the guest\n";
+    let out = sh(&client, "echo 'written in the guest' > /root/persisted && sync && cat /root/persisted");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), payload);
+    shutdown(vm, &client);
+
+    let fs_copy = dir.path().join("blk-fs.img");
+    partition_copy(&disk, &report, &fs_copy);
+    let fsck = tool("e2fsck").arg("-fn").arg(&fs_copy).output().unwrap();
+    assert!(fsck.status.success(), "e2fsck after the guest wrote: {}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+    let back = tool("debugfs").args(["-R", "cat /root/persisted"]).arg(&fs_copy).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&back.stdout), payload, "the file survives the poweroff");
+}
+
+/// virtio-scsi on q35 (Kata's `block_device_driver = "virtio-scsi"`):
+/// the root is /dev/sda1.
+#[test]
+fn debian_disk_boots_through_virtio_scsi() {
+    let _one = one_guest_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, report) = debian_disk(dir.path(), "scsi", &["--table", "gpt"]);
+    let cfg = disk_vm(&disk, &report, osbuilder::vm::Via::VirtioScsi, Machine::Q35, "", "disk-virtio-scsi");
+    let (vm, client) = boot(&cfg);
+    let root = root_mount(&client);
+    assert!(root.starts_with("/dev/sda1 / ext4 rw,"), "{root}");
+    let out = sh(&client, "cat /etc/debian_version");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), fs::read_to_string(debian_rootfs_file("etc/debian_version")).unwrap());
+    shutdown(vm, &client);
+}
+
+/// `--table none`: the filesystem is the whole disk, booted as /dev/vda
+/// (Firecracker's convention).
+#[test]
+fn bare_filesystem_disk_boots_as_dev_vda() {
+    let _one = one_guest_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, report) = debian_disk(dir.path(), "bare", &["--table", "none"]);
+    assert_eq!(report["cmdline"]["virtio-blk"].as_str().unwrap(), "root=/dev/vda rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw init=/.osb/init");
+    let cfg = disk_vm(&disk, &report, osbuilder::vm::Via::VirtioBlk, Machine::Microvm, "", "disk-bare");
+    let (vm, client) = boot(&cfg);
+    let root = root_mount(&client);
+    assert!(root.starts_with("/dev/vda / ext4 rw,"), "{root}");
+    shutdown(vm, &client);
+}

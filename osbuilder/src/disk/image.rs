@@ -128,6 +128,31 @@ pub fn cmdline(table: TableKind, dax: bool, fs: FsKind, init_path: Option<&str>)
     }
 }
 
+/// Recognises the layouts [`write_disk`] makes from the first 8 KiB of an
+/// image: Kata's DAX layout (the PFN block at 4 KiB), GPT (a protective MBR),
+/// MBR, or a bare filesystem.
+pub fn probe(path: &Path) -> io::Result<(TableKind, bool)> {
+    use std::io::Read;
+    let mut head = vec![0u8; 8192];
+    let mut file = std::fs::File::open(path)?;
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    head.truncate(n);
+    let has_mbr = head.len() >= 512 && head[510..512] == [0x55, 0xaa];
+    let dax = head.len() >= 4096 + 16 && &head[4096..4096 + 16] == b"NVDIMM_PFN_INFO\0";
+    let table = match (has_mbr, head.get(446 + 4)) {
+        (true, Some(0xee)) => TableKind::Gpt,
+        (true, Some(t)) if *t != 0 => TableKind::Mbr,
+        _ => TableKind::None,
+    };
+    Ok((table, dax))
+}
+
 /// Positions relative to where the filesystem starts inside the image.
 struct Offset<'a> {
     inner: &'a mut dyn Sink,
