@@ -345,7 +345,10 @@ fn debian_disk_boots_through_pmem_with_dax() {
     assert!(root.contains("dax"), "the root is mapped with DAX: {root}");
     let console = vm.console_text();
     assert!(console.contains("workload-ran-from-"), "{console}");
-    assert!(console.contains("pfn0.1"), "the kernel found the PFN namespace: {console}");
+    // The kernel read our PFN info block: the namespace is in pfn mode.
+    let out = sh(&client, "ls /sys/bus/nd/devices/; cat /sys/bus/nd/devices/pfn0.1/mode /sys/bus/nd/devices/pfn0.1/align");
+    let nd = String::from_utf8_lossy(&out.stdout);
+    assert!(nd.contains("pfn0.1") && nd.contains("ram\n2097152"), "the kernel found the PFN namespace (mode ram, 2 MiB align): {nd}");
     shutdown(vm, &client);
 }
 

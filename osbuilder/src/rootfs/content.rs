@@ -87,7 +87,8 @@ pub(crate) fn data_runs(reader: &ContentReader, block: u64) -> io::Result<Vec<(u
         ContentReader::Extent { file, start, end, .. } => (end - start, *start, Some(file)),
     };
     let mut runs: Vec<(u64, u64)> = Vec::new();
-    let chunk = (1 << 20) / block * block;
+    // Small files (most of a rootfs) need no 1 MiB buffer.
+    let chunk = ((1 << 20) / block * block).min(len.div_ceil(block) * block).max(block);
     let mut buf = vec![0u8; chunk as usize];
     let mut pos = 0u64;
     while pos < len {
