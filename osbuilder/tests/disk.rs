@@ -327,17 +327,21 @@ fn assert_fs_matches_umoci(
 // Shared inputs
 // ---------------------------------------------------------------------------
 
-/// A directory under the cargo target tmpdir for this run's shared files,
-/// emptied when first used.
+/// A directory under the cargo target tmpdir for this run's shared files
+/// (the Debian disk, its blob cache, a big input file); about 1.5 GB, left
+/// for the next run to remove.
 fn shared_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("disk-tests-{}", std::process::id()));
-        // Older runs' directories (other pids) are removed too: they are ours.
+        // Directories of earlier runs whose process is gone are removed.
         if let Ok(rd) = fs::read_dir(env!("CARGO_TARGET_TMPDIR")) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with("disk-tests-") {
-                    let _ = fs::remove_dir_all(e.path());
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("disk-tests-") {
+                    if !Path::new("/proc").join(pid).exists() {
+                        let _ = fs::remove_dir_all(e.path());
+                    }
                 }
             }
         }
@@ -740,4 +744,98 @@ fn sigint_during_the_write_leaves_nothing_behind() {
     assert!(status.signal() == Some(2) || status.code() == Some(130), "dies of SIGINT: {status}\n{stderr}");
     let left: Vec<_> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "left behind after SIGINT (staged {staged}, {size_then} bytes when signalled): {left:?}");
+}
+
+/// `stat` of every path through one debugfs: path -> (mtime, links count).
+fn debugfs_mtimes_and_links(fs_image: &Path, paths: &[String]) -> BTreeMap<String, (u64, u64)> {
+    let cmds: Vec<String> = paths.iter().map(|p| format!("stat {}", q(&format!("/{p}")))).collect();
+    let mut out = BTreeMap::new();
+    for (p, stat) in paths.iter().zip(debugfs(fs_image, &cmds)) {
+        // " mtime: 0x00015180:00000000 -- Fri Jan  2 00:00:00 1970"
+        let mtime = stat
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("mtime: 0x"))
+            .and_then(|v| u64::from_str_radix(&v[..8], 16).ok())
+            .unwrap_or_else(|| panic!("stat /{p}:\n{stat}"));
+        let links = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("Links: "))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("stat /{p}:\n{stat}"));
+        out.insert(p.clone(), (mtime, links));
+    }
+    out
+}
+
+#[test]
+fn options_label_journal_reserve_epoch_add_and_remove() {
+    let tmp = scratch();
+    let host = tmp.path().join("secret.conf");
+    fs::write(&host, b"key=value\n").unwrap();
+    let disk = build_disk(
+        &oci_ref(&awkward_layout(), AWKWARD_TAG),
+        tmp.path(),
+        "opts.img",
+        &[
+            "--label", "osb-root", "--no-journal", "--reserved-percent", "5", "--source-date-epoch", "86400",
+            "--add", &format!("{}:/opt/new/secret.conf:0600", host.display()),
+            "--remove", "/srv/mib", "--remove", "/links/b/two", "--remove", "/srv/sticky",
+        ],
+        &shared_cache(),
+    );
+    let fs_image = disk.extract_fs(&tmp.path().join("p1"));
+    assert_e2fsck_clean(&fs_image);
+    let sb = dumpe2fs(&fs_image);
+    assert_eq!(sb["Filesystem volume name"], "osb-root");
+    assert_eq!(disk.report["disk"]["filesystem"]["label"], "osb-root");
+    let features: Vec<&str> = sb["Filesystem features"].split_whitespace().collect();
+    assert!(!features.contains(&"has_journal"), "--no-journal: {features:?}");
+    assert!(sb.get("Journal inode").is_none(), "--no-journal: {sb:?}");
+    let (blocks, reserved) = (num(&sb, "Block count"), num(&sb, "Reserved block count"));
+    assert!(reserved.abs_diff(blocks * 5 / 100) <= 1, "5% of {blocks} blocks reserved, got {reserved}");
+
+    let (mut ours, _) = debugfs_tree(&fs_image);
+    let unpacked = umoci_unpack(&awkward_layout(), AWKWARD_TAG);
+    let mut theirs = tree_snapshot(&unpacked);
+    drop_lost_found(&mut ours, &theirs);
+    let added = &ours["opt/new/secret.conf"];
+    assert_eq!((added.kind, added.mode, added.uid, added.gid), (Kind::File, 0o600, 0, 0), "{added}");
+    assert_eq!(added.sha256.as_deref(), Some(sha256_file(&host).as_str()));
+    for dir in ["opt", "opt/new"] {
+        assert_eq!((ours[dir].kind, ours[dir].mode, ours[dir].uid), (Kind::Dir, 0o755, 0), "{dir}: {}", ours[dir]);
+    }
+    let all_paths: Vec<String> = ours.keys().cloned().collect();
+    for p in ["opt", "opt/new", "opt/new/secret.conf"] {
+        ours.remove(p);
+    }
+    for p in ["srv/mib", "links/b/two", "srv/sticky"] {
+        assert!(theirs.remove(p).is_some(), "{p} is in the fixture");
+    }
+    assert_trees_equal(&ours, &theirs);
+
+    // A removed hard link leaves a link count e2fsck agreed with, and every
+    // mtime is clamped to --source-date-epoch.
+    let stats = debugfs_mtimes_and_links(&fs_image, &all_paths);
+    assert_eq!(stats["links/a/one"].1, 2, "links/a/one after removing one of its three names");
+    let late: Vec<_> = stats.iter().filter(|(_, (m, _))| *m > 86400).collect();
+    assert!(late.is_empty(), "mtimes after --source-date-epoch 86400: {late:?}");
+    assert_eq!(stats["srv/huge"].0, 86400, "a file made after 1970 gets the epoch itself");
+}
+
+#[test]
+fn failed_build_keeps_the_previous_output_and_a_good_one_replaces_it() {
+    let tmp = scratch();
+    let image = oci_ref(&awkward_layout(), AWKWARD_TAG);
+    let out = tmp.path().join("disk.img");
+    fs::write(&out, b"previous good output").unwrap();
+    let err = build_err(&["disk", "--image", &image, "-o", path_str(&out), "--size", "1M"], &shared_cache());
+    assert!(err.contains("needs at least"), "{err}");
+    let err = build_err(&["disk", "--image", &image, "-o", path_str(&out), "--size", "9000001"], &shared_cache());
+    assert!(err.contains("4096"), "a size that is not whole blocks is refused: {err}");
+    assert_eq!(fs::read(&out).unwrap(), b"previous good output");
+    let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(names.len(), 1, "only the old output: {names:?}");
+    let disk = build_disk(&image, tmp.path(), "disk.img", &[], &shared_cache());
+    assert_eq!(sha256_file(&disk.img), disk.report["disk"]["sha256"].as_str().unwrap());
+    assert_e2fsck_clean(&disk.extract_fs(&tmp.path().join("p1")));
 }
