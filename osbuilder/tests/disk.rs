@@ -328,7 +328,7 @@ fn assert_fs_matches_umoci(
 // ---------------------------------------------------------------------------
 
 /// A directory under the cargo target tmpdir for this run's shared files
-/// (the Debian disk, its blob cache, a big input file); about 1.5 GB, left
+/// (the Debian disk and its blob cache, about 250 MB), left
 /// for the next run to remove.
 fn shared_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -693,22 +693,17 @@ fn fixed_sizes_headroom_and_bad_outputs() {
     assert!(fs::read_dir(&as_dir).unwrap().next().is_none(), "nothing written into the directory");
 }
 
-/// A 1 GiB file of non-zero bytes (`yes` output), made once per run.
-fn big_file() -> PathBuf {
-    static BIG: OnceLock<PathBuf> = OnceLock::new();
-    BIG.get_or_init(|| {
-        let p = shared_dir().join("big");
-        run(tool("sh").arg("-c").arg(format!("yes osbuilder-disk-interrupt | head -c 1073741824 > '{}'", p.display())));
-        assert_eq!(fs::metadata(&p).unwrap().len(), 1 << 30);
-        p
-    })
-    .clone()
+/// A 1 GiB file of non-zero bytes (`yes` output) at `path`.
+fn big_file(path: &Path) -> PathBuf {
+    run(tool("sh").arg("-c").arg(format!("yes osbuilder-disk-interrupt | head -c 1073741824 > '{}'", path.display())));
+    assert_eq!(fs::metadata(path).unwrap().len(), 1 << 30);
+    path.to_path_buf()
 }
 
 #[test]
 fn sigint_during_the_write_leaves_nothing_behind() {
-    let big = big_file();
     let tmp = scratch();
+    let big = big_file(&tmp.path().join("big"));
     let dir = tmp.path().join("out");
     fs::create_dir(&dir).unwrap();
     let out = dir.join("interrupted.img");
