@@ -685,6 +685,16 @@ fn fixed_sizes_headroom_and_bad_outputs() {
     assert_eq!(num(&sb, "Reserved block count"), 0, "default --reserved-percent 0");
     fs::remove_file(&roomy.img).unwrap();
 
+    // A report that would land on the image, or in no directory, is refused
+    // before anything is built.
+    let img = tmp.path().join("same.img");
+    let err = build_err(&["disk", "--image", &image, "-o", path_str(&img), "--report", &format!("{}/./same.img", tmp.path().display())], &cache);
+    assert!(err.contains("--report") && err.contains("output file"), "{err}");
+    assert!(!img.exists(), "no image when the report would overwrite it");
+    let err = build_err(&["disk", "--image", &image, "-o", path_str(&img), "--report", "/nonexistent-dir/r.json"], &cache);
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!img.exists(), "no image when the report cannot be written");
+
     // -o naming a directory is refused.
     let as_dir = tmp.path().join("a-directory");
     fs::create_dir(&as_dir).unwrap();
