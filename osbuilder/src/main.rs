@@ -278,6 +278,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
     pipeline::check_output_dir(&args.output)?;
+    check_report_path(args.tree.report.as_deref(), &args.output)?;
     let options = InitrdOptions {
         compression: CompressOptions { kind: args.compress, level: args.level, threads: args.threads },
         source_date_epoch: 0,
@@ -330,7 +331,28 @@ fn write_report(path: Option<&std::path::Path>, report: &impl serde::Serialize) 
     Ok(())
 }
 
+/// Refuses, before any work, a `--report` that would land on the output
+/// itself (the report would silently replace the image just written) or in a
+/// directory that does not exist (the build would succeed, then fail).
+fn check_report_path(report: Option<&std::path::Path>, output: &std::path::Path) -> anyhow::Result<()> {
+    let Some(report) = report else { return Ok(()) };
+    pipeline::check_output_dir(report).context("--report")?;
+    let key = |p: &std::path::Path| {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        Some((dir.canonicalize().ok()?, p.file_name()?.to_owned()))
+    };
+    let same = match (key(report), key(output)) {
+        (Some(a), Some(b)) => a == b,
+        _ => report == output,
+    };
+    if same {
+        anyhow::bail!("--report {} is the output file; give the report another name", report.display());
+    }
+    Ok(())
+}
+
 fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
+    check_report_path(args.tree.report.as_deref(), &args.output)?;
     let size = if args.size == "auto" {
         let headroom = match args.headroom.strip_suffix('%') {
             Some(pct) => Headroom::Percent(pct.trim().parse().with_context(|| format!("--headroom {:?} is not a size or a percentage", args.headroom))?),

@@ -929,6 +929,22 @@ pub const LAYERED_OPAQUE_HIDDEN: &[&str] = &[
     "var/lib/opaque/sub/old-b",
 ];
 
+fn awkward_fixture() -> Built {
+    static CELL: OnceLock<Built> = OnceLock::new();
+    memo(&CELL, || cached_fixture("awkward", "make-awkward-layout.sh", &[], None))
+}
+
+/// OCI layout (umoci, one gzip layer), tag [`AWKWARD_TAG`], holding every
+/// file-system feature a disk writer can get wrong: special permission bits,
+/// hard links across directories, owners beyond 16 bits, a fifo, devices with
+/// large numbers, a file capability and a `user.*` xattr, odd names and both
+/// kinds of symlink. The paths are listed in
+/// tests/fixtures/make-awkward-layout.sh.
+pub fn awkward_layout() -> PathBuf {
+    awkward_fixture().dir.join("oci")
+}
+pub const AWKWARD_TAG: &str = "v1";
+
 /// The layered image's three tags copied by skopeo with layers recompressed
 /// as zstd (media type [`MT_OCI_LAYER_ZSTD`]); the configs, and so the
 /// diff_ids, are those of [`layered_layout`].
