@@ -309,14 +309,19 @@ impl Vm {
     }
 
     /// A guest that KVM could not run (some hosts expose a /dev/kvm that
-    /// fails with "KVM internal error", and QEMU then sits paused) is
-    /// started over under TCG; later guests of this process go straight to
+    /// fails with "KVM internal error", and QEMU then sits paused, or makes
+    /// QEMU abort at start) is started over under TCG; later guests of this process go straight to
     /// TCG.
     fn kvm_fallback(&mut self) -> Result<(), VmError> {
-        if self.accel == "kvm"
-            && std::env::var("OSBUILDER_ACCEL").as_deref() != Ok("kvm")
-            && std::fs::read_to_string(&self.qemu_log).unwrap_or_default().contains("KVM internal error")
-        {
+        if self.accel != "kvm" || std::env::var("OSBUILDER_ACCEL").as_deref() == Ok("kvm") {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(&self.qemu_log).unwrap_or_default();
+        // Seen here: "KVM internal error" with QEMU left paused, and QEMU
+        // aborting at start on an MSR KVM refuses ("failed to set MSR ...",
+        // an assertion in kvm.c).
+        let broken = log.contains("KVM internal error") || (self.exited().is_some() && log.to_lowercase().contains("kvm"));
+        if broken {
             KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
             self.kill();
             let cfg = self.cfg.clone();

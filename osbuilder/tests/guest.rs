@@ -310,9 +310,12 @@ fn disk_vm(disk: &Path, report: &serde_json::Value, via: osbuilder::vm::Via, mac
     cfg
 }
 
-/// The line of the guest's /proc/mounts for `/`.
+/// The guest's root as `DEVICE / TYPE OPTIONS`: the kernel calls the root
+/// it mounted itself /dev/root in /proc/mounts, so the device name comes
+/// from sysfs by the root's device number.
 fn root_mount(client: &Client) -> String {
-    let out = sh(client, "grep ' / ' /proc/mounts");
+    let out = sh(client, "d=$(mountpoint -d /) && . /sys/dev/block/$d/uevent && set -- $(grep ' / ' /proc/mounts) && echo /dev/$DEVNAME $2 $3 $4");
+    assert_eq!(out.code, 0, "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
