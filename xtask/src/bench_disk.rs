@@ -181,7 +181,7 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
         ours.check(&out);
         std::fs::remove_file(&out)?;
         std::fs::remove_dir_all(&cache)?;
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             bail!("our filesystem size {size} is not a multiple of 4096");
         }
         let blocks = size / 4096;
