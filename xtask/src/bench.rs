@@ -41,17 +41,20 @@ pub enum Section {
     Kernel,
     /// Init + agent sizes, agent RSS, time to agent health.
     Guest,
+    /// Registry image to a bare ext4 disk image, ours vs skopeo+umoci+mke2fs -d,
+    /// the fetch+decompress floor, and mke2fs -d - on the layer's tar stream.
+    Disk,
 }
 
 /// A docker-registry on a free loopback port, killed on drop.
-struct Registry {
+pub(crate) struct Registry {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     _dir: PathBuf,
 }
 
 impl Registry {
-    fn start(dir: &Path) -> anyhow::Result<Registry> {
+    pub(crate) fn start(dir: &Path) -> anyhow::Result<Registry> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         std::fs::create_dir_all(dir.join("storage"))?;
@@ -82,6 +85,20 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Pushes the base image (`base_image()`'s layout) as library/debian:bookworm
+    /// and returns its reference without the transport (HOST:PORT/REPO:TAG).
+    pub(crate) fn push_base(&self, base: &Path) -> anyhow::Result<String> {
+        let image = format!("{}/library/debian:bookworm", self.addr);
+        Cmd::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:bookworm", base.join("layout").display()))
+            .arg(format!("docker://{image}"))
+            .run()?;
+        Ok(image)
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -89,13 +106,13 @@ impl Drop for Registry {
     }
 }
 
-struct Sample {
-    seconds: f64,
-    bytes: u64,
-    sha256: String,
+pub(crate) struct Sample {
+    pub(crate) seconds: f64,
+    pub(crate) bytes: u64,
+    pub(crate) sha256: String,
 }
 
-fn timed(cmd: Cmd, out: &Path) -> anyhow::Result<Sample> {
+pub(crate) fn timed(cmd: Cmd, out: &Path) -> anyhow::Result<Sample> {
     let t = Instant::now();
     cmd.quiet().read()?;
     let seconds = t.elapsed().as_secs_f64();
@@ -104,7 +121,7 @@ fn timed(cmd: Cmd, out: &Path) -> anyhow::Result<Sample> {
     Ok(Sample { seconds, bytes, sha256 })
 }
 
-fn median(samples: &[Sample]) -> f64 {
+pub(crate) fn median(samples: &[Sample]) -> f64 {
     let mut v: Vec<f64> = samples.iter().map(|s| s.seconds).collect();
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -115,7 +132,7 @@ fn median(samples: &[Sample]) -> f64 {
     }
 }
 
-fn identical(samples: &[Sample]) -> bool {
+pub(crate) fn identical(samples: &[Sample]) -> bool {
     samples.windows(2).all(|w| w[0].sha256 == w[1].sha256)
 }
 
@@ -136,6 +153,9 @@ impl Bench {
             crate::bench_guest::run(&osbuilder, &work, self.runs)?;
             std::fs::remove_dir_all(&work)?;
         }
+        if wants(Section::Disk) {
+            crate::bench_disk::run(&osbuilder, self.runs)?;
+        }
         Ok(())
     }
 
@@ -143,12 +163,7 @@ impl Bench {
         let base = base_image()?;
         let work = tempdir()?;
         let registry = Registry::start(&work.join("registry"))?;
-        let image = format!("{}/library/debian:bookworm", registry.addr);
-        Cmd::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:bookworm", base.join("layout").display()))
-            .arg(format!("docker://{image}"))
-            .run()?;
+        let image = registry.push_base(&base)?;
         let unpacked = dir_size(&work, &base)?;
         eprintln!("bench: image {image} ({unpacked}), {} runs each, alternating", self.runs);
 
@@ -227,7 +242,7 @@ impl Bench {
     }
 }
 
-fn tempdir() -> anyhow::Result<PathBuf> {
+pub(crate) fn tempdir() -> anyhow::Result<PathBuf> {
     let out = Cmd::new("mktemp").args(["-d", "-t", "osbuilder-bench.XXXXXX"]).quiet().read()?;
     Ok(PathBuf::from(out.trim()))
 }

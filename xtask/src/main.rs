@@ -5,6 +5,7 @@
 //! line and fails with its stderr.
 
 mod bench;
+mod bench_disk;
 mod bench_guest;
 mod bench_kernel;
 mod boot;
