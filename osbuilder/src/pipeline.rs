@@ -391,33 +391,26 @@ pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport,
 
 /// Parses a memory size: `512M`, `2G`, `1048576K`; a bare number is MiB, as in QEMU's `-m`.
 pub fn parse_mem_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 30),
-        _ => (s, 20),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_shl(shift).filter(|v| v >> shift == n))
-        .ok_or_else(|| format!("memory size {s:?} is not like 512M or 2G"))
+    parse_size(s, 20).ok_or_else(|| format!("memory size {:?} is not like 512M or 2G", s.trim()))
 }
 
 /// Parses a disk size: `512M`, `2G`, `1T`, `64K`; a bare number is bytes.
 pub fn parse_disk_size(s: &str) -> Result<u64, String> {
+    parse_size(s, 0).ok_or_else(|| format!("size {:?} is not like 512M, 2G or a number of bytes", s.trim()))
+}
+
+/// A number with an optional binary K/M/G/T suffix; `bare_shift` scales a
+/// number without one. `None` when malformed or out of range.
+fn parse_size(s: &str, bare_shift: u32) -> Option<u64> {
     let s = s.trim();
     let (num, shift) = match s.char_indices().last() {
         Some((i, 'K' | 'k')) => (&s[..i], 10),
         Some((i, 'M' | 'm')) => (&s[..i], 20),
         Some((i, 'G' | 'g')) => (&s[..i], 30),
         Some((i, 'T' | 't')) => (&s[..i], 40),
-        _ => (s, 0),
+        _ => (s, bare_shift),
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_shl(shift).filter(|v| v >> shift == n))
-        .ok_or_else(|| format!("size {s:?} is not like 512M, 2G or a number of bytes"))
+    num.parse::<u64>().ok().and_then(|n| n.checked_shl(shift).filter(|v| v >> shift == n))
 }
 
 /// Checks `path` can be written as an output (its directory exists).
@@ -451,5 +444,8 @@ mod tests {
         assert_eq!(parse_mem_size("2048"), Ok(2048 << 20));
         assert!(parse_mem_size("lots").is_err());
         assert!(parse_mem_size("99999999999999G").is_err());
+        assert_eq!(parse_disk_size("4096"), Ok(4096));
+        assert_eq!(parse_disk_size("1T"), Ok(1 << 40));
+        assert!(parse_disk_size("1.5G").is_err());
     }
 }

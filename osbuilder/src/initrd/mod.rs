@@ -220,6 +220,25 @@ mod tests {
     use std::fs::File;
     use std::process::{Command, Stdio};
 
+    /// The archive of `tree` in memory (`write_archive` wants a `Send +
+    /// 'static` sink, so the bytes are shared with it).
+    fn archive_bytes(tree: &Tree, opts: &InitrdOptions) -> (Vec<u8>, InitrdReport) {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let report = write_archive(tree, Shared(buf.clone()), opts, &ProgressBar::hidden()).unwrap();
+        let bytes = buf.lock().unwrap().clone();
+        (bytes, report)
+    }
+
     fn options() -> InitrdOptions {
         InitrdOptions { source_date_epoch: 1_000, ..InitrdOptions::new(Compression::None) }
     }
@@ -303,20 +322,7 @@ mod tests {
                 source_date_epoch: 1_000,
                 guest_mem: None,
             };
-            let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-            struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-            impl Write for Shared {
-                fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                    self.0.lock().unwrap().extend_from_slice(b);
-                    Ok(b.len())
-                }
-                fn flush(&mut self) -> io::Result<()> {
-                    Ok(())
-                }
-            }
-            write_archive(&tree, Shared(buf.clone()), &opts, &ProgressBar::hidden()).unwrap();
-            let bytes = buf.lock().unwrap().clone();
-            bytes
+            archive_bytes(&tree, &opts).0
         };
         for kind in [Compression::None, Compression::Gzip, Compression::Zstd] {
             assert_eq!(write(kind, 1), write(kind, 2), "{kind:?}");
@@ -346,18 +352,7 @@ mod tests {
         tree.put(root, b"fifo", meta(), Body::Fifo, 0);
         tree.put(root, b"sock", meta(), Body::Socket, 0);
         tree.put(d1, b"lnk", meta(), Body::Symlink(b"../d3/s0/f3".to_vec()), 0);
-        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl Write for Shared {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let report = write_archive(&tree, Shared(buf.clone()), &options(), &ProgressBar::hidden()).unwrap();
+        let (_, report) = archive_bytes(&tree, &options());
         assert_eq!(report.entries, 67);
         assert_eq!(report.sha256, "63d5125d48a72b9bc4ea7bc84a3477849748a4111c46c8b38a840d946a875986");
     }
