@@ -28,6 +28,14 @@ fn default_kernel_has_the_guest_options_built_in_and_kata_names() {
         "CONFIG_LIBNVDIMM",
         "CONFIG_BLK_DEV_PMEM",
         "CONFIG_FS_DAX",
+        // Disks: Kata's DAX root (NVDIMM announced by ACPI NFIT, PFN
+        // metadata), virtio-scsi (Kata's block_device_driver), partitions.
+        "CONFIG_ACPI_NFIT",
+        "CONFIG_NVDIMM_PFN",
+        "CONFIG_SCSI_VIRTIO",
+        "CONFIG_BLK_DEV_SD",
+        "CONFIG_MSDOS_PARTITION",
+        "CONFIG_EFI_PARTITION",
         "CONFIG_VIRTIO_FS",
         "CONFIG_FUSE_DAX",
         "CONFIG_NET_9P_VIRTIO",
