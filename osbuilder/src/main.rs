@@ -312,7 +312,7 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
     }
     eprintln!(
         "osbuilder: wrote {} ({} entries, {} bytes unpacked, {} bytes {}, sha256 {}) in {:.2}s",
-        report.output.display(),
+        report.build.output.display(),
         report.initrd.entries,
         report.initrd.uncompressed_bytes,
         report.initrd.compressed_bytes,
@@ -381,7 +381,7 @@ fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
     let d = &report.disk;
     eprintln!(
         "osbuilder: wrote {} ({} bytes, {} {}{}, filesystem at byte {} size {}, {} inodes, sha256 {}) in {:.2}s",
-        report.output.display(),
+        report.build.output.display(),
         d.bytes,
         d.table,
         "ext4",

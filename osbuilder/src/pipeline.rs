@@ -193,15 +193,36 @@ impl From<LayerStats> for LayerReport {
     }
 }
 
-/// What a build did: inputs by digest, outputs by digest, and timings.
+/// What every build report starts with: the image by digest, the epoch,
+/// the layers, the tree and where the output went.
 #[derive(Clone, Debug, Serialize)]
-pub struct InitrdBuildReport {
+pub struct BuildSummary {
     pub image: ImageSummary,
     pub source_date_epoch: i64,
     pub epoch_source: EpochSource,
     pub layers: Vec<LayerReport>,
     pub tree: TreeStatsReport,
     pub output: PathBuf,
+}
+
+impl BuildSummary {
+    fn new(image: &Image, stats: Vec<LayerStats>, tree: TreeStats, epoch: i64, epoch_source: EpochSource, output: &Path) -> Self {
+        BuildSummary {
+            image: ImageSummary::of(image),
+            source_date_epoch: epoch,
+            epoch_source,
+            layers: stats.into_iter().map(Into::into).collect(),
+            tree: tree.into(),
+            output: output.to_path_buf(),
+        }
+    }
+}
+
+/// What a build did: inputs by digest, outputs by digest, and timings.
+#[derive(Clone, Debug, Serialize)]
+pub struct InitrdBuildReport {
+    #[serde(flatten)]
+    pub build: BuildSummary,
     pub compression: String,
     pub initrd: InitrdReport,
     pub seconds: Timings,
@@ -283,12 +304,7 @@ pub fn build_initrd(job: &InitrdJob, progress: &Progress) -> Result<InitrdBuildR
     bar.finish_and_clear();
     timings.write = t.elapsed().as_secs_f64();
     Ok(InitrdBuildReport {
-        image: ImageSummary::of(&image),
-        source_date_epoch: epoch,
-        epoch_source,
-        layers: stats.into_iter().map(Into::into).collect(),
-        tree: tree_stats.into(),
-        output: job.output.clone(),
+        build: BuildSummary::new(&image, stats, tree_stats, epoch, epoch_source, &job.output),
         compression: format!("{:?}", job.initrd.compression.kind).to_lowercase(),
         initrd: report,
         seconds: timings,
@@ -312,12 +328,8 @@ pub struct DiskJob {
 /// What a disk build did.
 #[derive(Clone, Debug, Serialize)]
 pub struct DiskBuildReport {
-    pub image: ImageSummary,
-    pub source_date_epoch: i64,
-    pub epoch_source: EpochSource,
-    pub layers: Vec<LayerReport>,
-    pub tree: TreeStatsReport,
-    pub output: PathBuf,
+    #[serde(flatten)]
+    pub build: BuildSummary,
     pub disk: DiskReport,
     /// The kernel arguments for each way to boot the disk (also in `disk`).
     pub cmdline: Cmdline,
@@ -377,12 +389,7 @@ pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport,
     let disk = disk::image::write_disk(&plan, &opts, &job.output)?;
     timings.write = t.elapsed().as_secs_f64();
     Ok(DiskBuildReport {
-        image: ImageSummary::of(&image),
-        source_date_epoch: epoch,
-        epoch_source,
-        layers: stats.into_iter().map(Into::into).collect(),
-        tree: tree.stats().into(),
-        output: job.output.clone(),
+        build: BuildSummary::new(&image, stats, tree.stats(), epoch, epoch_source, &job.output),
         cmdline: disk.cmdline.clone(),
         disk,
         seconds: timings,

@@ -10,7 +10,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::ext4::{self, Ext4Error, Ext4Options, Ext4Size, Ext4Summary};
 use super::layout::{plan_disk, DiskError, DiskSpec, PartitionType, TableKind};
-use super::{SeekSink, Sink};
+use super::{SeekSink, Sink, ZEROS};
 use crate::output::{OutputError, Staged};
 use crate::rootfs::Plan;
 
@@ -183,7 +183,6 @@ impl<S: Sink> Sink for Hashing<S> {
         self.inner.write_all(buf)
     }
     fn zeros(&mut self, len: u64) -> io::Result<()> {
-        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut left = len;
         while left > 0 {
             let n = left.min(ZEROS.len() as u64) as usize;

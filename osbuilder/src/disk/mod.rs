@@ -13,6 +13,9 @@ pub mod table;
 
 use std::io::{self, Seek, SeekFrom, Write};
 
+/// A block of zeros for sinks that must write holes out.
+pub(crate) static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
 /// Where a format writer's bytes go, in increasing offset order.
 pub trait Sink {
     /// Appends `buf`.
@@ -95,7 +98,6 @@ impl<W: Write> Sink for StreamSink<W> {
     }
 
     fn zeros(&mut self, mut len: u64) -> io::Result<()> {
-        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         self.pos += len;
         while len > 0 {
             let n = len.min(ZEROS.len() as u64) as usize;
