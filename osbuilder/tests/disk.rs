@@ -12,7 +12,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -31,28 +31,8 @@ const EXT4_FEATURES: &[&str] = &[
 // Running osbuilder
 // ---------------------------------------------------------------------------
 
-fn osbuilder() -> Command {
-    tool(env!("CARGO_BIN_EXE_osbuilder"))
-}
-
-fn run_osbuilder(args: &[&str], cache: &Path) -> Output {
-    let mut cmd = osbuilder();
-    cmd.args(args).arg("--cache-dir").arg(cache).env_remove("SOURCE_DATE_EPOCH").stdin(Stdio::null());
-    cmd.output().expect("run osbuilder")
-}
-
-fn build_err(args: &[&str], cache: &Path) -> String {
-    let out = run_osbuilder(args, cache);
-    assert!(!out.status.success(), "osbuilder {args:?} should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn scratch() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("osbuilder-disk-it-").tempdir().unwrap()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A disk written by osbuilder and its parsed JSON report.

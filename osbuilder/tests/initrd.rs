@@ -5,43 +5,11 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use common::*;
 
-fn osbuilder() -> std::process::Command {
-    tool(env!("CARGO_BIN_EXE_osbuilder"))
-}
-
-/// Runs osbuilder, returning the output whatever the exit status.
-fn run_osbuilder(args: &[&str], cache: &Path) -> Output {
-    let mut cmd = osbuilder();
-    cmd.args(args).arg("--cache-dir").arg(cache).env_remove("SOURCE_DATE_EPOCH");
-    cmd.output().expect("run osbuilder")
-}
-
-fn build_ok(args: &[&str], cache: &Path) -> Output {
-    let out = run_osbuilder(args, cache);
-    assert!(
-        out.status.success(),
-        "osbuilder {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn build_err(args: &[&str], cache: &Path) -> String {
-    let out = run_osbuilder(args, cache);
-    assert!(!out.status.success(), "osbuilder {args:?} should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn scratch() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("osbuilder-it-").tempdir().unwrap()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// The initrd's tree, extracted by GNU cpio, equals umoci's unpack of the

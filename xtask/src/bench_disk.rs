@@ -47,6 +47,17 @@ impl Row {
     fn median(&self) -> Option<f64> {
         (!self.samples.is_empty()).then(|| median(&self.samples))
     }
+    /// Records one timed run that made `img`, or why it failed.
+    fn record(&mut self, run: anyhow::Result<Sample>, img: &Path) {
+        match run {
+            Ok(s) => {
+                self.samples.push(s);
+                self.check(img);
+            }
+            Err(e) => self.failure = Some(format!("failed: {}", short(&e))),
+        }
+    }
+
     /// Records an image: its `e2fsck -fn` verdict and (once) its geometry.
     fn check(&mut self, img: &Path) {
         let (clean, note) = fsck(img);
@@ -198,13 +209,7 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
                 d = dir.display(),
                 img = img.display()
             );
-            match timed(Cmd::new("bash").args(["-c", &script]), &img) {
-                Ok(s) => {
-                    anchor.samples.push(s);
-                    anchor.check(&img);
-                }
-                Err(e) => anchor.failure = Some(format!("failed: {}", short(&e))),
-            }
+            anchor.record(timed(Cmd::new("bash").args(["-c", &script]), &img), &img);
             std::fs::remove_dir_all(&dir)?;
         }
 
@@ -230,13 +235,7 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
                 img = img.display(),
                 mke2fs = mke2fs.display()
             );
-            match timed(Cmd::new("bash").args(["-c", &script]), &img) {
-                Ok(s) => {
-                    rival.samples.push(s);
-                    rival.check(&img);
-                }
-                Err(e) => rival.failure = Some(format!("failed: {}", short(&e))),
-            }
+            rival.record(timed(Cmd::new("bash").args(["-c", &script]), &img), &img);
             let _ = std::fs::remove_file(&img);
         }
     }

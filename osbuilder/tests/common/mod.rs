@@ -89,6 +89,37 @@ pub fn run_stdout(cmd: &mut Command) -> String {
 }
 
 /// Hex sha256 of a byte string.
+/// Our binary, as the tests drive it.
+pub fn osbuilder() -> Command {
+    tool(env!("CARGO_BIN_EXE_osbuilder"))
+}
+
+/// Runs osbuilder with its own blob cache and no SOURCE_DATE_EPOCH from
+/// the environment, returning the output whatever the exit status.
+pub fn run_osbuilder(args: &[&str], cache: &Path) -> Output {
+    let mut cmd = osbuilder();
+    cmd.args(args).arg("--cache-dir").arg(cache).env_remove("SOURCE_DATE_EPOCH").stdin(Stdio::null());
+    cmd.output().expect("run osbuilder")
+}
+
+/// Runs osbuilder and asserts it succeeded.
+pub fn build_ok(args: &[&str], cache: &Path) -> Output {
+    let out = run_osbuilder(args, cache);
+    assert!(out.status.success(), "osbuilder {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Runs osbuilder, asserts it failed, and returns its stderr.
+pub fn build_err(args: &[&str], cache: &Path) -> String {
+    let out = run_osbuilder(args, cache);
+    assert!(!out.status.success(), "osbuilder {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
