@@ -6,6 +6,7 @@
 //! (temporary name, fsync, rename) is [`crate::output`]'s job.
 
 pub mod dax;
+pub mod erofs;
 pub mod image;
 pub mod ext4;
 pub mod layout;

@@ -37,6 +37,12 @@ impl PlanIno {
     pub fn get(self) -> u32 {
         self.0
     }
+
+    /// The inode at position `i` of [`Plan::inodes`] (every position below
+    /// its length is one: the numbers are dense).
+    pub fn from_index(i: usize) -> PlanIno {
+        PlanIno(u32::try_from(i).expect("plan positions fit u32"))
+    }
 }
 
 /// Index of a directory in [`Plan::dirs`].
@@ -249,6 +255,18 @@ impl<'t> Plan<'t> {
 
     pub fn totals(&self) -> PlanTotals {
         self.totals
+    }
+
+    /// The first path of `ino` in walk order (no leading `/`), for error
+    /// messages: a whole walk, so only on the error path.
+    pub fn path_of(&self, ino: PlanIno) -> String {
+        let mut found = None;
+        self.walk_paths(|path, _, i| {
+            if i == ino && found.is_none() {
+                found = Some(String::from_utf8_lossy(path).into_owned());
+            }
+        });
+        found.unwrap_or_default()
     }
 
     /// Calls `visit(path, seq, ino)` for every name in sorted depth-first

@@ -358,13 +358,7 @@ pub struct Layout {
 
 /// The path of a plan inode, for error messages.
 pub fn path_of(plan: &Plan, ino: PlanIno) -> String {
-    let mut found = None;
-    plan.walk_paths(|path, _, i| {
-        if i == ino && found.is_none() {
-            found = Some(String::from_utf8_lossy(path).into_owned());
-        }
-    });
-    found.unwrap_or_default()
+    plan.path_of(ino)
 }
 
 fn derive(seed: &[u8; 32], what: &str) -> [u8; 32] {
