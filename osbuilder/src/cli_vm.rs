@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 
 use osb_agent::client::{Client, Endpoint, ExecSpec, User, DEFAULT_PORT};
-use osbuilder::disk::image::{Cmdline, FsKind};
+use osbuilder::disk::image::Cmdline;
 use osbuilder::vm::{DiskAttach, Machine, Via, Vm, VmConfig};
 
 #[derive(Subcommand)]
@@ -238,7 +238,8 @@ fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Pat
         }
         None => {
             let (table, dax) = osbuilder::disk::image::probe(disk).with_context(|| format!("reading {}", disk.display()))?;
-            osbuilder::disk::image::cmdline(table, dax, FsKind::Ext4, Some(osbuilder::pipeline::DISK_INIT_PATH))
+            let fs = osbuilder::disk::image::probe_fs(disk, table, dax).with_context(|| format!("reading {}", disk.display()))?;
+            osbuilder::disk::image::cmdline(table, dax, fs, Some(osbuilder::pipeline::DISK_INIT_PATH))
         }
     };
     match cmdline.get(via) {

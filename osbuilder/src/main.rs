@@ -12,6 +12,7 @@ use osbuilder::oci::cache::BlobCache;
 use osbuilder::oci::manifest::Platform;
 use osbuilder::oci::{Image, ImageRef, PullOptions};
 use osbuilder::disk::ext4::{Ext4Size, Headroom};
+use osbuilder::disk::erofs::Compression as ErofsCompression;
 use osbuilder::disk::image::FsKind;
 use osbuilder::disk::layout::TableKind;
 use osbuilder::pipeline::{self, AddSpec, DiskJob, ImageSummary, InitrdJob, TreeJob};
@@ -154,6 +155,10 @@ struct DiskArgs {
     /// Filesystem.
     #[arg(long, default_value = "ext4")]
     fs: FsKind,
+    /// erofs compression: none, lz4, or lz4hc (smaller, slower to build;
+    /// what Kata's image builder uses). Compressed files cannot use DAX.
+    #[arg(long, default_value = "none")]
+    compress: ErofsCompression,
     /// Partition table: none (the filesystem is the whole disk, Firecracker's
     /// root=/dev/vda), mbr (Kata's), gpt (Discoverable Partitions root type).
     #[arg(long, default_value = "mbr")]
@@ -166,16 +171,17 @@ struct DiskArgs {
     /// such as 512M or 2G (a bare number is bytes).
     #[arg(long, default_value = "auto")]
     size: String,
-    /// Free space added to an auto-sized filesystem: a size (64M) or a
-    /// percentage of what the content and metadata take (10%).
-    #[arg(long, default_value = "10%")]
-    headroom: String,
+    /// Free space added to an auto-sized ext4: a size (64M) or a
+    /// percentage of what the content and metadata take [default: 10%].
+    /// erofs is read-only and sized to its content.
+    #[arg(long)]
+    headroom: Option<String>,
     /// Blocks reserved for root, in percent. Default 0: the headroom is the
     /// free space asked for, and reserving part of it would hide it from a
     /// workload that does not run as root (mke2fs reserves 5%, Kata 3%).
     #[arg(long, default_value_t = 0.0)]
     reserved_percent: f64,
-    /// Filesystem label (at most 16 bytes).
+    /// Filesystem label (at most 16 bytes for ext4, 15 for erofs).
     #[arg(long)]
     label: Option<String>,
     /// No journal (a read-only root does not need one).
@@ -353,10 +359,21 @@ fn check_report_path(report: Option<&std::path::Path>, output: &std::path::Path)
 
 fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
     check_report_path(args.tree.report.as_deref(), &args.output)?;
+    if args.fs == FsKind::Erofs {
+        let ext4_only = [
+            (args.headroom.is_some(), "--headroom"),
+            (args.reserved_percent != 0.0, "--reserved-percent"),
+            (args.no_journal, "--no-journal"),
+        ];
+        if let Some((_, flag)) = ext4_only.iter().find(|(given, _)| *given) {
+            anyhow::bail!("{flag} is for ext4; erofs is read-only, sized to its content, and has no journal");
+        }
+    }
     let size = if args.size == "auto" {
-        let headroom = match args.headroom.strip_suffix('%') {
-            Some(pct) => Headroom::Percent(pct.trim().parse().with_context(|| format!("--headroom {:?} is not a size or a percentage", args.headroom))?),
-            None => Headroom::Bytes(pipeline::parse_disk_size(&args.headroom).map_err(anyhow::Error::msg).context("--headroom")?),
+        let text = args.headroom.as_deref().unwrap_or("10%");
+        let headroom = match text.strip_suffix('%') {
+            Some(pct) => Headroom::Percent(pct.trim().parse().with_context(|| format!("--headroom {text:?} is not a size or a percentage"))?),
+            None => Headroom::Bytes(pipeline::parse_disk_size(text).map_err(anyhow::Error::msg).context("--headroom")?),
         };
         Ext4Size::Auto { headroom }
     } else {
@@ -366,6 +383,7 @@ fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
         tree: args.tree.job(args.image, args.init),
         output: args.output,
         fs: args.fs,
+        compression: args.compress,
         table: match args.table {
             TableArg::None => TableKind::None,
             TableArg::Mbr => TableKind::Mbr,
@@ -380,15 +398,16 @@ fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
     let report = pipeline::build_disk(&job, progress).with_context(|| format!("building a disk from {}", job.tree.image))?;
     let d = &report.disk;
     eprintln!(
-        "osbuilder: wrote {} ({} bytes, {} {}{}, filesystem at byte {} size {}, {} inodes, sha256 {}) in {:.2}s",
+        "osbuilder: wrote {} ({} bytes, {} {}{}{}, filesystem at byte {} size {}, {} inodes, sha256 {}) in {:.2}s",
         report.build.output.display(),
         d.bytes,
         d.table,
-        "ext4",
+        d.fs.name(),
+        if args.compress == ErofsCompression::None { String::new() } else { format!(" {:?}", args.compress).to_lowercase() },
         if d.dax { " with Kata's DAX layout" } else { "" },
         d.partition.offset,
         d.partition.size,
-        d.filesystem.inodes - d.filesystem.free_inodes,
+        d.filesystem.used_inodes(),
         d.sha256,
         report.seconds.resolve + report.seconds.layers + report.seconds.write
     );

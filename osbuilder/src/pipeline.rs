@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::disk::{self, ext4::Ext4Size, image::{Cmdline, DiskOptions, DiskReport, FsKind, ImageError}, layout::TableKind};
+use crate::disk::{self, erofs::Compression, ext4::Ext4Size, image::{Cmdline, DiskOptions, DiskReport, FsKind, ImageError}, layout::TableKind};
 use crate::initrd::{self, InitrdError, InitrdOptions, InitrdReport};
 use crate::oci::digest::Digest;
 use crate::oci::{Image, ImageRef, LayerInfo, OciError, PullOptions};
@@ -317,6 +317,8 @@ pub struct DiskJob {
     pub tree: TreeJob,
     pub output: PathBuf,
     pub fs: FsKind,
+    /// erofs only.
+    pub compression: Compression,
     pub table: TableKind,
     pub dax: bool,
     pub size: Ext4Size,
@@ -360,6 +362,9 @@ fn disk_seed(job: &DiskJob, image: &Image, epoch: i64) -> [u8; 32] {
         field(&remove.to_bytes());
     }
     field(format!("{:?} {:?} {} {:?} {} {:?} {}", job.fs, job.table, job.dax, job.size, job.reserved_percent, job.label, job.journal).as_bytes());
+    if job.compression != Compression::None {
+        field(format!("{:?}", job.compression).as_bytes());
+    }
     field(&[job.tree.init.is_some() as u8]);
     h.finalize().into()
 }
@@ -376,6 +381,7 @@ pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport,
     let plan = Plan::new(&tree).map_err(|e| BuildError::Disk(e.into()))?;
     let opts = DiskOptions {
         fs: job.fs,
+        compression: job.compression,
         table: job.table,
         dax: job.dax,
         size: job.size,

@@ -8,7 +8,8 @@ use std::path::Path;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
-use super::ext4::{self, Ext4Error, Ext4Options, Ext4Size, Ext4Summary};
+use super::erofs::{self, Compression, ErofsError, ErofsLayout, ErofsOptions, ErofsSummary};
+use super::ext4::{self, Ext4Error, Ext4Layout, Ext4Options, Ext4Size, Ext4Summary};
 use super::layout::{plan_disk, DiskError, DiskSpec, PartitionType, TableKind};
 use super::{SeekSink, Sink, ZEROS};
 use crate::output::{OutputError, Staged};
@@ -20,6 +21,10 @@ pub enum ImageError {
     Plan(#[from] crate::rootfs::PlanError),
     #[error(transparent)]
     Ext4(#[from] Ext4Error),
+    #[error(transparent)]
+    Erofs(#[from] ErofsError),
+    #[error("{0}")]
+    Options(String),
     #[error(transparent)]
     Disk(#[from] DiskError),
     #[error(transparent)]
@@ -33,14 +38,29 @@ pub enum ImageError {
 #[serde(rename_all = "lowercase")]
 pub enum FsKind {
     Ext4,
+    /// Read-only and compact; optionally LZ4-compressed (`--compress`).
+    Erofs,
+}
+
+impl FsKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Ext4 => "ext4",
+            FsKind::Erofs => "erofs",
+        }
+    }
 }
 
 /// Everything that shapes a disk, except the tree.
 #[derive(Clone, Debug)]
 pub struct DiskOptions {
     pub fs: FsKind,
+    /// erofs only.
+    pub compression: Compression,
     pub table: TableKind,
     pub dax: bool,
+    /// For erofs, `Auto` means exactly what the content needs (the headroom
+    /// is not used: the filesystem is read-only).
     pub size: Ext4Size,
     pub reserved_percent: f64,
     pub label: Option<String>,
@@ -77,6 +97,24 @@ pub struct Cmdline {
     pub virtio_scsi: String,
 }
 
+/// The filesystem's own summary.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum FsSummary {
+    Ext4(Ext4Summary),
+    Erofs(ErofsSummary),
+}
+
+impl FsSummary {
+    /// Inodes the tree uses.
+    pub fn used_inodes(&self) -> u64 {
+        match self {
+            FsSummary::Ext4(s) => s.inodes - s.free_inodes,
+            FsSummary::Erofs(s) => s.inodes,
+        }
+    }
+}
+
 /// How the guest sees the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Via {
@@ -106,25 +144,106 @@ pub struct DiskReport {
     /// The filesystem partition (the whole disk with `--table none`).
     pub partition: PartitionReport,
     pub partitions: Vec<PartitionReport>,
-    pub filesystem: Ext4Summary,
+    pub filesystem: FsSummary,
     pub cmdline: Cmdline,
 }
 
-/// Kata's root arguments (its GetKernelRootParams) for ext4, with `rw` for
-/// block devices a guest owns and `ro` for the shared DAX mapping.
+/// Kata's root arguments (its GetKernelRootParams): ext4 with `rw` on block
+/// devices a guest owns and `ro` for the shared DAX mapping; erofs is always
+/// read-only (`rootflags=dax ro` on pmem).
 pub fn cmdline(table: TableKind, dax: bool, fs: FsKind, init_path: Option<&str>) -> Cmdline {
-    let FsKind::Ext4 = fs;
     let part = |dev: &str, pmem: bool| match table {
         TableKind::None => dev.to_string(),
         _ if pmem => format!("{dev}p1"),
         _ => format!("{dev}1"),
     };
     let init = init_path.map(|p| format!(" init={p}")).unwrap_or_default();
-    let block = |dev: &str| format!("root={} rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw{init}", part(dev, false));
+    let block = |dev: &str| match fs {
+        FsKind::Ext4 => format!("root={} rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw{init}", part(dev, false)),
+        FsKind::Erofs => format!("root={} rootfstype=erofs ro{init}", part(dev, false)),
+    };
+    let pmem = |dev: &str| match fs {
+        FsKind::Ext4 => format!("root={dev} rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4{init}"),
+        FsKind::Erofs => format!("root={dev} rootflags=dax ro rootfstype=erofs{init}"),
+    };
     Cmdline {
-        pmem: dax.then(|| format!("root={} rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4{init}", part("/dev/pmem0", true))),
+        pmem: dax.then(|| pmem(&part("/dev/pmem0", true))),
         virtio_blk: block("/dev/vda"),
         virtio_scsi: block("/dev/sda"),
+    }
+}
+
+/// The filesystem writer chosen by [`DiskOptions::fs`], laid out.
+enum FsLayout {
+    Ext4(Ext4Layout),
+    Erofs(ErofsLayout),
+}
+
+impl FsLayout {
+    fn new(plan: &Plan, opts: &DiskOptions) -> Result<FsLayout, ImageError> {
+        Ok(match opts.fs {
+            FsKind::Ext4 => {
+                if opts.compression != Compression::None {
+                    return Err(ImageError::Options("--compress is for erofs; ext4 is not compressed".into()));
+                }
+                FsLayout::Ext4(ext4::layout(
+                    plan,
+                    &Ext4Options {
+                        size: opts.size,
+                        reserved_percent: opts.reserved_percent,
+                        source_date_epoch: opts.source_date_epoch,
+                        seed: opts.seed,
+                        label: opts.label.clone(),
+                        journal: opts.journal,
+                    },
+                )?)
+            }
+            FsKind::Erofs => {
+                if opts.dax && opts.compression != Compression::None {
+                    return Err(ImageError::Options(
+                        "DAX maps only uncompressed erofs files; drop --compress or --dax".into(),
+                    ));
+                }
+                FsLayout::Erofs(erofs::layout(
+                    plan,
+                    &ErofsOptions {
+                        compression: opts.compression,
+                        // DAX maps only plain, block-aligned files (Kata
+                        // builds its erofs with -Enoinline_data).
+                        inline_data: !opts.dax,
+                        size: match opts.size {
+                            Ext4Size::Auto { .. } => None,
+                            Ext4Size::Fixed(n) => Some(n),
+                        },
+                        source_date_epoch: opts.source_date_epoch,
+                        seed: opts.seed,
+                        label: opts.label.clone(),
+                    },
+                )?)
+            }
+        })
+    }
+
+    fn size_bytes(&self) -> u64 {
+        match self {
+            FsLayout::Ext4(l) => l.size_bytes(),
+            FsLayout::Erofs(l) => l.size_bytes(),
+        }
+    }
+
+    fn write(&self, plan: &Plan, sink: &mut dyn Sink) -> Result<(), ImageError> {
+        match self {
+            FsLayout::Ext4(l) => l.write(plan, sink)?,
+            FsLayout::Erofs(l) => l.write(plan, sink)?,
+        }
+        Ok(())
+    }
+
+    fn summary(&self) -> FsSummary {
+        match self {
+            FsLayout::Ext4(l) => FsSummary::Ext4(l.summary()),
+            FsLayout::Erofs(l) => FsSummary::Erofs(l.summary()),
+        }
     }
 }
 
@@ -151,6 +270,38 @@ pub fn probe(path: &Path) -> io::Result<(TableKind, bool)> {
         _ => TableKind::None,
     };
     Ok((table, dax))
+}
+
+/// Which filesystem sits in partition 1 (or the whole disk) of an image
+/// [`probe`] recognised: the erofs magic at 1024 or ext4's at 1080.
+pub fn probe_fs(path: &Path, table: TableKind, dax: bool) -> io::Result<FsKind> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let read = |at: u64, len: usize| -> io::Result<Vec<u8>> {
+        let mut b = vec![0u8; len];
+        file.read_exact_at(&mut b, at)?;
+        Ok(b)
+    };
+    let le64 = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+    let start = match table {
+        _ if dax => super::layout::DAX_FS_OFFSET,
+        TableKind::None => 0,
+        TableKind::Mbr => u32::from_le_bytes(read(446 + 8, 4)?.try_into().expect("4 bytes")) as u64 * 512,
+        // The first entry of the array at LBA 2: its first LBA at byte 32.
+        TableKind::Gpt => le64(&read(2 * 512 + 32, 8)?) * 512,
+    };
+    let head = read(start + 1024, 64)?;
+    if head[..4] == erofs_magic() {
+        Ok(FsKind::Erofs)
+    } else if head[56..58] == [0x53, 0xef] {
+        Ok(FsKind::Ext4)
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidData, format!("no ext4 or erofs filesystem at byte {start}")))
+    }
+}
+
+fn erofs_magic() -> [u8; 4] {
+    0xE0F5_E1E2u32.to_le_bytes()
 }
 
 /// Positions relative to where the filesystem starts inside the image.
@@ -200,15 +351,7 @@ impl<S: Sink> Sink for Hashing<S> {
 /// at `out` unless the whole image was written). Errors in the layout, such
 /// as a fixed size too small, come before the output file is created.
 pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskReport, ImageError> {
-    let ext4_opts = Ext4Options {
-        size: opts.size,
-        reserved_percent: opts.reserved_percent,
-        source_date_epoch: opts.source_date_epoch,
-        seed: opts.seed,
-        label: opts.label.clone(),
-        journal: opts.journal,
-    };
-    let fs = ext4::layout(plan, &ext4_opts)?;
+    let fs = FsLayout::new(plan, opts)?;
     let disk = plan_disk(&DiskSpec::new(opts.table, opts.dax, fs.size_bytes(), opts.seed))?;
 
     let staged = Staged::create(out)?;

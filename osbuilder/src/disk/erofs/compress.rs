@@ -94,28 +94,38 @@ pub fn compress_file(reader: &ContentReader, size: u64, algo: Compression) -> io
             return Ok(None);
         }
         let src = window.at(pos)?;
-        let (read, wrote) = if src.len() <= BLOCK {
-            (0, 0) // a block or less: stored plain
-        } else {
-            let r = match algo {
-                Compression::Lz4 => lzzzz::lz4::compress_fill(src, &mut out),
-                Compression::Lz4hc => lzzzz::lz4_hc::compress_fill(src, &mut out, LZ4HC_LEVEL),
-                Compression::None => unreachable!("no compression asked for"),
-            };
-            r.map_err(|e| io::Error::other(format!("lz4: {e}")))?
-        };
-        let at = blocks.len();
-        blocks.resize(at + BLOCK, 0);
-        if read > BLOCK {
+        let last = pos + src.len() as u64 == size;
+        let (read, wrote) = match algo {
+            Compression::Lz4 => lzzzz::lz4::compress_fill(src, &mut out),
+            Compression::Lz4hc => lzzzz::lz4_hc::compress_fill(src, &mut out, LZ4HC_LEVEL),
+            Compression::None => unreachable!("no compression asked for"),
+        }
+        .map_err(|e| io::Error::other(format!("lz4: {e}")))?;
+        // A compressed extent must hold more than a block, so that the next
+        // one starts in a later logical cluster; the last one may hold less.
+        let compressed = read > BLOCK || (last && read == src.len());
+        if compressed {
+            let at = blocks.len();
+            blocks.resize(at + BLOCK, 0);
             blocks[at + BLOCK - wrote..].copy_from_slice(&out[..wrote]);
             extents.push(Extent { start: pos, len: read as u32, compressed: true });
             pos += read as u64;
-        } else {
-            let n = src.len().min(BLOCK);
-            blocks[at..at + n].copy_from_slice(&src[..n]);
-            extents.push(Extent { start: pos, len: n as u32, compressed: false });
-            pos += n as u64;
+            continue;
         }
+        // Stored plain: a block of input, and never past the end of a
+        // logical cluster unless another extent starts in the next one (the
+        // kernel maps a plain extent up to the end of the cluster it reads,
+        // which must not exceed the physical block).
+        let mut n = src.len().min(BLOCK);
+        let into = (pos % BLOCK as u64) as usize;
+        if pos + n as u64 == size && into + n > BLOCK {
+            n = BLOCK - into;
+        }
+        let at = blocks.len();
+        blocks.resize(at + BLOCK, 0);
+        blocks[at..at + n].copy_from_slice(&src[..n]);
+        extents.push(Extent { start: pos, len: n as u32, compressed: false });
+        pos += n as u64;
     }
     if extents.len() as u64 >= plain_blocks {
         return Ok(None);

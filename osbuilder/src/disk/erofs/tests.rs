@@ -133,7 +133,7 @@ fn dir_idx(tree: &Tree, path: &str) -> InodeIdx {
 fn rich_tree(dir: &Path) -> Tree {
     let mut tree = Tree::new();
     let text: Vec<u8> = (0..300_000u32).flat_map(|i| format!("line {} of a compressible file\n", i % 977).into_bytes()).collect();
-    tree.add_bytes(&p("/usr/share/doc/text"), text, 0o644, 1000).unwrap();
+    tree.add_bytes(&p("/usr/share/doc/text"), text.clone(), 0o644, 1000).unwrap();
     let mut noise = vec![0u8; 150_001];
     let mut x = 0x1234_5678u32;
     for b in noise.iter_mut() {
@@ -141,6 +141,13 @@ fn rich_tree(dir: &Path) -> Tree {
         x ^= x >> 17;
         x ^= x << 5;
         *b = x as u8;
+    }
+    // Compressible heads with incompressible tails of every alignment: the
+    // last extent is stored plain and must not cross a logical cluster.
+    for k in 1..24usize {
+        let mut data = text[..k * 900].to_vec();
+        data.extend_from_slice(&noise[k * 100..k * 100 + 3000 + k * 50]);
+        tree.add_bytes(&p(&format!("/usr/lib/mix{k}")), data, 0o644, 1000).unwrap();
     }
     tree.add_bytes(&p("/usr/lib/noise"), noise, 0o755, EPOCH + 99).unwrap();
     tree.add_bytes(&p("/etc/hostname"), b"guest\n".to_vec(), 0o644, 1000).unwrap();
