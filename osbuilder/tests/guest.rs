@@ -420,3 +420,47 @@ fn bare_filesystem_disk_boots_as_dev_vda() {
     assert!(root.starts_with("/dev/vda / ext4 rw,"), "{root}");
     shutdown(vm, &client);
 }
+
+/// Our LZ4HC erofs through virtio-blk: the kernel mounts it read-only as
+/// /dev/vda1, decompresses every file of /usr/bin to the image's bytes, and
+/// the workload runs from it.
+#[test]
+fn erofs_lz4hc_disk_boots_through_virtio_blk() {
+    let _one = one_guest_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, report) = debian_disk(dir.path(), "erofs-lz4hc", &["--fs", "erofs", "--compress", "lz4hc"]);
+    assert_eq!(report["cmdline"]["virtio-blk"], "root=/dev/vda1 rootfstype=erofs ro init=/.osb/init");
+    let cfg = disk_vm(&disk, &report, osbuilder::vm::Via::VirtioBlk, Machine::Microvm, r#"osb.cmd=["/bin/sh","-c","echo workload-ran-on-$(stat -f -c %T /)"] osb.on_exit=stay"#, "erofs-blk");
+    let (vm, client) = boot(&cfg);
+    let root = root_mount(&client);
+    assert!(root.starts_with("/dev/vda1 / erofs ro,"), "{root}");
+    let out = sh(&client, "cd /usr/bin && find . -type f | sort | xargs sha256sum");
+    assert_eq!(out.code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let guest = String::from_utf8_lossy(&out.stdout).into_owned();
+    let host_root = debian_rootfs_file("usr/bin");
+    let host = run_stdout(tool("sh").arg("-c").arg("find . -type f | sort | xargs sha256sum").current_dir(&host_root));
+    assert!(guest.lines().count() > 100, "{guest}");
+    assert_eq!(guest, host, "/usr/bin in the guest differs from the image");
+    assert!(vm.console_text().contains("workload-ran-on-erofs"), "{}", vm.console_text());
+    shutdown(vm, &client);
+}
+
+/// Our uncompressed erofs in Kata's DAX layout through an NVDIMM: the root
+/// is /dev/pmem0p1, erofs with DAX, and files read from the mapping.
+#[test]
+fn erofs_disk_boots_through_pmem_with_dax() {
+    let _one = one_guest_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, report) = debian_disk(dir.path(), "erofs-dax", &["--fs", "erofs", "--dax"]);
+    assert_eq!(report["cmdline"]["pmem"], "root=/dev/pmem0p1 rootflags=dax ro rootfstype=erofs init=/.osb/init");
+    let cfg = disk_vm(&disk, &report, osbuilder::vm::Via::Pmem, Machine::Q35, "", "erofs-pmem");
+    let (vm, client) = boot(&cfg);
+    let root = root_mount(&client);
+    assert!(root.starts_with("/dev/pmem0p1 / erofs ro,") && root.contains("dax"), "{root}");
+    let out = sh(&client, "cat /etc/debian_version && sha256sum /usr/bin/bash");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with(&fs::read_to_string(debian_rootfs_file("etc/debian_version")).unwrap()), "{text}");
+    let host = run_stdout(tool("sha256sum").arg(debian_rootfs_file("usr/bin/bash")));
+    assert_eq!(text.lines().nth(1).unwrap().split_whitespace().next(), host.split_whitespace().next(), "{text}");
+    shutdown(vm, &client);
+}
