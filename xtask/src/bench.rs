@@ -42,7 +42,8 @@ pub enum Section {
     /// Init + agent sizes, agent RSS, time to agent health.
     Guest,
     /// Registry image to a bare ext4 disk image, ours vs skopeo+umoci+mke2fs -d,
-    /// the fetch+decompress floor, and mke2fs -d - on the layer's tar stream.
+    /// the fetch+decompress floor, and mke2fs -d - on the layer's tar stream;
+    /// then erofs (plain, lz4, lz4hc) ours vs skopeo+umoci+mkfs.erofs.
     Disk,
 }
 
@@ -155,6 +156,7 @@ impl Bench {
         }
         if wants(Section::Disk) {
             crate::bench_disk::run(&osbuilder, self.runs)?;
+            crate::bench_erofs::run(&osbuilder, self.runs)?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_disk;
+mod bench_erofs;
 mod bench_guest;
 mod bench_kernel;
 mod boot;
