@@ -16,9 +16,10 @@ pub const DIRENT: usize = 12;
 /// full (non-compact) lcluster indexes.
 pub const FULL_INDEX_HEAD: usize = 16;
 pub const LCLUSTER_INDEX: usize = 8;
-/// A chunk-based block map entry: a block address or `NULL_ADDR` (a hole).
-pub const BLOCK_MAP_ENTRY: usize = 4;
-pub const NULL_ADDR: u32 = u32::MAX;
+/// A chunk index: advise, device id, block address.
+pub const CHUNK_INDEX: usize = 8;
+/// `i_u` of a chunk-based inode: 4 KiB chunks (no extra chunk bits), indexes.
+pub const CHUNK_FORMAT_INDEXES: u32 = 0x20;
 
 pub const COMPAT_SB_CHKSUM: u32 = 0x1;
 pub const COMPAT_MTIME: u32 = 0x2;

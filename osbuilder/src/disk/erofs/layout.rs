@@ -30,8 +30,9 @@ pub(super) enum Data {
     /// `blocks` whole blocks from `blkaddr` in the data area, then `tail`
     /// bytes inline after the inode (0: no inline part).
     Flat { blkaddr: u32, blocks: u64, tail: u32 },
-    /// 4 KiB chunks; `map[i]` is chunk i's data-area block or `None` for a
-    /// hole. Used for files with holes (flat inodes cannot have any).
+    /// 4 KiB chunks with 8-byte indexes; `map[i]` is chunk i's data-area
+    /// block (during layout `None` for a hole, then the shared zero block).
+    /// Used for files with holes (flat inodes cannot have any).
     Chunked { blkaddr: u32, map: Vec<Option<u32>> },
     Compressed { blkaddr: u32, data: Compressed },
 }
@@ -69,6 +70,8 @@ pub(super) struct Layout {
     /// The shared xattr area (whole blocks).
     pub shared: Vec<u8>,
     pub data_start: u32,
+    /// The zero block holes of chunk-based files point at, if any.
+    pub zero_block: Option<u32>,
     pub blocks: u64,
     pub image_bytes: u64,
     pub build_time: u64,
@@ -299,7 +302,7 @@ impl Layout {
             let (head, extra) = match &data {
                 Data::Flat { tail, .. } => (base + *tail as u64, 0),
                 Data::None => (base, 0),
-                Data::Chunked { map, .. } => (base, (map.len() * BLOCK_MAP_ENTRY) as u64),
+                Data::Chunked { map, .. } => (base.next_multiple_of(CHUNK_INDEX as u64), (map.len() * CHUNK_INDEX) as u64),
                 Data::Compressed { .. } => {
                     let aligned = base.next_multiple_of(8);
                     (aligned + FULL_INDEX_HEAD as u64, size.div_ceil(B) * LCLUSTER_INDEX as u64)
@@ -342,6 +345,14 @@ impl Layout {
 
         // The data area, in plan order.
         let mut next = data_start_u64;
+        // Holes of chunk-based files all point at one zero block at the start
+        // of the data area, as mkfs.erofs's deduplicated chunks do: a
+        // NULL_ADDR hole is valid for the kernel, but erofs-utils 1.5 extracts
+        // it as data.
+        let zero_block = inodes.iter().any(|r| matches!(r.data, Data::Chunked { .. })).then(|| {
+            next += 1;
+            data_start_u64 as u32
+        });
         for (i, rec) in inodes.iter_mut().enumerate() {
             let take = |next: &mut u64, count: u64| -> Result<u32, ErofsError> {
                 let at = *next;
@@ -357,10 +368,10 @@ impl Layout {
                 Data::Chunked { blkaddr, map } => {
                     let count = map.iter().filter(|m| m.is_some()).count() as u64;
                     *blkaddr = take(&mut next, count)?;
-                    for m in map.iter_mut().flatten() {
-                        *m += *blkaddr;
+                    for m in map.iter_mut() {
+                        *m = Some(m.map_or(zero_block.expect("a zero block for holes"), |k| k + *blkaddr));
                     }
-                    rec.head.i_u = 0; // chunk format: 4 KiB chunks, a block map
+                    rec.head.i_u = CHUNK_FORMAT_INDEXES;
                 }
                 Data::Compressed { blkaddr, data } => {
                     *blkaddr = take(&mut next, data.block_count())?;
@@ -409,6 +420,7 @@ impl Layout {
             xattr_blkaddr,
             shared,
             data_start: data_start_u64 as u32,
+            zero_block,
             blocks: used_blocks,
             image_bytes: blocks * B,
             build_time: build_time as u64,

@@ -80,8 +80,11 @@ pub fn write(l: &Layout, plan: &Plan, sink: &mut dyn Sink) -> Result<(), ErofsEr
                 _ => unreachable!("only files, symlinks and directories have data"),
             },
             Data::Chunked { map, .. } => {
+                let aligned = (at + rec_buf.len()).next_multiple_of(CHUNK_INDEX) - at;
+                rec_buf.resize(aligned, 0);
                 for m in map {
-                    rec_buf.extend_from_slice(&m.unwrap_or(NULL_ADDR).to_le_bytes());
+                    rec_buf.extend_from_slice(&[0; 4]); // advise, device id
+                    rec_buf.extend_from_slice(&m.expect("placed").to_le_bytes());
                 }
             }
             Data::Compressed { blkaddr, data } => {
@@ -114,7 +117,10 @@ pub fn write(l: &Layout, plan: &Plan, sink: &mut dyn Sink) -> Result<(), ErofsEr
     sink.write_all(&l.shared).map_err(w)?;
     debug_assert_eq!(sink.position() - start, l.data_start as u64 * B);
 
-    // The data area.
+    // The data area: the shared zero block first, then every inode's blocks.
+    if l.zero_block.is_some() {
+        sink.zeros(B).map_err(w)?;
+    }
     let mut buf = vec![0u8; CHUNK];
     for (i, rec) in l.inodes.iter().enumerate() {
         let ino = PlanIno::from_index(i);
@@ -158,7 +164,7 @@ pub fn write(l: &Layout, plan: &Plan, sink: &mut dyn Sink) -> Result<(), ErofsEr
                 debug_assert_eq!(sink.position() - start, *blkaddr as u64 * B);
                 let reader = open(plan, ino, rec.head.size)?;
                 for (chunk, m) in map.iter().enumerate() {
-                    if m.is_none() {
+                    if *m == l.zero_block {
                         continue;
                     }
                     let pos = chunk as u64 * B;
