@@ -88,6 +88,20 @@ impl Body {
         }
     }
 
+    /// The directory-entry file type Linux filesystems store (`FT_*` of
+    /// `include/linux/fs_types.h`, the same numbers in ext4 and erofs).
+    pub fn dirent_type(&self) -> u8 {
+        match self {
+            Body::File(_) => 1,
+            Body::Dir(_) => 2,
+            Body::CharDevice { .. } => 3,
+            Body::BlockDevice { .. } => 4,
+            Body::Fifo => 5,
+            Body::Socket => 6,
+            Body::Symlink(_) => 7,
+        }
+    }
+
     /// The `S_IFMT` bits of this kind.
     pub fn file_type_bits(&self) -> u32 {
         match self {

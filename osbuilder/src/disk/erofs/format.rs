@@ -42,15 +42,6 @@ pub const LCLUSTER_PLAIN: u16 = 0;
 pub const LCLUSTER_HEAD1: u16 = 1;
 pub const LCLUSTER_NONHEAD: u16 = 2;
 
-/// Directory entry file types (the generic `FT_*` values).
-pub const FT_REG: u8 = 1;
-pub const FT_DIR: u8 = 2;
-pub const FT_CHR: u8 = 3;
-pub const FT_BLK: u8 = 4;
-pub const FT_FIFO: u8 = 5;
-pub const FT_SOCK: u8 = 6;
-pub const FT_SYMLINK: u8 = 7;
-
 fn put16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_le_bytes());
 }

@@ -9,24 +9,13 @@ use crate::rootfs::{Body, ContentReader, Plan, PlanIno};
 const B: u64 = BLOCK as u64;
 const CHUNK: usize = 1 << 20;
 
-fn ftype(body: &Body) -> u8 {
-    match body {
-        Body::Dir(_) => FT_DIR,
-        Body::File(_) => FT_REG,
-        Body::Symlink(_) => FT_SYMLINK,
-        Body::CharDevice { .. } => FT_CHR,
-        Body::BlockDevice { .. } => FT_BLK,
-        Body::Fifo => FT_FIFO,
-        Body::Socket => FT_SOCK,
-    }
-}
 
 /// Directory block `k` of `shape`, `used` bytes long (no padding).
 fn dir_block(l: &Layout, plan: &Plan, shape: &DirShape, k: usize) -> Vec<u8> {
     let (first, end) = shape.blocks[k];
     let entries: Vec<(&[u8], u64, u8)> = shape.sorted[first..end]
         .iter()
-        .map(|(name, ino)| (name.as_slice(), l.inodes[ino.index()].nid, ftype(&plan.tree_inode(*ino).body)))
+        .map(|(name, ino)| (name.as_slice(), l.inodes[ino.index()].nid, plan.tree_inode(*ino).body.dirent_type()))
         .collect();
     let mut out = Vec::with_capacity(BLOCK);
     encode_dir_block(&entries, &mut out);

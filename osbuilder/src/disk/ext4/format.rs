@@ -45,14 +45,9 @@ pub const INODE_FLAG_EXTENTS: u32 = 0x8_0000;
 
 pub const BG_INODE_ZEROED: u16 = 0x4;
 
-/// Directory entry file types (`EXT4_FT_*`).
-pub const FT_REG: u8 = 1;
+/// The directory file type (`EXT4_FT_DIR`) of the entries the writer makes
+/// itself; the tree's come from [`crate::rootfs::Body::dirent_type`].
 pub const FT_DIR: u8 = 2;
-pub const FT_CHR: u8 = 3;
-pub const FT_BLK: u8 = 4;
-pub const FT_FIFO: u8 = 5;
-pub const FT_SOCK: u8 = 6;
-pub const FT_SYMLINK: u8 = 7;
 
 /// Bytes of a leaf directory block usable for entries: the last 12 hold the
 /// checksum tail.
@@ -610,7 +605,7 @@ mod tests {
         let tail = 32 + 8 * DX_ROOT_LIMIT;
         assert_eq!(tail + 8, BLOCK, "the dx tail ends the block");
         let mut leaf = vec![0u8; BLOCK];
-        encode_dirent(&mut leaf, 12, DIR_LEAF_SPACE, b"x", FT_REG);
+        encode_dirent(&mut leaf, 12, DIR_LEAF_SPACE, b"x", 1);
         seal_dir_leaf(&mut leaf, 3);
         assert_eq!(&leaf[DIR_LEAF_SPACE + 4..DIR_LEAF_SPACE + 8], &[12, 0, 0, 0xDE]);
     }

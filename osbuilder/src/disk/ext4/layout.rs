@@ -370,15 +370,7 @@ fn derive(seed: &[u8; 32], what: &str) -> [u8; 32] {
 
 /// The ext4 file type of a tree body.
 pub fn file_type(body: &Body) -> u8 {
-    match body {
-        Body::Dir(_) => FT_DIR,
-        Body::File(_) => FT_REG,
-        Body::Symlink(_) => FT_SYMLINK,
-        Body::CharDevice { .. } => FT_CHR,
-        Body::BlockDevice { .. } => FT_BLK,
-        Body::Fifo => FT_FIFO,
-        Body::Socket => FT_SOCK,
-    }
+    body.dirent_type()
 }
 
 /// Splits a full xattr name into ext4's namespace index and suffix.
