@@ -122,7 +122,7 @@ fn compare(tree: &Tree, root: &Path) -> usize {
         assert_eq!(md.mode() & 0o7777, inode.meta.mode, "/{shown} mode");
         assert_eq!(md.mode() & libc::S_IFMT, inode.body.file_type_bits(), "/{shown} type");
         assert_eq!((md.uid(), md.gid()), (inode.meta.uid, inode.meta.gid), "/{shown} owner");
-        assert_eq!(md.mtime(), inode.meta.mtime.min(EPOCH).max(0), "/{shown} mtime");
+        assert_eq!(md.mtime(), inode.meta.mtime.clamp(0, EPOCH), "/{shown} mtime");
         match &inode.body {
             Body::File(content) => {
                 let mut want = vec![0u8; content.len() as usize];
