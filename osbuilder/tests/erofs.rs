@@ -10,6 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use osbuilder::disk::image::{cmdline, probe, probe_fs, FsKind};
 use serde_json::Value;
 
 use common::*;
@@ -132,6 +133,16 @@ fn assert_matches_umoci(disk: &Disk, layout: &Path, tag: &str) -> usize {
     ours.len()
 }
 
+/// `osbuilder vm boot --disk` without a report recognises the layout and
+/// the filesystem, and so gives the report's kernel arguments.
+fn assert_probed(disk: &Disk, fs: FsKind) {
+    let (table, dax) = probe(&disk.img).unwrap();
+    assert_eq!(probe_fs(&disk.img, table, dax).unwrap(), fs);
+    let c = cmdline(table, dax, fs, None);
+    assert_eq!(c.virtio_blk, disk.report["cmdline"]["virtio-blk"].as_str().unwrap());
+    assert_eq!(c.pmem.as_deref(), disk.report["cmdline"]["pmem"].as_str());
+}
+
 fn dump_erofs(args: &[&str], fs_image: &Path) -> String {
     run_stdout(tool("dump.erofs").args(args).arg(fs_image))
 }
@@ -153,6 +164,7 @@ fn debian_erofs_plain_and_lz4hc_hold_exactly_the_image_and_lz4hc_is_within_10_pe
         let entries = assert_matches_umoci(disk, &debian_layout(), DEBIAN_TAG);
         assert!(entries > 5000, "{entries}");
         assert!(disk.report["cmdline"]["virtio-blk"].as_str().unwrap().contains("rootfstype=erofs ro"), "{}", disk.report["cmdline"]);
+        assert_probed(disk, FsKind::Erofs);
     }
     assert!(hc.report["disk"]["filesystem"]["compressed_files"].as_u64().unwrap() > 500);
     assert_eq!(plain.report["disk"]["filesystem"]["compressed_files"], 0);
@@ -197,6 +209,13 @@ fn dax_erofs_is_plain_with_kata_root_flags_and_bad_combinations_are_refused() {
     let disk = build(&debian_image(), tmp.path(), "dax.img", &["--dax"]);
     assert_eq!(disk.offset(), 3 * MIB);
     assert_eq!(disk.report["cmdline"]["pmem"], "root=/dev/pmem0p1 rootflags=dax ro rootfstype=erofs");
+    assert_probed(&disk, FsKind::Erofs);
+    let bare = build(&oci_ref(&awkward_layout(), AWKWARD_TAG), tmp.path(), "bare.img", &["--table", "none"]);
+    assert_probed(&bare, FsKind::Erofs);
+    let ext4 = tmp.path().join("ext4.img");
+    build_ok(&["disk", "--image", &oci_ref(&awkward_layout(), AWKWARD_TAG), "--table", "gpt", "-o", path_str(&ext4)], &shared_cache());
+    let (table, dax) = probe(&ext4).unwrap();
+    assert_eq!(probe_fs(&ext4, table, dax).unwrap(), FsKind::Ext4);
     let fs_image = disk.extract_fs(&tmp.path().join("p1"));
     assert_fsck_clean(&fs_image);
     // No inline tails for files: every regular file maps directly under DAX.
