@@ -9,6 +9,7 @@ pub mod dax;
 pub mod image;
 pub mod ext4;
 pub mod layout;
+pub mod qcow2;
 pub mod table;
 
 use std::io::{self, Seek, SeekFrom, Write};
