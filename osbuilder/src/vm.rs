@@ -61,16 +61,48 @@ pub struct DiskAttach {
     pub via: Via,
 }
 
+/// QEMU's `format=` for a disk file: `qcow2` when it starts with the qcow2
+/// magic, else `raw`. Never left to QEMU's own probing, and a qcow2 file
+/// that names another file (backing file, external data file) is refused: a
+/// guest that wrote a qcow2 header into a raw disk must not make QEMU open
+/// host files.
+fn disk_format(path: &std::path::Path) -> Result<&'static str, VmError> {
+    use std::io::Read;
+    let io_err = |source| VmError::Io { context: format!("cannot read {}", path.display()), source };
+    let mut head = [0u8; 112];
+    let mut file = std::fs::File::open(path).map_err(io_err)?;
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]).map_err(io_err)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    if !crate::disk::qcow2::is_qcow2(&head[..n]) {
+        return Ok("raw");
+    }
+    let header = crate::disk::qcow2::parse_header(&head[..n]).map_err(io_err)?;
+    crate::disk::qcow2::check_self_contained(&header).map_err(io_err)?;
+    Ok("qcow2")
+}
+
 impl DiskAttach {
     /// QEMU arguments for the disk (Kata's for the NVDIMM: a read-only,
     /// shared file backend and an unarmed NVDIMM, so the guest maps the
     /// host's page cache and cannot write it).
     fn qemu_args(&self, machine: Machine) -> Result<Vec<String>, VmError> {
         let path = self.path.display().to_string();
-        let drive = format!("file={path},if=none,id=disk0,format=raw,cache=writeback");
+        let format = disk_format(&self.path)?;
+        let drive = format!("file={path},if=none,id=disk0,format={format},cache=writeback");
         let mmio = machine == Machine::Microvm;
         Ok(match self.via {
             Via::Pmem => {
+                if format != "raw" {
+                    return Err(VmError::Io {
+                        context: format!("{path} cannot back an NVDIMM"),
+                        source: io::Error::other("an NVDIMM maps the file as it is, so it must be a raw image, not qcow2; boot it through virtio-blk or virtio-scsi"),
+                    });
+                }
                 if mmio {
                     return Err(VmError::Io { context: "pmem needs an NVDIMM".into(), source: io::Error::other("QEMU's microvm has no NVDIMM: use --machine q35") });
                 }
