@@ -444,3 +444,41 @@ impl Drop for Vm {
         self.kill();
     }
 }
+
+#[cfg(test)]
+mod qcow2_attach_tests {
+    use super::*;
+    use crate::disk::qcow2::{Qcow2Options, Qcow2Writer};
+    use crate::disk::Sink;
+
+    fn attach(path: &std::path::Path, via: Via, machine: Machine) -> Result<Vec<String>, VmError> {
+        DiskAttach { path: path.to_path_buf(), via }.qemu_args(machine)
+    }
+
+    #[test]
+    fn the_drive_format_comes_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("disk.img");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        let q = dir.path().join("disk.qcow2");
+        let mut w = Qcow2Writer::new(std::fs::File::create(&q).unwrap(), 1 << 20, Qcow2Options { compress: false, threads: 1 }).unwrap();
+        w.write_all(b"data").unwrap();
+        w.finish().unwrap();
+
+        let args = attach(&raw, Via::VirtioBlk, Machine::Microvm).unwrap().join(" ");
+        assert!(args.contains(",format=raw,"), "{args}");
+        let args = attach(&q, Via::VirtioScsi, Machine::Q35).unwrap().join(" ");
+        assert!(args.contains(",format=qcow2,"), "{args}");
+        let err = attach(&q, Via::Pmem, Machine::Q35).unwrap_err().to_string();
+        assert!(err.contains("cannot back an NVDIMM"), "{err}");
+
+        // A backing file named in the header: refused, QEMU never sees it.
+        let mut bytes = std::fs::read(&q).unwrap();
+        bytes[8..16].copy_from_slice(&0x200u64.to_be_bytes());
+        bytes[16..20].copy_from_slice(&9u32.to_be_bytes());
+        bytes[0x200..0x209].copy_from_slice(b"/etc/host");
+        std::fs::write(&q, &bytes).unwrap();
+        let err = attach(&q, Via::VirtioBlk, Machine::Microvm).unwrap_err().to_string();
+        assert!(err.contains("backing file"), "{err}");
+    }
+}

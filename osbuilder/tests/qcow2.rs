@@ -8,9 +8,13 @@ mod common;
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use osbuilder::disk::qcow2::{Qcow2Options, Qcow2Writer};
 use osbuilder::disk::Sink;
@@ -242,4 +246,46 @@ fn writer_edges_pass_qemu_img() {
         assert_eq!(check["allocated-clusters"].as_u64(), Some(summary.allocated_clusters), "{check} {summary:?}");
         assert_same_content(&raw_path, &path);
     }
+}
+
+/// SIGINT while the compressing threads run: nothing is left behind.
+#[test]
+fn sigint_during_a_compressed_write_leaves_nothing_behind() {
+    let tmp = scratch();
+    // 512 MiB that compress well, so the write lasts long enough to be hit.
+    let big = tmp.path().join("big");
+    run(tool("sh").arg("-c").arg(format!("yes osbuilder-qcow2-interrupt | head -c 536870912 > '{}'", big.display())));
+    let dir = tmp.path().join("out");
+    fs::create_dir(&dir).unwrap();
+    let out = dir.join("interrupted.qcow2");
+    let mut child = osbuilder()
+        .args(["disk", "--image", &debian_image(), "-o", path_str(&out), "--format", "qcow2", "--qcow2-compress"])
+        .args(["--add", &format!("{}:/big", big.display()), "--cache-dir"])
+        .arg(shared_cache())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let staged = loop {
+        let found = fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n.starts_with(".osbuilder-") && n.ends_with(".tmp"));
+        if let Some(name) = found {
+            break name;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("osbuilder finished ({status}) before its staged file was seen");
+        }
+        assert!(Instant::now() < deadline, "no staged file within 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    run(tool("kill").args(["-INT", &child.id().to_string()]));
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!status.success(), "an interrupted build must not succeed: {status}\n{stderr}");
+    assert!(status.signal() == Some(2) || status.code() == Some(130), "dies of SIGINT: {status}\n{stderr}");
+    let left: Vec<_> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left behind after SIGINT (staged {staged}): {left:?}");
 }
