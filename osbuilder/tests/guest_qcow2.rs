@@ -48,6 +48,11 @@ fn compressed_qcow2_disk_boots_through_virtio_blk() {
     let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
     let root = json["cmdline"]["virtio-blk"].as_str().unwrap();
     assert!(root.starts_with("root=/dev/vda1 ") && root.ends_with(" init=/.osb/init"), "{root}");
+    // What `osbuilder vm boot --disk X.qcow2` without --disk-report finds
+    // by reading the guest's first 8 KiB through the qcow2 tables.
+    let (table, dax) = osbuilder::disk::image::probe(&disk).unwrap();
+    let probed = osbuilder::disk::image::cmdline(table, dax, osbuilder::disk::image::FsKind::Ext4, Some("/.osb/init"));
+    assert_eq!(probed.virtio_blk, root);
 
     let k = default_kernel();
     let mut cfg = VmConfig::new(&k.bzimage, None, dir.path().join("vm"));
