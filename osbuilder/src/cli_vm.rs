@@ -107,7 +107,9 @@ pub struct BootArgs {
     #[arg(long, value_enum, default_value = "microvm")]
     machine: Machine,
     /// A disk image from `osbuilder disk`: its root is booted (no initrd
-    /// needed) with the kernel arguments for --via.
+    /// needed) with the kernel arguments for --via. Raw or qcow2 (told by
+    /// the file's magic and passed to QEMU as format=; a qcow2 with a
+    /// backing or data file is refused).
     #[arg(long, requires = "via")]
     disk: Option<PathBuf>,
     /// How the guest sees --disk: pmem (NVDIMM with DAX; needs --machine q35

@@ -13,7 +13,7 @@ use osbuilder::oci::manifest::Platform;
 use osbuilder::oci::{Image, ImageRef, PullOptions};
 use osbuilder::disk::ext4::{Ext4Size, Headroom};
 use osbuilder::disk::erofs::Compression as ErofsCompression;
-use osbuilder::disk::image::FsKind;
+use osbuilder::disk::image::{DiskFormat, FsKind};
 use osbuilder::disk::layout::TableKind;
 use osbuilder::pipeline::{self, AddSpec, DiskJob, ImageSummary, InitrdJob, TreeJob};
 use osbuilder::progress::Progress;
@@ -149,9 +149,17 @@ struct DiskArgs {
     /// The image: docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF] or docker-archive:FILE
     #[arg(long)]
     image: ImageRef,
-    /// Output file (the raw disk image).
+    /// Output file (the disk image, in --format).
     #[arg(long, short)]
     output: PathBuf,
+    /// File format: raw (sparse) or qcow2 (version 3, 64 KiB clusters, only
+    /// clusters holding data allocated; not with --dax).
+    #[arg(long, default_value = "raw")]
+    format: DiskFormat,
+    /// qcow2: deflate-compress every cluster that shrinks (what
+    /// `qemu-img convert -c` makes; smaller, slower to read).
+    #[arg(long)]
+    qcow2_compress: bool,
     /// Filesystem.
     #[arg(long, default_value = "ext4")]
     fs: FsKind,
@@ -394,13 +402,21 @@ fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
         reserved_percent: args.reserved_percent,
         label: args.label,
         journal: !args.no_journal,
+        format: args.format,
+        qcow2_compress: args.qcow2_compress,
     };
     let report = pipeline::build_disk(&job, progress).with_context(|| format!("building a disk from {}", job.tree.image))?;
     let d = &report.disk;
     eprintln!(
-        "osbuilder: wrote {} ({} bytes, {} {}{}{}, filesystem at byte {} size {}, {} inodes, sha256 {}) in {:.2}s",
+        "osbuilder: wrote {} ({} {} bytes{}, {} {}{}{}, filesystem at byte {} size {}, {} inodes, sha256 {}) in {:.2}s",
         report.build.output.display(),
+        match d.format {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 if d.qcow2.as_ref().is_some_and(|q| q.compressed_clusters > 0) => "compressed qcow2",
+            DiskFormat::Qcow2 => "qcow2",
+        },
         d.bytes,
+        if d.format == DiskFormat::Qcow2 { format!(" in a {}-byte file", d.file_bytes) } else { String::new() },
         d.table,
         d.fs.name(),
         if args.compress == ErofsCompression::None { String::new() } else { format!(" {:?}", args.compress).to_lowercase() },

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::disk::{self, erofs::Compression, ext4::Ext4Size, image::{Cmdline, DiskOptions, DiskReport, FsKind, ImageError}, layout::TableKind};
+use crate::disk::{self, erofs::Compression, ext4::Ext4Size, image::{Cmdline, DiskFormat, DiskOptions, DiskReport, FsKind, ImageError}, layout::TableKind};
 use crate::initrd::{self, InitrdError, InitrdOptions, InitrdReport};
 use crate::oci::digest::Digest;
 use crate::oci::{Image, ImageRef, LayerInfo, OciError, PullOptions};
@@ -325,6 +325,10 @@ pub struct DiskJob {
     pub reserved_percent: f64,
     pub label: Option<String>,
     pub journal: bool,
+    /// The file format (not part of the seed: a raw and a qcow2 build of the
+    /// same inputs hold the same disk).
+    pub format: DiskFormat,
+    pub qcow2_compress: bool,
 }
 
 /// What a disk build did.
@@ -371,6 +375,14 @@ fn disk_seed(job: &DiskJob, image: &Image, epoch: i64) -> [u8; 32] {
 
 /// The whole `osbuilder disk` job.
 pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport, BuildError> {
+    if job.qcow2_compress && job.format != DiskFormat::Qcow2 {
+        return Err(BuildError::Usage("--qcow2-compress needs --format qcow2".into()));
+    }
+    if job.dax && job.format == DiskFormat::Qcow2 {
+        return Err(BuildError::Usage(
+            "--dax makes a disk for an NVDIMM, which maps the file as it is: it must be raw (--format raw), not qcow2".into(),
+        ));
+    }
     check_output_dir(&job.output)?;
     if job.output.is_dir() {
         return Err(BuildError::Usage(format!("output {} is a directory; give a file name", job.output.display())));
@@ -391,6 +403,8 @@ pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport,
         source_date_epoch: epoch,
         seed: disk_seed(job, &image, epoch),
         init_path: job.tree.init.as_ref().map(|_| DISK_INIT_PATH.to_string()),
+        format: job.format,
+        qcow2_compress: job.qcow2_compress,
     };
     let disk = disk::image::write_disk(&plan, &opts, &job.output)?;
     timings.write = t.elapsed().as_secs_f64();

@@ -61,16 +61,48 @@ pub struct DiskAttach {
     pub via: Via,
 }
 
+/// QEMU's `format=` for a disk file: `qcow2` when it starts with the qcow2
+/// magic, else `raw`. Never left to QEMU's own probing, and a qcow2 file
+/// that names another file (backing file, external data file) is refused: a
+/// guest that wrote a qcow2 header into a raw disk must not make QEMU open
+/// host files.
+fn disk_format(path: &std::path::Path) -> Result<&'static str, VmError> {
+    use std::io::Read;
+    let io_err = |source| VmError::Io { context: format!("cannot read {}", path.display()), source };
+    let mut head = [0u8; 112];
+    let mut file = std::fs::File::open(path).map_err(io_err)?;
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]).map_err(io_err)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    if !crate::disk::qcow2::is_qcow2(&head[..n]) {
+        return Ok("raw");
+    }
+    let header = crate::disk::qcow2::parse_header(&head[..n]).map_err(io_err)?;
+    crate::disk::qcow2::check_self_contained(&header).map_err(io_err)?;
+    Ok("qcow2")
+}
+
 impl DiskAttach {
     /// QEMU arguments for the disk (Kata's for the NVDIMM: a read-only,
     /// shared file backend and an unarmed NVDIMM, so the guest maps the
     /// host's page cache and cannot write it).
     fn qemu_args(&self, machine: Machine) -> Result<Vec<String>, VmError> {
         let path = self.path.display().to_string();
-        let drive = format!("file={path},if=none,id=disk0,format=raw,cache=writeback");
+        let format = disk_format(&self.path)?;
+        let drive = format!("file={path},if=none,id=disk0,format={format},cache=writeback");
         let mmio = machine == Machine::Microvm;
         Ok(match self.via {
             Via::Pmem => {
+                if format != "raw" {
+                    return Err(VmError::Io {
+                        context: format!("{path} cannot back an NVDIMM"),
+                        source: io::Error::other("an NVDIMM maps the file as it is, so it must be a raw image, not qcow2; boot it through virtio-blk or virtio-scsi"),
+                    });
+                }
                 if mmio {
                     return Err(VmError::Io { context: "pmem needs an NVDIMM".into(), source: io::Error::other("QEMU's microvm has no NVDIMM: use --machine q35") });
                 }
@@ -410,5 +442,43 @@ impl Drop for Vm {
         // The sockets stay: a restarted Vm in the same directory (the KVM
         // fallback) has already made new ones at these paths.
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod qcow2_attach_tests {
+    use super::*;
+    use crate::disk::qcow2::{Qcow2Options, Qcow2Writer};
+    use crate::disk::Sink;
+
+    fn attach(path: &std::path::Path, via: Via, machine: Machine) -> Result<Vec<String>, VmError> {
+        DiskAttach { path: path.to_path_buf(), via }.qemu_args(machine)
+    }
+
+    #[test]
+    fn the_drive_format_comes_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("disk.img");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        let q = dir.path().join("disk.qcow2");
+        let mut w = Qcow2Writer::new(std::fs::File::create(&q).unwrap(), 1 << 20, Qcow2Options { compress: false, threads: 1 }).unwrap();
+        w.write_all(b"data").unwrap();
+        w.finish().unwrap();
+
+        let args = attach(&raw, Via::VirtioBlk, Machine::Microvm).unwrap().join(" ");
+        assert!(args.contains(",format=raw,"), "{args}");
+        let args = attach(&q, Via::VirtioScsi, Machine::Q35).unwrap().join(" ");
+        assert!(args.contains(",format=qcow2,"), "{args}");
+        let err = attach(&q, Via::Pmem, Machine::Q35).unwrap_err().to_string();
+        assert!(err.contains("cannot back an NVDIMM"), "{err}");
+
+        // A backing file named in the header: refused, QEMU never sees it.
+        let mut bytes = std::fs::read(&q).unwrap();
+        bytes[8..16].copy_from_slice(&0x200u64.to_be_bytes());
+        bytes[16..20].copy_from_slice(&9u32.to_be_bytes());
+        bytes[0x200..0x209].copy_from_slice(b"/etc/host");
+        std::fs::write(&q, &bytes).unwrap();
+        let err = attach(&q, Via::VirtioBlk, Machine::Microvm).unwrap_err().to_string();
+        assert!(err.contains("backing file"), "{err}");
     }
 }

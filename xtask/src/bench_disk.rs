@@ -239,6 +239,7 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&img);
         }
     }
+    let qcow2 = run_qcow2(osbuilder, &image, &work, runs);
     drop(registry);
     std::fs::remove_dir_all(&work)?;
 
@@ -318,5 +319,135 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
     println!("{:<46} {:>8}   target >= 3x (ours 3x faster than the anchor)", "anchor / ours", ratio(a, o));
     println!("{:<46} {:>8}   target <= 1.5x (ours within 1.5x of the floor)", "ours / floor", ratio(o, f));
     println!("{:<46} {:>8}   (> 1: ours is faster than mke2fs reading the tar stream)", "rival / ours", ratio(r, o));
+    print!("{}", qcow2?);
     Ok(())
+}
+
+/// One qcow2 pipeline's samples and `qemu-img check` verdicts.
+#[derive(Default)]
+struct Qcow2Row {
+    samples: Vec<Sample>,
+    /// Seconds of the raw build alone (the anchor's first step).
+    raw_seconds: Vec<Sample>,
+    clean: Vec<bool>,
+    note: Option<String>,
+    failure: Option<String>,
+}
+
+impl Qcow2Row {
+    fn check(&mut self, img: &Path) {
+        match Cmd::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(img).quiet().read() {
+            Ok(_) => self.clean.push(true),
+            Err(e) => {
+                self.clean.push(false);
+                self.note.get_or_insert(short(&e));
+            }
+        }
+    }
+}
+
+/// The qcow2 rows: registry image to a qcow2 disk (Kata's MBR layout, auto
+/// size), ours (`osbuilder disk --format qcow2`, with and without
+/// `--qcow2-compress`) against the anchor, `osbuilder disk` raw followed by
+/// `qemu-img convert -O qcow2` (and `-c`). Cold blob cache for every run of
+/// both; `qemu-img check` of every image outside the timing.
+pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut rows: Vec<(String, Qcow2Row)> = Vec::new();
+    let variants: [(&str, bool); 2] = [("qcow2", false), ("qcow2 -c", true)];
+    for (name, _) in variants {
+        rows.push((format!("ours: osbuilder disk --format {name}"), Qcow2Row::default()));
+        rows.push((format!("anchor: osbuilder raw + qemu-img convert -O {name}"), Qcow2Row::default()));
+    }
+    let disk = |cache: &Path, out: &Path, extra: &[&str]| {
+        Cmd::new(osbuilder)
+            .args(["disk", "--quiet", "--image", &format!("docker://{image}"), "-o"])
+            .arg(out)
+            .args(extra)
+            .arg("--cache-dir")
+            .arg(cache)
+    };
+    for run in 0..runs {
+        for (v, (_, compress)) in variants.iter().enumerate() {
+            // Ours.
+            let cache = work.join(format!("qcow2-cache-{run}-{v}"));
+            let out = work.join(format!("ours-{run}-{v}.qcow2"));
+            let extra: &[&str] = if *compress { &["--format", "qcow2", "--qcow2-compress"] } else { &["--format", "qcow2"] };
+            let row = &mut rows[2 * v].1;
+            if row.failure.is_none() {
+                match timed(disk(&cache, &out, extra), &out) {
+                    Ok(s) => {
+                        row.samples.push(s);
+                        row.check(&out);
+                    }
+                    Err(e) => row.failure = Some(format!("failed: {}", short(&e))),
+                }
+            }
+            let _ = std::fs::remove_file(&out);
+            let _ = std::fs::remove_dir_all(&cache);
+
+            // Anchor: raw, then qemu-img convert.
+            let row = &mut rows[2 * v + 1].1;
+            if row.failure.is_none() {
+                let raw = work.join(format!("anchor-{run}-{v}.img"));
+                let out = work.join(format!("anchor-{run}-{v}.qcow2"));
+                let result = timed(disk(&cache, &raw, &[]), &raw).and_then(|r| {
+                    let mut convert = Cmd::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]);
+                    if *compress {
+                        convert = convert.arg("-c");
+                    }
+                    let c = timed(convert.arg(&raw).arg(&out), &out)?;
+                    Ok((r, c))
+                });
+                match result {
+                    Ok((r, c)) => {
+                        row.samples.push(Sample { seconds: r.seconds + c.seconds, bytes: c.bytes, sha256: c.sha256 });
+                        row.raw_seconds.push(r);
+                        row.check(&out);
+                    }
+                    Err(e) => row.failure = Some(format!("failed: {}", short(&e))),
+                }
+                let _ = std::fs::remove_file(&raw);
+                let _ = std::fs::remove_file(&out);
+                let _ = std::fs::remove_dir_all(&cache);
+            }
+        }
+    }
+
+    let mut text = String::new();
+    writeln!(text)?;
+    writeln!(text, "registry image -> qcow2 disk (MBR, auto size), Debian bookworm minbase, {runs} runs each (median wall seconds, cold blob cache)")?;
+    writeln!(text, "{:<52} {:>8} {:>8} {:>11} {:>12} {:>9}", "pipeline", "median", "raw step", "file bytes", "qemu-img ck", "identical")?;
+    for (name, r) in &rows {
+        if r.samples.is_empty() {
+            writeln!(text, "{name:<52} {:>8}  {}", "-", r.failure.as_deref().unwrap_or("no sample"))?;
+            continue;
+        }
+        let raw_step = if r.raw_seconds.is_empty() { "-".to_string() } else { format!("{:.2}", median(&r.raw_seconds)) };
+        writeln!(
+            text,
+            "{:<52} {:>8.2} {:>8} {:>11} {:>12} {:>9}",
+            name,
+            median(&r.samples),
+            raw_step,
+            r.samples.last().map_or(0, |s| s.bytes),
+            format!("{}/{} ok", r.clean.iter().filter(|c| **c).count(), r.clean.len()),
+            if r.samples.len() < 2 { "n/a" } else if identical(&r.samples) { "yes" } else { "no" }
+        )?;
+        if let Some(note) = &r.note {
+            writeln!(text, "{:<52} not clean: {note}", "")?;
+        }
+        if let Some(f) = &r.failure {
+            writeln!(text, "{:<52} stopped after {} run(s): {f}", "", r.samples.len())?;
+        }
+    }
+    let med = |i: usize| (!rows[i].1.samples.is_empty()).then(|| median(&rows[i].1.samples));
+    for (v, (name, _)) in variants.iter().enumerate() {
+        let ratio = match (med(2 * v + 1), med(2 * v)) {
+            (Some(a), Some(o)) if o > 0.0 => format!("{:.2}x", a / o),
+            _ => "-".into(),
+        };
+        writeln!(text, "{:<52} {:>8}   target >= 2x (ours 2x faster than its anchor)", format!("anchor / ours ({name})"), ratio)?;
+    }
+    Ok(text)
 }

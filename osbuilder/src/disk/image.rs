@@ -10,7 +10,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::erofs::{self, Compression, ErofsError, ErofsLayout, ErofsOptions, ErofsSummary};
 use super::ext4::{self, Ext4Error, Ext4Layout, Ext4Options, Ext4Size, Ext4Summary};
-use super::layout::{plan_disk, DiskError, DiskSpec, PartitionType, TableKind};
+use super::layout::{plan_disk, DiskError, DiskLayout, DiskSpec, PartitionType, TableKind};
+use super::qcow2::{Qcow2Options, Qcow2Summary, Qcow2Writer};
 use super::{SeekSink, Sink, ZEROS};
 use crate::output::{OutputError, Staged};
 use crate::rootfs::Plan;
@@ -51,6 +52,17 @@ impl FsKind {
     }
 }
 
+/// The file format of the disk image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// The disk byte for byte (sparse where it is zero).
+    #[default]
+    Raw,
+    /// qcow2 version 3, 64 KiB clusters, zero clusters unallocated.
+    Qcow2,
+}
+
 /// Everything that shapes a disk, except the tree.
 #[derive(Clone, Debug)]
 pub struct DiskOptions {
@@ -71,6 +83,10 @@ pub struct DiskOptions {
     pub seed: [u8; 32],
     /// Where the guest init sits in the tree, for the `init=` argument.
     pub init_path: Option<String>,
+    /// The file format; the disk's content does not depend on it.
+    pub format: DiskFormat,
+    /// qcow2 only: deflate-compress the clusters that shrink.
+    pub qcow2_compress: bool,
 }
 
 /// One partition, for the report.
@@ -136,8 +152,18 @@ impl Cmdline {
 /// What was written.
 #[derive(Clone, Debug, Serialize)]
 pub struct DiskReport {
+    /// The disk's (guest-visible, virtual) size.
     pub bytes: u64,
+    /// sha256 of the file written (raw or qcow2).
     pub sha256: String,
+    pub format: DiskFormat,
+    /// sha256 of the raw disk content: the `sha256` a raw build of the same
+    /// inputs reports, whatever `format` is.
+    pub raw_sha256: String,
+    /// The length of the file written (a raw file's holes included).
+    pub file_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qcow2: Option<Qcow2Summary>,
     pub fs: FsKind,
     pub table: &'static str,
     pub dax: bool,
@@ -249,7 +275,7 @@ impl FsLayout {
 
 /// Recognises the layouts [`write_disk`] makes from the first 8 KiB of an
 /// image: Kata's DAX layout (the PFN block at 4 KiB), GPT (a protective MBR),
-/// MBR, or a bare filesystem.
+/// MBR, or a bare filesystem. A qcow2 image is read through its tables.
 pub fn probe(path: &Path) -> io::Result<(TableKind, bool)> {
     use std::io::Read;
     let mut head = vec![0u8; 8192];
@@ -262,6 +288,12 @@ pub fn probe(path: &Path) -> io::Result<(TableKind, bool)> {
         }
     }
     head.truncate(n);
+    if super::qcow2::is_qcow2(&head) {
+        // The guest's first 8 KiB, through the qcow2 tables.
+        let size = super::qcow2::parse_header(&head)?.size;
+        head.resize(8192.min(size as usize), 0);
+        super::qcow2::read_guest(&mut file, 0, &mut head)?;
+    }
     let has_mbr = head.len() >= 512 && head[510..512] == [0x55, 0xaa];
     let dax = head.len() >= 4096 + 16 && &head[4096..4096 + 16] == b"NVDIMM_PFN_INFO\0";
     let table = match (has_mbr, head.get(446 + 4)) {
@@ -347,6 +379,30 @@ impl<S: Sink> Sink for Hashing<S> {
     }
 }
 
+/// Head, filesystem and tail, in order.
+fn stream(plan: &Plan, disk: &DiskLayout, fs: &FsLayout, sink: &mut dyn Sink) -> Result<(), ImageError> {
+    disk.write_head(sink)?;
+    fs.write(plan, &mut Offset { base: disk.fs_offset(), inner: sink })?;
+    disk.write_tail(sink)?;
+    debug_assert_eq!(sink.position(), disk.total_bytes());
+    Ok(())
+}
+
+/// sha256 of the first `len` bytes of `file` (positioned reads).
+fn hash_file(file: &std::fs::File, len: u64) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// Lays out and writes the disk for `plan` to `out` (staged: nothing is left
 /// at `out` unless the whole image was written). Errors in the layout, such
 /// as a fixed size too small, come before the output file is created.
@@ -356,14 +412,31 @@ pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskRep
 
     let staged = Staged::create(out)?;
     let file = staged.file().try_clone().map_err(ImageError::Write)?;
-    let mut sink = Hashing { inner: SeekSink::at(io::BufWriter::with_capacity(4 << 20, file), 0).map_err(ImageError::Write)?, hasher: Sha256::new() };
-    disk.write_head(&mut sink)?;
-    fs.write(plan, &mut Offset { base: disk.fs_offset(), inner: &mut sink })?;
-    disk.write_tail(&mut sink)?;
-    debug_assert_eq!(sink.position(), disk.total_bytes());
-    let sha256 = hex::encode(sink.hasher.finalize());
-    let file = sink.inner.into_inner().into_inner().map_err(|e| ImageError::Write(e.into_error()))?;
-    file.set_len(disk.total_bytes()).map_err(ImageError::Write)?;
+    let buffered = io::BufWriter::with_capacity(4 << 20, file);
+    let (raw_sha256, sha256, file_bytes, qcow2) = match opts.format {
+        DiskFormat::Raw => {
+            let mut sink = Hashing { inner: SeekSink::at(buffered, 0).map_err(ImageError::Write)?, hasher: Sha256::new() };
+            stream(plan, &disk, &fs, &mut sink)?;
+            let sha256 = hex::encode(sink.hasher.finalize());
+            let file = sink.inner.into_inner().into_inner().map_err(|e| ImageError::Write(e.into_error()))?;
+            file.set_len(disk.total_bytes()).map_err(ImageError::Write)?;
+            (sha256.clone(), sha256, disk.total_bytes(), None)
+        }
+        DiskFormat::Qcow2 => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let writer = Qcow2Writer::new(buffered, disk.total_bytes(), Qcow2Options { compress: opts.qcow2_compress, threads }).map_err(ImageError::Write)?;
+            let mut sink = Hashing { inner: writer, hasher: Sha256::new() };
+            stream(plan, &disk, &fs, &mut sink)?;
+            let raw_sha256 = hex::encode(sink.hasher.finalize());
+            let (buffered, summary) = sink.inner.finish().map_err(ImageError::Write)?;
+            let file = buffered.into_inner().map_err(|e| ImageError::Write(e.into_error()))?;
+            file.set_len(summary.file_bytes).map_err(ImageError::Write)?;
+            // The header is written last, at the start: hash the small file
+            // once it is complete.
+            let sha256 = hash_file(&file, summary.file_bytes).map_err(ImageError::Write)?;
+            (raw_sha256, sha256, summary.file_bytes, Some(summary))
+        }
+    };
     staged.commit()?;
 
     let partitions: Vec<PartitionReport> = disk
@@ -387,6 +460,10 @@ pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskRep
     Ok(DiskReport {
         bytes: disk.total_bytes(),
         sha256,
+        format: opts.format,
+        raw_sha256,
+        file_bytes,
+        qcow2,
         fs: opts.fs,
         table: match opts.table {
             TableKind::None => "none",

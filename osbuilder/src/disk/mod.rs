@@ -10,6 +10,7 @@ pub mod erofs;
 pub mod image;
 pub mod ext4;
 pub mod layout;
+pub mod qcow2;
 pub mod table;
 
 use std::io::{self, Seek, SeekFrom, Write};
