@@ -319,7 +319,18 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
     println!("{:<46} {:>8}   target >= 3x (ours 3x faster than the anchor)", "anchor / ours", ratio(a, o));
     println!("{:<46} {:>8}   target <= 1.5x (ours within 1.5x of the floor)", "ours / floor", ratio(o, f));
     println!("{:<46} {:>8}   (> 1: ours is faster than mke2fs reading the tar stream)", "rival / ours", ratio(r, o));
-    print!("{}", qcow2?);
+    let (qcow2_text, ends) = qcow2?;
+    print!("{qcow2_text}");
+    // The pipeline others run end to end: the ext4 anchor above, then
+    // qemu-img convert.
+    for (name, ours_q, convert) in ends {
+        let anchor_end = a.zip(convert).map(|(a, c)| a + c);
+        println!(
+            "{:<52} {:>8}   target >= 2x (skopeo+umoci+mke2fs -d + qemu-img convert, against ours)",
+            format!("anchor / ours ({name}, end to end)"),
+            ratio(anchor_end, ours_q)
+        );
+    }
     Ok(())
 }
 
@@ -329,6 +340,8 @@ struct Qcow2Row {
     samples: Vec<Sample>,
     /// Seconds of the raw build alone (the anchor's first step).
     raw_seconds: Vec<Sample>,
+    /// Seconds of `qemu-img convert` alone (the anchor's second step).
+    convert_seconds: Vec<Sample>,
     clean: Vec<bool>,
     note: Option<String>,
     failure: Option<String>,
@@ -351,7 +364,10 @@ impl Qcow2Row {
 /// `--qcow2-compress`) against the anchor, `osbuilder disk` raw followed by
 /// `qemu-img convert -O qcow2` (and `-c`). Cold blob cache for every run of
 /// both; `qemu-img check` of every image outside the timing.
-pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> anyhow::Result<String> {
+/// Returns the table and, per variant, (name, our median, the median of
+/// `qemu-img convert` alone) for the end-to-end comparison with the ext4
+/// anchor.
+pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> anyhow::Result<(String, Vec<(String, Option<f64>, Option<f64>)>)> {
     use std::fmt::Write as _;
     let mut rows: Vec<(String, Qcow2Row)> = Vec::new();
     let variants: [(&str, bool); 2] = [("qcow2", false), ("qcow2 -c", true)];
@@ -403,6 +419,7 @@ pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> any
                     Ok((r, c)) => {
                         row.samples.push(Sample { seconds: r.seconds + c.seconds, bytes: c.bytes, sha256: c.sha256 });
                         row.raw_seconds.push(r);
+                        row.convert_seconds.push(Sample { seconds: c.seconds, bytes: 0, sha256: String::new() });
                         row.check(&out);
                     }
                     Err(e) => row.failure = Some(format!("failed: {}", short(&e))),
@@ -447,7 +464,15 @@ pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> any
             (Some(a), Some(o)) if o > 0.0 => format!("{:.2}x", a / o),
             _ => "-".into(),
         };
-        writeln!(text, "{:<52} {:>8}   target >= 2x (ours 2x faster than its anchor)", format!("anchor / ours ({name})"), ratio)?;
+        writeln!(text, "{:<52} {:>8}   (our raw build + qemu-img convert, against ours in one pass)", format!("raw+convert / ours ({name})"), ratio)?;
     }
-    Ok(text)
+    let ends = variants
+        .iter()
+        .enumerate()
+        .map(|(v, (name, _))| {
+            let convert = &rows[2 * v + 1].1.convert_seconds;
+            (name.to_string(), med(2 * v), (!convert.is_empty()).then(|| median(convert)))
+        })
+        .collect();
+    Ok((text, ends))
 }
