@@ -10,6 +10,7 @@ pub mod image;
 pub mod ext4;
 pub mod layout;
 pub mod table;
+pub mod verity;
 
 use std::io::{self, Seek, SeekFrom, Write};
 
