@@ -117,6 +117,8 @@ pub struct BootArgs {
     /// The report `osbuilder disk --report` wrote: its `cmdline` entry for
     /// --via is used as is (default: recognise the disk's layout and assume
     /// the guest init at /.osb/init, as `osbuilder disk --init` puts it).
+    /// For a --verity disk booted with --initrd (an initramfs holding
+    /// osb-init), its `verity.initrd_cmdline` entry is used instead.
     #[arg(long, requires = "disk")]
     disk_report: Option<PathBuf>,
     /// Guest memory in MiB.
@@ -223,12 +225,13 @@ fn exec(client: &Client, p: &ProcessArgs) -> anyhow::Result<ExitCode> {
 
 /// The kernel arguments that boot `disk` through `via`: from the build
 /// report when given, else from the disk's recognised layout.
-fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Path>) -> anyhow::Result<String> {
+fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Path>, initrd: bool) -> anyhow::Result<String> {
     let cmdline: Cmdline = match report {
         Some(path) => {
             let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
                 .with_context(|| format!("{} is not JSON", path.display()))?;
-            let c = &json["cmdline"];
+            let verity_initrd = &json["disk"]["verity"]["initrd_cmdline"];
+            let c = if initrd && verity_initrd.is_object() { verity_initrd } else { &json["cmdline"] };
             let field = |k: &str| c[k].as_str().map(str::to_string);
             Cmdline {
                 pmem: field("pmem"),
@@ -262,7 +265,7 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     cfg.cpus = args.cpus;
     cfg.append = args.append.clone();
     if let (Some(disk), Some(via)) = (&args.disk, args.via) {
-        let root = disk_cmdline(disk, via, args.disk_report.as_deref())?;
+        let root = disk_cmdline(disk, via, args.disk_report.as_deref(), args.initrd.is_some())?;
         cfg.append = if cfg.append.is_empty() { root } else { format!("{root} {}", cfg.append) };
         cfg.disk = Some(DiskAttach { path: disk.clone(), via });
     }

@@ -323,6 +323,8 @@ pub struct DiskJob {
     pub reserved_percent: f64,
     pub label: Option<String>,
     pub journal: bool,
+    /// A dm-verity hash tree in partition 2 (read-only root on /dev/dm-0).
+    pub verity: bool,
 }
 
 /// What a disk build did.
@@ -361,6 +363,10 @@ fn disk_seed(job: &DiskJob, image: &Image, epoch: i64) -> [u8; 32] {
     }
     field(format!("{:?} {:?} {} {:?} {} {:?} {}", job.fs, job.table, job.dax, job.size, job.reserved_percent, job.label, job.journal).as_bytes());
     field(&[job.tree.init.is_some() as u8]);
+    if job.verity {
+        // Only when set, so disks without verity keep their identifiers.
+        field(b"verity");
+    }
     h.finalize().into()
 }
 
@@ -385,6 +391,7 @@ pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport,
         source_date_epoch: epoch,
         seed: disk_seed(job, &image, epoch),
         init_path: job.tree.init.as_ref().map(|_| DISK_INIT_PATH.to_string()),
+        verity: job.verity,
     };
     let disk = disk::image::write_disk(&plan, &opts, &job.output)?;
     timings.write = t.elapsed().as_secs_f64();

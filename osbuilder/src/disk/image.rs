@@ -9,7 +9,8 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use super::ext4::{self, Ext4Error, Ext4Options, Ext4Size, Ext4Summary};
-use super::layout::{plan_disk, DiskError, DiskSpec, PartitionType, TableKind};
+use super::layout::{advance_to, plan_disk, DiskError, DiskSpec, ExtraPartition, PartitionType, TableKind};
+use super::verity::{self, NullSink, VerityError, VerityTap, VerityTree};
 use super::{SeekSink, Sink, ZEROS};
 use crate::output::{OutputError, Staged};
 use crate::rootfs::Plan;
@@ -24,6 +25,12 @@ pub enum ImageError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Output(#[from] OutputError),
+    #[error(transparent)]
+    Verity(#[from] VerityError),
+    #[error("--verity needs a partition table (the hash tree goes in partition 2, as Kata boots it): use --table mbr or gpt")]
+    VerityWithoutTable,
+    #[error("the filesystem hashed differently on the second pass (root hash {first} then {second}): a file changed while the image was written; build from a stable tree")]
+    VerityChanged { first: String, second: String },
     #[error("cannot write the disk image: {0}")]
     Write(#[source] io::Error),
 }
@@ -51,6 +58,8 @@ pub struct DiskOptions {
     pub seed: [u8; 32],
     /// Where the guest init sits in the tree, for the `init=` argument.
     pub init_path: Option<String>,
+    /// A dm-verity hash tree over the filesystem in partition 2.
+    pub verity: bool,
 }
 
 /// One partition, for the report.
@@ -108,6 +117,31 @@ pub struct DiskReport {
     pub partitions: Vec<PartitionReport>,
     pub filesystem: Ext4Summary,
     pub cmdline: Cmdline,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verity: Option<VerityReport>,
+}
+
+/// The dm-verity tree of a `--verity` disk.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerityReport {
+    pub root_hash: String,
+    pub salt: String,
+    pub hash_algorithm: &'static str,
+    /// veritysetup's hash format version (1: salt prepended to each block).
+    pub hash_format: u32,
+    pub data_blocks: u64,
+    pub data_block_size: u64,
+    pub hash_block_size: u64,
+    /// The partition holding the hash tree; the tree starts at its byte 0
+    /// (no superblock, like `veritysetup format --no-superblock`).
+    pub hash_partition: PartitionReport,
+    /// Kata's `kernel_verity_params`.
+    pub kernel_verity_params: String,
+    /// The same per device, for booting with an initramfs holding only
+    /// `osb-init` (`osbuilder initrd --agent-only`): init mounts the verity
+    /// device and, if the kernel rejects it, names the failing step and
+    /// powers off instead of the kernel panicking.
+    pub initrd_cmdline: Cmdline,
 }
 
 /// Kata's root arguments (its GetKernelRootParams) for ext4, with `rw` for
@@ -125,6 +159,38 @@ pub fn cmdline(table: TableKind, dax: bool, fs: FsKind, init_path: Option<&str>)
         pmem: dax.then(|| format!("root={} rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4{init}", part("/dev/pmem0", true))),
         virtio_blk: block("/dev/vda"),
         virtio_scsi: block("/dev/sda"),
+    }
+}
+
+/// The root filesystem type and mount flags for a read-only verity root:
+/// one match arm per filesystem we write.
+fn verity_root_fs(fs: FsKind) -> (&'static str, &'static str) {
+    match fs {
+        FsKind::Ext4 => ("ext4", "data=ordered,errors=remount-ro"),
+    }
+}
+
+/// The kernel arguments for a `--verity` disk: dm-init (`dm-mod.create`)
+/// makes `/dev/dm-0` from partition 1 (data) and partition 2 (hash tree),
+/// waiting for both devices (`dm-mod.waitfor`: pmem and virtio probing can
+/// finish after dm-init runs), and the root is `/dev/dm-0`, read-only.
+/// There is no DAX through dm-verity, so the pmem entry mounts without it.
+/// With `initrd`, the root is left to our init (`osb.root=`) in an initramfs.
+pub fn verity_cmdline(dax: bool, fs: FsKind, init_path: Option<&str>, tree: &VerityTree, initrd: bool) -> Cmdline {
+    let (fstype, flags) = verity_root_fs(fs);
+    let init = init_path.filter(|_| !initrd).map(|p| format!(" init={p}")).unwrap_or_default();
+    let entry = |data: &str, hash: &str| {
+        let dm = tree.dm_mod_create(data, hash);
+        if initrd {
+            format!("{dm} dm-mod.waitfor={data},{hash} osb.root=/dev/dm-0 osb.rootfstype={fstype} osb.rootflags={flags} osb.ro=1")
+        } else {
+            format!("{dm} dm-mod.waitfor={data},{hash} root=/dev/dm-0 rootfstype={fstype} rootflags={flags} ro{init}")
+        }
+    };
+    Cmdline {
+        pmem: dax.then(|| entry("/dev/pmem0p1", "/dev/pmem0p2")),
+        virtio_blk: entry("/dev/vda1", "/dev/vda2"),
+        virtio_scsi: entry("/dev/sda1", "/dev/sda2"),
     }
 }
 
@@ -209,13 +275,54 @@ pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskRep
         journal: opts.journal,
     };
     let fs = ext4::layout(plan, &ext4_opts)?;
-    let disk = plan_disk(&DiskSpec::new(opts.table, opts.dax, fs.size_bytes(), opts.seed))?;
+    let mut spec = DiskSpec::new(opts.table, opts.dax, fs.size_bytes(), opts.seed);
+
+    // dm-verity: the hash partition's size follows from the filesystem's
+    // block count, so the whole disk is planned before anything is written.
+    let data_blocks = fs.size_bytes() / verity::BLOCK;
+    let salt = verity::derive_salt(&opts.seed);
+    let mut first_pass = None;
+    if opts.verity {
+        if opts.table == TableKind::None {
+            return Err(ImageError::VerityWithoutTable);
+        }
+        spec.extra_partitions = vec![ExtraPartition::sized(verity::hash_area_bytes(data_blocks))];
+        if opts.table == TableKind::Gpt {
+            // GPT names the partitions by GUIDs taken from the root hash
+            // (systemd-repart's convention), and the primary table comes
+            // before the filesystem: hash the filesystem once without
+            // writing it (this costs a second read and hash of every file),
+            // then write the image in one ordered pass.
+            let mut tap = VerityTap::new(NullSink::default(), salt, data_blocks);
+            fs.write(plan, &mut tap)?;
+            let (_, tree) = tap.finish()?;
+            spec.root_guid = Some(tree.data_partition_guid());
+            spec.extra_partitions[0].guid = Some(tree.hash_partition_guid());
+            first_pass = Some(tree.root_hash);
+        }
+    }
+    let disk = plan_disk(&spec)?;
 
     let staged = Staged::create(out)?;
     let file = staged.file().try_clone().map_err(ImageError::Write)?;
     let mut sink = Hashing { inner: SeekSink::at(io::BufWriter::with_capacity(4 << 20, file), 0).map_err(ImageError::Write)?, hasher: Sha256::new() };
     disk.write_head(&mut sink)?;
-    fs.write(plan, &mut Offset { base: disk.fs_offset(), inner: &mut sink })?;
+    let tree = if opts.verity {
+        let mut tap = VerityTap::new(Offset { base: disk.fs_offset(), inner: &mut sink }, salt, data_blocks);
+        fs.write(plan, &mut tap)?;
+        let (_, tree) = tap.finish()?;
+        if let Some(first) = first_pass.filter(|f| *f != tree.root_hash) {
+            return Err(ImageError::VerityChanged { first: hex::encode(first), second: hex::encode(tree.root_hash) });
+        }
+        let hash_part = &disk.partitions()[1];
+        advance_to(&mut sink, hash_part.start, "verity hash partition")?;
+        debug_assert_eq!(tree.hash_area.len() as u64, hash_part.size);
+        sink.write_all(&tree.hash_area).map_err(ImageError::Write)?;
+        Some(tree)
+    } else {
+        fs.write(plan, &mut Offset { base: disk.fs_offset(), inner: &mut sink })?;
+        None
+    };
     disk.write_tail(&mut sink)?;
     debug_assert_eq!(sink.position(), disk.total_bytes());
     let sha256 = hex::encode(sink.hasher.finalize());
@@ -252,9 +359,24 @@ pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskRep
         },
         dax: opts.dax,
         partition,
-        partitions,
         filesystem: fs.summary(),
-        cmdline: cmdline(opts.table, opts.dax, opts.fs, opts.init_path.as_deref()),
+        cmdline: match &tree {
+            Some(tree) => verity_cmdline(opts.dax, opts.fs, opts.init_path.as_deref(), tree, false),
+            None => cmdline(opts.table, opts.dax, opts.fs, opts.init_path.as_deref()),
+        },
+        verity: tree.map(|tree| VerityReport {
+            root_hash: hex::encode(tree.root_hash),
+            salt: hex::encode(tree.salt),
+            hash_algorithm: "sha256",
+            hash_format: 1,
+            data_blocks: tree.data_blocks,
+            data_block_size: verity::BLOCK,
+            hash_block_size: verity::BLOCK,
+            hash_partition: partitions[1].clone(),
+            kernel_verity_params: tree.kata_params(),
+            initrd_cmdline: verity_cmdline(opts.dax, opts.fs, None, &tree, true),
+        }),
+        partitions,
     })
 }
 
@@ -272,5 +394,20 @@ mod tests {
         assert_eq!(bare.pmem, None, "no DAX without the PFN block");
         assert_eq!(bare.virtio_blk, "root=/dev/vda rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw");
         assert_eq!(bare.get(Via::VirtioScsi), Some("root=/dev/sda rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw"));
+    }
+
+    #[test]
+    fn verity_root_arguments() {
+        let tree = VerityTree { root_hash: [0xab; 32], salt: [0xcd; 32], data_blocks: 1000, hash_area: Vec::new() };
+        let (root, salt) = ("ab".repeat(32), "cd".repeat(32));
+        let dm = |d: &str, h: &str| format!("dm-mod.create=\"dm-verity,,,ro,0 8000 verity 1 {d} {h} 4096 4096 1000 0 sha256 {root} {salt}\" dm-mod.waitfor={d},{h}");
+        let c = verity_cmdline(true, FsKind::Ext4, Some("/.osb/init"), &tree, false);
+        let tail = "root=/dev/dm-0 rootfstype=ext4 rootflags=data=ordered,errors=remount-ro ro init=/.osb/init";
+        assert_eq!(c.pmem.unwrap(), format!("{} {tail}", dm("/dev/pmem0p1", "/dev/pmem0p2")));
+        assert_eq!(c.virtio_blk, format!("{} {tail}", dm("/dev/vda1", "/dev/vda2")));
+        assert_eq!(c.virtio_scsi, format!("{} {tail}", dm("/dev/sda1", "/dev/sda2")));
+        let i = verity_cmdline(false, FsKind::Ext4, Some("/.osb/init"), &tree, true);
+        assert_eq!(i.pmem, None);
+        assert_eq!(i.virtio_blk, format!("{} osb.root=/dev/dm-0 osb.rootfstype=ext4 osb.rootflags=data=ordered,errors=remount-ro osb.ro=1", dm("/dev/vda1", "/dev/vda2")));
     }
 }
