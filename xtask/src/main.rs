@@ -8,6 +8,7 @@ mod bench;
 mod bench_disk;
 mod bench_guest;
 mod bench_kernel;
+mod bench_verity;
 mod boot;
 mod image;
 mod util;
