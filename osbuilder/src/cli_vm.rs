@@ -240,6 +240,12 @@ fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Pat
             }
         }
         None => {
+            if second_partition(disk).with_context(|| format!("reading {}", disk.display()))? {
+                bail!(
+                    "{} has a second partition (an `osbuilder disk --verity` hash tree?): its kernel arguments need the root hash, pass the build's --disk-report",
+                    disk.display()
+                );
+            }
             let (table, dax) = osbuilder::disk::image::probe(disk).with_context(|| format!("reading {}", disk.display()))?;
             osbuilder::disk::image::cmdline(table, dax, FsKind::Ext4, Some(osbuilder::pipeline::DISK_INIT_PATH))
         }
@@ -248,6 +254,23 @@ fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Pat
         Some(c) => Ok(c.to_string()),
         None => bail!("{} has no DAX layout, so it cannot be booted through pmem (build it with `osbuilder disk --dax`)", disk.display()),
     }
+}
+
+/// Whether the disk's table lists a partition 2 (MBR entry 2, or GPT entry
+/// 2 at LBA 2): `osbuilder disk` writes one only for the verity hash tree.
+fn second_partition(disk: &std::path::Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(disk)?;
+    let mut mbr = [0u8; 512];
+    if file.read_at(&mut mbr, 0)? < 512 || mbr[510..] != [0x55, 0xaa] {
+        return Ok(false);
+    }
+    if mbr[446 + 4] == 0xee {
+        let mut entry = [0u8; 16];
+        file.read_at(&mut entry, 2 * 512 + 128)?;
+        return Ok(entry.iter().any(|&b| b != 0));
+    }
+    Ok(mbr[446 + 16 + 4] != 0)
 }
 
 fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {

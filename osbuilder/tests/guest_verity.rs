@@ -241,3 +241,54 @@ fn dax_verity_disk_boots_through_pmem() {
     assert!(vm.console_text().contains("workload-ran-from-"), "{}", vm.console_text());
     shutdown(vm, &client);
 }
+
+/// `osbuilder vm boot` with a verity disk: without the report it refuses
+/// (the arguments need the root hash) before starting anything; with
+/// `--initrd` (only osb-init in it) and `--disk-report` it takes the report's
+/// `verity.initrd_cmdline`, our init mounts /dev/dm-0 and switches to it,
+/// and the command runs in the verified root.
+#[test]
+fn vm_boot_takes_the_initramfs_arguments_from_the_report() {
+    let _one = one_guest_at_a_time();
+    require_vhost_device_vsock();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, _) = verity_disk(dir.path(), "cli", &[]);
+    let report = dir.path().join("cli.json");
+    let initrd = dir.path().join("agent-initrd.gz");
+    let init = guest_init();
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder")).args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "-o"]).arg(&initrd).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let k = default_kernel();
+    let boot = |extra: &[&std::ffi::OsStr]| {
+        tool(env!("CARGO_BIN_EXE_osbuilder"))
+            .args(["vm", "boot", "--via", "virtio-blk", "--mem", "512", "--kernel"])
+            .arg(&k.bzimage)
+            .arg("--disk")
+            .arg(&disk)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = boot(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("has a second partition") && stderr.contains("--disk-report"), "{stderr}");
+
+    let work = dir.path().join("vm");
+    let out = boot(&[
+        "--initrd".as_ref(),
+        initrd.as_os_str(),
+        "--disk-report".as_ref(),
+        report.as_os_str(),
+        "--work-dir".as_ref(),
+        work.as_os_str(),
+        "--".as_ref(),
+        "/bin/sh".as_ref(),
+        "-c".as_ref(),
+        "cat /etc/debian_version; grep ' / ' /proc/mounts".as_ref(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "osbuilder vm boot: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    let version = fs::read_to_string(debian_rootfs_file("etc/debian_version")).unwrap();
+    assert!(stdout.starts_with(&version), "{stdout}");
+    assert!(stdout.contains("/dev/dm-0 / ext4 ro,"), "init mounted the verity device as root: {stdout}");
+}
