@@ -137,6 +137,8 @@ pub struct VerityReport {
     pub hash_partition: PartitionReport,
     /// Kata's `kernel_verity_params`.
     pub kernel_verity_params: String,
+    /// Time spent hashing in the pass that wrote the image.
+    pub hash_seconds: f64,
     /// The same per device, for booting with an initramfs holding only
     /// `osb-init` (`osbuilder initrd --agent-only`): init mounts the verity
     /// device and, if the kernel rejects it, names the failing step and
@@ -374,6 +376,7 @@ pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskRep
             hash_block_size: verity::BLOCK,
             hash_partition: partitions[1].clone(),
             kernel_verity_params: tree.kata_params(),
+            hash_seconds: tree.hash_time.as_secs_f64(),
             initrd_cmdline: verity_cmdline(opts.dax, opts.fs, None, &tree, true),
         }),
         partitions,
@@ -398,7 +401,7 @@ mod tests {
 
     #[test]
     fn verity_root_arguments() {
-        let tree = VerityTree { root_hash: [0xab; 32], salt: [0xcd; 32], data_blocks: 1000, hash_area: Vec::new() };
+        let tree = VerityTree { root_hash: [0xab; 32], salt: [0xcd; 32], data_blocks: 1000, hash_area: Vec::new(), hash_time: std::time::Duration::ZERO };
         let (root, salt) = ("ab".repeat(32), "cd".repeat(32));
         let dm = |d: &str, h: &str| format!("dm-mod.create=\"dm-verity,,,ro,0 8000 verity 1 {d} {h} 4096 4096 1000 0 sha256 {root} {salt}\" dm-mod.waitfor={d},{h}");
         let c = verity_cmdline(true, FsKind::Ext4, Some("/.osb/init"), &tree, false);

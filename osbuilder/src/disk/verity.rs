@@ -22,6 +22,7 @@
 //! builds the upper levels from them and returns the whole hash area.
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
@@ -88,6 +89,9 @@ pub struct VerityTree {
     pub data_blocks: u64,
     /// Every hash block, top level first, as the hash device holds them.
     pub hash_area: Vec<u8>,
+    /// Time spent hashing (leaves as the data passed, then the upper
+    /// levels), for the report and the bench.
+    pub hash_time: Duration,
 }
 
 impl VerityTree {
@@ -142,6 +146,7 @@ pub struct VerityTap<S> {
     /// Level 0: one digest per data block.
     leaves: Vec<u8>,
     expected_blocks: u64,
+    hash_time: Duration,
 }
 
 impl<S: Sink> VerityTap<S> {
@@ -151,13 +156,7 @@ impl<S: Sink> VerityTap<S> {
         let base = salted(&salt);
         let zero_digest = base.clone().chain_update(&ZEROS[..BLOCK_USIZE]).finalize().into();
         let leaves = Vec::with_capacity(usize::try_from(expected_blocks.saturating_mul(DIGEST_LEN as u64)).unwrap_or(0));
-        VerityTap { inner, salt, base, zero_digest, partial: Vec::with_capacity(BLOCK_USIZE), leaves, expected_blocks }
-    }
-
-    fn hash_block(&mut self, block: &[u8]) {
-        debug_assert_eq!(block.len(), BLOCK_USIZE);
-        let digest = self.base.clone().chain_update(block).finalize();
-        self.leaves.extend_from_slice(&digest);
+        VerityTap { inner, salt, base, zero_digest, partial: Vec::with_capacity(BLOCK_USIZE), leaves, expected_blocks, hash_time: Duration::ZERO }
     }
 
     fn blocks(&self) -> u64 {
@@ -176,8 +175,10 @@ impl<S: Sink> VerityTap<S> {
         if found != self.expected_blocks {
             return Err(VerityError::BlockCount { expected: self.expected_blocks, found });
         }
+        let t = Instant::now();
         let (root_hash, hash_area) = build_levels(&self.base, self.leaves);
-        Ok((self.inner, VerityTree { root_hash, salt: self.salt, data_blocks: found, hash_area }))
+        let hash_time = self.hash_time + t.elapsed();
+        Ok((self.inner, VerityTree { root_hash, salt: self.salt, data_blocks: found, hash_area, hash_time }))
     }
 }
 
@@ -210,13 +211,40 @@ fn build_levels(base: &Sha256, leaves: Vec<u8>) -> ([u8; DIGEST_LEN], Vec<u8>) {
 impl<S: Sink> Sink for VerityTap<S> {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         self.inner.write_all(buf)?;
+        let t = Instant::now();
+        self.absorb(buf);
+        self.hash_time += t.elapsed();
+        Ok(())
+    }
+
+    fn zeros(&mut self, len: u64) -> io::Result<()> {
+        self.inner.zeros(len)?;
+        let t = Instant::now();
+        self.absorb_zeros(len);
+        self.hash_time += t.elapsed();
+        Ok(())
+    }
+
+    fn position(&self) -> u64 {
+        self.inner.position()
+    }
+}
+
+impl<S> VerityTap<S> {
+    fn hash_block(&mut self, block: &[u8]) {
+        debug_assert_eq!(block.len(), BLOCK_USIZE);
+        let digest = self.base.clone().chain_update(block).finalize();
+        self.leaves.extend_from_slice(&digest);
+    }
+
+    fn absorb(&mut self, buf: &[u8]) {
         let mut rest = buf;
         if !self.partial.is_empty() {
             let take = (BLOCK_USIZE - self.partial.len()).min(rest.len());
             self.partial.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
             if self.partial.len() < BLOCK_USIZE {
-                return Ok(());
+                return;
             }
             let block = std::mem::take(&mut self.partial);
             self.hash_block(&block);
@@ -228,18 +256,16 @@ impl<S: Sink> Sink for VerityTap<S> {
             self.hash_block(block);
         }
         self.partial.extend_from_slice(chunks.remainder());
-        Ok(())
     }
 
-    fn zeros(&mut self, len: u64) -> io::Result<()> {
-        self.inner.zeros(len)?;
+    fn absorb_zeros(&mut self, len: u64) {
         let mut left = len;
         if !self.partial.is_empty() {
             let take = (BLOCK_USIZE - self.partial.len()).min(usize::try_from(left).unwrap_or(usize::MAX));
             self.partial.resize(self.partial.len() + take, 0);
             left -= take as u64;
             if self.partial.len() < BLOCK_USIZE {
-                return Ok(());
+                return;
             }
             let block = std::mem::take(&mut self.partial);
             self.hash_block(&block);
@@ -250,11 +276,6 @@ impl<S: Sink> Sink for VerityTap<S> {
             self.leaves.extend_from_slice(&self.zero_digest);
         }
         self.partial.resize((left % BLOCK) as usize, 0);
-        Ok(())
-    }
-
-    fn position(&self) -> u64 {
-        self.inner.position()
     }
 }
 
@@ -410,7 +431,7 @@ mod tests {
 
     #[test]
     fn guids_params_and_salt() {
-        let mut tree = VerityTree { root_hash: [0; 32], salt: SALT, data_blocks: 10, hash_area: Vec::new() };
+        let mut tree = VerityTree { root_hash: [0; 32], salt: SALT, data_blocks: 10, hash_area: Vec::new(), hash_time: Duration::ZERO };
         for (i, b) in tree.root_hash.iter_mut().enumerate() {
             *b = i as u8;
         }
