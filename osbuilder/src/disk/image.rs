@@ -164,8 +164,8 @@ pub fn cmdline(table: TableKind, dax: bool, fs: FsKind, init_path: Option<&str>)
     }
 }
 
-/// The root filesystem type and mount flags for a read-only verity root:
-/// one match arm per filesystem we write.
+/// The root filesystem type and mount flags (empty for none) for a
+/// read-only verity root: one match arm per filesystem we write.
 fn verity_root_fs(fs: FsKind) -> (&'static str, &'static str) {
     match fs {
         FsKind::Ext4 => ("ext4", "data=ordered,errors=remount-ro"),
@@ -181,12 +181,13 @@ fn verity_root_fs(fs: FsKind) -> (&'static str, &'static str) {
 pub fn verity_cmdline(dax: bool, fs: FsKind, init_path: Option<&str>, tree: &VerityTree, initrd: bool) -> Cmdline {
     let (fstype, flags) = verity_root_fs(fs);
     let init = init_path.filter(|_| !initrd).map(|p| format!(" init={p}")).unwrap_or_default();
+    let (kflags, oflags) = if flags.is_empty() { (String::new(), String::new()) } else { (format!(" rootflags={flags}"), format!(" osb.rootflags={flags}")) };
     let entry = |data: &str, hash: &str| {
         let dm = tree.dm_mod_create(data, hash);
         if initrd {
-            format!("{dm} dm-mod.waitfor={data},{hash} osb.root=/dev/dm-0 osb.rootfstype={fstype} osb.rootflags={flags} osb.ro=1")
+            format!("{dm} dm-mod.waitfor={data},{hash} osb.root=/dev/dm-0 osb.rootfstype={fstype}{oflags} osb.ro=1")
         } else {
-            format!("{dm} dm-mod.waitfor={data},{hash} root=/dev/dm-0 rootfstype={fstype} rootflags={flags} ro{init}")
+            format!("{dm} dm-mod.waitfor={data},{hash} root=/dev/dm-0 rootfstype={fstype}{kflags} ro{init}")
         }
     };
     Cmdline {
