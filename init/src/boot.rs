@@ -78,6 +78,11 @@ impl fmt::Display for BootError {
                 for (i, (fstype, err)) in tried.iter().enumerate() {
                     write!(f, "{} {fstype}: {err}", if i == 0 { "" } else { "," })?;
                 }
+                // A dm-verity device reads fine until a block fails its
+                // hash; then every read of it is EIO.
+                if device.starts_with("/dev/dm-") && tried.iter().any(|(_, e)| sys::is_errno(e, libc::EIO)) {
+                    write!(f, "; the device-mapper root failed to read: if it is dm-verity, the data does not match the root hash or hash tree on the kernel command line (see the kernel's \"verity\" messages)")?;
+                }
                 Ok(())
             }
             BootError::Chdir { path, source } => write!(f, "chdir {path}: {source}"),
@@ -831,6 +836,27 @@ mod tests {
             "{:?}",
             sys.ops
         );
+    }
+
+    #[test]
+    fn verity_root_read_errors_say_so() {
+        let (_, result) = switch(
+            "osb.root=/dev/dm-0 osb.rootfstype=ext4 osb.ro=1",
+            |sys| {
+                sys.existing.insert("/dev/dm-0".into());
+                sys.fail("mount /dev/dm-0", libc::EIO)
+            },
+        );
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.starts_with("mount root /dev/dm-0: ext4: Input/output error (os error 5); the device-mapper root failed to read: if it is dm-verity"),
+            "{err}"
+        );
+        // Other devices and other errors get no such hint.
+        let (_, result) = switch("osb.root=/dev/vda1 osb.rootfstype=ext4", |sys| {
+            sys.fail("mount /dev/vda1", libc::EIO)
+        });
+        assert!(!result.unwrap_err().to_string().contains("dm-verity"));
     }
 
     #[test]

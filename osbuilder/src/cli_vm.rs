@@ -119,6 +119,8 @@ pub struct BootArgs {
     /// The report `osbuilder disk --report` wrote: its `cmdline` entry for
     /// --via is used as is (default: recognise the disk's layout and assume
     /// the guest init at /.osb/init, as `osbuilder disk --init` puts it).
+    /// For a --verity disk booted with --initrd (an initramfs holding
+    /// osb-init), its `verity.initrd_cmdline` entry is used instead.
     #[arg(long, requires = "disk")]
     disk_report: Option<PathBuf>,
     /// Guest memory in MiB.
@@ -225,12 +227,13 @@ fn exec(client: &Client, p: &ProcessArgs) -> anyhow::Result<ExitCode> {
 
 /// The kernel arguments that boot `disk` through `via`: from the build
 /// report when given, else from the disk's recognised layout.
-fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Path>) -> anyhow::Result<String> {
+fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Path>, initrd: bool) -> anyhow::Result<String> {
     let cmdline: Cmdline = match report {
         Some(path) => {
             let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
                 .with_context(|| format!("{} is not JSON", path.display()))?;
-            let c = &json["cmdline"];
+            let verity_initrd = &json["disk"]["verity"]["initrd_cmdline"];
+            let c = if initrd && verity_initrd.is_object() { verity_initrd } else { &json["cmdline"] };
             let field = |k: &str| c[k].as_str().map(str::to_string);
             Cmdline {
                 pmem: field("pmem"),
@@ -239,6 +242,12 @@ fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Pat
             }
         }
         None => {
+            if second_partition(disk).with_context(|| format!("reading {}", disk.display()))? {
+                bail!(
+                    "{} has a second partition (an `osbuilder disk --verity` hash tree?): its kernel arguments need the root hash, pass the build's --disk-report",
+                    disk.display()
+                );
+            }
             let (table, dax) = osbuilder::disk::image::probe(disk).with_context(|| format!("reading {}", disk.display()))?;
             let fs = osbuilder::disk::image::probe_fs(disk, table, dax).with_context(|| format!("reading {}", disk.display()))?;
             osbuilder::disk::image::cmdline(table, dax, fs, Some(osbuilder::pipeline::DISK_INIT_PATH))
@@ -248,6 +257,23 @@ fn disk_cmdline(disk: &std::path::Path, via: Via, report: Option<&std::path::Pat
         Some(c) => Ok(c.to_string()),
         None => bail!("{} has no DAX layout, so it cannot be booted through pmem (build it with `osbuilder disk --dax`)", disk.display()),
     }
+}
+
+/// Whether the disk's table lists a partition 2 (MBR entry 2, or GPT entry
+/// 2 at LBA 2): `osbuilder disk` writes one only for the verity hash tree.
+fn second_partition(disk: &std::path::Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(disk)?;
+    let mut mbr = [0u8; 512];
+    if file.read_at(&mut mbr, 0)? < 512 || mbr[510..] != [0x55, 0xaa] {
+        return Ok(false);
+    }
+    if mbr[446 + 4] == 0xee {
+        let mut entry = [0u8; 16];
+        file.read_at(&mut entry, 2 * 512 + 128)?;
+        return Ok(entry.iter().any(|&b| b != 0));
+    }
+    Ok(mbr[446 + 16 + 4] != 0)
 }
 
 fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
@@ -265,7 +291,7 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     cfg.cpus = args.cpus;
     cfg.append = args.append.clone();
     if let (Some(disk), Some(via)) = (&args.disk, args.via) {
-        let root = disk_cmdline(disk, via, args.disk_report.as_deref())?;
+        let root = disk_cmdline(disk, via, args.disk_report.as_deref(), args.initrd.is_some())?;
         cfg.append = if cfg.append.is_empty() { root } else { format!("{root} {}", cfg.append) };
         cfg.disk = Some(DiskAttach { path: disk.clone(), via });
     }

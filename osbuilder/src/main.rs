@@ -195,6 +195,11 @@ struct DiskArgs {
     /// No journal (a read-only root does not need one).
     #[arg(long)]
     no_journal: bool,
+    /// Measured root: a dm-verity hash tree (sha256, 4 KiB blocks, salt
+    /// derived from the inputs) over the filesystem in partition 2; the
+    /// kernel arguments mount /dev/dm-0 read-only. Needs --table mbr or gpt.
+    #[arg(long)]
+    verity: bool,
     /// The guest init (a static `osb-init`): placed at /.osb/init (not over
     /// the image's own /sbin/init; the cmdline says init=/.osb/init), with the
     /// image's workload at /etc/osb/run.json.
@@ -404,6 +409,7 @@ fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
         journal: !args.no_journal,
         format: args.format,
         qcow2_compress: args.qcow2_compress,
+        verity: args.verity,
     };
     let report = pipeline::build_disk(&job, progress).with_context(|| format!("building a disk from {}", job.tree.image))?;
     let d = &report.disk;
@@ -427,6 +433,13 @@ fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
         d.sha256,
         report.seconds.resolve + report.seconds.layers + report.seconds.write
     );
+    if let Some(v) = &d.verity {
+        eprintln!(
+            "osbuilder: dm-verity root hash {} over {} blocks of {} bytes, hash tree in partition {} (byte {}, {} bytes)",
+            v.root_hash, v.data_blocks, v.data_block_size, v.hash_partition.number, v.hash_partition.offset, v.hash_partition.size
+        );
+        eprintln!("osbuilder: kernel_verity_params = \"{}\"", v.kernel_verity_params);
+    }
     if let Some(pmem) = &report.cmdline.pmem {
         eprintln!("osbuilder: boot through pmem (DAX):   {pmem}");
     }

@@ -329,6 +329,8 @@ pub struct DiskJob {
     /// same inputs hold the same disk).
     pub format: DiskFormat,
     pub qcow2_compress: bool,
+    /// A dm-verity hash tree in partition 2 (read-only root on /dev/dm-0).
+    pub verity: bool,
 }
 
 /// What a disk build did.
@@ -370,6 +372,10 @@ fn disk_seed(job: &DiskJob, image: &Image, epoch: i64) -> [u8; 32] {
         field(format!("{:?}", job.compression).as_bytes());
     }
     field(&[job.tree.init.is_some() as u8]);
+    if job.verity {
+        // Only when set, so disks without verity keep their identifiers.
+        field(b"verity");
+    }
     h.finalize().into()
 }
 
@@ -405,6 +411,7 @@ pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport,
         init_path: job.tree.init.as_ref().map(|_| DISK_INIT_PATH.to_string()),
         format: job.format,
         qcow2_compress: job.qcow2_compress,
+        verity: job.verity,
     };
     let disk = disk::image::write_disk(&plan, &opts, &job.output)?;
     timings.write = t.elapsed().as_secs_f64();

@@ -239,9 +239,12 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&img);
         }
     }
+    // The dm-verity rows, on the same registry image (printed first).
+    let verity = crate::bench_verity::run(osbuilder, &image, &work, runs);
     let qcow2 = run_qcow2(osbuilder, &image, &work, runs);
     drop(registry);
     std::fs::remove_dir_all(&work)?;
+    verity?;
 
     let size = size.unwrap_or(0);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());

@@ -10,8 +10,9 @@ use sha2::{Digest as _, Sha256};
 
 use super::erofs::{self, Compression, ErofsError, ErofsLayout, ErofsOptions, ErofsSummary};
 use super::ext4::{self, Ext4Error, Ext4Layout, Ext4Options, Ext4Size, Ext4Summary};
-use super::layout::{plan_disk, DiskError, DiskLayout, DiskSpec, PartitionType, TableKind};
+use super::layout::{advance_to, plan_disk, DiskError, DiskLayout, DiskSpec, ExtraPartition, PartitionType, TableKind};
 use super::qcow2::{Qcow2Options, Qcow2Summary, Qcow2Writer};
+use super::verity::{self, NullSink, VerityError, VerityTap, VerityTree};
 use super::{SeekSink, Sink, ZEROS};
 use crate::output::{OutputError, Staged};
 use crate::rootfs::Plan;
@@ -30,6 +31,12 @@ pub enum ImageError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Output(#[from] OutputError),
+    #[error(transparent)]
+    Verity(#[from] VerityError),
+    #[error("--verity needs a partition table (the hash tree goes in partition 2, as Kata boots it): use --table mbr or gpt")]
+    VerityWithoutTable,
+    #[error("the filesystem hashed differently on the second pass (root hash {first} then {second}): a file changed while the image was written; build from a stable tree")]
+    VerityChanged { first: String, second: String },
     #[error("cannot write the disk image: {0}")]
     Write(#[source] io::Error),
 }
@@ -87,6 +94,8 @@ pub struct DiskOptions {
     pub format: DiskFormat,
     /// qcow2 only: deflate-compress the clusters that shrink.
     pub qcow2_compress: bool,
+    /// A dm-verity hash tree over the filesystem in partition 2.
+    pub verity: bool,
 }
 
 /// One partition, for the report.
@@ -172,6 +181,33 @@ pub struct DiskReport {
     pub partitions: Vec<PartitionReport>,
     pub filesystem: FsSummary,
     pub cmdline: Cmdline,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verity: Option<VerityReport>,
+}
+
+/// The dm-verity tree of a `--verity` disk.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerityReport {
+    pub root_hash: String,
+    pub salt: String,
+    pub hash_algorithm: &'static str,
+    /// veritysetup's hash format version (1: salt prepended to each block).
+    pub hash_format: u32,
+    pub data_blocks: u64,
+    pub data_block_size: u64,
+    pub hash_block_size: u64,
+    /// The partition holding the hash tree; the tree starts at its byte 0
+    /// (no superblock, like `veritysetup format --no-superblock`).
+    pub hash_partition: PartitionReport,
+    /// Kata's `kernel_verity_params`.
+    pub kernel_verity_params: String,
+    /// Time spent hashing in the pass that wrote the image.
+    pub hash_seconds: f64,
+    /// The same per device, for booting with an initramfs holding only
+    /// `osb-init` (`osbuilder initrd --agent-only`): init mounts the verity
+    /// device and, if the kernel rejects it, names the failing step and
+    /// powers off instead of the kernel panicking.
+    pub initrd_cmdline: Cmdline,
 }
 
 /// Kata's root arguments (its GetKernelRootParams): ext4 with `rw` on block
@@ -270,6 +306,40 @@ impl FsLayout {
             FsLayout::Ext4(l) => FsSummary::Ext4(l.summary()),
             FsLayout::Erofs(l) => FsSummary::Erofs(l.summary()),
         }
+    }
+}
+
+/// The root filesystem type and mount flags (empty for none) for a
+/// read-only verity root: one match arm per filesystem we write.
+fn verity_root_fs(fs: FsKind) -> (&'static str, &'static str) {
+    match fs {
+        FsKind::Ext4 => ("ext4", "data=ordered,errors=remount-ro"),
+        FsKind::Erofs => ("erofs", ""),
+    }
+}
+
+/// The kernel arguments for a `--verity` disk: dm-init (`dm-mod.create`)
+/// makes `/dev/dm-0` from partition 1 (data) and partition 2 (hash tree),
+/// waiting for both devices (`dm-mod.waitfor`: pmem and virtio probing can
+/// finish after dm-init runs), and the root is `/dev/dm-0`, read-only.
+/// There is no DAX through dm-verity, so the pmem entry mounts without it.
+/// With `initrd`, the root is left to our init (`osb.root=`) in an initramfs.
+pub fn verity_cmdline(dax: bool, fs: FsKind, init_path: Option<&str>, tree: &VerityTree, initrd: bool) -> Cmdline {
+    let (fstype, flags) = verity_root_fs(fs);
+    let init = init_path.filter(|_| !initrd).map(|p| format!(" init={p}")).unwrap_or_default();
+    let (kflags, oflags) = if flags.is_empty() { (String::new(), String::new()) } else { (format!(" rootflags={flags}"), format!(" osb.rootflags={flags}")) };
+    let entry = |data: &str, hash: &str| {
+        let dm = tree.dm_mod_create(data, hash);
+        if initrd {
+            format!("{dm} dm-mod.waitfor={data},{hash} osb.root=/dev/dm-0 osb.rootfstype={fstype}{oflags} osb.ro=1")
+        } else {
+            format!("{dm} dm-mod.waitfor={data},{hash} root=/dev/dm-0 rootfstype={fstype}{kflags} ro{init}")
+        }
+    };
+    Cmdline {
+        pmem: dax.then(|| entry("/dev/pmem0p1", "/dev/pmem0p2")),
+        virtio_blk: entry("/dev/vda1", "/dev/vda2"),
+        virtio_scsi: entry("/dev/sda1", "/dev/sda2"),
     }
 }
 
@@ -379,13 +449,40 @@ impl<S: Sink> Sink for Hashing<S> {
     }
 }
 
-/// Head, filesystem and tail, in order.
-fn stream(plan: &Plan, disk: &DiskLayout, fs: &FsLayout, sink: &mut dyn Sink) -> Result<(), ImageError> {
+/// What the ordered pass needs to build the dm-verity tree.
+struct VerityPass {
+    salt: [u8; 32],
+    data_blocks: u64,
+    /// The GPT pre-pass's root hash, which the real pass must reproduce.
+    first_pass: Option<[u8; 32]>,
+}
+
+/// Head, filesystem (through the verity tap, then the hash partition, when
+/// asked) and tail, in order.
+fn stream(plan: &Plan, disk: &DiskLayout, fs: &FsLayout, verity: Option<&VerityPass>, sink: &mut dyn Sink) -> Result<Option<VerityTree>, ImageError> {
     disk.write_head(sink)?;
-    fs.write(plan, &mut Offset { base: disk.fs_offset(), inner: sink })?;
+    let tree = match verity {
+        Some(v) => {
+            let mut tap = VerityTap::new(Offset { base: disk.fs_offset(), inner: &mut *sink }, v.salt, v.data_blocks);
+            fs.write(plan, &mut tap)?;
+            let (_, tree) = tap.finish()?;
+            if let Some(first) = v.first_pass.filter(|f| *f != tree.root_hash) {
+                return Err(ImageError::VerityChanged { first: hex::encode(first), second: hex::encode(tree.root_hash) });
+            }
+            let hash_part = &disk.partitions()[1];
+            advance_to(sink, hash_part.start, "verity hash partition")?;
+            debug_assert_eq!(tree.hash_area.len() as u64, hash_part.size);
+            sink.write_all(&tree.hash_area).map_err(ImageError::Write)?;
+            Some(tree)
+        }
+        None => {
+            fs.write(plan, &mut Offset { base: disk.fs_offset(), inner: sink })?;
+            None
+        }
+    };
     disk.write_tail(sink)?;
     debug_assert_eq!(sink.position(), disk.total_bytes());
-    Ok(())
+    Ok(tree)
 }
 
 /// sha256 of the first `len` bytes of `file` (positioned reads).
@@ -408,25 +505,52 @@ fn hash_file(file: &std::fs::File, len: u64) -> io::Result<String> {
 /// as a fixed size too small, come before the output file is created.
 pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskReport, ImageError> {
     let fs = FsLayout::new(plan, opts)?;
-    let disk = plan_disk(&DiskSpec::new(opts.table, opts.dax, fs.size_bytes(), opts.seed))?;
+    let mut spec = DiskSpec::new(opts.table, opts.dax, fs.size_bytes(), opts.seed);
+
+    // dm-verity: the hash partition's size follows from the filesystem's
+    // block count, so the whole disk is planned before anything is written.
+    let data_blocks = fs.size_bytes() / verity::BLOCK;
+    let salt = verity::derive_salt(&opts.seed);
+    let mut first_pass = None;
+    if opts.verity {
+        if opts.table == TableKind::None {
+            return Err(ImageError::VerityWithoutTable);
+        }
+        spec.extra_partitions = vec![ExtraPartition::sized(verity::hash_area_bytes(data_blocks))];
+        if opts.table == TableKind::Gpt {
+            // GPT names the partitions by GUIDs taken from the root hash
+            // (systemd-repart's convention), and the primary table comes
+            // before the filesystem: hash the filesystem once without
+            // writing it (this costs a second read and hash of every file),
+            // then write the image in one ordered pass.
+            let mut tap = VerityTap::new(NullSink::default(), salt, data_blocks);
+            fs.write(plan, &mut tap)?;
+            let (_, tree) = tap.finish()?;
+            spec.root_guid = Some(tree.data_partition_guid());
+            spec.extra_partitions[0].guid = Some(tree.hash_partition_guid());
+            first_pass = Some(tree.root_hash);
+        }
+    }
+    let disk = plan_disk(&spec)?;
+    let verity = opts.verity.then_some(VerityPass { salt, data_blocks, first_pass });
 
     let staged = Staged::create(out)?;
     let file = staged.file().try_clone().map_err(ImageError::Write)?;
     let buffered = io::BufWriter::with_capacity(4 << 20, file);
-    let (raw_sha256, sha256, file_bytes, qcow2) = match opts.format {
+    let (raw_sha256, sha256, file_bytes, qcow2, tree) = match opts.format {
         DiskFormat::Raw => {
             let mut sink = Hashing { inner: SeekSink::at(buffered, 0).map_err(ImageError::Write)?, hasher: Sha256::new() };
-            stream(plan, &disk, &fs, &mut sink)?;
+            let tree = stream(plan, &disk, &fs, verity.as_ref(), &mut sink)?;
             let sha256 = hex::encode(sink.hasher.finalize());
             let file = sink.inner.into_inner().into_inner().map_err(|e| ImageError::Write(e.into_error()))?;
             file.set_len(disk.total_bytes()).map_err(ImageError::Write)?;
-            (sha256.clone(), sha256, disk.total_bytes(), None)
+            (sha256.clone(), sha256, disk.total_bytes(), None, tree)
         }
         DiskFormat::Qcow2 => {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let writer = Qcow2Writer::new(buffered, disk.total_bytes(), Qcow2Options { compress: opts.qcow2_compress, threads }).map_err(ImageError::Write)?;
             let mut sink = Hashing { inner: writer, hasher: Sha256::new() };
-            stream(plan, &disk, &fs, &mut sink)?;
+            let tree = stream(plan, &disk, &fs, verity.as_ref(), &mut sink)?;
             let raw_sha256 = hex::encode(sink.hasher.finalize());
             let (buffered, summary) = sink.inner.finish().map_err(ImageError::Write)?;
             let file = buffered.into_inner().map_err(|e| ImageError::Write(e.into_error()))?;
@@ -434,7 +558,7 @@ pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskRep
             // The header is written last, at the start: hash the small file
             // once it is complete.
             let sha256 = hash_file(&file, summary.file_bytes).map_err(ImageError::Write)?;
-            (raw_sha256, sha256, summary.file_bytes, Some(summary))
+            (raw_sha256, sha256, summary.file_bytes, Some(summary), tree)
         }
     };
     staged.commit()?;
@@ -472,9 +596,25 @@ pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskRep
         },
         dax: opts.dax,
         partition,
-        partitions,
         filesystem: fs.summary(),
-        cmdline: cmdline(opts.table, opts.dax, opts.fs, opts.init_path.as_deref()),
+        cmdline: match &tree {
+            Some(tree) => verity_cmdline(opts.dax, opts.fs, opts.init_path.as_deref(), tree, false),
+            None => cmdline(opts.table, opts.dax, opts.fs, opts.init_path.as_deref()),
+        },
+        verity: tree.map(|tree| VerityReport {
+            root_hash: hex::encode(tree.root_hash),
+            salt: hex::encode(tree.salt),
+            hash_algorithm: "sha256",
+            hash_format: 1,
+            data_blocks: tree.data_blocks,
+            data_block_size: verity::BLOCK,
+            hash_block_size: verity::BLOCK,
+            hash_partition: partitions[1].clone(),
+            kernel_verity_params: tree.kata_params(),
+            hash_seconds: tree.hash_time.as_secs_f64(),
+            initrd_cmdline: verity_cmdline(opts.dax, opts.fs, None, &tree, true),
+        }),
+        partitions,
     })
 }
 
@@ -492,5 +632,20 @@ mod tests {
         assert_eq!(bare.pmem, None, "no DAX without the PFN block");
         assert_eq!(bare.virtio_blk, "root=/dev/vda rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw");
         assert_eq!(bare.get(Via::VirtioScsi), Some("root=/dev/sda rootfstype=ext4 rootflags=data=ordered,errors=remount-ro rw"));
+    }
+
+    #[test]
+    fn verity_root_arguments() {
+        let tree = VerityTree { root_hash: [0xab; 32], salt: [0xcd; 32], data_blocks: 1000, hash_area: Vec::new(), hash_time: std::time::Duration::ZERO };
+        let (root, salt) = ("ab".repeat(32), "cd".repeat(32));
+        let dm = |d: &str, h: &str| format!("dm-mod.create=\"dm-verity,,,ro,0 8000 verity 1 {d} {h} 4096 4096 1000 0 sha256 {root} {salt}\" dm-mod.waitfor={d},{h}");
+        let c = verity_cmdline(true, FsKind::Ext4, Some("/.osb/init"), &tree, false);
+        let tail = "root=/dev/dm-0 rootfstype=ext4 rootflags=data=ordered,errors=remount-ro ro init=/.osb/init";
+        assert_eq!(c.pmem.unwrap(), format!("{} {tail}", dm("/dev/pmem0p1", "/dev/pmem0p2")));
+        assert_eq!(c.virtio_blk, format!("{} {tail}", dm("/dev/vda1", "/dev/vda2")));
+        assert_eq!(c.virtio_scsi, format!("{} {tail}", dm("/dev/sda1", "/dev/sda2")));
+        let i = verity_cmdline(false, FsKind::Ext4, Some("/.osb/init"), &tree, true);
+        assert_eq!(i.pmem, None);
+        assert_eq!(i.virtio_blk, format!("{} osb.root=/dev/dm-0 osb.rootfstype=ext4 osb.rootflags=data=ordered,errors=remount-ro osb.ro=1", dm("/dev/vda1", "/dev/vda2")));
     }
 }

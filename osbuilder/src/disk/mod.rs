@@ -12,6 +12,7 @@ pub mod ext4;
 pub mod layout;
 pub mod qcow2;
 pub mod table;
+pub mod verity;
 
 use std::io::{self, Seek, SeekFrom, Write};
 
