@@ -51,7 +51,7 @@ impl Disk {
     /// Copies the filesystem partition (by the report's offset and size) to
     /// `dest`, sparsely, and returns `dest`.
     fn extract_fs(&self, dest: &Path) -> PathBuf {
-        extract(&self.img, self.part_offset(), self.part_size(), dest)
+        dd_range(&self.img, self.part_offset(), self.part_size(), dest)
     }
 }
 
@@ -67,17 +67,6 @@ fn build_disk(image: &str, dir: &Path, name: &str, extra: &[&str], cache: &Path)
     Disk { img, report }
 }
 
-/// `dd` of LEN bytes at OFFSET of `img` into `dest` (holes stay holes).
-fn extract(img: &Path, offset: u64, len: u64, dest: &Path) -> PathBuf {
-    run(tool("dd")
-        .arg(format!("if={}", img.display()))
-        .arg(format!("of={}", dest.display()))
-        .args(["bs=1M", "iflag=skip_bytes,count_bytes", "conv=sparse", "status=none"])
-        .arg(format!("skip={offset}"))
-        .arg(format!("count={len}")));
-    assert_eq!(fs::metadata(dest).unwrap().len(), len, "{} is shorter than the partition", img.display());
-    dest.to_path_buf()
-}
 
 // ---------------------------------------------------------------------------
 // Oracles
@@ -478,7 +467,7 @@ fn dax_disk_has_the_pfn_block_and_the_filesystem_at_3_mib() {
     assert_eq!(&head, b"NVDIMM_PFN_INFO\0", "PFN info signature at 4 KiB");
 
     // What the guest sees past the PFN area (the namespace data offset, 2 MiB).
-    let past = extract(&disk.img, 2 * MIB, bytes - 2 * MIB, &tmp.path().join("past-2m"));
+    let past = dd_range(&disk.img, 2 * MIB, bytes - 2 * MIB, &tmp.path().join("past-2m"));
     let (_, inner) = sfdisk_dump(&past);
     assert_eq!(inner.len(), 1, "{inner:?}");
     assert_eq!(inner[0].start, 2048, "from 2 MiB on, partition 1 starts at sector 2048: {inner:?}");

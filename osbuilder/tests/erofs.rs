@@ -43,13 +43,7 @@ impl Disk {
     }
     /// The filesystem partition copied out to `dest`.
     fn extract_fs(&self, dest: &Path) -> PathBuf {
-        run(tool("dd")
-            .arg(format!("if={}", self.img.display()))
-            .arg(format!("of={}", dest.display()))
-            .args(["bs=1M", "iflag=skip_bytes,count_bytes", "conv=sparse", "status=none"])
-            .arg(format!("skip={}", self.offset()))
-            .arg(format!("count={}", self.size())));
-        dest.to_path_buf()
+        dd_range(&self.img, self.offset(), self.size(), dest)
     }
 }
 

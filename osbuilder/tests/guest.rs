@@ -18,14 +18,6 @@ use osbuilder::vm::{Machine, Vm, VmConfig};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
 
-/// One guest at a time: on 2 cores parallel TCG guests only compete, and a
-/// run with five vhost-device-vsock + QEMU pairs at once once lost the
-/// vhost-user socket of a q35 guest (not understood yet; see the notes).
-fn one_guest_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn osbuilder_initrd(args: &[&str], out: &Path) {
     let r = tool(env!("CARGO_BIN_EXE_osbuilder")).args(["initrd", "--quiet"]).args(args).arg("-o").arg(out).output().unwrap();
     assert!(r.status.success(), "osbuilder initrd {args:?}: {}", String::from_utf8_lossy(&r.stderr));
@@ -174,11 +166,6 @@ fn debian_guest_runs_commands_through_the_agent() {
     assert!(!new_pid.is_empty() && new_pid != old_pid, "a new agent process: {old_pid} -> {new_pid}");
 
     shutdown(vm, &client);
-}
-
-fn debian_rootfs_file(rel: &str) -> PathBuf {
-    static ROOT: OnceLock<Scratch> = OnceLock::new();
-    ROOT.get_or_init(|| umoci_unpack(&debian_layout(), DEBIAN_TAG)).path().join(rel)
 }
 
 /// An image whose own Cmd is the workload: it runs under the image's User
@@ -334,13 +321,7 @@ fn assert_usr_bin_matches_the_image(client: &Client) {
 /// Partition 1 of `disk` (per the report) copied out, for e2fsck and debugfs.
 fn partition_copy(disk: &Path, report: &serde_json::Value, to: &Path) {
     let p = &report["disk"]["partition"];
-    let (offset, size) = (p["offset"].as_u64().unwrap(), p["size"].as_u64().unwrap());
-    run(tool("dd")
-        .arg(format!("if={}", disk.display()))
-        .arg(format!("of={}", to.display()))
-        .args(["iflag=skip_bytes,count_bytes", "bs=1M", "conv=sparse", "status=none"])
-        .arg(format!("skip={offset}"))
-        .arg(format!("count={size}")));
+    dd_range(disk, p["offset"].as_u64().unwrap(), p["size"].as_u64().unwrap(), to);
 }
 
 /// Kata's DAX layout through an NVDIMM with Kata's QEMU arguments: the root

@@ -20,11 +20,6 @@ use osbuilder::vm::{DiskAttach, Machine, Via, Vm, VmConfig};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
 
-fn one_guest_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| tempfile::Builder::new().prefix("osbuilder-guest-verity-").tempdir().unwrap().keep())
@@ -111,9 +106,9 @@ fn root_mount(client: &Client) -> String {
 }
 
 /// The device-mapper table the kernel built, as the guest shows it.
-fn assert_root_is_verity(client: &Client) {
+fn assert_root_is_verity(client: &Client, fstype: &str) {
     let root = root_mount(client);
-    assert!(root.starts_with("/dev/dm-0 / ext4 ro,"), "{root}");
+    assert!(root.starts_with(&format!("/dev/dm-0 / {fstype} ro,")), "{root}");
     let out = sh(client, "cat /sys/block/dm-0/dm/name /sys/block/dm-0/ro; ls /sys/block/dm-0/slaves | sort | tr '\\n' ' '");
     let mut lines = out.stdout.lines();
     assert_eq!(lines.next(), Some("dm-verity"), "{}", out.stdout);
@@ -123,11 +118,6 @@ fn assert_root_is_verity(client: &Client) {
     let out = sh(client, "touch /verity-write-test");
     assert_ne!(out.code, 0, "the verity root is read-only");
     assert!(out.stderr.contains("Read-only file system"), "{}", out.stderr);
-}
-
-fn debian_rootfs_file(rel: &str) -> PathBuf {
-    static ROOT: OnceLock<Scratch> = OnceLock::new();
-    ROOT.get_or_init(|| umoci_unpack(&debian_layout(), DEBIAN_TAG)).path().join(rel)
 }
 
 /// MBR (Kata's layout: data vda1, hash tree vda2) through virtio-blk on
@@ -141,7 +131,7 @@ fn verity_disk_boots_from_dev_dm_0_through_virtio_blk() {
     let (disk, report) = verity_disk(dir.path(), "blk", &[]);
     let cfg = disk_vm(&disk, &report, Via::VirtioBlk, Machine::Microvm, "verity-blk");
     let (vm, client) = boot(&cfg);
-    assert_root_is_verity(&client);
+    assert_root_is_verity(&client, "ext4");
     let out = sh(&client, "cd /usr/bin && find . -type f | sort | xargs sha256sum");
     assert_eq!(out.code, 0, "{}", out.stderr);
     let host = run_stdout(tool("sh").arg("-c").arg("find . -type f | sort | xargs sha256sum").current_dir(debian_rootfs_file("usr/bin")));
@@ -163,13 +153,7 @@ fn a_flipped_byte_in_a_file_fails_only_that_file() {
     let (disk, report) = verity_disk(dir.path(), "tamper", &[]);
     let part = &report["disk"]["partition"];
     let (offset, size) = (part["offset"].as_u64().unwrap(), part["size"].as_u64().unwrap());
-    let fs_copy = dir.path().join("fs.img");
-    run(tool("dd")
-        .arg(format!("if={}", disk.display()))
-        .arg(format!("of={}", fs_copy.display()))
-        .args(["iflag=skip_bytes,count_bytes", "bs=1M", "conv=sparse", "status=none"])
-        .arg(format!("skip={offset}"))
-        .arg(format!("count={size}")));
+    let fs_copy = dd_range(&disk, offset, size, &dir.path().join("fs.img"));
     let victim = "/usr/bin/base32";
     let bmap = run_stdout(tool("debugfs").args(["-R", &format!("bmap {victim} 1")]).arg(&fs_copy));
     let block: u64 = bmap.trim().parse().unwrap_or_else(|_| panic!("debugfs bmap {victim}: {bmap:?}"));
@@ -183,7 +167,7 @@ fn a_flipped_byte_in_a_file_fails_only_that_file() {
 
     let cfg = disk_vm(&disk, &report, Via::VirtioBlk, Machine::Microvm, "verity-tamper");
     let (vm, client) = boot(&cfg);
-    assert_root_is_verity(&client);
+    assert_root_is_verity(&client, "ext4");
     let out = sh(&client, &format!("cat {victim} > /dev/null"));
     assert_ne!(out.code, 0, "reading the tampered {victim} must fail");
     assert!(out.stderr.contains("Input/output error"), "{}", out.stderr);
@@ -235,7 +219,7 @@ fn dax_verity_disk_boots_through_pmem() {
     let mut cfg = disk_vm(&disk, &report, Via::Pmem, Machine::Q35, "verity-pmem");
     cfg.append.push_str(r#" osb.cmd=["/bin/sh","-c","echo workload-ran-from-$(stat -c %D /)"] osb.on_exit=stay"#);
     let (vm, client) = boot(&cfg);
-    assert_root_is_verity(&client);
+    assert_root_is_verity(&client, "ext4");
     let out = sh(&client, "cat /etc/debian_version");
     assert_eq!(out.stdout, fs::read_to_string(debian_rootfs_file("etc/debian_version")).unwrap());
     assert!(vm.console_text().contains("workload-ran-from-"), "{}", vm.console_text());
@@ -291,4 +275,22 @@ fn vm_boot_takes_the_initramfs_arguments_from_the_report() {
     let version = fs::read_to_string(debian_rootfs_file("etc/debian_version")).unwrap();
     assert!(stdout.starts_with(&version), "{stdout}");
     assert!(stdout.contains("/dev/dm-0 / ext4 ro,"), "init mounted the verity device as root: {stdout}");
+}
+
+/// Our LZ4HC erofs under dm-verity (GPT: root-hash partition UUIDs) through
+/// virtio-blk: root on /dev/dm-0, erofs read-only, /usr/bin decompressed
+/// through the hash checks to the image's bytes.
+#[test]
+fn erofs_verity_disk_boots_from_dev_dm_0() {
+    let _one = one_guest_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, report) = verity_disk(dir.path(), "erofs", &["--fs", "erofs", "--compress", "lz4hc", "--table", "gpt"]);
+    let cfg = disk_vm(&disk, &report, Via::VirtioBlk, Machine::Microvm, "verity-erofs");
+    let (vm, client) = boot(&cfg);
+    assert_root_is_verity(&client, "erofs");
+    let out = sh(&client, "cd /usr/bin && find . -type f | sort | xargs sha256sum");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let host = run_stdout(tool("sh").arg("-c").arg("find . -type f | sort | xargs sha256sum").current_dir(debian_rootfs_file("usr/bin")));
+    assert_eq!(out.stdout, host, "/usr/bin read through dm-verity and erofs differs from the image");
+    shutdown(vm, &client);
 }

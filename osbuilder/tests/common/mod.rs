@@ -1655,3 +1655,16 @@ impl TokenServer {
     }
 }
 pub mod guest;
+
+/// `dd` of LEN bytes at OFFSET of `img` into `dest` (holes stay holes), for
+/// reading one partition of a disk image with its format's own tools.
+pub fn dd_range(img: &Path, offset: u64, len: u64, dest: &Path) -> PathBuf {
+    run(tool("dd")
+        .arg(format!("if={}", img.display()))
+        .arg(format!("of={}", dest.display()))
+        .args(["bs=1M", "iflag=skip_bytes,count_bytes", "conv=sparse", "status=none"])
+        .arg(format!("skip={offset}"))
+        .arg(format!("count={len}")));
+    assert_eq!(fs::metadata(dest).unwrap().len(), len, "{} is shorter than the range", img.display());
+    dest.to_path_buf()
+}
