@@ -42,9 +42,18 @@ fn default_kernel_has_the_guest_options_built_in_and_kata_names() {
         "CONFIG_9P_FS",
         "CONFIG_EXT4_FS",
         "CONFIG_EROFS_FS",
+        // erofs as our writer makes it: LZ4 physical clusters, xattrs
+        // (security.capability, SELinux labels) and POSIX ACLs.
+        "CONFIG_EROFS_FS_ZIP",
+        "CONFIG_LZ4_DECOMPRESS",
+        "CONFIG_EROFS_FS_XATTR",
+        "CONFIG_EROFS_FS_SECURITY",
+        "CONFIG_EROFS_FS_POSIX_ACL",
         "CONFIG_OVERLAY_FS",
         "CONFIG_DM_INIT",
         "CONFIG_DM_VERITY",
+        // dm-verity looks its hash up by name when the table loads.
+        "CONFIG_CRYPTO_SHA256",
         "CONFIG_PVH",
         "CONFIG_BLK_DEV_INITRD",
         "CONFIG_RD_GZIP",
