@@ -306,18 +306,6 @@ fn root_mount(client: &Client) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// The sha256 of every regular file in the guest's /usr/bin equals the
-/// image's (umoci's unpack on the host).
-fn assert_usr_bin_matches_the_image(client: &Client) {
-    let out = sh(client, "cd /usr/bin && find . -type f | sort | xargs sha256sum");
-    assert_eq!(out.code, 0, "{}", String::from_utf8_lossy(&out.stderr));
-    let guest = String::from_utf8_lossy(&out.stdout).into_owned();
-    let host_root = debian_rootfs_file("usr/bin");
-    let host = run_stdout(tool("sh").arg("-c").arg("find . -type f | sort | xargs sha256sum").current_dir(&host_root));
-    assert!(guest.lines().count() > 100, "{guest}");
-    assert_eq!(guest, host, "/usr/bin in the guest differs from the image");
-}
-
 /// Partition 1 of `disk` (per the report) copied out, for e2fsck and debugfs.
 fn partition_copy(disk: &Path, report: &serde_json::Value, to: &Path) {
     let p = &report["disk"]["partition"];

@@ -89,3 +89,18 @@ pub fn debian_rootfs_file(rel: &str) -> PathBuf {
     static ROOT: OnceLock<super::Scratch> = OnceLock::new();
     ROOT.get_or_init(|| super::umoci_unpack(&super::debian_layout(), super::DEBIAN_TAG)).path().join(rel)
 }
+
+/// The sha256 of every regular file under the guest's /usr/bin equals the
+/// image's (umoci's unpack on the host), read through whatever disk,
+/// filesystem and device-mapper stack the guest booted from.
+pub fn assert_usr_bin_matches_the_image(client: &osb_agent::client::Client) {
+    const LIST: &str = "find . -type f | sort | xargs sha256sum";
+    let mut spec = osb_agent::client::ExecSpec::new(["/bin/sh", "-c", &format!("cd /usr/bin && {LIST}")]);
+    spec.timeout = Some(std::time::Duration::from_secs(120));
+    let out = client.exec(&spec, b"").unwrap_or_else(|e| panic!("exec sha256sum in /usr/bin: {e}"));
+    assert_eq!(out.code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let guest = String::from_utf8_lossy(&out.stdout).into_owned();
+    let host = super::run_stdout(tool("sh").arg("-c").arg(LIST).current_dir(debian_rootfs_file("usr/bin")));
+    assert!(guest.lines().count() > 100, "{guest}");
+    assert_eq!(guest, host, "/usr/bin in the guest differs from the image");
+}

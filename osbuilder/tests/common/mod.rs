@@ -1668,3 +1668,38 @@ pub fn dd_range(img: &Path, offset: u64, len: u64, dest: &Path) -> PathBuf {
     assert_eq!(fs::metadata(dest).unwrap().len(), len, "{} is shorter than the range", img.display());
     dest.to_path_buf()
 }
+
+/// Runs `cmd` (a build whose output goes into the empty directory `dir`),
+/// waits for its staged `.osbuilder-*.tmp` file, lets it write for `settle`,
+/// sends SIGINT and checks that the process dies of it and leaves nothing in
+/// `dir`.
+pub fn assert_sigint_leaves_nothing(mut cmd: Command, dir: &Path, settle: Duration) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let staged = loop {
+        let found = fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with(".osbuilder-") && n.ends_with(".tmp"));
+        if let Some(name) = found {
+            break name;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("osbuilder finished ({status}) before its staged file was seen");
+        }
+        assert!(Instant::now() < deadline, "no staged file within 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::thread::sleep(settle);
+    let size_then = fs::metadata(dir.join(&staged)).map(|m| m.len()).unwrap_or(0);
+    run(tool("kill").args(["-INT", &child.id().to_string()]));
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!status.success(), "an interrupted build must not succeed: {status}\n{stderr}");
+    assert!(status.signal() == Some(2) || status.code() == Some(130), "dies of SIGINT: {status}\n{stderr}");
+    let left: Vec<_> = fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left behind after SIGINT (staged {staged}, {size_then} bytes when signalled): {left:?}");
+}
