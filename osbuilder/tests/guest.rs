@@ -61,10 +61,7 @@ fn vm_config(initrd: &Path, machine: Machine, mem: u32, append: &str, name: &str
 }
 
 fn boot(cfg: &VmConfig) -> (Vm, Client) {
-    let mut vm = Vm::start(cfg).unwrap();
-    let client = vm.wait_for_agent(1024, BOOT_LIMIT).unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("{}: agent healthy {:.2}s after QEMU start ({})", cfg.work_dir.display(), vm.started.elapsed().as_secs_f64(), vm.accel);
-    (vm, client)
+    boot_to_agent(cfg, BOOT_LIMIT)
 }
 
 fn shutdown(mut vm: Vm, client: &Client) {

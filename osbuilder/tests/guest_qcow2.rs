@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::guest::*;
 use common::*;
 use osb_agent::client::{Client, ExecSpec};
-use osbuilder::vm::{DiskAttach, Machine, Via, Vm, VmConfig};
+use osbuilder::vm::{DiskAttach, Machine, Via, VmConfig};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
 
@@ -60,8 +60,7 @@ fn compressed_qcow2_disk_boots_through_virtio_blk() {
     cfg.mem_mib = 512;
     cfg.append = root.to_string();
     cfg.disk = Some(DiskAttach { path: disk.clone(), via: Via::VirtioBlk });
-    let mut vm = Vm::start(&cfg).unwrap();
-    let client = vm.wait_for_agent(1024, BOOT_LIMIT).unwrap_or_else(|e| panic!("{e}"));
+    let (mut vm, client) = boot_to_agent(&cfg, BOOT_LIMIT);
 
     // QEMU was told the format (never left to guess it).
     let qemu_cmdline = fs::read(format!("/proc/{}/cmdline", vm.qemu_pid())).unwrap();

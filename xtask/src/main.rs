@@ -84,7 +84,16 @@ fn main() -> anyhow::Result<()> {
                 Ok(path) => cmd = cmd.env("OSBUILDER_KATA_AGENT_CTL", path),
                 Err(e) => eprintln!("xtask: warning: no kata-agent-ctl, its compatibility test will be skipped: {e:#}"),
             }
-            cmd.run()
+            // Guest boots that needed a second start (common::guest::boot_to_agent)
+            // are written down there: say so after the suite, pass or fail.
+            let retries = util::target_dir().join("tmp/guest-retries.log");
+            let _ = std::fs::remove_file(&retries);
+            let result = cmd.run();
+            if let Ok(text) = std::fs::read_to_string(&retries) {
+                eprintln!("xtask: note: {} guest boot(s) needed a second start (agent listening, host never reached it):", text.lines().count());
+                eprint!("{text}");
+            }
+            result
         }
         Command::Kernel { args } => {
             util::setup()?;
