@@ -295,9 +295,10 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         cfg.append = if cfg.append.is_empty() { root } else { format!("{root} {}", cfg.append) };
         cfg.disk = Some(DiskAttach { path: disk.clone(), via });
     }
-    let mut vm = Vm::start(&cfg)?;
+    let (mut vm, client) = Vm::start_with_agent(&cfg, args.port, Duration::from_secs(args.timeout), &mut |why| {
+        eprintln!("osbuilder: warning: {why}")
+    })?;
     let endpoint = Endpoint::HybridVsock { path: vm.vsock_socket.clone(), port: args.port };
-    let client = vm.wait_for_agent(args.port, Duration::from_secs(args.timeout))?;
     let health_seconds = vm.started.elapsed().as_secs_f64();
     if args.json {
         // From the agent's own metrics: its RSS and the guest uptime when it

@@ -111,37 +111,18 @@ pub fn retry_log() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-retries.log")
 }
 
-/// Starts `cfg` and waits up to `limit` for the agent on vsock port 1024.
-///
-/// A guest whose agent says it is listening while the host's hybrid-vsock
-/// connections never reach it has been seen a few times on q35 under TCG
-/// (vhost-device-vsock 0.3; the guest is fine, the host side never connects;
-/// not understood yet, see the notes). Such a guest gets exactly one fresh
-/// start, recorded in [`retry_log`]; any other failure fails the test.
+/// Starts `cfg` and waits up to `limit` for the agent on vsock port 1024
+/// ([`osbuilder::vm::Vm::start_with_agent`]: a guest whose agent listens but
+/// is never reached gets one fresh start, recorded in [`retry_log`]).
 pub fn boot_to_agent(cfg: &osbuilder::vm::VmConfig, limit: std::time::Duration) -> (osbuilder::vm::Vm, osb_agent::client::Client) {
     use std::io::Write as _;
-    for attempt in 1..=2 {
-        let mut vm = osbuilder::vm::Vm::start(cfg).unwrap();
-        match vm.wait_for_agent(1024, limit) {
-            Ok(client) => {
-                eprintln!("{}: agent healthy {:.2}s after QEMU start ({})", cfg.work_dir.display(), vm.started.elapsed().as_secs_f64(), vm.accel);
-                return (vm, client);
-            }
-            Err(e) if attempt == 1 && vm.console_text().contains("osb-agent: listening on vsock port") => {
-                let line = format!(
-                    "{}: the guest's agent was listening but the host never reached it within {} s; started the guest once more\n",
-                    cfg.work_dir.display(),
-                    limit.as_secs()
-                );
-                eprint!("{line}");
-                if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(retry_log()) {
-                    let _ = f.write_all(line.as_bytes());
-                }
-                drop(e);
-                vm.kill();
-            }
-            Err(e) => panic!("{e}"),
+    let (vm, client) = osbuilder::vm::Vm::start_with_agent(cfg, 1024, limit, &mut |why| {
+        eprintln!("{why}");
+        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(retry_log()) {
+            let _ = writeln!(f, "{why}");
         }
-    }
-    unreachable!("the second start returns or panics")
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}: agent healthy {:.2}s after QEMU start ({})", cfg.work_dir.display(), vm.started.elapsed().as_secs_f64(), vm.accel);
+    (vm, client)
 }
