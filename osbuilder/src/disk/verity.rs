@@ -243,13 +243,9 @@ impl<S> VerityTap<S> {
             let take = (BLOCK_USIZE - self.partial.len()).min(rest.len());
             self.partial.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
-            if self.partial.len() < BLOCK_USIZE {
+            if !self.flush_partial() {
                 return;
             }
-            let block = std::mem::take(&mut self.partial);
-            self.hash_block(&block);
-            self.partial = block;
-            self.partial.clear();
         }
         let mut chunks = rest.chunks_exact(BLOCK_USIZE);
         for block in &mut chunks {
@@ -258,19 +254,28 @@ impl<S> VerityTap<S> {
         self.partial.extend_from_slice(chunks.remainder());
     }
 
+    /// Hashes the partial block once it is whole (keeping its buffer);
+    /// false while it still waits for bytes.
+    fn flush_partial(&mut self) -> bool {
+        if self.partial.len() < BLOCK_USIZE {
+            return false;
+        }
+        let block = std::mem::take(&mut self.partial);
+        self.hash_block(&block);
+        self.partial = block;
+        self.partial.clear();
+        true
+    }
+
     fn absorb_zeros(&mut self, len: u64) {
         let mut left = len;
         if !self.partial.is_empty() {
             let take = (BLOCK_USIZE - self.partial.len()).min(usize::try_from(left).unwrap_or(usize::MAX));
             self.partial.resize(self.partial.len() + take, 0);
             left -= take as u64;
-            if self.partial.len() < BLOCK_USIZE {
+            if !self.flush_partial() {
                 return;
             }
-            let block = std::mem::take(&mut self.partial);
-            self.hash_block(&block);
-            self.partial = block;
-            self.partial.clear();
         }
         for _ in 0..left / BLOCK {
             self.leaves.extend_from_slice(&self.zero_digest);
