@@ -197,7 +197,7 @@ impl Layout {
         let dirs: Vec<DirShape> = plan.dirs().iter().map(|d| dir_shape(plan, d)).collect::<Result<_, _>>()?;
 
         let compressed = if opts.compression == Compression::None { Vec::new() } else { compress_all(plan, opts)? };
-        let mut compressed: Vec<Option<Compressed>> = compressed;
+        let mut compressed: Vec<Option<Probed>> = compressed;
         compressed.resize_with(n, || None);
 
         // Place the inodes.
@@ -230,14 +230,17 @@ impl Layout {
                 }
                 Body::File(content) => {
                     let size = content.len();
-                    if let Some(c) = compressed[i].take() {
+                    let probed = compressed[i].take();
+                    if let Some(Probed { compressed: Some(c), .. }) = probed {
                         (size, 0, false, Some(Data::Compressed { blkaddr: 0, data: c }))
                     } else if size == 0 {
                         (0, 0, false, Some(Data::None))
                     } else {
-                        let runs = tree
-                            .data_runs(content, B)
-                            .map_err(|source| ErofsError::ReadContent { path: path(), source })?;
+                        // The compressor already read the runs of the files it saw.
+                        let runs = match probed {
+                            Some(p) => p.runs,
+                            None => tree.data_runs(content, B).map_err(|source| ErofsError::ReadContent { path: path(), source })?,
+                        };
                         let nblocks = size.div_ceil(B);
                         let mapped: u64 = runs.iter().map(|r| r.1).sum();
                         if mapped < nblocks {
@@ -439,7 +442,14 @@ impl Layout {
 
 /// Compresses every regular file larger than a block, on all cores; the
 /// results are in plan order whatever the threads did, so the bytes are too.
-fn compress_all(plan: &Plan, opts: &ErofsOptions) -> Result<Vec<Option<Compressed>>, ErofsError> {
+/// What [`compress_all`] learnt of one file: its data runs, and its
+/// compressed form when compressing it saved a block.
+struct Probed {
+    runs: Vec<(u64, u64)>,
+    compressed: Option<Compressed>,
+}
+
+fn compress_all(plan: &Plan, opts: &ErofsOptions) -> Result<Vec<Option<Probed>>, ErofsError> {
     let tree = plan.tree();
     let jobs: Vec<(usize, &crate::rootfs::Content)> = plan
         .inodes()
@@ -450,7 +460,7 @@ fn compress_all(plan: &Plan, opts: &ErofsOptions) -> Result<Vec<Option<Compresse
             _ => None,
         })
         .collect();
-    let results: Mutex<Vec<Option<Compressed>>> = Mutex::new((0..plan.inodes().len()).map(|_| None).collect());
+    let results: Mutex<Vec<Option<Probed>>> = Mutex::new((0..plan.inodes().len()).map(|_| None).collect());
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<ErofsError>> = Mutex::new(None);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
@@ -469,15 +479,17 @@ fn compress_all(plan: &Plan, opts: &ErofsOptions) -> Result<Vec<Option<Compresse
                     }
                     // Files with holes stay uncompressed and chunk-based, so
                     // their holes cost nothing.
-                    let mapped: u64 = tree.data_runs(content, B)?.iter().map(|r| r.1).sum();
-                    if mapped < content.len().div_ceil(B) {
-                        return Ok(None);
-                    }
-                    compress::compress_file(&reader, content.len(), opts.compression)
+                    let runs = tree.data_runs(content, B)?;
+                    let mapped: u64 = runs.iter().map(|r| r.1).sum();
+                    let compressed = if mapped < content.len().div_ceil(B) {
+                        None
+                    } else {
+                        compress::compress_file(&reader, content.len(), opts.compression)?
+                    };
+                    Ok(Probed { runs, compressed })
                 });
                 match outcome {
-                    Ok(Some(c)) => results.lock().unwrap()[i] = Some(c),
-                    Ok(None) => {}
+                    Ok(p) => results.lock().unwrap()[i] = Some(p),
                     Err(source) => {
                         *failed.lock().unwrap() = Some(ErofsError::ReadContent { path: path(), source });
                         break;
