@@ -13,3 +13,4 @@ pub mod output;
 pub mod pipeline;
 pub mod kernel;
 pub mod vm;
+pub mod publish;

@@ -19,6 +19,7 @@ use osbuilder::pipeline::{self, AddSpec, DiskJob, ImageSummary, InitrdJob, TreeJ
 use osbuilder::progress::Progress;
 use osbuilder::rootfs::RelPath;
 
+mod cli_push;
 mod cli_vm;
 
 #[derive(Parser)]
@@ -42,6 +43,10 @@ enum Command {
     /// Boot a guest and talk to its agent.
     #[command(subcommand)]
     Vm(cli_vm::VmCommand),
+    /// Push a disk (KubeVirt containerDisk), a kernel + initrd (kernel-boot)
+    /// or a whole build (OCI artifact) to a registry.
+    #[command(subcommand)]
+    Push(cli_push::PushCommand),
     /// Show an image's manifest, config, layers and platform.
     Inspect {
         /// docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF] or docker-archive:FILE
@@ -266,6 +271,7 @@ fn main() -> ExitCode {
         Command::Disk(args) => disk(args, &progress),
         Command::Kernel(args) => kernel(args, &progress),
         Command::Inspect { image, pull, json } => inspect(&image, &pull, json, &progress),
+        Command::Push(cmd) => cli_push::run(cmd, &progress),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

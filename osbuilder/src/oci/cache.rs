@@ -66,10 +66,18 @@ impl BlobCache {
             file: io::BufWriter::with_capacity(1 << 20, file),
             hasher: Sha256::new(),
             written: 0,
-            digest: digest.clone(),
+            digest: Some(digest.clone()),
             size,
-            dest: self.blob_path(digest),
+            root: self.root.clone(),
         })
+    }
+
+    /// Starts writing a blob whose digest is not known yet (one we make):
+    /// [`BlobWriter::commit`] names it by what was written.
+    pub fn spool(&self) -> io::Result<BlobWriter> {
+        let mut w = self.writer(&Digest::of_bytes(b""), None)?;
+        w.digest = None;
+        Ok(w)
     }
 }
 
@@ -78,9 +86,10 @@ pub struct BlobWriter {
     file: io::BufWriter<tempfile::NamedTempFile>,
     hasher: Sha256,
     written: u64,
-    digest: Digest,
+    /// `None` for a spooled blob, named by its content at commit.
+    digest: Option<Digest>,
     size: Option<u64>,
-    dest: PathBuf,
+    root: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,14 +109,19 @@ impl BlobWriter {
 
     /// Verifies size and digest, then moves the blob under its name.
     pub fn commit(self) -> Result<PathBuf, CommitError> {
-        let BlobWriter { file, hasher, written, digest, size, dest } = self;
+        let BlobWriter { file, hasher, written, digest, size, root } = self;
+        let actual = hex::encode(hasher.finalize());
+        let digest = match digest {
+            Some(digest) => digest,
+            None => format!("sha256:{actual}").parse().expect("a sha256 we computed"),
+        };
         if let Some(expected) = size.filter(|&s| s != written) {
             return Err(CommitError::Size { digest, expected, actual: written });
         }
-        let actual = hex::encode(hasher.finalize());
         if actual != digest.hex() {
             return Err(CommitError::Digest { expected: digest, actual });
         }
+        let dest = BlobCache::new(root).blob_path(&digest);
         let io_err = |source| CommitError::Io { digest: digest.clone(), source };
         let file = file.into_inner().map_err(|e| io_err(e.into_error()))?;
         file.as_file().sync_data().map_err(io_err)?;

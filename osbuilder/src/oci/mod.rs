@@ -17,6 +17,8 @@ mod archive;
 mod layout;
 mod registry;
 
+pub use registry::is_loopback as registry_is_loopback;
+
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
