@@ -366,9 +366,73 @@ fn credentials_basic_and_bearer_and_clear_refusals() {
         let pinned = push_ok(&["containerdisk", path_str(disk), &target, "--creds", "pusher:s3cret", "--verify"], tmp.path());
         let (_, m) = raw_manifest_with(&pinned, Some(("pusher", "s3cret")));
         assert_eq!(m["layers"].as_array().unwrap().len(), 1, "{kind}");
+        // A second repository mounts, with the token scoped to read the first.
+        push_ok(&["containerdisk", path_str(disk), &registry.image_ref("auth/other:v1"), "--creds", "pusher:s3cret"], tmp.path());
+        let log = registry.log();
+        let mounted = log.lines().filter(|l| l.contains("\"POST ") && l.contains("mount=") && l.contains("\" 201 ")).count();
+        assert_eq!(mounted, 2, "{kind}: config and layer mounted:\n{log}");
         let err = push_err(&["containerdisk", path_str(disk), &target, "--creds", "pusher:wrong"], tmp.path());
         assert!(err.contains(&registry.addr()) && err.contains("refused"), "{kind}: {err}");
+        eprintln!("{kind}, wrong credentials: {err}");
         let err = push_err(&["containerdisk", path_str(disk), &target], tmp.path());
-        assert!(err.contains(&registry.addr()), "{kind}: {err}");
+        assert!(err.contains(&registry.addr()) && err.contains("no credentials"), "{kind}: {err}");
+        eprintln!("{kind}, no credentials: {err}");
+    }
+}
+
+/// Runs `osbuilder push ARGS`; returns whether it succeeded, its stderr and
+/// its peak RSS in MiB (from wait4's rusage of that one process).
+fn push_measured(args: &[&str], cache: &Path) -> (bool, String, u64) {
+    use std::os::unix::process::ExitStatusExt;
+    let child = osbuilder().arg("push").args(args).arg("--cache-dir").arg(cache).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = child.stderr.unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    let ok = std::process::ExitStatus::from_raw(status).success();
+    (ok, reader.join().unwrap(), usage.ru_maxrss as u64 / 1024)
+}
+
+#[test]
+fn a_3_gib_sparse_disk_pushes_with_bounded_memory() {
+    let registry = Registry::start();
+    let tmp = scratch();
+    let raw = tmp.path().join("big.raw");
+    let f = fs::File::create(&raw).unwrap();
+    f.set_len(3 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    // Some data spread over the disk, the rest holes.
+    for i in 0..48u64 {
+        let block: Vec<u8> = (0..(1u32 << 20)).map(|j| (j.wrapping_mul(2654435761) >> 13) as u8 ^ i as u8).collect();
+        f.write_at(&block, i * (64 << 20)).unwrap();
+    }
+    drop(f);
+    let raw_sha = sha256_file(&raw);
+    let mut peaks = Vec::new();
+    for (name, extra) in [("qcow2", &["--layer-compression", "none"][..]), ("raw", &["--disk-format", "raw", "--layer-compression", "none", "--chunk-mib", "32"][..])] {
+        let target = registry.image_ref(&format!("big/{name}:v1"));
+        let mut args = vec!["containerdisk", path_str(&raw), &target];
+        args.extend_from_slice(extra);
+        let (ok, stderr, peak) = push_measured(&args, tmp.path());
+        assert!(ok, "{name}: {stderr}");
+        eprintln!("3 GiB sparse disk as {name}: peak RSS {peak} MiB; {}", stderr.lines().last().unwrap_or_default());
+        assert!(peak < 200, "{name}: peak RSS {peak} MiB is not bounded by the chunk size");
+        peaks.push(peak);
+        let (_, manifest) = raw_manifest(&format!("{}/big/{name}:v1", registry.addr()));
+        let layer = &manifest["layers"][0];
+        let size: u64 = layer["annotations"]["dev.osbuilder.disk.size"].as_str().unwrap().parse().unwrap();
+        if name == "raw" {
+            assert_eq!(size, 3 << 30);
+            assert_eq!(layer["annotations"]["dev.osbuilder.disk.sha256"].as_str().unwrap(), format!("sha256:{raw_sha}"));
+        } else {
+            assert!(size < 64 << 20, "the qcow2 keeps only the data: {size}");
+        }
     }
 }

@@ -92,6 +92,9 @@ pub struct WireStats {
 /// A blob the push can read at any offset.
 pub trait BlobSource: Sync {
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn reader_at(&self, offset: u64) -> std::io::Result<Box<dyn Read + Send + '_>>;
 }
 
@@ -389,7 +392,7 @@ impl Client {
         let header = match (&scheme, &creds) {
             (Scheme::Basic, RegistryAuth::Basic(user, pass)) => basic(user, pass)?,
             (Scheme::Basic, _) => {
-                return Err(PublishError::Auth { registry: self.registry.clone(), message: "it asks for a user and password; none were given (--creds, OSBUILDER_REGISTRY_USER/PASSWORD or an auth file)".into() })
+                return Err(PublishError::Auth { registry: self.registry.clone(), message: "it asks for a user and password, and no credentials were given (--creds, OSBUILDER_REGISTRY_USER/PASSWORD or an auth file)".into() })
             }
             (Scheme::Bearer { .. }, RegistryAuth::Bearer(_)) => {
                 return Err(PublishError::Auth { registry: self.registry.clone(), message: "the bearer token given was refused".into() })
@@ -503,6 +506,23 @@ impl Client {
         url
     }
 
+    /// A bearer token scoped to pull from `repo` too (a mount reads from it);
+    /// fetched again only when the scope is new.
+    async fn add_mount_scope(&self, repo: &str) -> Result<(), PublishError> {
+        let (scheme, creds, scopes) = {
+            let mut auth = self.auth.lock().unwrap();
+            if !auth.mount_scopes.insert(repo.to_string()) {
+                return Ok(());
+            }
+            (auth.scheme.clone(), auth.creds.clone(), auth.mount_scopes.clone())
+        };
+        if let (Some(Scheme::Bearer { realm, service }), false) = (scheme, matches!(creds, RegistryAuth::Bearer(_))) {
+            let token = self.fetch_token(&realm, service.as_deref(), &creds, &scopes).await?;
+            self.auth.lock().unwrap().header = Some(bearer(&token)?);
+        }
+        Ok(())
+    }
+
     /// Pushes one blob unless the repository has it; mounts it from one of
     /// `mount_from` when the registry can.
     pub async fn push_blob(&self, digest: &Digest, source: &dyn BlobSource, mount_from: &[String], progress: &Progress) -> Result<BlobOutcome, PublishError> {
@@ -510,15 +530,13 @@ impl Client {
             return Ok(BlobOutcome::Present);
         }
         let mut session = None;
-        for from in mount_from.iter().filter(|r| **r != self.repo) {
-            self.auth.lock().unwrap().mount_scopes.insert(from.clone());
+        // One mount attempt: a registry that cannot mount opens an upload
+        // session instead, which the upload then uses.
+        if let Some(from) = mount_from.iter().find(|r| **r != self.repo) {
+            self.add_mount_scope(from).await?;
             match self.start_upload(Some((digest, from))).await? {
                 None => return Ok(BlobOutcome::Mounted { from: from.clone() }),
-                // The registry could not mount and opened a session instead.
-                Some(url) => {
-                    session = Some(url);
-                    break;
-                }
+                Some(url) => session = Some(url),
             }
         }
         let size = source.len();
