@@ -45,6 +45,9 @@ pub enum Section {
     /// the fetch+decompress floor, and mke2fs -d - on the layer's tar stream;
     /// then erofs (plain, lz4, lz4hc) ours vs skopeo+umoci+mkfs.erofs.
     Disk,
+    /// The Debian disk as a containerDisk to a loopback registry, ours vs
+    /// umoci + skopeo copy; bytes re-sent after a dropped upload.
+    Publish,
 }
 
 /// A docker-registry on a free loopback port, killed on drop.
@@ -157,6 +160,9 @@ impl Bench {
         if wants(Section::Disk) {
             crate::bench_disk::run(&osbuilder, self.runs)?;
             crate::bench_erofs::run(&osbuilder, self.runs)?;
+        }
+        if wants(Section::Publish) {
+            crate::bench_publish::run(&osbuilder, self.runs)?;
         }
         Ok(())
     }

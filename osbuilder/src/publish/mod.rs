@@ -153,8 +153,8 @@ pub struct PreparedLayer {
 
 /// Lays out `entries` as a tar layer: hashes it (and each file inside) in
 /// one read, and for gzip/zstd compresses it into the blob cache in the same
-/// pass. Compression is fixed (gzip level 6 with no name or time; zstd level
-/// 3 on a fixed number of workers), so the bytes depend only on the inputs.
+/// pass, at the default levels (gzip 6, zstd 3) of `compress.rs`, whose bytes
+/// depend only on the input.
 pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCompression, cache: &BlobCache, progress: &Progress) -> Result<PreparedLayer, PublishError> {
     let layer = tar::TarLayer::new(entries, mtime).map_err(io_err("cannot lay out the layer"))?;
     let placements = layer.placements(entries);
@@ -163,21 +163,19 @@ pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCo
     let mut file_hashes: Vec<Sha256> = placements.iter().map(|_| Sha256::new()).collect();
     let bar = progress.bytes("hash layer".to_string(), layer.len());
 
-    enum Out {
-        None,
-        Gzip(flate2::write::GzEncoder<cache_writer::Counted>),
-        Zstd(zstd::stream::write::Encoder<'static, cache_writer::Counted>),
-    }
-    let spool = || -> Result<cache_writer::Counted, PublishError> { Ok(cache_writer::Counted(cache.spool().map_err(io_err("cannot write to the blob cache"))?)) };
-    let mut out = match compression {
-        LayerCompression::None => Out::None,
-        LayerCompression::Gzip => Out::Gzip(flate2::GzBuilder::new().mtime(0).write(spool()?, flate2::Compression::new(6))),
-        LayerCompression::Zstd => {
-            let mut enc = zstd::stream::write::Encoder::new(spool()?, 3).map_err(io_err("cannot start zstd"))?;
-            // A fixed number of workers: the bytes must not depend on the machine.
-            enc.multithread(ZSTD_WORKERS).map_err(io_err("cannot start zstd workers"))?;
-            enc.include_checksum(false).map_err(io_err("zstd"))?;
-            Out::Zstd(enc)
+    // The project's compressors: parallel, and the same bytes whatever the
+    // number of cores (see `compress.rs`).
+    let kind = match compression {
+        LayerCompression::None => None,
+        LayerCompression::Gzip => Some(crate::compress::Compression::Gzip),
+        LayerCompression::Zstd => Some(crate::compress::Compression::Zstd),
+    };
+    let mut out = match kind {
+        None => None,
+        Some(kind) => {
+            let spool = cache_writer::Counted(cache.spool().map_err(io_err("cannot write to the blob cache"))?);
+            let enc = crate::compress::encoder(&crate::compress::CompressOptions::new(kind), spool).map_err(|e| PublishError::Io { context: "cannot start the compressor".into(), source: io::Error::other(e) })?;
+            Some(enc)
         }
     };
     let mut buf = vec![0u8; 1 << 20];
@@ -195,10 +193,8 @@ pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCo
                 h.update(&chunk[(a - pos) as usize..(b - pos) as usize]);
             }
         }
-        match &mut out {
-            Out::None => {}
-            Out::Gzip(w) => w.write_all(chunk).map_err(io_err("cannot write the compressed layer"))?,
-            Out::Zstd(w) => w.write_all(chunk).map_err(io_err("cannot write the compressed layer"))?,
+        if let Some(w) = &mut out {
+            w.write_all(chunk).map_err(io_err("cannot write the compressed layer"))?;
         }
         pos += n as u64;
         bar.set_position(pos);
@@ -211,9 +207,11 @@ pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCo
         .map(|(p, h)| (p, format!("sha256:{}", hex::encode(h.finalize())).parse().expect("sha256")))
         .collect();
     let (media_suffix, data, digest, size) = match out {
-        Out::None => ("", BlobData::Tar(layer.clone()), diff_id.clone(), layer.len()),
-        Out::Gzip(w) => finish_spool(w.finish().map_err(io_err("cannot finish the gzip layer"))?, "+gzip")?,
-        Out::Zstd(w) => finish_spool(w.finish().map_err(io_err("cannot finish the zstd layer"))?, "+zstd")?,
+        None => ("", BlobData::Tar(layer.clone()), diff_id.clone(), layer.len()),
+        Some(w) => {
+            let suffix = if compression == LayerCompression::Gzip { "+gzip" } else { "+zstd" };
+            finish_spool(w.finish().map_err(io_err("cannot finish the compressed layer"))?, suffix)?
+        }
     };
     Ok(PreparedLayer {
         blob: Blob { media_type: format!("application/vnd.oci.image.layer.v1.tar{media_suffix}"), digest, size, annotations: BTreeMap::new(), data },
@@ -221,8 +219,6 @@ pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCo
         files,
     })
 }
-
-const ZSTD_WORKERS: u32 = 2;
 
 fn finish_spool(w: cache_writer::Counted, suffix: &'static str) -> Result<(&'static str, BlobData, Digest, u64), PublishError> {
     let size = w.0.written();
