@@ -651,6 +651,36 @@ fn upload_uuid(url: &str) -> &str {
     rest.split('?').next().unwrap()
 }
 
+/// Size of the data an upload session holds on the registry's disk.
+fn upload_data_len(reg: &Registry, repo: &str, uuid: &str) -> Option<u64> {
+    let p = reg
+        .storage_dir()
+        .join("docker/registry/v2/repositories")
+        .join(repo)
+        .join("_uploads")
+        .join(uuid)
+        .join("data");
+    fs::metadata(p).ok().map(|m| m.len())
+}
+
+/// A registry error body's first code ("BLOB_UPLOAD_INVALID").
+fn error_code(r: &HttpResponse) -> String {
+    let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("not JSON: {r:?}"));
+    v["errors"][0]["code"].as_str().unwrap_or_default().to_string()
+}
+
+/// `data` as a chunked body of 64 KiB chunks.
+fn chunk_encode(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in data.chunks(65_536) {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
 const OCTETS: (&str, &str) = ("Content-Type", "application/octet-stream");
 
 #[test]
@@ -757,6 +787,131 @@ fn proxy_answers_injected_errors_on_the_chosen_request_only() {
     // The registry never saw the injected one.
     let access = reg.log().lines().filter(|l| l.starts_with("127.0.0.1 - -") && l.contains("/manifests/latest")).count();
     assert_eq!(access, 2, "{}", reg.log());
+}
+
+/// Pins what docker-registry 2.8 does with an upload whose PATCH connection
+/// drops mid-body (A: Content-Length, B: chunked after a good PATCH) or whose
+/// answer is lost (C); the findings are written down in the doc of
+/// tests/common/proxy.rs, "docker-registry 2.8 and a dropped PATCH".
+#[test]
+fn proxy_drop_mid_patch_shows_how_the_registry_treats_a_partial_upload() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let base = format!("http://{}", proxy.addr());
+    let blob = pattern(1 << 20);
+    let digest = format!("sha256:{}", sha256_hex(&blob));
+
+    // A: the first PATCH (1 MiB, Content-Length) drops after 300000 bytes.
+    let l0 = start_upload(&base, "test/a");
+    let uuid = upload_uuid(&l0).to_string();
+    let drop = proxy.add(Rule::new(Some("PATCH"), "/v2/test/a/", Fault::DropAfterRequestBytes(300_000)));
+    assert!(http("PATCH", &l0, &[OCTETS], &blob).is_err(), "the client must see the drop");
+    assert_eq!(proxy.fired(drop), 1);
+    let patch = &proxy.matching(Some("PATCH"), "/v2/test/a/")[0];
+    assert_eq!((patch.status, patch.request_body_bytes), (None, 300_000), "{patch}");
+    assert!(patch.note.as_deref().unwrap().contains("499"), "{patch}");
+    assert!(reg.log().contains("client disconnected during blob PATCH"), "{}", reg.log());
+    assert!(reg.log().contains("copied=300000"), "{}", reg.log());
+    assert_eq!(upload_data_len(&reg, "test/a", &uuid), Some(300_000));
+    let after = http("GET", &l0, &[], b"").unwrap();
+    assert_eq!((after.status, error_code(&after).as_str()), (404, "BLOB_UPLOAD_INVALID"), "{after:?}");
+    assert_eq!(after.header("Range"), None);
+    assert_eq!(after.header("Docker-Upload-UUID"), None);
+    assert!(reg.log().contains("upload resumed at wrong offest: 300000 != 0"), "{}", reg.log());
+    let no_state = l0.split('?').next().unwrap();
+    let r = http("GET", no_state, &[], b"").unwrap();
+    assert_eq!((r.status, error_code(&r).as_str()), (404, "BLOB_UPLOAD_INVALID"));
+    let rest = http("PATCH", &l0, &[OCTETS, ("Content-Range", "300000-1048575")], &blob[300_000..]).unwrap();
+    assert_eq!((rest.status, error_code(&rest).as_str()), (404, "BLOB_UPLOAD_INVALID"));
+    let put = http("PUT", &with_query(&l0, "digest", &digest), &[OCTETS], &blob[300_000..]).unwrap();
+    assert_eq!((put.status, error_code(&put).as_str()), (404, "BLOB_UPLOAD_INVALID"));
+
+    // B: a good first PATCH, then a chunked PATCH dropping after 100000 of
+    // its bytes: neither Location works afterwards.
+    let l0 = start_upload(&base, "test/b");
+    let uuid = upload_uuid(&l0).to_string();
+    let p1 = http("PATCH", &l0, &[OCTETS], &blob[..262_144]).unwrap();
+    assert_eq!((p1.status, p1.header("Range")), (202, Some("0-262143")));
+    let l1 = p1.header("Location").unwrap().to_string();
+    let chunked = chunk_encode(&blob[262_144..]);
+    let drop = proxy.add(Rule::new(Some("PATCH"), "/v2/test/b/", Fault::DropAfterRequestBytes(100_000)));
+    assert!(http("PATCH", &l1, &[OCTETS, ("Transfer-Encoding", "chunked")], &chunked).is_err());
+    assert_eq!(proxy.fired(drop), 1);
+    assert_eq!(upload_data_len(&reg, "test/b", &uuid), Some(362_144));
+    for l in [&l1, &l0] {
+        let r = http("GET", l, &[], b"").unwrap();
+        assert_eq!((r.status, error_code(&r).as_str()), (404, "BLOB_UPLOAD_INVALID"), "{r:?}");
+    }
+
+    // A fresh session is the way out; the proxy forwards a chunked body whole.
+    let l0 = start_upload(&base, "test/b");
+    let p = http("PATCH", &l0, &[OCTETS, ("Transfer-Encoding", "chunked")], &chunk_encode(&blob)).unwrap();
+    assert_eq!((p.status, p.header("Range")), (202, Some("0-1048575")));
+    let last = proxy.matching(Some("PATCH"), "/v2/test/b/").pop().unwrap();
+    assert_eq!(last.request_body_bytes, 1 << 20);
+    let put = http("PUT", &with_query(p.header("Location").unwrap(), "digest", &digest), &[], b"").unwrap();
+    assert_eq!((put.status, put.header("Docker-Content-Digest")), (201, Some(digest.as_str())), "{put:?}");
+
+    // C: the registry got the whole PATCH, the client lost the answer.
+    let l0 = start_upload(&base, "test/c");
+    let lost = proxy.add(Rule::new(Some("PATCH"), "/v2/test/c/", Fault::DropResponse));
+    assert!(http("PATCH", &l0, &[OCTETS], &blob[..1000]).is_err());
+    assert_eq!(proxy.fired(lost), 1);
+    assert_eq!(upload_data_len(&reg, "test/c", upload_uuid(&l0)), Some(1000));
+    let r = http("GET", &l0, &[], b"").unwrap();
+    assert_eq!((r.status, error_code(&r).as_str()), (404, "BLOB_UPLOAD_INVALID"), "{r:?}");
+}
+
+/// The other half of the findings in tests/common/proxy.rs: a session
+/// survives a failed PATCH only when none of its body reached the registry.
+#[test]
+fn registry_resumes_an_upload_only_when_no_byte_of_the_failed_patch_arrived() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let base = format!("http://{}", proxy.addr());
+    let blob = pattern(1 << 20);
+    let digest = format!("sha256:{}", sha256_hex(&blob));
+
+    // An empty session already says "0-0".
+    let l0 = start_upload(&base, "test/resume");
+    let uuid = upload_uuid(&l0).to_string();
+    let empty = http("GET", &l0, &[], b"").unwrap();
+    assert_eq!((empty.status, empty.header("Range")), (204, Some("0-0")));
+    // ... and so does one holding a single byte.
+    let one = http("PATCH", &start_upload(&base, "test/one"), &[OCTETS], b"x").unwrap();
+    assert_eq!((one.status, one.header("Range")), (202, Some("0-0")));
+
+    let p1 = http("PATCH", &l0, &[OCTETS], &blob[..262_144]).unwrap();
+    assert_eq!(p1.status, 202);
+    let l1 = p1.header("Location").unwrap().to_string();
+    assert_ne!(l1, l0, "each PATCH answer carries a new _state");
+
+    // The second PATCH drops after its head, before any body byte.
+    let drop = proxy.add(Rule::new(Some("PATCH"), "/v2/test/resume/", Fault::DropAfterRequestBytes(0)));
+    assert!(http("PATCH", &l1, &[OCTETS], &blob[262_144..]).is_err());
+    assert_eq!(proxy.fired(drop), 1);
+    assert_eq!(upload_data_len(&reg, "test/resume", &uuid), Some(262_144));
+
+    // A stale Location is refused without harming the session.
+    let stale = http("GET", &l0, &[], b"").unwrap();
+    assert_eq!((stale.status, error_code(&stale).as_str()), (404, "BLOB_UPLOAD_INVALID"));
+
+    // The last Location reports where to go on, and takes the rest.
+    let status = http("GET", &l1, &[], b"").unwrap();
+    assert_eq!(status.status, 204, "{status:?}");
+    assert_eq!(status.header("Range"), Some("0-262143"));
+    assert_eq!(status.header("Docker-Upload-UUID"), Some(uuid.as_str()));
+    assert_eq!(status.header("Location"), Some(l1.as_str()), "GET repeats the current Location");
+    // Content-Range is not checked: the registry appends what comes.
+    let p2 = http("PATCH", &l1, &[OCTETS, ("Content-Range", "1-2")], &blob[262_144..]).unwrap();
+    assert_eq!((p2.status, p2.header("Range")), (202, Some("0-1048575")));
+    let put = http("PUT", &with_query(p2.header("Location").unwrap(), "digest", &digest), &[], b"").unwrap();
+    assert_eq!((put.status, put.header("Docker-Content-Digest")), (201, Some(digest.as_str())), "{put:?}");
+    let got = http("GET", &format!("{base}/v2/test/resume/blobs/{digest}"), &[], b"").unwrap();
+    assert_eq!((got.status, got.body.len()), (200, blob.len()));
+    assert!(got.body == blob);
+    // In all, the session forwarded the blob once: nothing twice.
+    assert_eq!(proxy.request_body_bytes(None, &format!("/blobs/uploads/{uuid}")), blob.len() as u64);
 }
 
 #[test]

@@ -92,6 +92,44 @@
 //! Dropping the proxy stops the listener (joined), shuts down every client
 //! and upstream socket and wakes stalled requests, so no thread outlives it
 //! for long or keeps the test process alive.
+//!
+//! # docker-registry 2.8 and a dropped PATCH
+//!
+//! Observed with Debian bookworm's docker-registry 2.8.2+ds1 through this
+//! proxy and pinned by `proxy_drop_mid_patch_shows_how_the_registry_treats_a_partial_upload`
+//! and `registry_resumes_an_upload_only_when_no_byte_of_the_failed_patch_arrived`
+//! in harness_selftest.rs. Upload URLs are
+//! `http://HOST/v2/REPO/blobs/uploads/UUID?_state=TOKEN`, HOST being the
+//! request's `Host`; TOKEN is an HMAC-signed {name, UUID, offset, start
+//! time}, and every request on a session is refused unless the offset in its
+//! TOKEN equals the size the session holds on disk.
+//!
+//! - A PATCH cut after N > 0 body bytes (Content-Length or chunked): the
+//!   registry keeps the N bytes (the session's data file grows by N; it logs
+//!   `client disconnected during blob PATCH ... copied=N` and answers 499 to
+//!   the dead connection), but the session is lost: GET, PATCH and PUT on it
+//!   answer **404 with code `BLOB_UPLOAD_INVALID`** (no `Range`, no
+//!   `Docker-Upload-UUID`; logged as `upload resumed at wrong offest: SIZE !=
+//!   OFFSET`), with the Location of the last successful response as with any
+//!   earlier one: no TOKEN the registry issued carries the new size. Without
+//!   `_state` it is 404 `BLOB_UPLOAD_INVALID` too ("invalid secret"). So
+//!   continuing from an offset is impossible; the client must start over with
+//!   a new POST (and re-send the whole blob).
+//! - The same when the whole PATCH arrived but the answer was lost
+//!   ([`Fault::DropResponse`]): the session moved to a TOKEN the client never
+//!   saw, and the one it has answers 404 `BLOB_UPLOAD_INVALID`.
+//! - A PATCH cut before its first body byte leaves the session intact: GET on
+//!   the last Location answers **204** with `Range: 0-(SIZE-1)`,
+//!   `Docker-Upload-UUID: UUID` and `Location` equal to that last Location
+//!   (same TOKEN); a PATCH of the rest on it answers 202 with the new
+//!   `Range`, and `PUT LOCATION&digest=sha256:...` answers 201 with the right
+//!   `Docker-Content-Digest`; the blob then reads back intact.
+//! - Each successful PATCH answer carries a new TOKEN, and only the newest
+//!   works: a request with an older one answers 404 `BLOB_UPLOAD_INVALID`,
+//!   but does not harm the session (the newest still answers 204).
+//! - `Content-Range` on a PATCH is not checked: the bytes are appended
+//!   whatever it says. An empty session reports `Range: 0-0`, as does one
+//!   holding a single byte.
 
 use std::collections::HashMap;
 use std::fmt;
