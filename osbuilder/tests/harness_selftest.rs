@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
+use common::proxy::*;
 use common::*;
 use serde_json::{json, Value};
 
@@ -617,4 +618,428 @@ fn fixtures_are_cached_outside_the_repo_and_left_untouched_by_umoci() {
     let before = listing(&layout);
     drop(umoci_unpack(&layout, "v2"));
     assert_eq!(listing(&layout), before);
+}
+
+// ---------------------------------------------------------------------------
+// The fault-injecting proxy (common::proxy) against the real registry
+// ---------------------------------------------------------------------------
+
+/// `len` bytes of a fixed, incompressible-looking pattern.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+}
+
+/// POSTs a new upload session for `repo` through `base` ("http://ADDR") and
+/// returns its Location, which must point back at `base`.
+fn start_upload(base: &str, repo: &str) -> String {
+    let r = http("POST", &format!("{base}/v2/{repo}/blobs/uploads/"), &[], b"").expect("POST upload");
+    assert_eq!(r.status, 202, "POST {repo}: {r:?}");
+    let loc = r.header("Location").expect("Location").to_string();
+    assert!(loc.starts_with(&format!("{base}/v2/{repo}/blobs/uploads/")), "{loc}");
+    loc
+}
+
+/// `url` with `key=value` appended to its query.
+fn with_query(url: &str, key: &str, value: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{key}={value}")
+}
+
+/// The upload UUID in an upload URL or target (".../blobs/uploads/UUID?...").
+fn upload_uuid(url: &str) -> &str {
+    let rest = &url[url.find("/blobs/uploads/").expect("an upload URL") + "/blobs/uploads/".len()..];
+    rest.split('?').next().unwrap()
+}
+
+/// Size of the data an upload session holds on the registry's disk.
+fn upload_data_len(reg: &Registry, repo: &str, uuid: &str) -> Option<u64> {
+    let p = reg
+        .storage_dir()
+        .join("docker/registry/v2/repositories")
+        .join(repo)
+        .join("_uploads")
+        .join(uuid)
+        .join("data");
+    fs::metadata(p).ok().map(|m| m.len())
+}
+
+/// A registry error body's first code ("BLOB_UPLOAD_INVALID").
+fn error_code(r: &HttpResponse) -> String {
+    let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("not JSON: {r:?}"));
+    v["errors"][0]["code"].as_str().unwrap_or_default().to_string()
+}
+
+/// `data` as a chunked body of 64 KiB chunks.
+fn chunk_encode(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in data.chunks(65_536) {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+const OCTETS: (&str, &str) = ("Content-Type", "application/octet-stream");
+
+#[test]
+fn proxy_relays_a_skopeo_push_and_pull_and_counts_their_bytes() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let layered = layered_layout();
+    run(tool("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false", "--dest-no-creds"])
+        .arg(oci_ref(&layered, "v2"))
+        .arg(format!("docker://{}/test/proxied:v2", proxy.addr())));
+    let log = proxy.summary();
+
+    // The image arrived (checked on the registry itself, not through the proxy).
+    let desc = layout_descriptor(&layered, "v2");
+    assert_eq!(skopeo_inspect(&reg, "test/proxied:v2", &[])["Digest"], desc["digest"]);
+
+    // Every blob went up through the proxy: the PATCH and PUT body bytes of
+    // the session its 201 PUT ?digest= closed add up to the blob's size.
+    let manifest = layout_manifest(&layered, "v2");
+    let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
+    for d in std::iter::once(&manifest["config"]).chain(manifest["layers"].as_array().unwrap()) {
+        sizes.insert(d["digest"].as_str().unwrap().to_string(), d["size"].as_u64().unwrap());
+    }
+    assert_eq!(sizes.len(), 3);
+    let uploads = proxy.matching(None, "/v2/test/proxied/blobs/uploads/");
+    let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+    for put in uploads.iter().filter(|s| s.method == "PUT" && s.status == Some(201)) {
+        let uuid = upload_uuid(&put.path);
+        let digest = put.path.split("digest=").nth(1).unwrap().split('&').next().unwrap().replace("%3A", ":");
+        let bytes: u64 = uploads
+            .iter()
+            .filter(|s| (s.method == "PATCH" || s.method == "PUT") && upload_uuid(&s.path) == uuid)
+            .map(|s| s.request_body_bytes)
+            .sum();
+        sent.insert(digest, bytes);
+    }
+    assert_eq!(sent, sizes, "{log}");
+    // The registry's Locations name the proxy: the client's Host went through.
+    let base = format!("http://{}/", proxy.addr());
+    for post in uploads.iter().filter(|s| s.method == "POST") {
+        assert_eq!(post.status, Some(202), "{log}");
+        assert!(post.response_header("Location").unwrap().starts_with(&base), "{log}");
+    }
+    let put_manifest = proxy.matching(Some("PUT"), "/v2/test/proxied/manifests/v2");
+    assert_eq!(put_manifest.len(), 1, "{log}");
+    assert_eq!(put_manifest[0].status, Some(201));
+    assert_eq!(put_manifest[0].request_body_bytes, desc["size"].as_u64().unwrap());
+    assert!(proxy.requests().iter().all(|s| s.fault.is_none() && s.note.is_none()), "{log}");
+
+    // And down again: the blob GETs relay exactly the blobs' bytes.
+    proxy.clear_requests();
+    let out = tempfile::tempdir().unwrap();
+    run(tool("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false", "--src-no-creds"])
+        .arg(format!("docker://{}/test/proxied:v2", proxy.addr()))
+        .arg(oci_ref(out.path(), "v2")));
+    assert_eq!(layout_descriptor(out.path(), "v2")["digest"], desc["digest"]);
+    assert_eq!(
+        proxy.response_body_bytes(Some("GET"), "/v2/test/proxied/blobs/sha256:"),
+        sizes.values().sum::<u64>(),
+        "{}",
+        proxy.summary()
+    );
+}
+
+#[test]
+fn proxy_answers_injected_errors_on_the_chosen_request_only() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+
+    // 500 on the first GET /v2/; the next one goes through.
+    let ping = proxy.add(Rule::new(Some("GET"), "/v2/", Fault::status(500)));
+    assert_eq!(http_status(&proxy.addr(), "/v2/", None), Some(500));
+    assert_eq!(proxy.fired(ping), 1);
+    assert_eq!(http_status(&proxy.addr(), "/v2/", None), Some(200));
+    assert_eq!(http_status(&proxy.addr(), "/v2/", None), Some(200));
+    assert_eq!((proxy.fired(ping), proxy.matched(ping)), (1, 3));
+
+    // 429 with Retry-After on the second manifest request, all three on one
+    // kept-alive client connection.
+    let busy = proxy.add(Rule::new(None, "/manifests/", Fault::too_many_requests(1)).nth(2));
+    let mut conn = std::net::TcpStream::connect(proxy.addr()).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut statuses = Vec::new();
+    for method in ["GET", "HEAD", "GET"] {
+        use std::io::Write as _;
+        write!(conn, "{method} /v2/test/none/manifests/latest HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr()).unwrap();
+        let r = read_response(&mut reader, method).unwrap();
+        assert!(r.complete);
+        if r.status == 429 {
+            assert_eq!(r.header("Retry-After"), Some("1"));
+            assert!(r.body.is_empty(), "a HEAD answer has no body");
+        }
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, [404, 429, 404], "{}", proxy.summary());
+    assert_eq!(proxy.fired(busy), 1);
+    let seen = proxy.matching(None, "/manifests/");
+    assert_eq!(seen[1].fault, Some(Fault::too_many_requests(1)));
+    assert_eq!(seen[1].rule, Some(busy));
+    assert_eq!(seen.iter().filter(|s| s.fault.is_some()).count(), 1);
+    // The registry never saw the injected one.
+    let access = reg.log().lines().filter(|l| l.starts_with("127.0.0.1 - -") && l.contains("/manifests/latest")).count();
+    assert_eq!(access, 2, "{}", reg.log());
+}
+
+/// Pins what docker-registry 2.8 does with an upload whose PATCH connection
+/// drops mid-body (A: Content-Length, B: chunked after a good PATCH) or whose
+/// answer is lost (C); the findings are written down in the doc of
+/// tests/common/proxy.rs, "docker-registry 2.8 and a dropped PATCH".
+#[test]
+fn proxy_drop_mid_patch_shows_how_the_registry_treats_a_partial_upload() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let base = format!("http://{}", proxy.addr());
+    let blob = pattern(1 << 20);
+    let digest = format!("sha256:{}", sha256_hex(&blob));
+
+    // A: the first PATCH (1 MiB, Content-Length) drops after 300000 bytes.
+    let l0 = start_upload(&base, "test/a");
+    let uuid = upload_uuid(&l0).to_string();
+    let drop = proxy.add(Rule::new(Some("PATCH"), "/v2/test/a/", Fault::DropAfterRequestBytes(300_000)));
+    assert!(http("PATCH", &l0, &[OCTETS], &blob).is_err(), "the client must see the drop");
+    assert_eq!(proxy.fired(drop), 1);
+    let patch = &proxy.matching(Some("PATCH"), "/v2/test/a/")[0];
+    assert_eq!((patch.status, patch.request_body_bytes), (None, 300_000), "{patch}");
+    assert!(patch.note.as_deref().unwrap().contains("499"), "{patch}");
+    assert!(reg.log().contains("client disconnected during blob PATCH"), "{}", reg.log());
+    assert!(reg.log().contains("copied=300000"), "{}", reg.log());
+    assert_eq!(upload_data_len(&reg, "test/a", &uuid), Some(300_000));
+    let after = http("GET", &l0, &[], b"").unwrap();
+    assert_eq!((after.status, error_code(&after).as_str()), (404, "BLOB_UPLOAD_INVALID"), "{after:?}");
+    assert_eq!(after.header("Range"), None);
+    assert_eq!(after.header("Docker-Upload-UUID"), None);
+    assert!(reg.log().contains("upload resumed at wrong offest: 300000 != 0"), "{}", reg.log());
+    let no_state = l0.split('?').next().unwrap();
+    let r = http("GET", no_state, &[], b"").unwrap();
+    assert_eq!((r.status, error_code(&r).as_str()), (404, "BLOB_UPLOAD_INVALID"));
+    let rest = http("PATCH", &l0, &[OCTETS, ("Content-Range", "300000-1048575")], &blob[300_000..]).unwrap();
+    assert_eq!((rest.status, error_code(&rest).as_str()), (404, "BLOB_UPLOAD_INVALID"));
+    let put = http("PUT", &with_query(&l0, "digest", &digest), &[OCTETS], &blob[300_000..]).unwrap();
+    assert_eq!((put.status, error_code(&put).as_str()), (404, "BLOB_UPLOAD_INVALID"));
+
+    // B: a good first PATCH, then a chunked PATCH dropping after 100000 of
+    // its bytes: neither Location works afterwards.
+    let l0 = start_upload(&base, "test/b");
+    let uuid = upload_uuid(&l0).to_string();
+    let p1 = http("PATCH", &l0, &[OCTETS], &blob[..262_144]).unwrap();
+    assert_eq!((p1.status, p1.header("Range")), (202, Some("0-262143")));
+    let l1 = p1.header("Location").unwrap().to_string();
+    let chunked = chunk_encode(&blob[262_144..]);
+    let drop = proxy.add(Rule::new(Some("PATCH"), "/v2/test/b/", Fault::DropAfterRequestBytes(100_000)));
+    assert!(http("PATCH", &l1, &[OCTETS, ("Transfer-Encoding", "chunked")], &chunked).is_err());
+    assert_eq!(proxy.fired(drop), 1);
+    assert_eq!(upload_data_len(&reg, "test/b", &uuid), Some(362_144));
+    for l in [&l1, &l0] {
+        let r = http("GET", l, &[], b"").unwrap();
+        assert_eq!((r.status, error_code(&r).as_str()), (404, "BLOB_UPLOAD_INVALID"), "{r:?}");
+    }
+
+    // A fresh session is the way out; the proxy forwards a chunked body whole.
+    let l0 = start_upload(&base, "test/b");
+    let p = http("PATCH", &l0, &[OCTETS, ("Transfer-Encoding", "chunked")], &chunk_encode(&blob)).unwrap();
+    assert_eq!((p.status, p.header("Range")), (202, Some("0-1048575")));
+    let last = proxy.matching(Some("PATCH"), "/v2/test/b/").pop().unwrap();
+    assert_eq!(last.request_body_bytes, 1 << 20);
+    let put = http("PUT", &with_query(p.header("Location").unwrap(), "digest", &digest), &[], b"").unwrap();
+    assert_eq!((put.status, put.header("Docker-Content-Digest")), (201, Some(digest.as_str())), "{put:?}");
+
+    // C: the registry got the whole PATCH, the client lost the answer.
+    let l0 = start_upload(&base, "test/c");
+    let lost = proxy.add(Rule::new(Some("PATCH"), "/v2/test/c/", Fault::DropResponse));
+    assert!(http("PATCH", &l0, &[OCTETS], &blob[..1000]).is_err());
+    assert_eq!(proxy.fired(lost), 1);
+    assert_eq!(upload_data_len(&reg, "test/c", upload_uuid(&l0)), Some(1000));
+    let r = http("GET", &l0, &[], b"").unwrap();
+    assert_eq!((r.status, error_code(&r).as_str()), (404, "BLOB_UPLOAD_INVALID"), "{r:?}");
+}
+
+/// The other half of the findings in tests/common/proxy.rs: a session
+/// survives a failed PATCH only when none of its body reached the registry.
+#[test]
+fn registry_resumes_an_upload_only_when_no_byte_of_the_failed_patch_arrived() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let base = format!("http://{}", proxy.addr());
+    let blob = pattern(1 << 20);
+    let digest = format!("sha256:{}", sha256_hex(&blob));
+
+    // An empty session already says "0-0".
+    let l0 = start_upload(&base, "test/resume");
+    let uuid = upload_uuid(&l0).to_string();
+    let empty = http("GET", &l0, &[], b"").unwrap();
+    assert_eq!((empty.status, empty.header("Range")), (204, Some("0-0")));
+    // ... and so does one holding a single byte.
+    let one = http("PATCH", &start_upload(&base, "test/one"), &[OCTETS], b"x").unwrap();
+    assert_eq!((one.status, one.header("Range")), (202, Some("0-0")));
+
+    let p1 = http("PATCH", &l0, &[OCTETS], &blob[..262_144]).unwrap();
+    assert_eq!(p1.status, 202);
+    let l1 = p1.header("Location").unwrap().to_string();
+    assert_ne!(l1, l0, "each PATCH answer carries a new _state");
+
+    // The second PATCH drops after its head, before any body byte.
+    let drop = proxy.add(Rule::new(Some("PATCH"), "/v2/test/resume/", Fault::DropAfterRequestBytes(0)));
+    assert!(http("PATCH", &l1, &[OCTETS], &blob[262_144..]).is_err());
+    assert_eq!(proxy.fired(drop), 1);
+    assert_eq!(upload_data_len(&reg, "test/resume", &uuid), Some(262_144));
+
+    // A stale Location is refused without harming the session.
+    let stale = http("GET", &l0, &[], b"").unwrap();
+    assert_eq!((stale.status, error_code(&stale).as_str()), (404, "BLOB_UPLOAD_INVALID"));
+
+    // The last Location reports where to go on, and takes the rest.
+    let status = http("GET", &l1, &[], b"").unwrap();
+    assert_eq!(status.status, 204, "{status:?}");
+    assert_eq!(status.header("Range"), Some("0-262143"));
+    assert_eq!(status.header("Docker-Upload-UUID"), Some(uuid.as_str()));
+    assert_eq!(status.header("Location"), Some(l1.as_str()), "GET repeats the current Location");
+    // Content-Range is not checked: the registry appends what comes.
+    let p2 = http("PATCH", &l1, &[OCTETS, ("Content-Range", "1-2")], &blob[262_144..]).unwrap();
+    assert_eq!((p2.status, p2.header("Range")), (202, Some("0-1048575")));
+    let put = http("PUT", &with_query(p2.header("Location").unwrap(), "digest", &digest), &[], b"").unwrap();
+    assert_eq!((put.status, put.header("Docker-Content-Digest")), (201, Some(digest.as_str())), "{put:?}");
+    let got = http("GET", &format!("{base}/v2/test/resume/blobs/{digest}"), &[], b"").unwrap();
+    assert_eq!((got.status, got.body.len()), (200, blob.len()));
+    assert!(got.body == blob);
+    // In all, the session forwarded the blob once: nothing twice.
+    assert_eq!(proxy.request_body_bytes(None, &format!("/blobs/uploads/{uuid}")), blob.len() as u64);
+}
+
+#[test]
+fn proxy_stalls_truncates_and_flips_as_told() {
+    use std::time::{Duration, Instant};
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let base = format!("http://{}", proxy.addr());
+    let blob = pattern(200_000);
+    let digest = format!("sha256:{}", sha256_hex(&blob));
+    // A monolithic upload: POST, then PUT ?digest= with the whole body.
+    let l0 = start_upload(&base, "test/faults");
+    let put = http("PUT", &with_query(&l0, "digest", &digest), &[OCTETS], &blob).unwrap();
+    assert_eq!(put.status, 201);
+    let url = format!("{base}/v2/test/faults/blobs/{digest}");
+
+    // Stall: held, then answered.
+    let stall = proxy.add(Rule::new(Some("GET"), "/v2/", Fault::Stall(Duration::from_millis(1500))));
+    let t = Instant::now();
+    assert_eq!(http_status(&proxy.addr(), "/v2/", None), Some(200));
+    assert!(t.elapsed() >= Duration::from_millis(1500), "{:?}", t.elapsed());
+    assert_eq!(proxy.fired(stall), 1);
+
+    // Stall forever: the client gives up, the proxy serves others meanwhile.
+    let forever = proxy.add(Rule::new(Some("GET"), "/v2/_stall", Fault::StallForever));
+    let mut s = std::net::TcpStream::connect(proxy.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    {
+        use std::io::{Read as _, Write as _};
+        write!(s, "GET /v2/_stall HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr()).unwrap();
+        assert_eq!(http_status(&proxy.addr(), "/v2/", None), Some(200));
+        let mut buf = [0u8; 16];
+        let e = s.read(&mut buf).expect_err("no answer");
+        assert!(matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{e}");
+    }
+    drop(s);
+    assert_eq!(proxy.fired(forever), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stalled = loop {
+        let s = proxy.requests().into_iter().find(|s| s.rule == Some(forever)).unwrap();
+        if s.note.is_some() || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(stalled.status, None);
+    assert!(stalled.note.unwrap().contains("client closed"));
+
+    // Truncate: the head promises 200000 bytes, 1000 come.
+    let cut = proxy.add(Rule::new(Some("GET"), "/blobs/sha256:", Fault::TruncateResponse(1000)));
+    let r = http("GET", &url, &[], b"").unwrap();
+    assert_eq!((r.status, r.header("Content-Length")), (200, Some("200000")));
+    assert!(!r.complete);
+    assert_eq!(r.body, blob[..1000]);
+    assert_eq!(proxy.fired(cut), 1);
+    assert_eq!(proxy.matching(Some("GET"), "/blobs/sha256:")[0].response_body_bytes, 1000);
+
+    // Flip: one byte differs, at the offset asked for; HEAD has no body to flip.
+    let flip = proxy.add(Rule::new(None, "/blobs/sha256:", Fault::FlipResponseByte(150_000)).times(2));
+    let head = http("HEAD", &url, &[], b"").unwrap();
+    assert_eq!((head.status, head.body.len(), head.complete), (200, 0, true));
+    let r = http("GET", &url, &[], b"").unwrap();
+    assert!(r.complete);
+    assert_eq!(r.body.len(), blob.len());
+    let diffs: Vec<usize> = (0..blob.len()).filter(|&i| r.body[i] != blob[i]).collect();
+    assert_eq!(diffs, [150_000]);
+    assert_eq!(r.body[150_000], !blob[150_000]);
+    assert_eq!((proxy.fired(flip), proxy.matched(flip)), (1, 2), "{}", proxy.summary());
+
+    // A truncation beyond the body does not fire; the body comes whole.
+    let long = proxy.add(Rule::new(Some("GET"), "/blobs/sha256:", Fault::TruncateResponse(1 << 30)));
+    let r = http("GET", &url, &[], b"").unwrap();
+    assert!(r.complete && r.body == blob);
+    assert_eq!((proxy.fired(long), proxy.matched(long)), (0, 1));
+}
+
+#[test]
+fn proxy_drop_ends_its_threads_and_port() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let addr = proxy.addr();
+    proxy.add(Rule::new(None, "", Fault::StallForever));
+    // A stalled request and an idle kept-alive connection are open when the
+    // proxy goes.
+    let stalled = std::net::TcpStream::connect(&addr).unwrap();
+    {
+        use std::io::Write as _;
+        (&stalled).write_all(format!("GET /v2/ HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).unwrap();
+    }
+    let _idle = std::net::TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    drop(proxy);
+    assert!(t.elapsed() < std::time::Duration::from_secs(3), "{:?}", t.elapsed());
+    {
+        use std::io::Read as _;
+        stalled.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!((&stalled).read(&mut buf).unwrap_or(0), 0, "the stalled connection is closed");
+    }
+    assert_eq!(http_status(&addr, "/v2/", None), None, "nothing listens any more");
+}
+
+#[test]
+fn proxy_answers_expect_100_continue_itself() {
+    // curl waits up to a second for "100 Continue" before sending a body; the
+    // proxy answers it at once and does not forward the Expect.
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let base = format!("http://{}", proxy.addr());
+    let blob = pattern(3 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("blob");
+    fs::write(&file, &blob).unwrap();
+    let l0 = start_upload(&base, "test/curl");
+    let t = std::time::Instant::now();
+    let out = run_stdout(
+        tool("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PATCH"])
+            .args(["-H", "Content-Type: application/octet-stream", "-H", "Expect: 100-continue"])
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .arg(&l0),
+    );
+    assert_eq!(out, "202");
+    assert!(t.elapsed() < std::time::Duration::from_millis(900), "{:?}", t.elapsed());
+    let patch = proxy.matching(Some("PATCH"), "/v2/test/curl/").pop().unwrap();
+    assert_eq!(patch.request_header("Expect"), Some("100-continue"));
+    assert_eq!((patch.status, patch.request_body_bytes), (Some(202), blob.len() as u64));
+    assert_eq!(patch.response_header("Range"), Some("0-3145727"));
 }

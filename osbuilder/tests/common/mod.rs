@@ -1655,6 +1655,7 @@ impl TokenServer {
     }
 }
 pub mod guest;
+pub mod proxy;
 
 /// `dd` of LEN bytes at OFFSET of `img` into `dest` (holes stay holes), for
 /// reading one partition of a disk image with its format's own tools.
