@@ -631,6 +631,12 @@ impl Client {
                         }
                         offset = have;
                     }
+                    // The session is gone. It may have completed (the answer to
+                    // the last request was lost): then the blob is there.
+                    _ if self.blob_exists(digest).await? => {
+                        bar.set_position(size);
+                        return Ok(());
+                    }
                     _ => {
                         self.bump(|s| s.restarts += 1);
                         session = self.start_upload(None).await?.expect("no mount asked");

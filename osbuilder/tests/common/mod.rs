@@ -1655,7 +1655,7 @@ impl TokenServer {
     }
 }
 pub mod guest;
-pub mod proxy;
+pub use testkit::proxy;
 
 /// `dd` of LEN bytes at OFFSET of `img` into `dest` (holes stay holes), for
 /// reading one partition of a disk image with its format's own tools.

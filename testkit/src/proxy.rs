@@ -1,7 +1,7 @@
 //! A fault-injecting HTTP/1.1 proxy for registry tests.
 //!
 //! [`FaultProxy::start`] listens on a free 127.0.0.1 port and forwards every
-//! request to one upstream (a [`super::Registry`]). A client is pointed at
+//! request to one upstream (a registry server). A client is pointed at
 //! [`FaultProxy::addr`] as if it were the registry. [`Rule`]s added with
 //! [`FaultProxy::add`] pick requests by method and a substring of the
 //! request target (path and query) and inject a [`Fault`] on the chosen
