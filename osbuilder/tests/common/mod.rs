@@ -1655,6 +1655,7 @@ impl TokenServer {
     }
 }
 pub mod guest;
+#[allow(unused_imports)] // not every test file injects faults
 pub use testkit::proxy;
 
 /// `dd` of LEN bytes at OFFSET of `img` into `dest` (holes stay holes), for
