@@ -12,7 +12,11 @@
 //! Reported: median wall time, the bytes sent to the registry (ours: request
 //! bodies, from `--push-report`; the anchor: the blobs of the image it
 //! pushed), and peak RSS (the largest process of the pipeline, from wait4's
-//! rusage). Nothing asserts on time.
+//! rusage). Then the resume case, through testkit's fault proxy: one upload
+//! connection dropped half way, ours (8 MiB chunks, uncompressed layer)
+//! against skopeo copy --retry-times 1 (one streaming PATCH, retried from
+//! byte 0), counting the body bytes the registry received beyond the blobs'
+//! sizes. Nothing asserts on time.
 
 use std::path::Path;
 use std::process::Command;
@@ -171,7 +175,99 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
     row("osbuilder push containerdisk --layer-compression none", &ours_runs[2]);
     println!("target: 2x faster than the anchor with memory bounded");
 
+    resume(osbuilder, &disk, &registry, &work)?;
+
     drop(registry);
     std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
+/// Body bytes the registry received for blob uploads.
+fn upload_bytes(proxy: &testkit::proxy::FaultProxy) -> u64 {
+    proxy.request_body_bytes(Some("PATCH"), "/blobs/uploads/") + proxy.request_body_bytes(Some("PUT"), "/blobs/uploads/")
+}
+
+/// One dropped connection half way through the layer upload: bytes sent again.
+fn resume(osbuilder: &Path, disk: &Path, registry: &Registry, work: &Path) -> anyhow::Result<()> {
+    use testkit::proxy::{Fault, FaultProxy, Rule};
+    const CHUNK: u64 = 8 << 20;
+    let layer_bytes = std::fs::metadata(disk)?.len() + 2048 + 512;
+    let chunks = layer_bytes.div_ceil(CHUNK);
+    let half = chunks / 2 + 1;
+    println!();
+    println!("resume: one upload connection dropped half way ({layer_bytes}-byte uncompressed layer, ours in {CHUNK}-byte chunks)");
+    println!("{:<64} {:>14} {:>9} {:>10}", "case", "bytes re-sent", "of blob", "restarts");
+    let mut rows = Vec::new();
+    for (name, cut) in [("ours, cut before chunk {half} (between chunks)", 0u64), ("ours, cut 4 MiB into chunk {half} (mid-chunk)", 4 << 20)] {
+        let proxy = FaultProxy::start(&registry.addr);
+        let rule = proxy.add(Rule::new(Some("PATCH"), "/blobs/uploads/", Fault::DropAfterRequestBytes(cut)).nth(half as u32));
+        let cache = work.join("resume-cache");
+        let report = work.join("resume-report.json");
+        Cmd::new(osbuilder)
+            .args(["push", "containerdisk", "--quiet"])
+            .arg(disk)
+            .arg(format!("{}/bench/resume-{cut}:v1", proxy.addr()))
+            .args(["--layer-compression", "none", "--chunk-mib", "8", "--cache-dir"])
+            .arg(&cache)
+            .arg("--push-report")
+            .arg(&report)
+            .quiet()
+            .read()?;
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+        let blobs: u64 = r["blobs"].as_array().context("blobs")?.iter().filter_map(|b| b["size"].as_u64()).sum();
+        if proxy.fired(rule) != 1 {
+            bail!("the drop did not happen: {}", proxy.summary());
+        }
+        let resent = upload_bytes(&proxy).saturating_sub(blobs);
+        rows.push((name.replace("{half}", &half.to_string()), resent, layer_bytes, r["wire"]["restarts"].as_u64().unwrap_or(0)));
+        std::fs::remove_dir_all(&cache)?;
+    }
+    // The anchor: skopeo sends each blob in one PATCH and retries the copy from byte 0.
+    let d = work.join("resume-anchor");
+    let script = format!(
+        "set -e; umoci init --layout {d}/layout; umoci new --image {d}/layout:disk; \
+         umoci unpack --image {d}/layout:disk {d}/bundle >/dev/null; mkdir {d}/bundle/rootfs/disk; cp {disk} {d}/bundle/rootfs/disk/disk.img; \
+         umoci repack --image {d}/layout:disk {d}/bundle",
+        d = d.display(),
+        disk = disk.display()
+    );
+    Cmd::new("bash").args(["-c", &script]).quiet().read()?;
+    let proxy = FaultProxy::start(&registry.addr);
+    // The blobs skopeo uploads: the config and the layer; the cut is half way through the layer.
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("layout/index.json"))?)?;
+    let blob = |digest: &str| d.join("layout/blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(index["manifests"][0]["digest"].as_str().context("anchor index")?))?)?;
+    let layer = manifest["layers"][0]["size"].as_u64().context("anchor layer")?;
+    let pushed = layer + manifest["config"]["size"].as_u64().unwrap_or(0);
+    let rule = proxy.add(Rule::new(Some("PATCH"), "/blobs/uploads/", Fault::DropAfterRequestBytes(layer / 2)));
+    let copied = Cmd::new("skopeo")
+        .args(["copy", "--quiet", "--retry-times", "1", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}/layout:disk", d.display()))
+        .arg(format!("docker://{}/bench/resume-anchor:v1", proxy.addr()))
+        .quiet()
+        .read();
+    let sent = upload_bytes(&proxy);
+    let anchor_row = match copied {
+        _ if proxy.fired(rule) != 1 => "(the drop did not fire)".to_string(),
+        Ok(_) => sent.saturating_sub(pushed).to_string(),
+        // skopeo 1.9 does not retry a broken pipe: the user runs it again.
+        Err(_) => match Cmd::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}/layout:disk", d.display()))
+            .arg(format!("docker://{}/bench/resume-anchor:v1", proxy.addr()))
+            .quiet()
+            .read()
+        {
+            Ok(_) => format!("{} (failed; run again)", upload_bytes(&proxy).saturating_sub(pushed)),
+            Err(e) => format!("failed twice: {}", e.to_string().lines().last().unwrap_or_default()),
+        },
+    };
+    for (name, resent, of, restarts) in rows {
+        println!("{name:<64} {resent:>14} {:>8.1}% {restarts:>10}", 100.0 * resent as f64 / of as f64);
+    }
+    let pct = anchor_row.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).map_or(String::from("-"), |n| format!("{:.1}%", 100.0 * n as f64 / layer as f64));
+    println!("{:<64} {:>14} {:>9} {:>10}", "skopeo copy --retry-times 1, cut at 50% of its one PATCH", anchor_row, pct, "1");
+    println!("(docker-registry 2.8 cancels an upload session that received part of a cut PATCH, so a mid-chunk cut starts over there)");
+    std::fs::remove_dir_all(&d)?;
     Ok(())
 }

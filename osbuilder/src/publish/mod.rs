@@ -153,8 +153,8 @@ pub struct PreparedLayer {
 
 /// Lays out `entries` as a tar layer: hashes it (and each file inside) in
 /// one read, and for gzip/zstd compresses it into the blob cache in the same
-/// pass, at the default levels (gzip 6, zstd 3) of `compress.rs`, whose bytes
-/// depend only on the input.
+/// pass, with `compress.rs` (gzip level 6, zstd level 3), whose bytes depend
+/// only on the input.
 pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCompression, cache: &BlobCache, progress: &Progress) -> Result<PreparedLayer, PublishError> {
     let layer = tar::TarLayer::new(entries, mtime).map_err(io_err("cannot lay out the layer"))?;
     let placements = layer.placements(entries);
@@ -174,7 +174,11 @@ pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCo
         None => None,
         Some(kind) => {
             let spool = cache_writer::Counted(cache.spool().map_err(io_err("cannot write to the blob cache"))?);
-            let enc = crate::compress::encoder(&crate::compress::CompressOptions::new(kind), spool).map_err(|e| PublishError::Io { context: "cannot start the compressor".into(), source: io::Error::other(e) })?;
+            // gzip at 6 (what registries' other clients use; compress.rs's own
+            // default, 9, is for initrds built once and booted often).
+            let level = if kind == crate::compress::Compression::Gzip { Some(6) } else { None };
+            let opts = crate::compress::CompressOptions { level, ..crate::compress::CompressOptions::new(kind) };
+            let enc = crate::compress::encoder(&opts, spool).map_err(|e| PublishError::Io { context: "cannot start the compressor".into(), source: io::Error::other(e) })?;
             Some(enc)
         }
     };
