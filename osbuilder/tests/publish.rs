@@ -172,6 +172,17 @@ fn the_same_disk_gives_the_same_digest_anywhere_and_a_second_push_sends_nothing(
         let pb = push_ok(&["containerdisk", path_str(disk), &b.image_ref(&tag), "--layer-compression", compression], cb.path());
         assert_eq!(digest_of(&pa), digest_of(&pb), "{compression}: two caches, two registries, one digest");
     }
+    // Another path and file name for the same bytes, pushed by digest: the same digest.
+    let moved = cb.path().join("elsewhere/renamed.qcow2");
+    fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    fs::copy(disk, &moved).unwrap();
+    let first = push_ok(&["containerdisk", path_str(disk), &a.image_ref("guest/debian:zstd")], ca.path());
+    let by_digest = format!("{}@{}", b.image_ref("pinned/disk"), digest_of(&first));
+    assert_eq!(push_ok(&["containerdisk", path_str(&moved), &by_digest], cb.path()), by_digest);
+    let wrong = format!("{}@sha256:{}", b.image_ref("pinned/disk"), "0".repeat(64));
+    let err = push_err(&["containerdisk", path_str(&moved), &wrong], cb.path());
+    assert!(err.contains("what we built is") && err.contains(digest_of(&first)), "{err}");
+
     let uploads = |r: &Registry| log_count(r, "PATCH", "/blobs/uploads/") + log_count(r, "PUT", "/blobs/uploads/");
     let before = uploads(&a);
     assert!(before >= 6, "three images of two blobs each were uploaded:\n{}", a.log());
