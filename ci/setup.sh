@@ -12,6 +12,7 @@ PKGS=(
   cpio gzip zstd                            # initrd oracles
   e2fsprogs erofs-utils cryptsetup-bin      # filesystem oracles (e2fsck, debugfs, fsck.erofs, veritysetup)
   fdisk gdisk python3                       # partition-table oracles (sfdisk, sgdisk), PFN block check
+  dosfstools mtools                         # cidata seed oracles (fsck.fat, mcopy, mdir); blkid is util-linux
   qemu-system-x86 qemu-utils busybox-static # boots
   qemu-block-extra                          # QEMU's http block driver (a guest booted from a registry blob)
   linux-source-6.12 bc bison flex libelf-dev libssl-dev make gcc patch xz-utils  # guest kernels
