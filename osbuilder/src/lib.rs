@@ -9,6 +9,7 @@ pub mod rootfs;
 pub mod compress;
 pub mod initrd;
 pub mod disk;
+pub mod cidata;
 pub mod output;
 pub mod pipeline;
 pub mod kernel;
