@@ -38,6 +38,8 @@ enum Command {
     Initrd(InitrdArgs),
     /// Turn an image into a bootable disk image (ext4; MBR, GPT or none; Kata's DAX layout).
     Disk(DiskArgs),
+    /// Make a cloud-init NoCloud seed: a FAT volume labelled `cidata`.
+    Cidata(CidataArgs),
     /// Build a guest kernel from a pinned source, patches and config fragments.
     Kernel(KernelArgs),
     /// Boot a guest and talk to its agent.
@@ -214,6 +216,40 @@ struct DiskArgs {
     tree: TreeArgs,
 }
 
+#[derive(Args)]
+struct CidataArgs {
+    /// Output file (the seed: a raw FAT12/FAT16 volume, no partition table).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// The user-data file (#cloud-config, a script, ...).
+    #[arg(long, value_name = "FILE")]
+    user_data: PathBuf,
+    /// The meta-data file (or --instance-id to generate one).
+    #[arg(long, value_name = "FILE", required_unless_present = "instance_id", conflicts_with = "instance_id")]
+    meta_data: Option<PathBuf>,
+    /// The network-config file (netplan-style version 1 or 2).
+    #[arg(long, value_name = "FILE")]
+    network_config: Option<PathBuf>,
+    /// The vendor-data file.
+    #[arg(long, value_name = "FILE")]
+    vendor_data: Option<PathBuf>,
+    /// Generate the meta-data: `instance-id: ID` (instead of --meta-data).
+    #[arg(long, value_name = "ID")]
+    instance_id: Option<String>,
+    /// With --instance-id: `local-hostname: NAME` in the generated meta-data.
+    // `conflicts_with` is spelled out: clap does not enforce `requires` when
+    // the required argument conflicts with one that is given.
+    #[arg(long, value_name = "NAME", requires = "instance_id", conflicts_with = "meta_data")]
+    hostname: Option<String>,
+    /// Volume size: auto (the files, a quarter of their size and at least
+    /// 64 KiB free, in steps of 64 KiB) or a size such as 1M (a multiple of 512).
+    #[arg(long, default_value = "auto")]
+    size: String,
+    /// Every file's timestamps, UTC, clamped to FAT's 1980..2107 [default: 1980-01-01 00:00:00].
+    #[arg(long, env = "SOURCE_DATE_EPOCH")]
+    source_date_epoch: Option<i64>,
+}
+
 /// The options that shape the guest tree, shared by `initrd` and `disk`.
 #[derive(Args)]
 struct TreeArgs {
@@ -269,6 +305,7 @@ fn main() -> ExitCode {
         }
         Command::Initrd(args) => initrd(args, &progress),
         Command::Disk(args) => disk(args, &progress),
+        Command::Cidata(args) => cidata(args),
         Command::Kernel(args) => kernel(args, &progress),
         Command::Inspect { image, pull, json } => inspect(&image, &pull, json, &progress),
         Command::Push(cmd) => cli_push::run(cmd, &progress),
@@ -452,6 +489,42 @@ fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
     eprintln!("osbuilder: boot through virtio-blk:   {}", report.cmdline.virtio_blk);
     eprintln!("osbuilder: boot through virtio-scsi:  {}", report.cmdline.virtio_scsi);
     write_report(args.tree.report.as_deref(), &report)
+}
+
+fn cidata(args: CidataArgs) -> anyhow::Result<()> {
+    use osbuilder::cidata::{CidataOptions, MetaData, SeedSize};
+    let meta_data = match (args.meta_data, args.instance_id) {
+        (Some(path), None) => MetaData::File(path),
+        (None, Some(instance_id)) => MetaData::Generated { instance_id, hostname: args.hostname },
+        // clap lets exactly one of the two through.
+        _ => anyhow::bail!("give --meta-data FILE or --instance-id ID, not both"),
+    };
+    let size = match args.size.as_str() {
+        "auto" => SeedSize::Auto,
+        text => SeedSize::Fixed(pipeline::parse_disk_size(text).map_err(anyhow::Error::msg).context("--size")?),
+    };
+    let options = CidataOptions {
+        user_data: args.user_data,
+        meta_data,
+        network_config: args.network_config,
+        vendor_data: args.vendor_data,
+        size,
+        source_date_epoch: args.source_date_epoch,
+    };
+    let s = osbuilder::cidata::write(&options, &args.output).context("building a cidata seed")?;
+    let files: Vec<String> = s.files.iter().map(|f| format!("{} {}", f.name, f.bytes)).collect();
+    eprintln!(
+        "osbuilder: wrote {} ({} bytes, {} labelled {}, volume id {}, {} bytes free; {} bytes; sha256 {})",
+        s.output.display(),
+        s.bytes,
+        s.fat,
+        osbuilder::cidata::LABEL,
+        s.volume_id,
+        s.free_bytes,
+        files.join(", "),
+        s.sha256
+    );
+    Ok(())
 }
 
 fn kernel(args: KernelArgs, progress: &Progress) -> anyhow::Result<()> {
