@@ -568,3 +568,20 @@ fn a_registry_that_never_answers_gives_a_clear_error_and_no_manifest() {
     assert!(err.contains("500") && err.contains("gave up after 3 attempts"), "{err}");
     assert_eq!(registry.get_status("/v2/fault/nomanifest/manifests/v1", None), 404);
 }
+
+#[test]
+fn a_cidata_seed_travels_as_a_raw_containerdisk() {
+    let registry = Registry::start();
+    let tmp = scratch();
+    let user_data = tmp.path().join("user-data");
+    fs::write(&user_data, "#cloud-config\nhostname: vm1\n").unwrap();
+    let seed = tmp.path().join("seed.img");
+    let out = osbuilder().args(["cidata", "-o", path_str(&seed), "--user-data", path_str(&user_data), "--instance-id", "iid-1"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pinned = push_ok(&["containerdisk", path_str(&seed), &registry.image_ref("guest/seed:v1"), "--disk-format", "raw", "--verify"], tmp.path());
+    let rootfs = unpack(&pinned, &tmp.path().join("unpacked"));
+    let pulled = rootfs.path().join("disk/disk.img");
+    assert_eq!(sha256_file(&pulled), sha256_file(&seed));
+    let blkid = run_stdout(tool("blkid").args(["-p", "-o", "export"]).arg(&pulled));
+    assert!(blkid.lines().any(|l| l == "LABEL=cidata"), "{blkid}");
+}
