@@ -425,20 +425,10 @@ fn check_plain_word(flag: &'static str, value: &str) -> Result<(), CidataError> 
 
 /// A Unix time (already clamped to FAT's range) as FAT's date and time, UTC.
 fn fat_time(epoch: i64) -> fatfs::DateTime {
-    let (days, secs) = (epoch.div_euclid(86_400), epoch.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let c = crate::time::Civil::from_epoch(epoch);
     fatfs::DateTime {
-        date: fatfs::Date { year: year as u16, month: month as u16, day: day as u16 },
-        time: fatfs::Time { hour: (secs / 3600) as u16, min: (secs / 60 % 60) as u16, sec: (secs % 60) as u16, millis: 0 },
+        date: fatfs::Date { year: c.year as u16, month: c.month as u16, day: c.day as u16 },
+        time: fatfs::Time { hour: c.hour as u16, min: c.minute as u16, sec: c.second as u16, millis: 0 },
     }
 }
 

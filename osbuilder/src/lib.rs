@@ -15,3 +15,4 @@ pub mod pipeline;
 pub mod kernel;
 pub mod vm;
 pub mod publish;
+pub mod time;

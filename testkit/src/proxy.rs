@@ -1003,6 +1003,17 @@ fn serve_connection(sh: &Shared, conn: u64, client: TcpStream) {
     let _ = writer.shutdown(Shutdown::Both);
 }
 
+/// Answers 502 for a request the upstream could not take, noting why;
+/// the client connection closes.
+fn bad_gateway(sh: &Shared, idx: usize, client_out: &mut TcpStream, note: String) -> io::Result<bool> {
+    sh.update(idx, |s| {
+        s.status = Some(502);
+        s.add_note(note);
+    });
+    write_head(client_out, "HTTP/1.1 502 Bad Gateway", &[("Content-Length".into(), "0".into())], true)?;
+    Ok(false)
+}
+
 /// Handles one request; true if the client connection stays open.
 fn exchange(
     sh: &Shared,
@@ -1133,19 +1144,7 @@ fn exchange(
     }
     let upstream = match TcpStream::connect_timeout(&sh.upstream, Duration::from_secs(5)) {
         Ok(u) => u,
-        Err(e) => {
-            sh.update(idx, |s| {
-                s.status = Some(502);
-                s.add_note(format!("cannot connect upstream: {e}"));
-            });
-            write_head(
-                client_out,
-                "HTTP/1.1 502 Bad Gateway",
-                &[("Content-Length".into(), "0".into())],
-                true,
-            )?;
-            return Ok(false);
-        }
+        Err(e) => return bad_gateway(sh, idx, client_out, format!("cannot connect upstream: {e}")),
     };
     sh.track(conn, &upstream);
     let _ = upstream.set_nodelay(true);
@@ -1267,19 +1266,7 @@ fn exchange(
     }
     let rframing = match response_framing(&method, status, &rhead.headers) {
         Ok(f) => f,
-        Err(e) => {
-            sh.update(idx, |s| {
-                s.status = Some(502);
-                s.add_note(format!("bad upstream response framing: {e}"));
-            });
-            write_head(
-                client_out,
-                "HTTP/1.1 502 Bad Gateway",
-                &[("Content-Length".into(), "0".into())],
-                true,
-            )?;
-            return Ok(false);
-        }
+        Err(e) => return bad_gateway(sh, idx, client_out, format!("bad upstream response framing: {e}")),
     };
     let close = !client_keep || !body_done || rframing == Framing::UntilClose || truncate.is_some();
     let rheaders = end_to_end(&rhead.headers);

@@ -126,7 +126,11 @@ pub(crate) fn timed(cmd: Cmd, out: &Path) -> anyhow::Result<Sample> {
 }
 
 pub(crate) fn median(samples: &[Sample]) -> f64 {
-    let mut v: Vec<f64> = samples.iter().map(|s| s.seconds).collect();
+    median_of(&samples.iter().map(|s| s.seconds).collect::<Vec<_>>())
+}
+
+pub(crate) fn median_of(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {

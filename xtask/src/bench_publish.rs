@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 
-use crate::bench::{tempdir, Registry};
+use crate::bench::{median_of as median, tempdir, Registry};
 use crate::image::base_image;
 use crate::util::Cmd;
 
@@ -64,17 +64,6 @@ fn measured(cmd: &mut Command) -> anyhow::Result<(f64, u64, String)> {
     // ru_maxrss of a child includes its waited-for descendants (Linux): the
     // largest process of the pipeline.
     Ok((seconds, usage.ru_maxrss as u64 / 1024, stdout))
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn ours(osbuilder: &Path, disk: &Path, target: &str, compression: &str, work: &Path) -> anyhow::Result<Run> {

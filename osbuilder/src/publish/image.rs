@@ -193,21 +193,9 @@ fn image_config(platform: &Platform, diff_ids: &[Digest], epoch: Option<i64>) ->
     serde_json::to_vec(&config).expect("serializable")
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (civil-from-days,
-/// proleptic Gregorian).
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch.
 pub fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    crate::time::Civil::from_epoch(secs).rfc3339()
 }
 
 fn owned(name: &str, kind: TarKind, mode: u32) -> TarEntry {
