@@ -164,6 +164,8 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
     row("osbuilder push containerdisk --layer-compression none", &ours_runs[2]);
     println!("target: 2x faster than the anchor with memory bounded");
 
+    pull_costs(&registry, runs, &variants)?;
+
     resume(osbuilder, &disk, &registry, &work)?;
 
     drop(registry);
@@ -258,5 +260,38 @@ fn resume(osbuilder: &Path, disk: &Path, registry: &Registry, work: &Path) -> an
     println!("{:<64} {:>14} {:>9} {:>10}", "skopeo copy --retry-times 1, cut at 50% of its one PATCH", anchor_row, pct, "1");
     println!("(docker-registry 2.8 cancels an upload session that received part of a cut PATCH, so a mid-chunk cut starts over there)");
     std::fs::remove_dir_all(&d)?;
+    Ok(())
+}
+
+/// What a node pays to pull each layer compression: the blob's size and the
+/// time to fetch it from the loopback registry and decompress it (what
+/// containerd does before the disk file exists), and from those the time at
+/// two link speeds (transfer plus decompression, not overlapped: an upper bound).
+fn pull_costs(registry: &Registry, runs: usize, variants: &[&str]) -> anyhow::Result<()> {
+    println!();
+    println!("pulling the layer (loopback fetch + decompress to /dev/null, median of {runs}); estimated at 1 Gbit/s and 100 Mbit/s");
+    println!("{:<10} {:>12} {:>14} {:>12} {:>14}", "layer", "bytes", "fetch+decomp", "at 1 Gbit/s", "at 100 Mbit/s");
+    for c in variants {
+        let repo = format!("bench/ours-{c}-0");
+        let url = format!("http://{}/v2/{repo}/manifests/v1", registry.addr);
+        let manifest: serde_json::Value = serde_json::from_str(&Cmd::new("curl").args(["-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json", &url]).quiet().read()?)?;
+        let layer = &manifest["layers"][0];
+        let (digest, bytes) = (layer["digest"].as_str().context("layer digest")?, layer["size"].as_u64().context("layer size")?);
+        let decompress = match *c {
+            "zstd" => "zstd -dc",
+            "gzip" => "gzip -dc",
+            _ => "cat",
+        };
+        let blob = format!("http://{}/v2/{repo}/blobs/{digest}", registry.addr);
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            Cmd::new("bash").args(["-c", &format!("set -o pipefail; curl -sf {blob} | {decompress} > /dev/null")]).quiet().read()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let local = median(&times);
+        let at = |bits_per_s: f64| bytes as f64 * 8.0 / bits_per_s + local;
+        println!("{c:<10} {bytes:>12} {local:>13.2}s {:>11.2}s {:>13.2}s", at(1e9), at(1e8));
+    }
     Ok(())
 }
