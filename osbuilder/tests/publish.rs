@@ -503,10 +503,13 @@ fn a_503_and_a_429_with_retry_after_mid_upload_resume_without_resending() {
     let busy = proxy.add(Rule::new(Some("PATCH"), "/blobs/uploads/", Fault::status(503)).nth(3));
     let slow = proxy.add(Rule::new(Some("PATCH"), "/blobs/uploads/", Fault::too_many_requests(1)).nth(7));
     let head = proxy.add(Rule::new(Some("HEAD"), "/blobs/", Fault::status(500)));
+    // A 404 on a chunk (a session the client must not trust): asked again, it is there.
+    let gone = proxy.add(Rule::new(Some("PATCH"), "/blobs/uploads/", Fault::status(404)).nth(12));
     let (report, stderr) = push_through(&proxy, "fault/busy:v1", &[], tmp.path());
-    assert_eq!((proxy.fired(busy), proxy.fired(slow), proxy.fired(head)), (1, 1, 1), "{}", proxy.summary());
-    assert_eq!(report["wire"]["retries"], 3, "{report}");
-    assert_eq!(report["wire"]["resumes"], 2, "{report}");
+    assert_eq!((proxy.fired(busy), proxy.fired(slow), proxy.fired(head), proxy.fired(gone)), (1, 1, 1, 1), "{}", proxy.summary());
+    assert_eq!(report["wire"]["retries"], 4, "{report}");
+    assert_eq!(report["wire"]["resumes"], 3, "{report}");
+    assert_eq!(report["wire"]["restarts"], 0, "{report}");
     assert!(stderr.contains("429") && stderr.contains("trying again in 1.0 s"), "Retry-After: 1 is honoured: {stderr}");
     assert!(stderr.contains("503"), "{stderr}");
     assert_eq!(upload_bytes(&proxy), layer_size(&report), "{}", proxy.summary());

@@ -554,16 +554,15 @@ impl Client {
         };
         let mut offset = 0u64;
         let mut stalled = 0u32;
-        let mut buf = Vec::new();
         let read_err = |e: std::io::Error| PublishError::Io { context: format!("cannot read blob {digest}"), source: e };
         loop {
             // The last request carries the last chunk (or, for a blob of one
             // chunk, the whole blob: a monolithic PUT) and the digest.
             let len = (size - offset).min(self.opts.chunk_size);
             let last = offset + len == size;
-            buf.resize(len as usize, 0);
-            source.reader_at(offset).map_err(read_err)?.read_exact(&mut buf).map_err(read_err)?;
-            let body = Bytes::copy_from_slice(&buf);
+            let mut chunk = vec![0u8; len as usize];
+            source.reader_at(offset).map_err(read_err)?.read_exact(&mut chunk).map_err(read_err)?;
+            let body = Bytes::from(chunk);
             let req = if last {
                 let mut req = Req::new(Method::PUT, Self::with_digest(&session, digest)).header("content-type", "application/octet-stream");
                 if len > 0 {
@@ -602,9 +601,11 @@ impl Client {
                 Ok(resp) if resp.status == StatusCode::RANGE_NOT_SATISFIABLE => {
                     self.wait_or_give_up(&mut stalled, &format!("uploading {digest}: the registry refused the range at byte {offset}"), None).await?;
                 }
-                Ok(resp) if resp.status == StatusCode::NOT_FOUND && last && self.blob_exists(digest).await? => {
-                    // A completed upload whose answer was lost.
-                    return Ok(());
+                Ok(resp) if resp.status == StatusCode::NOT_FOUND => {
+                    // The session is gone (expired, cancelled, or completed by a
+                    // request whose answer was lost): the status query below
+                    // finds the blob or starts a new session.
+                    self.wait_or_give_up(&mut stalled, &format!("uploading {digest}: the upload session is gone{}", error_body(&resp.body)), None).await?;
                 }
                 Ok(resp) if resp.status == StatusCode::BAD_REQUEST && String::from_utf8_lossy(&resp.body).contains("DIGEST_INVALID") => {
                     return Err(PublishError::Registry {
