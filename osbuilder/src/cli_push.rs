@@ -113,15 +113,9 @@ pub struct LayoutArgs {
 
 #[derive(Args)]
 pub struct WireArgs {
-    /// Registry credentials USER:PASSWORD (also: OSBUILDER_REGISTRY_USER/PASSWORD, auth files).
-    #[arg(long, env = "OSBUILDER_REGISTRY_CREDS", hide_env_values = true)]
-    creds: Option<String>,
-    /// Allow plain HTTP to a registry that is not on loopback.
-    #[arg(long)]
-    insecure: bool,
-    /// Blob cache directory (compressed layers are spooled here) [default: $XDG_CACHE_HOME/osbuilder].
-    #[arg(long, env = "OSBUILDER_CACHE")]
-    cache_dir: Option<PathBuf>,
+    /// Credentials, plain HTTP, and the blob cache (compressed layers are spooled there).
+    #[command(flatten)]
+    registry: crate::RegistryArgs,
     /// MiB per upload request.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     chunk_mib: u64,
@@ -150,13 +144,13 @@ impl WireArgs {
                 chunk_size: self.chunk_mib << 20,
                 retries: self.retries,
                 timeout: Duration::from_secs(self.timeout.max(1)),
-                insecure: self.insecure,
+                insecure: self.registry.insecure,
                 ..ClientOptions::default()
             },
-            credentials: self.creds.clone(),
+            credentials: self.registry.creds.clone(),
             mount_from: self.mount_from.clone(),
             verify: self.verify,
-            cache: self.cache_dir.clone().map(BlobCache::new).unwrap_or_else(|| BlobCache::new(BlobCache::default_dir())),
+            cache: self.registry.cache(),
         }
     }
 }

@@ -66,24 +66,37 @@ struct PullArgs {
     /// Platform to pick from a multi-arch index.
     #[arg(long, default_value = "linux/amd64", value_parser = Platform::parse)]
     platform: Platform,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// How to reach a registry and where blobs are kept: pulls and pushes alike.
+#[derive(Args)]
+pub(crate) struct RegistryArgs {
     /// Registry credentials USER:PASSWORD (also: OSBUILDER_REGISTRY_USER/PASSWORD, ~/.docker/config.json).
     #[arg(long, env = "OSBUILDER_REGISTRY_CREDS", hide_env_values = true)]
-    creds: Option<String>,
+    pub(crate) creds: Option<String>,
     /// Allow plain HTTP to a registry that is not on loopback.
     #[arg(long)]
-    insecure: bool,
+    pub(crate) insecure: bool,
     /// Blob cache directory [default: $XDG_CACHE_HOME/osbuilder].
     #[arg(long, env = "OSBUILDER_CACHE")]
-    cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    pub(crate) fn cache(&self) -> BlobCache {
+        BlobCache::new(self.cache_dir.clone().unwrap_or_else(BlobCache::default_dir))
+    }
 }
 
 impl PullArgs {
     fn options(&self) -> PullOptions {
         PullOptions {
             platform: self.platform.clone(),
-            cache: BlobCache::new(self.cache_dir.clone().unwrap_or_else(BlobCache::default_dir)),
-            credentials: self.creds.clone(),
-            insecure: self.insecure,
+            cache: self.registry.cache(),
+            credentials: self.registry.creds.clone(),
+            insecure: self.registry.insecure,
             ..PullOptions::default()
         }
     }
