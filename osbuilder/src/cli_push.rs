@@ -122,7 +122,8 @@ pub struct WireArgs {
     /// Retries of a failed request, or of an upload that makes no progress.
     #[arg(long, default_value_t = 5)]
     retries: u32,
-    /// Seconds without an answer before a request fails.
+    /// Seconds a request may wait for an answer (a request with a body gets
+    /// more: its size at 256 KiB/s).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
     /// A repository of the same registry to mount blobs from (repeatable;
@@ -168,6 +169,12 @@ impl LayoutArgs {
             ManifestFormat::Oci => LayerCompression::Zstd,
             ManifestFormat::V2s2 => LayerCompression::Gzip,
         });
+        if self.manifest_format == ManifestFormat::V2s2 && !annotations.is_empty() {
+            eprintln!("osbuilder: warning: Docker v2 schema 2 has no annotations; {} are left out (use the OCI format to keep them)", annotations.len());
+        }
+        if self.manifest_format == ManifestFormat::V2s2 && compression == LayerCompression::None {
+            eprintln!("osbuilder: warning: with v2s2 the disk's offset in the uncompressed layer is not recorded (no annotations)");
+        }
         Ok(ImageOptions {
             manifest_format: self.manifest_format,
             compression,
@@ -176,6 +183,31 @@ impl LayoutArgs {
             cache: cache.clone(),
         })
     }
+}
+
+/// The annotation naming the build report: the sha256 of its canonical JSON
+/// without the timings and the output path, which differ between builds of
+/// the same bytes (so the same disk keeps its manifest digest).
+const REPORT_DIGEST: &str = "dev.osbuilder.report.digest";
+
+fn report_digest(json: &serde_json::Value) -> Digest {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.retain(|k, _| k != "seconds" && k != "hash_seconds");
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v = json.clone();
+    if let Some(map) = v.as_object_mut() {
+        map.remove("output");
+    }
+    strip(&mut v);
+    // serde_json's maps are sorted: this is a canonical form.
+    Digest::of_bytes(&serde_json::to_vec(&v).expect("serializable"))
 }
 
 /// What a build report tells a push.
@@ -195,7 +227,7 @@ fn read_report(path: &Path) -> anyhow::Result<ReportFacts> {
         bail!("{} is not an osbuilder build report (no \"output\")", path.display());
     }
     let mut a = BTreeMap::new();
-    a.insert("dev.osbuilder.report.sha256".to_string(), Digest::of_bytes(&bytes).to_string());
+    a.insert(REPORT_DIGEST.to_string(), report_digest(&json).to_string());
     let image = &json["image"];
     if let Some(r) = image["reference"].as_str() {
         a.insert("dev.osbuilder.source.image".into(), r.into());
@@ -216,12 +248,12 @@ fn read_report(path: &Path) -> anyhow::Result<ReportFacts> {
 /// The report's output file: as recorded, else beside the report.
 fn report_output(report: &Path, facts: &ReportFacts) -> anyhow::Result<PathBuf> {
     let recorded = PathBuf::from(facts.json["output"].as_str().unwrap_or_default());
-    if recorded.is_file() {
-        return Ok(recorded);
-    }
     let beside = report.parent().unwrap_or(Path::new(".")).join(recorded.file_name().unwrap_or_default());
-    if beside.is_file() {
-        return Ok(beside);
+    // The sha256 check that follows catches a file that is not the one described.
+    for candidate in [beside, recorded.clone()] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
     }
     bail!("the build report {} names {}, which is not there (nor beside the report)", report.display(), recorded.display())
 }
@@ -253,6 +285,12 @@ fn containerdisk(a: ContainerDiskArgs, progress: &Progress) -> anyhow::Result<()
             bail!("--report describes one disk; give one disk with it");
         }
         let facts = read_report(report)?;
+        // The image's platform, unless the disk was given as PLATFORM=PATH.
+        if !disks[0].contains('=') {
+            if let Some(p) = facts.json["image"]["platform"].as_str() {
+                inputs[0].platform = Platform::parse(p).map_err(anyhow::Error::msg)?;
+            }
+        }
         let want = facts.json["disk"]["sha256"].as_str().with_context(|| format!("{} is not a disk build report", report.display()))?;
         let got = Digest::of_file_range(&inputs[0].path, 0, std::fs::metadata(&inputs[0].path)?.len()).with_context(|| format!("reading {}", inputs[0].path.display()))?;
         if want != got.hex() {
@@ -286,6 +324,12 @@ fn bundle(a: BundleArgs, progress: &Progress) -> anyhow::Result<()> {
     let facts = read_report(&a.report)?;
     let output = report_output(&a.report, &facts)?;
     let is_disk = facts.json.get("disk").is_some();
+    let want = if is_disk { facts.json["disk"]["sha256"].as_str() } else { facts.json["initrd"]["sha256"].as_str() };
+    let want = want.with_context(|| format!("{} names no sha256 for its output", a.report.display()))?;
+    let got = file_digest(&output)?;
+    if want != got.hex() {
+        bail!("{} is not the output {} describes (sha256 {want} there, {} here)", output.display(), a.report.display(), got.hex());
+    }
     let mut files = vec![BundleFile::new(&output, if is_disk { FileRole::Disk } else { FileRole::Initrd })?, BundleFile::new(&a.report, FileRole::Report)?];
     if let Some(k) = &a.kernel {
         files.push(BundleFile::new(k, FileRole::Kernel)?);
@@ -334,7 +378,7 @@ fn finish(publication: &publish::Publication, target: &Target, wire: &PushOption
         }
     }
     eprintln!(
-        "pushed {} blobs ({} bytes uploaded, {present} already there, {mounted} mounted), {} retries, {} resumed uploads{}",
+        "pushed {} blobs ({} bytes of blobs uploaded, {present} already there, {mounted} mounted), {} retries, {} resumes{}",
         report.blobs.len(),
         sent,
         report.wire.retries,

@@ -143,11 +143,25 @@ fn containerdisk_is_a_plain_image_with_one_disk_owned_by_qemu() {
     assert_eq!(layers[0]["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
     let report_json: Value = serde_json::from_slice(&fs::read(report).unwrap()).unwrap();
     let ann = &manifest["annotations"];
-    assert_eq!(ann["dev.osbuilder.report.sha256"].as_str().unwrap(), format!("sha256:{}", sha256_file(report)));
+    assert!(ann["dev.osbuilder.report.digest"].as_str().unwrap().starts_with("sha256:"), "{ann}");
     assert_eq!(ann["dev.osbuilder.source.digest"], report_json["image"]["manifest_digest"]);
     assert_eq!(ann["dev.osbuilder.cmdline.virtio-blk"], report_json["cmdline"]["virtio-blk"]);
     assert_eq!(layers[0]["annotations"]["dev.osbuilder.disk.sha256"].as_str().unwrap(), format!("sha256:{}", sha256_file(disk)));
     assert!(layers[0]["annotations"].get("dev.osbuilder.disk.offset").is_none(), "a compressed layer has no offset");
+
+    // The same disk with a report that differs only in its timings and output
+    // path (what a rebuild of the same bytes gives): the same manifest.
+    let mut other: Value = report_json.clone();
+    other["seconds"]["write"] = serde_json::json!(99.5);
+    other["output"] = serde_json::json!("/elsewhere/disk.qcow2");
+    let other_report = tmp.path().join("other-report.json");
+    fs::write(&other_report, serde_json::to_vec_pretty(&other).unwrap()).unwrap();
+    let again = push_ok(&["containerdisk", path_str(disk), &registry.image_ref("guest/debian:v2"), "--report", path_str(&other_report)], tmp.path());
+    assert_eq!(digest_of(&again), digest_of(&pinned), "timings and the output path do not change the image");
+    other["image"]["reference"] = serde_json::json!("oci:/somewhere/else:tag");
+    fs::write(&other_report, serde_json::to_vec_pretty(&other).unwrap()).unwrap();
+    let changed = push_ok(&["containerdisk", path_str(disk), &registry.image_ref("guest/debian:v3"), "--report", path_str(&other_report)], tmp.path());
+    assert_ne!(digest_of(&changed), digest_of(&pinned), "what the report says about the source does");
 
     // umoci: exactly disk/disk.qcow2, 0555/0444, 107:107, the same bytes.
     let rootfs = unpack(&pinned, tmp.path());
@@ -364,6 +378,13 @@ fn a_bundle_is_an_artifact_with_one_titled_layer_per_file() {
     assert_eq!((launch["disk"].as_str(), launch["kernel"].as_str()), (Some("debian.qcow2"), Some("vmlinuz")));
     let report_json: Value = serde_json::from_slice(&fs::read(report).unwrap()).unwrap();
     assert_eq!(launch["cmdline"], report_json["cmdline"]);
+    // A report beside a file that is not the one it describes is refused.
+    let stale = tmp.path().join("stale");
+    fs::create_dir_all(&stale).unwrap();
+    fs::write(stale.join("debian.qcow2"), b"not the disk").unwrap();
+    fs::copy(report, stale.join("debian.qcow2.json")).unwrap();
+    let err = push_err(&["bundle", &registry.image_ref("bundle/stale:v1"), "--report", path_str(&stale.join("debian.qcow2.json"))], tmp.path());
+    assert!(err.contains("is not the output"), "{err}");
     // skopeo copies the artifact whole.
     run(tool("skopeo").args(["copy", "--src-tls-verify=false"]).arg(format!("docker://{pinned}")).arg(format!("oci:{}:b", tmp.path().join("copy").display())));
 }
@@ -562,6 +583,15 @@ fn a_registry_that_never_answers_gives_a_clear_error_and_no_manifest() {
     assert!(err.contains(&format!("registry {}", proxy.addr())) && err.contains("gave up after 2 attempts"), "{err}");
     assert_eq!(proxy.count(Some("PUT"), "/manifests/"), 0, "no manifest may name a blob that is not there:\n{}", proxy.summary());
     assert_eq!(registry.get_status("/v2/fault/dead/manifests/v1", None), 404);
+
+    // Every attempt cut mid-chunk at the same place: the session is lost each
+    // time and no attempt gets further, so the retry budget runs out.
+    let proxy = FaultProxy::start(&registry.addr());
+    proxy.add(Rule::new(Some("PATCH"), "/blobs/uploads/", Fault::DropAfterRequestBytes(1 << 20)).always());
+    let target = format!("{}/fault/cut:v1", proxy.addr());
+    let err = push_err(&["containerdisk", path_str(disk), &target, "--layer-compression", "none", "--chunk-mib", "8", "--retries", "2"], tmp.path());
+    assert!(err.contains("gave up after 3 attempts"), "{err}");
+    assert_eq!(proxy.count(Some("PUT"), "/manifests/"), 0);
 
     // A 500 on every manifest PUT: the blobs are there, the tag is not.
     let proxy = FaultProxy::start(&registry.addr());

@@ -13,13 +13,15 @@
 //! - Every request that can be repeated safely (HEAD, GET, manifest PUT,
 //!   starting a session) is retried on a dropped connection, a timeout, a
 //!   5xx or a 429, with exponential backoff, or after the `Retry-After` the
-//!   registry names (seconds or an HTTP date, capped).
+//!   registry names (seconds or an HTTP date; a wait over the limit is an
+//!   error that says so).
 //! - A blob goes up in PATCH chunks read from its source at the offset
 //!   needed, so memory is one chunk whatever the blob's size. After a failed
 //!   chunk the upload session is asked how far it got (`GET` on the session:
 //!   `Range: 0-LAST`) and the upload continues from there; only when the
-//!   session is gone does it start again. A failure counts against the retry
-//!   budget only while no progress is made.
+//!   session is gone does it start again (at most `retries` times). A failure
+//!   counts against the retry budget only while the registry holds no more
+//!   than it ever did.
 //! - A blob the repository has (HEAD) is not sent; one that another
 //!   repository of the same registry has is mounted (`POST ?mount=&from=`).
 //! - Authentication follows the registry's challenge: HTTP basic, or a bearer
@@ -207,7 +209,9 @@ impl Client {
     pub fn new(registry: &str, repo: &str, creds: RegistryAuth, opts: ClientOptions) -> Result<Client, PublishError> {
         let plain = opts.insecure || crate::oci::registry_is_loopback(registry);
         let scheme = if plain { "http" } else { "https" };
-        let base = Url::parse(&format!("{scheme}://{registry}/"))
+        // Docker Hub's API is not served at the name people write.
+        let api_host = if registry == "docker.io" || registry == "index.docker.io" { "registry-1.docker.io" } else { registry };
+        let base = Url::parse(&format!("{scheme}://{api_host}/"))
             .map_err(|e| PublishError::Usage(format!("registry {registry:?} is not a host[:port]: {e}")))?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(15))
@@ -262,6 +266,12 @@ impl Client {
             .map_err(|e| PublishError::Registry { registry: self.registry.clone(), message: format!("{what}: Location {loc:?} is not a URL: {e}") })
     }
 
+    /// Whether `url` is the registry itself (scheme, host and port): only
+    /// there do the credentials go.
+    fn same_origin(&self, url: &Url) -> bool {
+        url.scheme() == self.base.scheme() && url.host_str() == self.base.host_str() && url.port_or_known_default() == self.base.port_or_known_default()
+    }
+
     fn bump(&self, f: impl FnOnce(&mut WireStats)) {
         f(&mut self.stats.lock().unwrap());
     }
@@ -284,7 +294,7 @@ impl Client {
                 .request(req.method.clone(), req.url.clone())
                 .headers(req.headers.clone())
                 .timeout(self.opts.timeout + Duration::from_secs(len / (256 << 10)));
-            if let Some(h) = header {
+            if let Some(h) = header.filter(|_| self.same_origin(&req.url)) {
                 builder = builder.header(reqwest::header::AUTHORIZATION, h);
             }
             if let Some(body) = &req.body {
@@ -408,6 +418,10 @@ impl Client {
     async fn fetch_token(&self, realm: &str, service: Option<&str>, creds: &RegistryAuth, extra: &BTreeSet<String>) -> Result<String, PublishError> {
         let auth_err = |message: String| PublishError::Auth { registry: self.registry.clone(), message };
         let mut url = Url::parse(realm).map_err(|e| auth_err(format!("token realm {realm:?} is not a URL: {e}")))?;
+        let realm_host = format!("{}:{}", url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0));
+        if url.scheme() != "https" && !(self.opts.insecure || crate::oci::registry_is_loopback(&realm_host)) {
+            return Err(auth_err(format!("the token realm {realm} is plain HTTP; credentials go there only with --insecure")));
+        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -523,6 +537,21 @@ impl Client {
         Ok(())
     }
 
+    /// Forgets a mount source's scope and, with a bearer token, fetches one
+    /// without it.
+    async fn drop_mount_scope(&self, repo: &str) -> Result<(), PublishError> {
+        let (scheme, creds, scopes) = {
+            let mut auth = self.auth.lock().unwrap();
+            auth.mount_scopes.remove(repo);
+            (auth.scheme.clone(), auth.creds.clone(), auth.mount_scopes.clone())
+        };
+        if let (Some(Scheme::Bearer { realm, service }), false) = (scheme, matches!(creds, RegistryAuth::Bearer(_))) {
+            let token = self.fetch_token(&realm, service.as_deref(), &creds, &scopes).await?;
+            self.auth.lock().unwrap().header = Some(bearer(&token)?);
+        }
+        Ok(())
+    }
+
     /// Pushes one blob unless the repository has it; mounts it from one of
     /// `mount_from` when the registry can.
     pub async fn push_blob(&self, digest: &Digest, source: &dyn BlobSource, mount_from: &[String], progress: &Progress) -> Result<BlobOutcome, PublishError> {
@@ -533,10 +562,20 @@ impl Client {
         // One mount attempt: a registry that cannot mount opens an upload
         // session instead, which the upload then uses.
         if let Some(from) = mount_from.iter().find(|r| **r != self.repo) {
-            self.add_mount_scope(from).await?;
-            match self.start_upload(Some((digest, from))).await? {
-                None => return Ok(BlobOutcome::Mounted { from: from.clone() }),
-                Some(url) => session = Some(url),
+            let mounted = match self.add_mount_scope(from).await {
+                Ok(()) => self.start_upload(Some((digest, from))).await,
+                Err(e) => Err(e),
+            };
+            match mounted {
+                Ok(None) => return Ok(BlobOutcome::Mounted { from: from.clone() }),
+                Ok(Some(url)) => session = Some(url),
+                // Not allowed to read `from` (a hint from another user's push,
+                // a wrong --mount-from): upload instead.
+                Err(PublishError::Auth { message, .. }) => {
+                    eprintln!("osbuilder: cannot mount {digest} from {from} ({message}); uploading it");
+                    self.drop_mount_scope(from).await?;
+                }
+                Err(e) => return Err(e),
             }
         }
         let size = source.len();
@@ -553,7 +592,11 @@ impl Client {
             None => self.start_upload(None).await?.expect("no mount asked"),
         };
         let mut offset = 0u64;
+        // Failures count against the budget only while the registry holds no
+        // more than it ever did (`high`); restarts from 0 have their own cap.
         let mut stalled = 0u32;
+        let mut high = 0u64;
+        let mut restarts = 0u32;
         let read_err = |e: std::io::Error| PublishError::Io { context: format!("cannot read blob {digest}"), source: e };
         loop {
             // The last request carries the last chunk (or, for a blob of one
@@ -587,6 +630,7 @@ impl Client {
                 }
                 Ok(resp) if !last && resp.status == StatusCode::ACCEPTED => {
                     session = self.location(&resp, "uploading a chunk")?;
+                    let before = offset;
                     offset += len;
                     if let Some(have) = resp.header("range").and_then(|r| parse_range_end(r).ok()) {
                         // Trust what the registry says it holds.
@@ -595,7 +639,13 @@ impl Client {
                         }
                     }
                     bar.set_position(offset);
-                    stalled = 0;
+                    if offset > high {
+                        high = offset;
+                        stalled = 0;
+                    } else if offset <= before {
+                        // Accepted, yet the session holds no more than before the chunk.
+                        self.wait_or_give_up(&mut stalled, &format!("uploading {digest}: the registry took a chunk at byte {before} but holds only {offset} bytes"), None).await?;
+                    }
                     continue;
                 }
                 Ok(resp) if resp.status == StatusCode::RANGE_NOT_SATISFIABLE => {
@@ -624,6 +674,10 @@ impl Client {
                 match self.upload_status(&session).await? {
                     Some((have, url)) if have <= size => {
                         session = url;
+                        if have > high {
+                            high = have;
+                            stalled = 0;
+                        }
                         if have > 0 {
                             self.bump(|s| {
                                 s.resumes += 1;
@@ -639,6 +693,13 @@ impl Client {
                         return Ok(());
                     }
                     _ => {
+                        restarts += 1;
+                        if restarts > self.opts.retries {
+                            return Err(PublishError::Registry {
+                                registry: self.registry.clone(),
+                                message: format!("uploading {digest}: the registry lost the upload session {restarts} times; giving up"),
+                            });
+                        }
                         self.bump(|s| s.restarts += 1);
                         session = self.start_upload(None).await?.expect("no mount asked");
                         offset = 0;
@@ -649,8 +710,8 @@ impl Client {
         }
     }
 
-    /// PUTs a manifest (or index) under `reference` (a tag or its digest);
-    /// returns the digest the registry reports.
+    /// PUTs a manifest (or index) under `reference` (a tag or its digest)
+    /// and checks the digest the registry reports against ours.
     pub async fn put_manifest(&self, reference: &str, media_type: &str, bytes: &[u8]) -> Result<(), PublishError> {
         let req = Req::new(Method::PUT, self.url(&format!("manifests/{reference}"))).header("content-type", media_type).body(Bytes::copy_from_slice(bytes));
         let resp = self.send(&req).await?;
