@@ -414,6 +414,7 @@ fn credentials_basic_and_bearer_and_clear_refusals() {
 
 /// Runs `osbuilder push ARGS`; returns whether it succeeded, its stderr and
 /// its peak RSS in MiB (from wait4's rusage of that one process).
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
 fn push_measured(args: &[&str], cache: &Path) -> (bool, String, u64) {
     use std::os::unix::process::ExitStatusExt;
     let child = osbuilder().arg("push").args(args).arg("--cache-dir").arg(cache).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();

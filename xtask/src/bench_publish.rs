@@ -36,6 +36,7 @@ struct Run {
 }
 
 /// Runs `cmd` (its stdout captured) and measures it with wait4.
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
 fn measured(cmd: &mut Command) -> anyhow::Result<(f64, u64, String)> {
     use std::os::unix::process::ExitStatusExt;
     let start = Instant::now();
