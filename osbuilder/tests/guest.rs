@@ -257,21 +257,7 @@ fn kata_agent_ctl_talks_to_our_agent() {
 
 /// `osbuilder disk --init` of the Debian image into `dir`, with its report.
 fn debian_disk(dir: &Path, name: &str, args: &[&str]) -> (PathBuf, serde_json::Value) {
-    let out = dir.join(format!("{name}.img"));
-    let report = dir.join(format!("{name}.json"));
-    let init = guest_init();
-    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
-        .args(["disk", "--quiet", "--image", &oci_ref(&debian_layout(), DEBIAN_TAG), "--init", init.to_str().unwrap()])
-        .args(args)
-        .arg("-o")
-        .arg(&out)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "osbuilder disk {args:?}: {}", String::from_utf8_lossy(&r.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
-    (out, json)
+    debian_guest_disk(dir, name, args)
 }
 
 /// A guest booted from a disk (no initrd) with the report's kernel

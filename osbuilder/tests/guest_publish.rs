@@ -27,19 +27,7 @@ fn an_uncompressed_containerdisk_boots_from_the_registry_blob_with_range_request
     require_vhost_device_vsock();
     let _one = one_guest_at_a_time();
     let dir = tempfile::Builder::new().prefix("osbuilder-guest-publish-").tempdir().unwrap();
-    let disk = dir.path().join("debian.erofs.img");
-    let report = dir.path().join("debian.json");
-    let init = guest_init();
-    let image = oci_ref(&debian_layout(), DEBIAN_TAG);
-    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
-        .args(["disk", "--quiet", "--image", &image, "--init", init.to_str().unwrap(), "--fs", "erofs", "--compress", "lz4hc", "-o"])
-        .arg(&disk)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "osbuilder disk: {}", String::from_utf8_lossy(&r.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    let (disk, json) = debian_guest_disk(dir.path(), "debian-erofs", &["--fs", "erofs", "--compress", "lz4hc"]);
     let root = json["cmdline"]["virtio-blk"].as_str().unwrap().to_string();
 
     let registry = Registry::start();

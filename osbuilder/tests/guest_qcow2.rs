@@ -32,20 +32,7 @@ fn qemu_img(args: &[&str], file: &Path) -> String {
 fn compressed_qcow2_disk_boots_through_virtio_blk() {
     require_vhost_device_vsock();
     let dir = tempfile::Builder::new().prefix("osbuilder-guest-qcow2-").tempdir().unwrap();
-    let disk = dir.path().join("debian.qcow2");
-    let report = dir.path().join("debian.json");
-    let init = guest_init();
-    let image = oci_ref(&debian_layout(), DEBIAN_TAG);
-    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
-        .args(["disk", "--quiet", "--image", &image, "--init", init.to_str().unwrap(), "--format", "qcow2", "--qcow2-compress"])
-        .arg("-o")
-        .arg(&disk)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "osbuilder disk: {}", String::from_utf8_lossy(&r.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    let (disk, json) = debian_guest_disk(dir.path(), "debian", &["--format", "qcow2", "--qcow2-compress"]);
     let root = json["cmdline"]["virtio-blk"].as_str().unwrap();
     assert!(root.starts_with("root=/dev/vda1 ") && root.ends_with(" init=/.osb/init"), "{root}");
     // What `osbuilder vm boot --disk X.qcow2` without --disk-report finds

@@ -126,3 +126,23 @@ pub fn boot_to_agent(cfg: &osbuilder::vm::VmConfig, limit: std::time::Duration) 
     eprintln!("{}: agent healthy {:.2}s after QEMU start ({})", cfg.work_dir.display(), vm.started.elapsed().as_secs_f64(), vm.accel);
     (vm, client)
 }
+
+/// `osbuilder disk` of the Debian image with our init (`--init`) and `args`,
+/// into `dir/NAME.img` with its report, parsed.
+pub fn debian_guest_disk(dir: &Path, name: &str, args: &[&str]) -> (PathBuf, serde_json::Value) {
+    let out = dir.join(format!("{name}.img"));
+    let report = dir.join(format!("{name}.json"));
+    let init = guest_init();
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["disk", "--quiet", "--image", &super::oci_ref(&super::debian_layout(), super::DEBIAN_TAG), "--init", init.to_str().unwrap()])
+        .args(args)
+        .arg("-o")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "osbuilder disk {args:?}: {}", String::from_utf8_lossy(&r.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    (out, json)
+}
