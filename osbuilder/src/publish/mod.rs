@@ -173,7 +173,7 @@ pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCo
     let mut out = match kind {
         None => None,
         Some(kind) => {
-            let spool = cache_writer::Counted(cache.spool().map_err(io_err("cannot write to the blob cache"))?);
+            let spool = cache.spool().map_err(io_err("cannot write to the blob cache"))?;
             // gzip at 6 (what registries' other clients use; compress.rs's own
             // default, 9, is for initrds built once and booted often).
             let level = if kind == crate::compress::Compression::Gzip { Some(6) } else { None };
@@ -224,26 +224,12 @@ pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCo
     })
 }
 
-fn finish_spool(w: cache_writer::Counted, suffix: &'static str) -> Result<(&'static str, BlobData, Digest, u64), PublishError> {
-    let size = w.0.written();
-    let path = w.0.commit().map_err(|e| PublishError::Io { context: "cannot store the compressed layer".into(), source: io::Error::other(e.to_string()) })?;
+fn finish_spool(w: crate::oci::cache::BlobWriter, suffix: &'static str) -> Result<(&'static str, BlobData, Digest, u64), PublishError> {
+    let size = w.written();
+    let path = w.commit().map_err(|e| PublishError::Io { context: "cannot store the compressed layer".into(), source: io::Error::other(e.to_string()) })?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     let digest = format!("sha256:{name}").parse().expect("the cache names blobs by digest");
     Ok((suffix, BlobData::File(path), digest, size))
-}
-
-mod cache_writer {
-    /// The cache's blob writer, owned, so an encoder can wrap it.
-    pub struct Counted(pub crate::oci::cache::BlobWriter);
-
-    impl std::io::Write for Counted {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.write(buf)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.0.flush()
-        }
-    }
 }
 
 /// Where to push: `HOST[:PORT]/REPO[:TAG|@DIGEST]` (a `docker://` prefix is
@@ -259,14 +245,13 @@ pub struct Target {
 impl Target {
     pub fn parse(s: &str) -> Result<Target, PublishError> {
         let bare = s.strip_prefix("docker://").unwrap_or(s);
-        let (host, rest) = bare.split_once('/').ok_or_else(|| PublishError::Usage(format!("{s:?}: give HOST[:PORT]/REPO[:TAG], e.g. 127.0.0.1:5000/guest/disk:v1")))?;
+        let (host, _) = bare.split_once('/').ok_or_else(|| PublishError::Usage(format!("{s:?}: give HOST[:PORT]/REPO[:TAG], e.g. 127.0.0.1:5000/guest/disk:v1")))?;
         if !(host.contains('.') || host.contains(':') || host == "localhost") {
             return Err(PublishError::Usage(format!("{s:?}: name the registry host first (HOST[:PORT]/REPO[:TAG]); pushes never go to a default registry")));
         }
         let reference: oci_client::Reference = bare.parse().map_err(|e| PublishError::Usage(format!("{s:?} is not an image reference: {e}")))?;
         let digest = reference.digest().map(|d| d.parse::<Digest>()).transpose().map_err(|e| PublishError::Usage(format!("{s:?}: {e}")))?;
         let tag = reference.tag().map(str::to_string);
-        let _ = rest;
         Ok(Target { registry: host.to_string(), repo: reference.repository().to_string(), tag, digest })
     }
 
