@@ -27,21 +27,8 @@ fn scratch() -> &'static Path {
 
 /// `osbuilder disk --init --verity` of the Debian image, with its report.
 fn verity_disk(dir: &Path, name: &str, args: &[&str]) -> (PathBuf, serde_json::Value) {
-    let out = dir.join(format!("{name}.img"));
-    let report = dir.join(format!("{name}.json"));
-    let init = guest_init();
-    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
-        .args(["disk", "--quiet", "--verity", "--image", &oci_ref(&debian_layout(), DEBIAN_TAG), "--init", init.to_str().unwrap()])
-        .args(args)
-        .arg("-o")
-        .arg(&out)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "osbuilder disk {args:?}: {}", String::from_utf8_lossy(&r.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
-    (out, json)
+    let args: Vec<&str> = std::iter::once("--verity").chain(args.iter().copied()).collect();
+    debian_guest_disk(dir, name, &args)
 }
 
 fn key(via: Via) -> &'static str {
