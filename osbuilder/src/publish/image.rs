@@ -314,6 +314,9 @@ fn index_over(manifests: &[PublishedManifest], opts: &ImageOptions) -> Published
 pub struct DiskInput {
     pub platform: Platform,
     pub path: PathBuf,
+    /// The sha256 (hex) the disk must have: its build report's. Checked from
+    /// the read the layer needs anyway.
+    pub expect_sha256: Option<String>,
 }
 
 /// A containerDisk: one manifest per disk (an index over them when several),
@@ -327,7 +330,7 @@ pub fn containerdisk(disks: &[DiskInput], want: DiskFileFormat, boot: Option<(&P
     let mut scratch = Vec::new();
     let mut manifests = Vec::new();
     for disk in disks {
-        let (path, format) = disk_file(&disk.path, want, &opts.cache, &mut scratch, progress)?;
+        let (path, format, converted_from) = disk_file(&disk.path, want, &opts.cache, &mut scratch, progress)?;
         let name = match format {
             DiskFileFormat::Qcow2 => "disk.qcow2",
             DiskFileFormat::Raw => "disk.img",
@@ -339,6 +342,12 @@ pub fn containerdisk(disks: &[DiskInput], want: DiskFileFormat, boot: Option<(&P
         let mtime = opts.epoch.unwrap_or(0).max(0) as u64;
         let mut layer = prepare_layer(&entries, mtime, opts.compression, &opts.cache, progress)?;
         let (placement, disk_digest) = layer.files[0].clone();
+        if let Some(want) = &disk.expect_sha256 {
+            let got = converted_from.as_ref().unwrap_or(&disk_digest);
+            if want != got.hex() {
+                return Err(PublishError::Input(format!("{} is not the disk its report describes (sha256 {want} there, {} here)", disk.path.display(), got.hex())));
+            }
+        }
         let a = &mut layer.blob.annotations;
         a.insert(ANN_DISK_PATH.into(), format!("/{}", placement.name));
         a.insert(ANN_DISK_SHA256.into(), disk_digest.to_string());
@@ -479,8 +488,9 @@ fn check_platforms<'a>(platforms: impl Iterator<Item = &'a Platform>) -> Result<
 }
 
 /// The disk file to put in the layer: a qcow2 as given (if self-contained),
-/// a raw disk as given or converted to qcow2 into the cache's scratch space.
-fn disk_file(path: &Path, want: DiskFileFormat, cache: &BlobCache, scratch: &mut Vec<tempfile::TempPath>, progress: &Progress) -> Result<(PathBuf, DiskFileFormat), PublishError> {
+/// a raw disk as given or converted to qcow2 into the cache's scratch space
+/// (then with the raw disk's digest, computed while converting).
+fn disk_file(path: &Path, want: DiskFileFormat, cache: &BlobCache, scratch: &mut Vec<tempfile::TempPath>, progress: &Progress) -> Result<(PathBuf, DiskFileFormat, Option<Digest>), PublishError> {
     must_be_file(path)?;
     let mut head = vec![0u8; 512];
     let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).map_err(io_err(format!("cannot read {}", path.display())))?;
@@ -494,20 +504,22 @@ fn disk_file(path: &Path, want: DiskFileFormat, cache: &BlobCache, scratch: &mut
         if want == DiskFileFormat::Raw {
             return Err(PublishError::Usage(format!("{} is qcow2; --disk-format raw takes a raw disk", path.display())));
         }
-        return Ok((path.to_path_buf(), DiskFileFormat::Qcow2));
+        return Ok((path.to_path_buf(), DiskFileFormat::Qcow2, None));
     }
     if want == DiskFileFormat::Raw {
-        return Ok((path.to_path_buf(), DiskFileFormat::Raw));
+        return Ok((path.to_path_buf(), DiskFileFormat::Raw, None));
     }
-    let out = raw_to_qcow2(path, cache, progress)?;
+    let (out, raw_digest) = raw_to_qcow2(path, cache, progress)?;
     let p = out.to_path_buf();
     scratch.push(out);
-    Ok((p, DiskFileFormat::Qcow2))
+    Ok((p, DiskFileFormat::Qcow2, Some(raw_digest)))
 }
 
 /// Converts a raw disk to qcow2 (all-zero clusters left unallocated) with
-/// our own writer, into the cache's temporary directory.
-fn raw_to_qcow2(path: &Path, cache: &BlobCache, progress: &Progress) -> Result<tempfile::TempPath, PublishError> {
+/// our own writer, into the cache's temporary directory; returns it and the
+/// raw disk's digest.
+fn raw_to_qcow2(path: &Path, cache: &BlobCache, progress: &Progress) -> Result<(tempfile::TempPath, Digest), PublishError> {
+    use sha2::Digest as _;
     use crate::disk::Sink;
     let size = std::fs::metadata(path).map_err(io_err(format!("cannot read {}", path.display())))?.len();
     if size % 512 != 0 {
@@ -523,12 +535,14 @@ fn raw_to_qcow2(path: &Path, cache: &BlobCache, progress: &Progress) -> Result<t
     let mut src = std::fs::File::open(path).map_err(io_err(format!("cannot read {}", path.display())))?;
     let bar = progress.bytes("convert to qcow2".to_string(), size);
     let mut buf = vec![0u8; 1 << 20];
+    let mut raw_hash = sha2::Sha256::new();
     let mut pos = 0u64;
     const CLUSTER: usize = 64 << 10;
     let werr = |e| PublishError::Io { context: format!("cannot convert {} to qcow2", path.display()), source: e };
     while pos < size {
         let want = ((size - pos) as usize).min(buf.len());
         src.read_exact(&mut buf[..want]).map_err(werr)?;
+        raw_hash.update(&buf[..want]);
         for c in buf[..want].chunks(CLUSTER) {
             if c.iter().all(|&b| b == 0) {
                 w.zeros(c.len() as u64).map_err(werr)?;
@@ -542,7 +556,8 @@ fn raw_to_qcow2(path: &Path, cache: &BlobCache, progress: &Progress) -> Result<t
     bar.finish_and_clear();
     let (out, _summary) = w.finish().map_err(werr)?;
     out.into_inner().map_err(|e| werr(e.into_error()))?.sync_data().map_err(werr)?;
-    Ok(tmp_path)
+    let digest = format!("sha256:{}", hex::encode(raw_hash.finalize())).parse().expect("a sha256 we computed");
+    Ok((tmp_path, digest))
 }
 
 /// The sha256 of every regular file in a layer blob (plain, gzip or zstd
