@@ -210,11 +210,12 @@ mod tests {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let start = std::time::Instant::now();
-        while names(dir.path()).is_empty() {
-            assert!(start.elapsed().as_secs() < 20, "the child never staged its file");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        // Wait for the child to say it staged the file: the file appears in the
+        // directory a moment before it is registered for removal, and a
+        // signal in between would find nothing to remove.
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        assert!(lines.any(|l| l.is_ok_and(|l| l.trim_end().ends_with("staged"))), "the child never staged its file");
+        assert!(!names(dir.path()).is_empty(), "the child staged no file");
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = child.wait().unwrap();
