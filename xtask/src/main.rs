@@ -13,6 +13,7 @@ mod bench_publish;
 mod bench_verity;
 mod boot;
 mod image;
+mod test;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -38,12 +39,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then run the whole test suite.
-    Test {
-        /// Extra arguments for `cargo test`.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// Set up, then run the whole test suite; list every skipped test at the end.
+    Test(test::Test),
     /// Run our pipeline and the anchor pipelines side by side; print medians, ratios and sizes.
     Bench(bench::Bench),
     /// Build kernel, init+agent and initrd, boot under QEMU with vsock, wait
@@ -63,38 +60,9 @@ fn main() -> anyhow::Result<()> {
             util::setup()?;
             args.run()
         }
-        Command::Test { args } => {
+        Command::Test(args) => {
             util::setup()?;
-            // The Debian base image is shared by xtask and the tests: build it
-            // once here so its log is visible, not inside a test's output.
-            let base = image::base_image()?;
-            // The guest tests boot the static init+agent with real vsock.
-            let init = util::guest_init_binary()?;
-            let vhost = util::ci_tool("vhost-device-vsock")?;
-            let mut cmd = util::Cmd::new("cargo")
-                .args(["test", "--workspace"])
-                .args(args)
-                .cwd(util::project_root())
-                .env("OSBUILDER_BASE_IMAGE", base)
-                .env("OSBUILDER_GUEST_INIT", init)
-                .env("OSBUILDER_VHOST_DEVICE_VSOCK", vhost);
-            // Kata's own client judges wire compatibility. Its sources come
-            // from GitHub (KATA_SRC or a local mirror, see ci/TOOLS.md); where
-            // none can be had the compatibility test says so and is skipped.
-            match util::ci_tool("kata-agent-ctl") {
-                Ok(path) => cmd = cmd.env("OSBUILDER_KATA_AGENT_CTL", path),
-                Err(e) => eprintln!("xtask: warning: no kata-agent-ctl, its compatibility test will be skipped: {e:#}"),
-            }
-            // Guest boots that needed a second start (common::guest::boot_to_agent)
-            // are written down there: say so after the suite, pass or fail.
-            let retries = util::target_dir().join("tmp/guest-retries.log");
-            let _ = std::fs::remove_file(&retries);
-            let result = cmd.run();
-            if let Ok(text) = std::fs::read_to_string(&retries) {
-                eprintln!("xtask: note: {} guest boot(s) needed a second start (agent listening, host never reached it):", text.lines().count());
-                eprint!("{text}");
-            }
-            result
+            args.run()
         }
         Command::Kernel { args } => {
             util::setup()?;

@@ -1,0 +1,123 @@
+//! `cargo xtask test`: the whole suite with everything it needs, then what
+//! it could not check (skipped tests, guest boots that needed a retry).
+
+use std::path::Path;
+
+use anyhow::bail;
+use clap::Args;
+use testkit::skip::{self, Skip};
+
+use crate::{image, util};
+
+#[derive(Args)]
+pub struct Test {
+    /// Fail when a test skipped, except those named by --allow-skip (CI: what
+    /// can run on a fresh machine must run).
+    #[arg(long)]
+    deny_skips: bool,
+    /// A test allowed to skip under --deny-skips: its full name
+    /// (`osbuilder::...::name`) or its last `::` components.
+    #[arg(long, value_name = "TEST")]
+    allow_skip: Vec<String>,
+    /// Extra arguments for `cargo test`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+impl Test {
+    pub fn run(self) -> anyhow::Result<()> {
+        // The Debian base image is shared by xtask and the tests: build it
+        // once here so its log is visible, not inside a test's output.
+        let base = image::base_image()?;
+        // The guest tests boot the static init+agent with real vsock.
+        let init = util::guest_init_binary()?;
+        let vhost = util::ci_tool("vhost-device-vsock")?;
+        let tmp = util::target_dir().join("tmp");
+        std::fs::create_dir_all(&tmp)?;
+        // Every test that cannot run here writes itself down (testkit::skip).
+        let skips = tmp.join("skips.log");
+        std::fs::write(&skips, "")?;
+        let mut cmd = util::Cmd::new("cargo")
+            .args(["test", "--workspace"])
+            .args(&self.args)
+            .cwd(util::project_root())
+            .env("OSBUILDER_BASE_IMAGE", base)
+            .env("OSBUILDER_GUEST_INIT", init)
+            .env("OSBUILDER_VHOST_DEVICE_VSOCK", vhost)
+            .env(skip::LOG_ENV, &skips);
+        // Kata's own client judges wire compatibility. No package registry
+        // carries its sources: they come from KATA_SRC or KATA_MIRROR (see
+        // ci/TOOLS.md); without them its test is skipped, and listed below.
+        match util::ci_tool("kata-agent-ctl") {
+            Ok(path) => cmd = cmd.env("OSBUILDER_KATA_AGENT_CTL", path),
+            Err(e) => eprintln!("xtask: warning: no kata-agent-ctl, its compatibility test will be skipped: {e:#}"),
+        }
+        // Guest boots that needed a second start (common::guest::boot_to_agent)
+        // are written down there: say so after the suite, pass or fail.
+        let retries = tmp.join("guest-retries.log");
+        let _ = std::fs::remove_file(&retries);
+        let result = cmd.run();
+        if let Ok(text) = std::fs::read_to_string(&retries) {
+            eprintln!("xtask: note: {} guest boot(s) needed a second start (agent listening, host never reached it):", text.lines().count());
+            eprint!("{text}");
+        }
+        let skipped = read_skips(&skips)?;
+        eprint!("{}", skip::summary(&skipped));
+        result?;
+        if self.deny_skips {
+            let denied = denied(&skipped, &self.allow_skip);
+            if !denied.is_empty() {
+                bail!("--deny-skips: {} test(s) skipped that must run here: {}", denied.len(), denied.join(", "));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_skips(path: &Path) -> anyhow::Result<Vec<Skip>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(skip::parse(&text)),
+        Err(e) => bail!("cannot read the skip log {}: {e}", path.display()),
+    }
+}
+
+/// The skipped tests (sorted, once each) that no `allowed` entry names.
+fn denied(skipped: &[Skip], allowed: &[String]) -> Vec<String> {
+    let names = |s: &Skip| allowed.iter().any(|a| s.test == *a || s.test.ends_with(&format!("::{a}")));
+    let mut out: Vec<String> = skipped.iter().filter(|s| !names(s)).map(|s| s.test.clone()).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn skip(test: &str) -> Skip {
+        Skip { test: test.into(), reason: "r".into() }
+    }
+
+    #[test]
+    fn deny_skips_names_what_the_allow_list_does_not() {
+        let skipped = [skip("guest::kata_agent_ctl_talks_to_our_agent"), skip("net::list"), skip("net::list"), skip("agent::user")];
+        let allowed = ["kata_agent_ctl_talks_to_our_agent".to_string(), "ser".to_string()];
+        // "ser" is not a whole `::` component of agent::user.
+        assert_eq!(denied(&skipped, &allowed), ["agent::user", "net::list"]);
+        assert_eq!(denied(&skipped, &["net::list".into(), "agent::user".into(), "guest::kata_agent_ctl_talks_to_our_agent".into()]), Vec::<String>::new());
+        assert_eq!(denied(&[], &[]), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_skip_log_is_read_back_and_a_missing_one_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("xtask-skips-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("skips.log");
+        std::fs::write(&log, "a::b\tneeds root\n").unwrap();
+        assert_eq!(read_skips(&log).unwrap(), [Skip { test: "a::b".into(), reason: "needs root".into() }]);
+        std::fs::remove_file(&log).unwrap();
+        let err = read_skips(&log).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.starts_with(&format!("cannot read the skip log {}: ", log.display())), "{err}");
+    }
+}
