@@ -333,7 +333,7 @@ fn tty_exec_and_resize() {
 #[test]
 fn user_and_groups() {
     if !is_root() {
-        eprintln!("SKIP: needs root to switch users");
+        testkit::skip!("user_and_groups", "needs root to switch users");
         return;
     }
     let agent = Agent::start();

@@ -4,7 +4,7 @@
 //! affects only the calling thread; sockets it opens and processes it spawns live in the new
 //! namespace, and the namespace disappears with the thread), so the host is never touched.
 //! libtest runs every test on a thread of its own. Needs root (CAP_SYS_ADMIN) and `ip`; without
-//! them the tests say so and pass without checking anything.
+//! them the tests record a skip (testkit::skip, listed by `cargo xtask test`) and check nothing.
 
 use std::io;
 use std::process::Command;
@@ -13,17 +13,18 @@ use osb_agent::net::{self, Addr, Family, IfaceUpdate, RouteEntry};
 
 // ---- namespace and iproute2 helpers ----
 
-/// Moves this thread into a new, empty network namespace. False (with a note) when that is not
-/// possible here.
-fn fresh_netns() -> bool {
+/// Moves this thread into a new, empty network namespace. False, with the skip recorded
+/// (testkit::skip), when that is not possible here.
+fn fresh_netns(test: &str) -> bool {
     if Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("SKIP: iproute2 `ip` not found");
+        testkit::skip!(test, "iproute2 `ip` not found (ci/setup.sh installs iproute2)");
         return false;
     }
     // SAFETY: plain syscall.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        eprintln!(
-            "SKIP: unshare(CLONE_NEWNET): {} (needs root)",
+        testkit::skip!(
+            test,
+            "unshare(CLONE_NEWNET): {} (needs root)",
             io::Error::last_os_error()
         );
         return false;
@@ -142,7 +143,7 @@ fn has_v4_route(list: &[RouteEntry], dest: &str, gw: &str, dev: &str) -> bool {
 
 #[test]
 fn list_matches_ip_link_and_addr() {
-    if !fresh_netns() {
+    if !fresh_netns("list_matches_ip_link_and_addr") {
         return;
     }
     add_link("tst0", "02:11:22:33:44:55");
@@ -181,7 +182,7 @@ fn list_matches_ip_link_and_addr() {
 
 #[test]
 fn update_sets_mtu_addresses_and_up_then_replaces_addresses() {
-    if !fresh_netns() {
+    if !fresh_netns("update_sets_mtu_addresses_and_up_then_replaces_addresses") {
         return;
     }
     add_link("tst0", "02:11:22:33:44:66");
@@ -289,7 +290,7 @@ fn update_sets_mtu_addresses_and_up_then_replaces_addresses() {
 
 #[test]
 fn update_by_mac_renames() {
-    if !fresh_netns() {
+    if !fresh_netns("update_by_mac_renames") {
         return;
     }
     add_link("tst0", "02:aa:bb:cc:dd:ee");
@@ -315,7 +316,7 @@ fn update_by_mac_renames() {
 
 #[test]
 fn update_routes_adds_replaces_and_leaves_other_devices_alone() {
-    if !fresh_netns() {
+    if !fresh_netns("update_routes_adds_replaces_and_leaves_other_devices_alone") {
         return;
     }
     add_link("tst0", "02:11:22:33:44:77");
@@ -441,7 +442,7 @@ fn update_routes_adds_replaces_and_leaves_other_devices_alone() {
 
 #[test]
 fn large_dumps_span_several_datagrams() {
-    if !fresh_netns() {
+    if !fresh_netns("large_dumps_span_several_datagrams") {
         return;
     }
     add_link("tst0", "02:11:22:33:44:aa");
@@ -509,7 +510,7 @@ fn large_dumps_span_several_datagrams() {
 
 #[test]
 fn errors_name_the_culprit() {
-    if !fresh_netns() {
+    if !fresh_netns("errors_name_the_culprit") {
         return;
     }
     add_link("tst0", "02:11:22:33:44:99");

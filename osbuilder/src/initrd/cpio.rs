@@ -649,6 +649,11 @@ mod tests {
             let meta = fs::symlink_metadata(p.join("null")).unwrap();
             assert!(meta.file_type().is_char_device());
             assert_eq!(meta.rdev(), (1 << 8) | 3);
+        } else {
+            testkit::skip!(
+                "gnu_cpio_extracts_the_archive",
+                "the character device case is left out: cpio needs root to mknod it"
+            );
         }
         assert!(fs::symlink_metadata(p.join("fifo"))
             .unwrap()
