@@ -20,15 +20,17 @@
 #   TOOLS_NICE            nice level for builds (default 10)
 #   KATA_SRC              kata-containers source tree (git checkout or extracted archive), or a
 #                         bundle from `kata-src-bundle` (its directory or the .tar.gz itself)
-#   KATA_REF              ref to build from the kata mirror when KATA_SRC is unset (default 4.1.0)
-#   KATA_MIRROR           bare git dir of kata-containers (default /work/.mirror/kata-containers+kata-containers/repo)
+#   KATA_REF              ref to build from KATA_MIRROR when KATA_SRC is unset (default 4.1.0)
+#   KATA_MIRROR           bare git dir of kata-containers (`git clone --mirror`), used when KATA_SRC is unset
 #   KATA_CH_SRC           cloud-hypervisor source tree (for its api_client crate), else CH_MIRROR
-#   CH_MIRROR             bare git dir of cloud-hypervisor (default /work/.mirror/cloud-hypervisor+cloud-hypervisor/repo)
+#   CH_MIRROR             bare git dir of cloud-hypervisor
 #   KATA_PCILIBS_SRC      pcilibs-rs source tree, else PCILIBS_MIRROR
-#   PCILIBS_MIRROR        bare git dir of kata-containers/pcilibs-rs (default /work/.mirror/kata-containers+pcilibs-rs/repo)
+#   PCILIBS_MIRROR        bare git dir of kata-containers/pcilibs-rs
+# Kata's sources come only from these variables: no package registry carries them, and no
+# default location is assumed (see ci/TOOLS.md for how to get them).
 set -euo pipefail
 
-VHOST_DEVICE_VSOCK_VERSION=0.3.0   # newest on crates.io; builds with rustc 1.95
+VHOST_DEVICE_VSOCK_VERSION=0.3.0   # newest release of the crate; builds with rustc 1.95
 KATA_DEFAULT_REF=4.1.0             # newest Kata release whose rust-toolchain is 1.95
 
 CACHE="${OSBUILDER_CACHE:-${HOME}/.cache/osbuilder}"
@@ -37,9 +39,9 @@ NICE="${TOOLS_NICE:-10}"
 JOBS=()
 if [ -n "${TOOLS_JOBS:-}" ]; then JOBS=(-j "$TOOLS_JOBS"); fi
 
-KATA_MIRROR="${KATA_MIRROR:-/work/.mirror/kata-containers+kata-containers/repo}"
-CH_MIRROR="${CH_MIRROR:-/work/.mirror/cloud-hypervisor+cloud-hypervisor/repo}"
-PCILIBS_MIRROR="${PCILIBS_MIRROR:-/work/.mirror/kata-containers+pcilibs-rs/repo}"
+KATA_MIRROR="${KATA_MIRROR:-}"
+CH_MIRROR="${CH_MIRROR:-}"
+PCILIBS_MIRROR="${PCILIBS_MIRROR:-}"
 
 log() { echo "tools: $*" >&2; }
 die() { echo "tools: error: $*" >&2; exit 1; }
@@ -81,7 +83,7 @@ publish() { # publish TMPDIR DEST
 }
 
 # ---------------------------------------------------------------------------------------
-# vhost-device-vsock (rust-vmm, crates.io)
+# vhost-device-vsock (rust-vmm, from cargo's registry)
 
 vhost_device_vsock_dest() { echo "$TOOLS/vhost-device-vsock-$VHOST_DEVICE_VSOCK_VERSION"; }
 
@@ -94,7 +96,7 @@ vhost_device_vsock() {
   take_lock "vhost-device-vsock-$VHOST_DEVICE_VSOCK_VERSION"
   if [ -x "$bin" ]; then echo "$bin"; return; fi
   make_tmp "vhost-device-vsock-$VHOST_DEVICE_VSOCK_VERSION"; tmp="$TMP"
-  log "installing vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION from crates.io (about 3-4 minutes)"
+  log "installing vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION with cargo install (about 3-4 minutes)"
   t0=$SECONDS
   # --locked: the crate's own Cargo.lock, so every machine builds the same dependency set.
   CARGO_TARGET_DIR="$tmp/target" nice -n "$NICE" cargo install --locked --quiet "${JOBS[@]}" \
@@ -106,7 +108,7 @@ vhost_device_vsock() {
   {
     echo "tool=vhost-device-vsock"
     echo "version=$VHOST_DEVICE_VSOCK_VERSION"
-    echo "source=crates.io (cargo install --locked)"
+    echo "source=cargo install --locked"
     echo "rustc=$(rustc --version)"
     echo "build_seconds=$((SECONDS - t0))"
   } > "$tmp/BUILD-INFO"
@@ -119,23 +121,25 @@ vhost_device_vsock() {
 # kata-agent-ctl (kata-containers, src/tools/agent-ctl)
 #
 # agent-ctl lives in Kata's main workspace and depends (through runtime-rs' hypervisor crate)
-# on two git dependencies that are not on crates.io: cloud-hypervisor's api_client and
+# on two git dependencies that are in no crate registry: cloud-hypervisor's api_client and
 # pcilibs-rs. The build reduces the workspace to agent-ctl and points those git sources at
-# local copies with [patch]; everything else comes from crates.io, pinned by Kata's Cargo.lock.
+# local copies with [patch]; everything else comes from cargo's registry, pinned by Kata's
+# Cargo.lock. Git sources are recognised by their repository path, whatever the host.
 
 # Paths of a kata tree that agent-ctl's build reads.
 KATA_PATHS=(Cargo.toml Cargo.lock src/libs src/tools/agent-ctl src/runtime-rs src/dragonball)
 
 no_kata_source() {
-  die "no kata-containers source for kata-agent-ctl. Provide one of:
-  - KATA_SRC=<dir>: a kata-containers tree (a clone of https://github.com/kata-containers/kata-containers
-    at tag $KATA_DEFAULT_REF, or its extracted source archive), together with KATA_CH_SRC=<clone of
-    https://github.com/cloud-hypervisor/cloud-hypervisor> and KATA_PCILIBS_SRC=<clone of
-    https://github.com/kata-containers/pcilibs-rs> (git dependencies that are not on crates.io);
+  die "no kata-containers source for kata-agent-ctl: no package registry carries it, and
+  nothing is taken from anywhere you did not name. Provide one of:
+  - KATA_SRC=<dir>: a kata-containers checkout (tag $KATA_DEFAULT_REF) or its extracted source
+    archive, with KATA_CH_SRC=<cloud-hypervisor checkout> and KATA_PCILIBS_SRC=<pcilibs-rs
+    checkout> (git dependencies of agent-ctl that no crate registry has);
   - KATA_SRC=<bundle dir or .tar.gz>: a self-contained source bundle made on a machine that has
     the sources with 'ci/tools.sh kata-src-bundle OUT.tar.gz';
-  - a bare git mirror at KATA_MIRROR=$KATA_MIRROR (plus CH_MIRROR and PCILIBS_MIRROR).
-  No Debian, crates.io, PyPI or npm package carries agent-ctl or the Kata sources (see ci/TOOLS.md)."
+  - KATA_MIRROR=<bare git dir of kata-containers> (git clone --mirror), with CH_MIRROR and
+    PCILIBS_MIRROR (or KATA_CH_SRC and KATA_PCILIBS_SRC) for the two git dependencies.
+  ci/TOOLS.md says where the repositories are and how to make a bundle."
 }
 
 kata_content_hash() { # hash of the agent-ctl-relevant part of a kata tree ($1)
@@ -175,7 +179,8 @@ kata_resolve_source() {
       KATA_ID="src$(kata_content_hash "$KATA_SRC")"
     fi
     KATA_DESC="KATA_SRC=$KATA_SRC ($KATA_ID)"
-  elif [ -d "$KATA_MIRROR" ]; then
+  elif [ -n "$KATA_MIRROR" ]; then
+    [ -d "$KATA_MIRROR" ] || die "KATA_MIRROR=$KATA_MIRROR is not a directory (a bare git mirror of kata-containers)"
     local ref="${KATA_REF:-$KATA_DEFAULT_REF}" full
     full="$(git --git-dir="$KATA_MIRROR" rev-parse --verify -q "$ref^{commit}")" \
       || die "ref $ref not found in $KATA_MIRROR"
@@ -191,13 +196,13 @@ kata_resolve_source() {
     KATA_KIND=cached
     KATA_ID="$(basename "$(dirname "$(dirname "$cached")")")"; KATA_ID="${KATA_ID#kata-agent-ctl-}"
     KATA_DESC="cached build $KATA_ID"
-    log "no kata source found (KATA_SRC, $KATA_MIRROR); using the cached build $KATA_ID"
+    log "no kata source named (KATA_SRC, KATA_MIRROR); using the cached build $KATA_ID"
   fi
 }
 
-# The commit a git dependency is locked to ($1: source URL, $2: Cargo.lock).
+# The commit a git dependency is locked to ($1: the repository's path, /owner/name; $2: Cargo.lock).
 locked_git_rev() {
-  grep -o "source = \"git+$1[?#][^\"]*\"" "$2" | head -n1 | sed 's/.*#\([0-9a-f]*\)"$/\1/'
+  grep -o "source = \"git+[^\"?#]*$1[?#][^\"]*\"" "$2" | head -n1 | sed 's/.*#\([0-9a-f]*\)"$/\1/'
 }
 
 # Copy cloud-hypervisor's root Cargo.toml and api_client at the locked commit into $1.
@@ -214,11 +219,11 @@ collect_api_client() {
       log "warning: KATA_CH_SRC is not a git clone holding $rev; using its files as they are"
       cp -a "$KATA_CH_SRC/Cargo.toml" "$KATA_CH_SRC/api_client" "$out/"
     fi
-  elif [ -d "$CH_MIRROR" ] && git --git-dir="$CH_MIRROR" rev-parse -q --verify "$rev^{commit}" >/dev/null; then
+  elif [ -n "$CH_MIRROR" ] && [ -d "$CH_MIRROR" ] && git --git-dir="$CH_MIRROR" rev-parse -q --verify "$rev^{commit}" >/dev/null; then
     git --git-dir="$CH_MIRROR" archive "$rev" Cargo.toml api_client | tar -x -C "$out"
   else
-    die "kata-agent-ctl needs cloud-hypervisor's api_client at $rev (a git dependency, not on crates.io).
-  Set KATA_CH_SRC to a clone of https://github.com/cloud-hypervisor/cloud-hypervisor, or provide CH_MIRROR=$CH_MIRROR."
+    die "kata-agent-ctl needs cloud-hypervisor's api_client at $rev (a git dependency in no crate registry).
+  Set KATA_CH_SRC to a cloud-hypervisor checkout holding $rev, or CH_MIRROR to a bare mirror of it (see ci/TOOLS.md)."
   fi
   echo "api_client: cloud-hypervisor@$rev"
 }
@@ -240,14 +245,14 @@ collect_pcilibs() {
       (cd "$KATA_PCILIBS_SRC" && tar --exclude=./target --exclude=./.git -cf - .) | tar -x -C "$out"
       echo "pcilibs-rs: KATA_PCILIBS_SRC=$KATA_PCILIBS_SRC as is (Kata locks zvonkok/pcilibs-rs@$rev)"
     fi
-  elif [ -d "$PCILIBS_MIRROR" ]; then
+  elif [ -n "$PCILIBS_MIRROR" ] && [ -d "$PCILIBS_MIRROR" ]; then
     if git --git-dir="$PCILIBS_MIRROR" rev-parse -q --verify "$rev^{commit}" >/dev/null; then c="$rev"; fi
     git --git-dir="$PCILIBS_MIRROR" archive "$c" | tar -x -C "$out"
     echo "pcilibs-rs: kata-containers/pcilibs-rs@$(git --git-dir="$PCILIBS_MIRROR" rev-parse "$c") (Kata locks zvonkok/pcilibs-rs@$rev)"
   else
     die "kata-agent-ctl needs pcilibs-rs (Kata locks zvonkok/pcilibs-rs@$rev, a git dependency;
-  crates.io's pcilibs-rs 0.1.0 lacks the IOMMUFD constants runtime-rs uses).
-  Set KATA_PCILIBS_SRC to a clone of https://github.com/kata-containers/pcilibs-rs, or provide PCILIBS_MIRROR=$PCILIBS_MIRROR."
+  the registry's pcilibs-rs 0.1.0 lacks the IOMMUFD constants runtime-rs uses).
+  Set KATA_PCILIBS_SRC to a kata-containers/pcilibs-rs checkout, or PCILIBS_MIRROR to a bare mirror of it (see ci/TOOLS.md)."
   fi
 }
 
@@ -264,9 +269,9 @@ kata_collect_sources() {
   lock="$out/kata/Cargo.lock"
   [ -f "$lock" ] || die "the kata tree has no Cargo.lock"
   : > "$out/SOURCES"
-  rev="$(locked_git_rev https://github.com/cloud-hypervisor/cloud-hypervisor "$lock")"
+  rev="$(locked_git_rev /cloud-hypervisor/cloud-hypervisor "$lock")"
   if [ -n "$rev" ]; then collect_api_client "$out/ch" "$rev" >> "$out/SOURCES"; fi
-  rev="$(locked_git_rev https://github.com/zvonkok/pcilibs-rs "$lock")"
+  rev="$(locked_git_rev /zvonkok/pcilibs-rs "$lock")"
   if [ -n "$rev" ]; then collect_pcilibs "$out/pcilibs-rs" "$rev" >> "$out/SOURCES"; fi
 }
 
@@ -279,7 +284,7 @@ trim_workspace_members() {
     !skip { print }' "$1" > "$1.osb" && mv "$1.osb" "$1"
 }
 
-# Make the collected tree in $1 buildable without GitHub.
+# Make the collected tree in $1 buildable without reaching any git host.
 kata_patch_workspace() {
   local w="$1" toml="$1/kata/Cargo.toml" lock="$1/kata/Cargo.lock" url ver
   # Only agent-ctl (and, through path dependencies, the kata crates it uses) in the workspace,
@@ -290,13 +295,13 @@ kata_patch_workspace() {
   printf '\n# Added by osbuilder ci/tools.sh: git dependencies from local sources.\n' >> "$toml"
   for url in $(grep -o 'source = "git+[^?#"]*' "$lock" | sed 's/source = "git+//' | sort -u); do
     case "$url" in
-      https://github.com/cloud-hypervisor/cloud-hypervisor)
+      */cloud-hypervisor/cloud-hypervisor)
         # api_client inherits from cloud-hypervisor's workspace root: keep it, minus other members.
         trim_workspace_members "$w/ch/Cargo.toml" api_client
         printf '[patch."%s"]\napi_client = { path = "%s" }\n' "$url" "$w/ch/api_client" >> "$toml" ;;
-      https://github.com/zvonkok/pcilibs-rs)
+      */zvonkok/pcilibs-rs)
         printf '[patch."%s"]\npcilibs-rs = { path = "%s" }\n' "$url" "$w/pcilibs-rs" >> "$toml" ;;
-      https://github.com/stratis-storage/devicemapper-rs)
+      */stratis-storage/devicemapper-rs)
         # An optional dependency of kata-types (feature "devicemapper") that agent-ctl never
         # enables. Cargo still needs a manifest for it (the lock file covers all features): an
         # empty crate of the locked version stands in; the build checks it is not compiled.
@@ -322,7 +327,7 @@ kata_agent_ctl_build() { # kata_agent_ctl_build TMPDIR -> TMPDIR/bin/kata-agent-
   t0=$SECONDS
   (cd "$w/kata" && CARGO_TARGET_DIR="$target" nice -n "$NICE" \
      cargo build "${JOBS[@]}" -p kata-agent-ctl >&2) \
-    || die "cargo build of kata-agent-ctl failed (see above). If cargo tried to reach github.com,
+    || die "cargo build of kata-agent-ctl failed (see above). If cargo tried to fetch a git repository,
   a new git dependency entered agent-ctl's dependency graph: give it a local source in kata_patch_workspace."
   secs=$((SECONDS - t0))
   if (cd "$w/kata" && cargo tree --offline -p kata-agent-ctl -i devicemapper >/dev/null 2>&1); then
@@ -362,7 +367,7 @@ kata_agent_ctl() {
 }
 
 # Write a self-contained source bundle (kata subset + the two git dependencies), so a machine
-# without GitHub can build agent-ctl with crates.io alone: KATA_SRC=OUT.tar.gz ci/tools.sh kata-agent-ctl
+# without the git repositories can build agent-ctl with cargo's registry alone: KATA_SRC=OUT.tar.gz ci/tools.sh kata-agent-ctl
 kata_src_bundle() {
   local out="$1" b
   case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
