@@ -49,18 +49,38 @@ fn debian_image_to_gzip_initrd_matches_umoci_and_is_reproducible() {
     assert_eq!(report["initrd"]["sha256"].as_str().unwrap(), sha256_file(&first));
 }
 
+/// `--source-date-epoch` clamps the mtime of every entry, directories and
+/// symlinks included: newer ones become the epoch, older ones stay. The
+/// headers are read exactly (`cpio_mtimes`, held to GNU cpio's listing); GNU
+/// `cpio -idm`, which restores the mtimes of files only, agrees for those.
 #[test]
 fn explicit_source_date_epoch_clamps_every_mtime() {
+    const EPOCH: i64 = 86400;
     let tmp = scratch();
     let out = tmp.path().join("x.cpio");
     build_ok(
-        &["initrd", "--image", &oci_ref(&layered_layout(), "v2"), "-o", path_str(&out), "--compress", "none", "--source-date-epoch", "86400"],
+        &["initrd", "--image", &oci_ref(&layered_layout(), "v3-opaque"), "-o", path_str(&out), "--compress", "none", "--source-date-epoch", &EPOCH.to_string()],
         &tmp.path().join("cache"),
     );
-    let extracted = cpio_extract(&out);
-    let snapshot = tree_snapshot(&extracted);
-    let files: Vec<_> = snapshot.values().filter(|e| e.kind == Kind::File).collect();
-    assert!(files.iter().all(|e| e.mtime == 86400), "every file mtime must be clamped to 86400");
+    let entries = cpio_mtimes(&out);
+    for kind in [Kind::File, Kind::Dir, Kind::Symlink] {
+        let n = entries.iter().filter(|(_, k, _)| *k == kind).count();
+        assert!(n >= 2, "the layered image must give {kind:?} entries to check, found {n}: {entries:?}");
+    }
+    // The fixture's files were made when it was built, long after the epoch,
+    // except v3-opaque's last layer, tarred with --mtime=@0 (older: kept).
+    let older = ["var", "var/lib", "var/lib/opaque", "var/lib/opaque/fresh"];
+    let expected = |path: &str| if older.contains(&path) { 0 } else { EPOCH };
+    let wrong: Vec<_> = entries.iter().filter(|(path, _, mtime)| *mtime != expected(path)).collect();
+    assert!(wrong.is_empty(), "entries whose mtime is not min(original, {EPOCH}): {wrong:?}");
+    assert!(older.iter().all(|p| entries.iter().any(|(path, _, _)| path == p)), "{older:?} must be in the archive");
+
+    let snapshot = tree_snapshot(&cpio_extract(&out));
+    let files: Vec<_> = snapshot.iter().filter(|(_, e)| e.kind == Kind::File).collect();
+    assert!(!files.is_empty());
+    for (path, e) in files {
+        assert_eq!(e.mtime, expected(path), "{path}: mtime after GNU cpio -idm");
+    }
 }
 
 #[test]
