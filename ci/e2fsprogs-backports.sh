@@ -9,8 +9,8 @@
 # libss2 and libarchive13, which mke2fs dlopens for tar input) and
 # MKE2FS_CONFIG (the backports mke2fs.conf), then execs the backports mke2fs.
 #
-# Sources: the mirror URI the machine already uses for its Debian suite (read
-# from /etc/apt/sources.list and /etc/apt/sources.list.d/*.{list,sources}),
+# Sources: the mirror URI the machine already uses for its Debian suite
+# (ci/debian-mirror.sh reads it from the apt sources; DEBIAN_MIRROR overrides),
 # with the suites <codename> and <codename>-backports, in a private apt state
 # (lists, cache): neither the system's package lists nor its installed
 # packages change. Idempotent: a finished install prints its path at once.
@@ -47,45 +47,9 @@ CODENAME="${VERSION_CODENAME:-}"
 [ "${ID:-}" = debian ] || die "not Debian (ID=${ID:-?}): no ${CODENAME}-backports suite to use"
 
 # The mirror URI (and keyring) of the entry that carries the bare <codename> suite.
-find_mirror() {
-  local f
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    [ -f "$f" ] || continue
-    # deb [options] URI SUITE COMPONENTS...
-    awk -v s="$CODENAME" '
-      $1 == "deb" {
-        i = 2; opts = "";
-        if ($2 ~ /^\[/) { while (i <= NF && $i !~ /\]$/) { opts = opts " " $i; i++ } opts = opts " " $i; i++ }
-        if ($(i + 1) == s) {
-          key = "";
-          if (match(opts, /signed-by=[^] ]+/)) key = substr(opts, RSTART + 10, RLENGTH - 10);
-          print $i "\t" key; exit
-        }
-      }' "$f"
-  done
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [ -f "$f" ] || continue
-    # deb822 stanzas separated by blank lines.
-    awk -v s="$CODENAME" '
-      function flush() {
-        if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " s " ") && enabled != "no" && uri != "") { print uri "\t" key; found = 1; exit }
-        types = ""; suites = ""; uri = ""; key = ""; enabled = ""
-      }
-      /^[ \t]*#/ { next }
-      /^[ \t]*$/ { flush(); next }
-      tolower($1) == "types:"     { types = $0; sub(/^[^:]*:[ \t]*/, "", types) }
-      tolower($1) == "uris:"      { uri = $2 }
-      tolower($1) == "suites:"    { suites = $0; sub(/^[^:]*:[ \t]*/, "", suites) }
-      tolower($1) == "signed-by:" { key = $2 }
-      tolower($1) == "enabled:"   { enabled = tolower($2) }
-      END { if (!found) flush() }' "$f"
-  done
-}
-
-line="$(find_mirror | head -n1)"
+line="$(bash "$(dirname "$0")/debian-mirror.sh" --keyring)"
 URI="${line%%$'\t'*}"
 KEY="${line#*$'\t'}"
-[ -n "$URI" ] || die "no apt source for suite $CODENAME in /etc/apt/sources.list{,.d/*}"
 [ -n "$KEY" ] || KEY=/usr/share/keyrings/debian-archive-keyring.gpg
 log "mirror $URI, suites $CODENAME ${CODENAME}-backports"
 

@@ -7,12 +7,16 @@
 #
 # Writes OUT_DIR/layout (tag SUITE) and OUT_DIR/rootfs.tar (the debootstrap
 # tree, for fixtures that derive other images from it). Needs root
-# (debootstrap chroots) and Debian's mirror.
+# (debootstrap chroots) and a Debian mirror: DEBIAN_MIRROR, else the one this
+# machine's apt sources use (ci/debian-mirror.sh). The mirror is not part of
+# the base image's cache key (xtask/src/image.rs hashes this recipe, the suite
+# and the variant): the same recipe gives the same kind of image from any
+# mirror, and the image's /etc/apt/sources.list records the one it came from.
 set -euo pipefail
 out=$1
 suite=${2:-bookworm}
 variant=${3:-minbase}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+mirror=$(bash "$(dirname "$0")/../../ci/debian-mirror.sh")
 
 work=$(mktemp -d "${out%/}.work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
