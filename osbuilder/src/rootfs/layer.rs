@@ -620,10 +620,22 @@ mod tests {
         let mut h = LayerBuilder::header(EntryType::Regular, 0o644, 0);
         h.set_uid(u64::from(u32::MAX) + 5);
         check_rejected(vec![LayerBuilder::new().raw(h, "f", None, b"").build()], "uid");
-        // A header claiming more data than the stream holds.
+        // A header claiming more data than the stream holds: the entry's
+        // data is short, named with both counts.
         let mut tar = LayerBuilder::new().file("f", "abc").build();
         tar.truncate(512 + 1);
-        check_rejected(vec![tar], "f");
+        let err = apply(&mut Tree::new(), 0, tar).unwrap_err();
+        assert!(
+            matches!(&err, LayerError::Spool { path, source } if path == "f" && source.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "cannot spool file data of \"f\": expected 3 bytes of file data, got 1");
+        // A stream that ends inside a header block.
+        let mut tar = LayerBuilder::new().file("f", "abc").build();
+        tar.truncate(100);
+        let err = apply(&mut Tree::new(), 0, tar).unwrap_err();
+        assert!(matches!(&err, LayerError::Read(_)), "{err:?}");
+        assert_eq!(err.to_string(), "cannot read the layer's tar stream: failed to read entire block");
     }
 
     #[test]
