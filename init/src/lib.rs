@@ -17,6 +17,9 @@ pub mod agent;
 pub mod boot;
 pub mod cmdline;
 pub mod config;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pid1;
 pub mod shutdown;
 pub mod supervisor;

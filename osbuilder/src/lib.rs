@@ -16,3 +16,6 @@ pub mod kernel;
 pub mod vm;
 pub mod publish;
 pub mod time;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
