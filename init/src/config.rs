@@ -146,7 +146,10 @@ pub fn merge(run: &RunConfig, opts: &Options) -> Option<Workload> {
         return None;
     }
     let mut env = Vec::new();
-    for entry in run.env.iter().chain(&opts.env) {
+    // An entry without `=` is no variable: Docker reads a bare `NAME` from the host's
+    // environment, which the guest does not have. Kept, it would sit beside the
+    // default PATH as a second `PATH` (found by the init_run_json fuzz target).
+    for entry in run.env.iter().chain(&opts.env).filter(|e| e.contains('=')) {
         set_env(&mut env, entry);
     }
     if env_get(&env, "PATH").is_none() {
