@@ -14,6 +14,9 @@
 pub mod call;
 pub mod copy;
 pub mod events;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guest;
 pub mod netmap;
 pub mod passwd;
