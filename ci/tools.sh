@@ -3,6 +3,7 @@
 #
 #   ci/tools.sh vhost-device-vsock   # prints the path of the vhost-device-vsock binary
 #   ci/tools.sh kata-agent-ctl       # prints the path of Kata's kata-agent-ctl binary
+#   ci/tools.sh cargo-fuzz           # prints the path of the cargo-fuzz binary (cargo xtask fuzz)
 #   ci/tools.sh path <tool>          # prints the path only if already cached (exit 1 if not)
 #   ci/tools.sh kata-src-bundle OUT.tar.gz   # writes the sources agent-ctl needs, for KATA_SRC
 #
@@ -32,6 +33,7 @@ set -euo pipefail
 
 VHOST_DEVICE_VSOCK_VERSION=0.3.0   # newest release of the crate; builds with rustc 1.95
 KATA_DEFAULT_REF=4.1.0             # newest Kata release whose rust-toolchain is 1.95
+CARGO_FUZZ_VERSION=0.13.2          # builds with rustc 1.95; `-s none` builds targets on stable
 
 CACHE="${OSBUILDER_CACHE:-${HOME}/.cache/osbuilder}"
 TOOLS="$CACHE/tools"
@@ -47,7 +49,7 @@ log() { echo "tools: $*" >&2; }
 die() { echo "tools: error: $*" >&2; exit 1; }
 
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -114,6 +116,41 @@ vhost_device_vsock() {
   } > "$tmp/BUILD-INFO"
   publish "$tmp" "$dest"
   log "vhost-device-vsock built in $((SECONDS - t0)) s"
+  echo "$bin"
+}
+
+# ---------------------------------------------------------------------------------------
+# cargo-fuzz (rust-fuzz, from cargo's registry): drives libFuzzer for `cargo xtask fuzz`.
+# Its default AddressSanitizer build needs a nightly rustc (-Zsanitizer); the project
+# runs it with `--sanitizer none`, which uses only stable flags (see fuzz/README.md).
+
+cargo_fuzz_dest() { echo "$TOOLS/cargo-fuzz-$CARGO_FUZZ_VERSION"; }
+
+cargo_fuzz() {
+  local dest bin tmp t0
+  dest="$(cargo_fuzz_dest)"
+  bin="$dest/bin/cargo-fuzz"
+  if [ -x "$bin" ]; then echo "$bin"; return; fi
+  command -v cargo >/dev/null || die "cargo not found (install Rust; see README)"
+  take_lock "cargo-fuzz-$CARGO_FUZZ_VERSION"
+  if [ -x "$bin" ]; then echo "$bin"; return; fi
+  make_tmp "cargo-fuzz-$CARGO_FUZZ_VERSION"; tmp="$TMP"
+  log "installing cargo-fuzz $CARGO_FUZZ_VERSION with cargo install (about 2 minutes)"
+  t0=$SECONDS
+  CARGO_TARGET_DIR="$tmp/target" nice -n "$NICE" cargo install --locked --quiet "${JOBS[@]}" \
+    --version "$CARGO_FUZZ_VERSION" --root "$tmp" cargo-fuzz >&2 \
+    || die "cargo install cargo-fuzz $CARGO_FUZZ_VERSION failed"
+  rm -rf "$tmp/target"
+  "$tmp/bin/cargo-fuzz" --version >/dev/null 2>&1 || die "the freshly built cargo-fuzz does not run"
+  {
+    echo "tool=cargo-fuzz"
+    echo "version=$CARGO_FUZZ_VERSION"
+    echo "source=cargo install --locked"
+    echo "rustc=$(rustc --version)"
+    echo "build_seconds=$((SECONDS - t0))"
+  } > "$tmp/BUILD-INFO"
+  publish "$tmp" "$dest"
+  log "cargo-fuzz built in $((SECONDS - t0)) s"
   echo "$bin"
 }
 
@@ -392,6 +429,7 @@ cached_path() {
   local bin
   case "$1" in
     vhost-device-vsock) bin="$(vhost_device_vsock_dest)/bin/vhost-device-vsock" ;;
+    cargo-fuzz) bin="$(cargo_fuzz_dest)/bin/cargo-fuzz" ;;
     kata-agent-ctl) kata_resolve_source; bin="$TOOLS/kata-agent-ctl-$KATA_ID/bin/kata-agent-ctl" ;;
     *) usage ;;
   esac
@@ -402,6 +440,7 @@ cached_path() {
 case "${1:-}" in
   vhost-device-vsock) vhost_device_vsock ;;
   kata-agent-ctl) kata_agent_ctl ;;
+  cargo-fuzz) cargo_fuzz ;;
   kata-src-bundle) [ $# -eq 2 ] || usage; kata_src_bundle "$2" ;;
   path) [ $# -eq 2 ] || usage; cached_path "$2" ;;
   *) usage ;;

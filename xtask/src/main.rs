@@ -12,6 +12,7 @@ mod bench_kernel;
 mod bench_publish;
 mod bench_verity;
 mod boot;
+mod fuzz;
 mod image;
 mod test;
 mod util;
@@ -41,6 +42,8 @@ enum Command {
     },
     /// Set up, then run the whole test suite; list every skipped test at the end.
     Test(test::Test),
+    /// Build the fuzz targets (fuzz/, cargo-fuzz) and run each with libFuzzer; fail on a crash.
+    Fuzz(fuzz::Fuzz),
     /// Run our pipeline and the anchor pipelines side by side; print medians, ratios and sizes.
     Bench(bench::Bench),
     /// Build kernel, init+agent and initrd, boot under QEMU with vsock, wait
@@ -69,6 +72,10 @@ fn main() -> anyhow::Result<()> {
             bench_kernel::kernel_cmd(&util::osbuilder_binary()?, &util::target_dir().join("kernel")).args(args).run()
         }
         Command::Boot(args) => {
+            util::setup()?;
+            args.run()
+        }
+        Command::Fuzz(args) => {
             util::setup()?;
             args.run()
         }

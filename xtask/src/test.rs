@@ -24,6 +24,9 @@ pub struct Test {
     /// last `::` components.
     #[arg(long, value_name = "TEST")]
     allow_skip: Vec<String>,
+    /// Seconds each fuzz target runs after the tests (`cargo xtask fuzz` runs longer).
+    #[arg(long, default_value_t = crate::fuzz::SUITE_SECONDS, value_name = "N")]
+    fuzz_seconds: u64,
     /// Extra arguments for `cargo test`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
@@ -69,6 +72,9 @@ impl Test {
         let skipped = read_skips(&skips)?;
         eprint!("{}", skip::summary(&skipped));
         result?;
+        // Every fuzz target for a few seconds: new code meets the fuzzer at once, and
+        // the committed corpora still build and run.
+        crate::fuzz::run(crate::fuzz::TARGETS, self.fuzz_seconds)?;
         if !self.allow_skips {
             let allowed: Vec<String> = ALWAYS_ALLOWED.iter().map(|s| s.to_string()).chain(self.allow_skip).collect();
             let denied = denied(&skipped, &allowed);
