@@ -873,3 +873,173 @@ fn hybrid_vsock_handshake() {
         Ok(_) => panic!("connected to a port nobody listens on"),
     }
 }
+
+#[test]
+fn copy_file_keeps_setuid_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("SKIP: copy_file_keeps_setuid_bits: needs root to chown");
+        return;
+    }
+    let agent = Agent::start();
+    let client = agent.client();
+    let dir = TempDir::new("suid");
+    // chown(2) clears S_ISUID/S_ISGID on a regular file (even to the same owner,
+    // even as root): the mode must be set after the owner.
+    for mode in [0o4755, 0o2755, 0o6750] {
+        let dest = dir.0.join(format!("prog-{mode:o}"));
+        client
+            .copy_bytes(b"#!/bin/sh\n", dest.to_str().unwrap(), mode, 0, 0)
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().permissions().mode() & 0o7777,
+            mode,
+            "{}",
+            dest.display()
+        );
+    }
+    // A setgid directory keeps its bit too.
+    let req = CopyFileRequest {
+        path: dir.0.join("shared").to_str().unwrap().into(),
+        file_mode: libc::S_IFDIR | 0o2775,
+        uid: 0,
+        gid: 0,
+        ..Default::default()
+    };
+    client
+        .agent_service()
+        .copy_file(ttrpc::context::with_duration(TIMEOUT), &req)
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.0.join("shared"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o2775
+    );
+}
+
+#[test]
+fn copy_file_with_a_missing_middle_chunk_is_not_renamed() {
+    let agent = Agent::start();
+    let client = agent.client();
+    let dir = TempDir::new("hole");
+    let target = dir.0.join("holey.bin");
+    let temp = dir.0.join(".holey.bin.osb-copy");
+    let chunk = |offset: usize, bytes: &[u8]| CopyFileRequest {
+        path: target.to_str().unwrap().to_string(),
+        file_size: 9,
+        file_mode: 0o100644,
+        uid: -1,
+        gid: -1,
+        offset: offset as i64,
+        data: bytes.to_vec(),
+        ..Default::default()
+    };
+    let svc = client.agent_service();
+    let ctx = || ttrpc::context::with_duration(TIMEOUT);
+    // Chunks 0 and 2 of 3: the last one reaches file_size, but bytes 3..6 never came.
+    svc.copy_file(ctx(), &chunk(0, b"abc")).unwrap();
+    svc.copy_file(ctx(), &chunk(6, b"ghi")).unwrap();
+    assert!(
+        !target.exists(),
+        "a file with a hole was renamed into place: {:?}",
+        std::fs::read(&target)
+    );
+    assert!(temp.exists());
+    // The missing chunk completes it.
+    svc.copy_file(ctx(), &chunk(3, b"def")).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"abcdefghi");
+    assert!(!temp.exists());
+
+    // Overlapping and repeated chunks count each byte once; a chunk for a copy that
+    // changed its size is refused.
+    svc.copy_file(ctx(), &chunk(0, b"ABCD")).unwrap();
+    svc.copy_file(ctx(), &chunk(2, b"CD")).unwrap();
+    svc.copy_file(ctx(), &chunk(6, b"GHI")).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"abcdefghi");
+    let mut resized = chunk(4, b"EF");
+    resized.file_size = 12;
+    assert_eq!(
+        code_of(svc.copy_file(ctx(), &resized).map_err(Error::from)),
+        Code::INVALID_ARGUMENT
+    );
+    svc.copy_file(ctx(), &chunk(4, b"EF")).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"ABCDEFGHI");
+}
+
+#[test]
+fn copy_file_does_not_follow_symlinked_parents() {
+    const KEEP: u32 = u32::MAX; // -1: leave the owner alone
+    let agent = Agent::start();
+    let client = agent.client();
+    let dir = TempDir::new("symparent");
+    let outside = dir.0.join("outside");
+    let root = dir.0.join("root");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    // A guest process planted a link in a directory the host copies into.
+    std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+    for dest in ["link/file", "link/new/sub/file"] {
+        let dest = root.join(dest);
+        let r = client.copy_bytes(b"secret", dest.to_str().unwrap(), 0o644, KEEP, KEEP);
+        match r {
+            Err(Error::Status { code, message }) => {
+                assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+                assert!(message.contains("symbolic link"), "{message}");
+                assert!(message.contains("link"), "{message}");
+            }
+            other => panic!("{}: {other:?}", dest.display()),
+        }
+    }
+    // A directory and a symlink through the link are refused too.
+    let mkdir = CopyFileRequest {
+        path: root.join("link/made").to_str().unwrap().into(),
+        file_mode: libc::S_IFDIR | 0o755,
+        uid: -1,
+        gid: -1,
+        ..Default::default()
+    };
+    let svc = client.agent_service();
+    assert_eq!(
+        code_of(
+            svc.copy_file(ttrpc::context::with_duration(TIMEOUT), &mkdir)
+                .map_err(Error::from)
+        ),
+        Code::FAILED_PRECONDITION
+    );
+    // A directory copied onto the link itself does not chmod the link's target.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let onto = CopyFileRequest {
+        path: root.join("link").to_str().unwrap().into(),
+        file_mode: libc::S_IFDIR | 0o777,
+        uid: -1,
+        gid: -1,
+        ..Default::default()
+    };
+    assert!(svc
+        .copy_file(ttrpc::context::with_duration(TIMEOUT), &onto)
+        .is_err());
+    assert_eq!(
+        std::fs::metadata(&outside).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.is_empty(), "written through the link: {names:?}");
+    // The same copy to the real directory works.
+    client
+        .copy_bytes(
+            b"fine",
+            root.join("real/file").to_str().unwrap(),
+            0o644,
+            KEEP,
+            KEEP,
+        )
+        .unwrap();
+    assert_eq!(std::fs::read(root.join("real/file")).unwrap(), b"fine");
+}

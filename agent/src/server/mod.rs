@@ -202,6 +202,7 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
             service::OnDestroy::Nothing
         },
         etc: PathBuf::from("/etc"),
+        copies: copy::Copies::default(),
     };
     let dispatcher = rpc::Dispatcher::new([
         agent_ttrpc::create_agent_service(Arc::new(agent)),

@@ -1,6 +1,5 @@
 //! The raw syscalls the server makes, each behind a small safe function.
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -228,16 +227,6 @@ pub fn ignore_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
-/// lchown(2) (does not follow a final symlink).
-pub fn lchown(path: &std::path::Path, uid: u32, gid: u32) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
-    // SAFETY: path is NUL-terminated.
-    check(unsafe { libc::lchown(path.as_ptr(), uid, gid) })?;
-    Ok(())
-}
-
 /// How a reaped child ended: its exit status, or 128 + the signal that killed it.
 pub fn exit_code(status: libc::c_int) -> i32 {
     if libc::WIFEXITED(status) {
@@ -276,4 +265,84 @@ pub fn reap(pid: i32) -> io::Result<libc::c_int> {
         check(unsafe { libc::waitpid(pid, &mut status, 0) })?;
         Ok(status)
     })
+}
+
+/// openat(2) of `name` in `dir` (or, with `dir` None, an absolute `name`); the
+/// result is close-on-exec.
+pub fn openat(
+    dir: Option<BorrowedFd<'_>>,
+    name: &std::ffi::CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
+    let dir = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    let fd = retry(|| {
+        // SAFETY: name is NUL-terminated; mode is read only with O_CREAT.
+        check(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) })
+    })?;
+    // SAFETY: openat returned a new descriptor owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// mkdirat(2).
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &std::ffi::CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })?;
+    Ok(())
+}
+
+/// unlinkat(2) of a non-directory.
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })?;
+    Ok(())
+}
+
+/// renameat(2) within one directory.
+pub fn renameat(dir: BorrowedFd<'_>, from: &std::ffi::CStr, to: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated.
+    check(unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) })?;
+    Ok(())
+}
+
+/// symlinkat(2): `name` in `dir` pointing at `target`.
+pub fn symlinkat(
+    target: &std::ffi::CStr,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+) -> io::Result<()> {
+    // SAFETY: both strings are NUL-terminated.
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
+    Ok(())
+}
+
+/// fchownat(2) with AT_SYMLINK_NOFOLLOW (u32::MAX leaves an id alone).
+pub fn lchownat(dir: BorrowedFd<'_>, name: &std::ffi::CStr, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(())
+}
+
+/// fstatat(2) with AT_SYMLINK_NOFOLLOW: (file type bits, device, inode).
+pub fn lstatat(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<(u32, u64, u64)> {
+    // SAFETY: stat is plain old data; all-zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: name is NUL-terminated and st is writable.
+    check(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok((st.st_mode & libc::S_IFMT, st.st_dev, st.st_ino))
 }
