@@ -1043,3 +1043,138 @@ fn copy_file_does_not_follow_symlinked_parents() {
         .unwrap();
     assert_eq!(std::fs::read(root.join("real/file")).unwrap(), b"fine");
 }
+
+/// Holds every exec of one file inside execve(2) until released: a fanotify
+/// FAN_OPEN_EXEC_PERM mark on it (needs CAP_SYS_ADMIN). Dropping the gate
+/// closes the group, which lets pending execs through.
+struct ExecGate {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl ExecGate {
+    fn new(file: &Path) -> std::io::Result<ExecGate> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain fanotify_init.
+        let fd = unsafe {
+            libc::fanotify_init(
+                libc::FAN_CLASS_CONTENT | libc::FAN_CLOEXEC,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u32,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor owned here.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let path = std::ffi::CString::new(file.as_os_str().as_bytes()).unwrap();
+        // SAFETY: path is NUL-terminated.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::FAN_MARK_ADD,
+                libc::FAN_OPEN_EXEC_PERM,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ExecGate { fd })
+    }
+
+    /// Blocks until a process is held in execve of the file; the event's fd.
+    fn held(&self) -> i32 {
+        let mut ev = std::mem::MaybeUninit::<libc::fanotify_event_metadata>::uninit();
+        let size = std::mem::size_of::<libc::fanotify_event_metadata>();
+        // SAFETY: ev is writable for `size` bytes.
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                ev.as_mut_ptr().cast(),
+                size,
+            )
+        };
+        assert_eq!(
+            n,
+            size as isize,
+            "fanotify read: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the kernel filled a whole event.
+        let ev = unsafe { ev.assume_init() };
+        assert!(ev.mask & libc::FAN_OPEN_EXEC_PERM != 0);
+        ev.fd
+    }
+
+    /// Lets the exec held at `event_fd` go on.
+    fn release(&self, event_fd: i32) {
+        let res = libc::fanotify_response {
+            fd: event_fd,
+            response: libc::FAN_ALLOW,
+        };
+        let size = std::mem::size_of::<libc::fanotify_response>();
+        // SAFETY: res is a valid fanotify_response of that size.
+        let n = unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                (&res as *const libc::fanotify_response).cast(),
+                size,
+            )
+        };
+        assert_eq!(
+            n,
+            size as isize,
+            "fanotify write: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the event's descriptor is ours to close.
+        unsafe { libc::close(event_fd) };
+    }
+}
+
+#[test]
+fn a_slow_exec_does_not_stall_other_calls() {
+    if !is_root() {
+        eprintln!("SKIP: a_slow_exec_does_not_stall_other_calls: fanotify needs root");
+        return;
+    }
+    let agent = Agent::start();
+    let client = agent.client();
+    let other = client.start(&spec(&["sleep", "1000"])).unwrap();
+    let dir = TempDir::new("gate");
+    let gated = dir.0.join("gated-true");
+    std::fs::copy("/bin/true", &gated).unwrap();
+    let gate = ExecGate::new(&gated).expect("fanotify (needs CAP_SYS_ADMIN)");
+
+    let mut slow = spec(&[gated.to_str().unwrap()]);
+    slow.exec_id = "slow".into();
+    let exec = {
+        let client = agent.client();
+        let slow = slow.clone();
+        std::thread::spawn(move || client.exec(&slow, b""))
+    };
+    // The agent's child is now inside execve: the agent sits in its spawn.
+    let event = gate.held();
+
+    let mut quick = agent.client();
+    quick.set_timeout(Duration::from_secs(5));
+    let during = (
+        quick.signal(&other, 0),
+        quick.start(&slow).map_err(|e| e.code()),
+        quick
+            .wait_timeout(&other, Duration::from_millis(10))
+            .map_err(|e| e.code()),
+    );
+    gate.release(event);
+    let (signalled, duplicate, waited) = during;
+    signalled.expect("SignalProcess while another exec is being spawned");
+    // The id being spawned is taken already.
+    assert_eq!(duplicate, Err(Some(Code::ALREADY_EXISTS)));
+    assert_eq!(waited, Err(Some(Code::DEADLINE_EXCEEDED)));
+
+    assert_eq!(exec.join().unwrap().unwrap().code, 0);
+    client.signal(&other, libc::SIGKILL).unwrap();
+    assert_eq!(client.wait(&other).unwrap(), 137);
+}
