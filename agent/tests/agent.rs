@@ -1178,3 +1178,74 @@ fn a_slow_exec_does_not_stall_other_calls() {
     client.signal(&other, libc::SIGKILL).unwrap();
     assert_eq!(client.wait(&other).unwrap(), 137);
 }
+
+/// VmHWM (peak resident memory) of `pid`, in bytes.
+fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn bytes_in_flight_are_bounded() {
+    let agent = Agent::start();
+    let client = agent.client();
+    // A process that never reads its stdin: each WriteStdin holds its data until
+    // the call's deadline.
+    let id = client.start(&spec(&["sleep", "1000"])).unwrap();
+    let limits = osb_agent::server::rpc::Limits::default();
+    let before = peak_rss(agent.pid());
+
+    const REQUESTS: usize = 32;
+    let req = osb_agent::proto::agent::WriteStreamRequest {
+        container_id: id.container_id.clone(),
+        exec_id: id.exec_id.clone(),
+        data: vec![0x5a; 4_000_000],
+        ..Default::default()
+    };
+    let mut r = ttrpc::Request::new();
+    r.service = "grpc.AgentService".into();
+    r.method = "WriteStdin".into();
+    r.timeout_nano = Duration::from_secs(2).as_nanos() as i64;
+    r.payload = req.write_to_bytes().unwrap();
+    let payload = std::sync::Arc::new(r.write_to_bytes().unwrap());
+    assert!(payload.len() <= limits.max_frame);
+    // Each on a connection of its own, all at once: 128 MB of requests.
+    let senders: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let mut s = UnixStream::connect(&agent.socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            let payload = payload.clone();
+            std::thread::spawn(move || {
+                let mut f = frame(payload.len() as u32, 1, 1, 0);
+                f.extend_from_slice(&payload);
+                s.write_all(&f).unwrap();
+                let (stream, _, _, reply) = read_frame(&mut s);
+                (stream, status_of(&reply).0)
+            })
+        })
+        .collect();
+    for s in senders {
+        // Every request is served (waits for room rather than failing).
+        assert_eq!(s.join().unwrap(), (1, Code::DEADLINE_EXCEEDED));
+    }
+    let grown = peak_rss(agent.pid()).saturating_sub(before);
+    // A request is in memory about twice (its frame and the decoded message).
+    let bound = 2 * limits.max_inflight_bytes as u64 + (16 << 20);
+    assert!(
+        grown <= bound,
+        "the agent's peak memory grew by {} MiB for {REQUESTS} requests of 4 MB (bound {} MiB)",
+        grown >> 20,
+        bound >> 20
+    );
+    client.signal(&id, libc::SIGKILL).unwrap();
+    assert_eq!(client.wait(&id).unwrap(), 137);
+}

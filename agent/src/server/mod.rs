@@ -186,6 +186,9 @@ fn adopt_fd(fd: i32) -> std::io::Result<OwnedFd> {
 /// Serves until the listener fails.
 pub fn run(opts: &Options) -> std::io::Result<()> {
     sys::ignore_sigpipe();
+    // Request frames over this are mmap'd: their memory goes back to the guest
+    // as soon as a request is done (see rpc::Limits::max_inflight_bytes).
+    sys::unmap_large_allocations(rpc::SMALL_FRAME * 8);
     let table = Arc::new(process::Table::new(MAX_PROCESSES));
     if let Some(fd) = opts.workload_fd {
         match adopt_fd(fd) {

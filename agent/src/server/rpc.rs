@@ -19,12 +19,22 @@
 //! WaitProcess) never starve the others; the number of connections and of requests
 //! in flight is capped (RESOURCE_EXHAUSTED past the cap). When a client goes away,
 //! its handlers see the connection's cancel channel disconnect and return.
+//!
+//! The bytes in flight are bounded too, not only the count (512 requests of 4 MiB
+//! would be 2 GiB): a frame over [`SMALL_FRAME`] takes its length from a budget
+//! shared by all connections ([`Limits::max_inflight_bytes`]) before its payload is
+//! read, and gives it back when its handler returns. A frame that does not fit waits
+//! (its connection's reader stops reading, so the client's writes block: backpressure)
+//! rather than failing. Small frames (ReadStdout, WaitProcess, Health, ...) never
+//! wait, so a budget held by writes to a stuck process cannot starve the reads that
+//! would unstick it; the count cap bounds them (512 x 16 KiB). A request is in memory
+//! about twice while it runs (its envelope and its decoded message).
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use protobuf::Message as _;
@@ -35,6 +45,9 @@ use ttrpc::proto::{
 use ttrpc::{Code, MethodHandler, Request, Response, TtrpcContext};
 
 use super::sys;
+
+/// Frames up to this size are not counted against [`Limits::max_inflight_bytes`].
+pub const SMALL_FRAME: usize = 16 * 1024;
 
 /// Limits of the transport.
 #[derive(Clone, Debug)]
@@ -47,6 +60,9 @@ pub struct Limits {
     pub max_inflight_per_connection: usize,
     /// Requests in flight on all connections together.
     pub max_inflight: usize,
+    /// Bytes of frames over [`SMALL_FRAME`] in flight on all connections together;
+    /// a frame that does not fit waits for room.
+    pub max_inflight_bytes: usize,
     /// A response write blocked this long (client not reading) closes the connection.
     pub write_timeout: Duration,
 }
@@ -58,6 +74,7 @@ impl Default for Limits {
             max_connections: 64,
             max_inflight_per_connection: 128,
             max_inflight: 512,
+            max_inflight_bytes: 16 << 20,
             write_timeout: Duration::from_secs(30),
         }
     }
@@ -144,20 +161,67 @@ impl Drop for Slot {
     }
 }
 
+/// The bytes of request frames the agent holds at once.
+struct ByteBudget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+/// Bytes taken from the budget; given back on drop.
+struct Bytes {
+    budget: Arc<ByteBudget>,
+    n: usize,
+}
+
+impl ByteBudget {
+    fn new(max: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            max,
+        })
+    }
+
+    /// Waits until `n` more bytes fit (a frame larger than the whole budget
+    /// waits until nothing else is in flight), then takes them.
+    fn take(self: &Arc<Self>, n: usize) -> Bytes {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + n > self.max {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+        Bytes {
+            budget: self.clone(),
+            n,
+        }
+    }
+}
+
+impl Drop for Bytes {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= self.n;
+        self.budget.freed.notify_all();
+    }
+}
+
 struct Shared {
     dispatcher: Dispatcher,
     limits: Limits,
     connections: Arc<AtomicUsize>,
     inflight: Arc<AtomicUsize>,
+    bytes: Arc<ByteBudget>,
 }
 
 /// Accepts and serves connections until the listener fails for good.
 pub fn serve(listener: Listener, dispatcher: Dispatcher, limits: Limits) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         dispatcher,
-        limits,
         connections: Arc::new(AtomicUsize::new(0)),
         inflight: Arc::new(AtomicUsize::new(0)),
+        bytes: ByteBudget::new(limits.max_inflight_bytes),
+        limits,
     });
     let mut consecutive_errors = 0u32;
     loop {
@@ -356,6 +420,9 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
             );
             continue;
         }
+        // Room for the payload first: this is where a client sending more than the
+        // budget holds is slowed down.
+        let bytes = (len > SMALL_FRAME).then(|| shared.bytes.take(len));
         let mut payload = vec![0u8; len];
         match conn.read_full(&mut payload) {
             Ok(true) => {}
@@ -395,7 +462,9 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
             continue;
         }
         last_stream_id = header.stream_id;
-        let req = match Request::parse_from_bytes(&payload) {
+        let parsed = Request::parse_from_bytes(&payload);
+        drop(payload); // the request holds its own copy
+        let req = match parsed {
             Ok(req) => req,
             Err(e) => {
                 send_status(
@@ -448,7 +517,7 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
             .name("ttrpc-call".into())
             .stack_size(256 * 1024)
             .spawn(move || {
-                let _slots = (conn_slot, global_slot);
+                let _slots = (conn_slot, global_slot, bytes);
                 let handler = match handler_shared.dispatcher.lookup(&req.service, &req.method) {
                     Ok(h) => h,
                     Err(_) => return,
