@@ -1179,6 +1179,37 @@ fn a_slow_exec_does_not_stall_other_calls() {
     assert_eq!(client.wait(&other).unwrap(), 137);
 }
 
+#[test]
+fn idle_connections_do_not_lock_out_a_new_client() {
+    let mut agent = Agent::start();
+    // The oldest connection has a call in flight: it is busy, not idle.
+    let busy = agent.client();
+    let id = busy.start(&spec(&["sleep", "1000"])).unwrap();
+    let baseline = agent.threads();
+    let waiter = {
+        let busy = busy.clone();
+        let id = id.clone();
+        std::thread::spawn(move || busy.wait(&id))
+    };
+    wait_until("the WaitProcess call to start", || {
+        agent.threads() > baseline
+    });
+
+    // Far more idle connections than the agent serves at once.
+    let cap = osb_agent::server::rpc::Limits::default().max_connections;
+    let idle: Vec<UnixStream> = (0..200.max(cap + 1))
+        .map(|_| UnixStream::connect(&agent.socket).unwrap())
+        .collect();
+    let fresh = agent.client();
+    assert!(fresh.check().expect("health check of a new client"));
+    // The busy connection was not the one to go.
+    assert!(busy.check().unwrap());
+    busy.signal(&id, libc::SIGKILL).unwrap();
+    assert_eq!(waiter.join().unwrap().unwrap(), 137);
+    drop(idle);
+    agent.assert_alive();
+}
+
 /// VmHWM (peak resident memory) of `pid`, in bytes.
 fn peak_rss(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

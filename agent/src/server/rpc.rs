@@ -20,6 +20,10 @@
 //! in flight is capped (RESOURCE_EXHAUSTED past the cap). When a client goes away,
 //! its handlers see the connection's cancel channel disconnect and return.
 //!
+//! Idle connections cannot lock a new client out: at the connection cap, the
+//! connection idle longest (no request in flight or being read) is shut down to make
+//! room; only when every connection is busy is the new one closed.
+//!
 //! The bytes in flight are bounded too, not only the count (512 requests of 4 MiB
 //! would be 2 GiB): a frame over [`SMALL_FRAME`] takes its length from a budget
 //! shared by all connections ([`Limits::max_inflight_bytes`]) before its payload is
@@ -32,10 +36,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use ttrpc::proto::{
@@ -54,7 +58,8 @@ pub const SMALL_FRAME: usize = 16 * 1024;
 pub struct Limits {
     /// Largest frame payload accepted (ttrpc's own limit: 4 MiB).
     pub max_frame: usize,
-    /// Connections served at once; more are closed right after accept.
+    /// Connections served at once; past it a new one replaces the connection idle
+    /// longest, or is closed right after accept when none is idle.
     pub max_connections: usize,
     /// Requests in flight on one connection.
     pub max_inflight_per_connection: usize,
@@ -206,10 +211,80 @@ impl Drop for Bytes {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Counts an event that may repeat often; true for the 1st, 2nd, 4th, 8th ... time,
+/// when it is worth a console line.
+fn worth_telling(count: &AtomicU64) -> bool {
+    (count.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+}
+
+#[derive(Default)]
+struct Open {
+    next_id: u64,
+    conns: HashMap<u64, Arc<Conn>>,
+}
+
+/// The connections being served: the cap, and the choice of one to close for a
+/// new client.
+struct Connections {
+    max: usize,
+    open: Mutex<Open>,
+    evicted: AtomicU64,
+}
+
+/// A connection's place in [`Connections`]; given back on drop.
+struct Registered {
+    connections: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.connections.open).conns.remove(&self.id);
+    }
+}
+
+impl Connections {
+    /// Registers `conn`. At the cap, the connection idle longest is shut down (its
+    /// reader sees the end of the stream and its threads end) and forgotten to make
+    /// room; None when every connection has a request in flight.
+    fn admit(self: &Arc<Self>, conn: &Arc<Conn>) -> Option<Registered> {
+        let mut open = lock(&self.open);
+        if open.conns.len() >= self.max {
+            let (since, id) = open
+                .conns
+                .iter()
+                .filter_map(|(id, c)| c.idle_since().map(|since| (since, *id)))
+                .min()?;
+            if let Some(idle) = open.conns.remove(&id) {
+                sys::shutdown(idle.raw());
+            }
+            if worth_telling(&self.evicted) {
+                eprintln!(
+                    "osb-agent: {} connections open; closed the one idle for {:.1?} for a new client ({} so far)",
+                    self.max,
+                    since.elapsed(),
+                    self.evicted.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let id = open.next_id;
+        open.next_id += 1;
+        open.conns.insert(id, conn.clone());
+        Some(Registered {
+            connections: self.clone(),
+            id,
+        })
+    }
+}
+
 struct Shared {
     dispatcher: Dispatcher,
     limits: Limits,
-    connections: Arc<AtomicUsize>,
+    connections: Arc<Connections>,
     inflight: Arc<AtomicUsize>,
     bytes: Arc<ByteBudget>,
 }
@@ -218,7 +293,11 @@ struct Shared {
 pub fn serve(listener: Listener, dispatcher: Dispatcher, limits: Limits) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         dispatcher,
-        connections: Arc::new(AtomicUsize::new(0)),
+        connections: Arc::new(Connections {
+            max: limits.max_connections,
+            open: Mutex::default(),
+            evicted: AtomicU64::new(0),
+        }),
         inflight: Arc::new(AtomicUsize::new(0)),
         bytes: ByteBudget::new(limits.max_inflight_bytes),
         limits,
@@ -242,15 +321,16 @@ pub fn serve(listener: Listener, dispatcher: Dispatcher, limits: Limits) -> std:
                 continue;
             }
         };
-        let Some(slot) = Slot::take(&shared.connections, shared.limits.max_connections) else {
-            eprintln!("osb-agent: too many connections; closing a new one");
-            continue; // dropping fd closes it
+        let conn = Arc::new(Conn::new(fd));
+        let Some(registered) = shared.connections.admit(&conn) else {
+            eprintln!("osb-agent: too many connections, all busy; closing a new one");
+            continue; // dropping conn closes it
         };
         let shared = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("ttrpc-conn".into())
             .stack_size(256 * 1024)
-            .spawn(move || serve_connection(fd, shared, slot));
+            .spawn(move || serve_connection(conn, shared, registered));
         if let Err(e) = spawned {
             eprintln!("osb-agent: cannot start a connection thread: {e}");
         }
@@ -260,9 +340,34 @@ pub fn serve(listener: Listener, dispatcher: Dispatcher, limits: Limits) -> std:
 /// One accepted connection, shared by its reader, writer and handlers.
 struct Conn {
     fd: OwnedFd,
+    /// Requests of this connection in flight.
+    inflight: Arc<AtomicUsize>,
+    /// A frame is being read and dispatched.
+    reading: AtomicBool,
+    /// When a request last came or a handler last finished.
+    last_active: Mutex<Instant>,
 }
 
 impl Conn {
+    fn new(fd: OwnedFd) -> Conn {
+        Conn {
+            fd,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            reading: AtomicBool::new(false),
+            last_active: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn touch(&self) {
+        *lock(&self.last_active) = Instant::now();
+    }
+
+    /// Since when the connection has been idle: no request in flight or being read.
+    fn idle_since(&self) -> Option<Instant> {
+        let busy = self.reading.load(Ordering::SeqCst) || self.inflight.load(Ordering::SeqCst) > 0;
+        (!busy).then(|| *lock(&self.last_active))
+    }
+
     fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -359,8 +464,7 @@ fn send_response(tx: &ResponseSender, stream_id: u32, res: &Response) {
     let _ = tx.send((header, payload));
 }
 
-fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
-    let conn = Arc::new(Conn { fd });
+fn serve_connection(conn: Arc<Conn>, shared: Arc<Shared>, connection_slot: Registered) {
     if let Err(e) = sys::set_send_timeout(conn.raw(), shared.limits.write_timeout) {
         eprintln!("osb-agent: SO_SNDTIMEO: {e}");
     }
@@ -392,16 +496,18 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
     // Dropping cancel_tx (when this reader returns) tells blocked handlers that the
     // client is gone.
     let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(0);
-    let conn_inflight = Arc::new(AtomicUsize::new(0));
     let conn_ctx = Arc::new(ttrpc::ConnectionContext::default());
     let mut last_stream_id = 0u32;
     loop {
+        conn.reading.store(false, Ordering::SeqCst);
         let mut head = [0u8; MESSAGE_HEADER_LENGTH];
         match conn.read_full(&mut head) {
             Ok(true) => {}
             Ok(false) => break,
             Err(_) => break,
         }
+        conn.reading.store(true, Ordering::SeqCst);
+        conn.touch();
         let header = decode_header(&head);
         let len = header.length as usize;
         if len > shared.limits.max_frame {
@@ -482,7 +588,7 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
             send_response(&res_tx, header.stream_id, &res);
             continue;
         }
-        let Some(conn_slot) = Slot::take(&conn_inflight, shared.limits.max_inflight_per_connection)
+        let Some(conn_slot) = Slot::take(&conn.inflight, shared.limits.max_inflight_per_connection)
         else {
             send_status(
                 &res_tx,
@@ -511,6 +617,7 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
             conn_ctx: conn_ctx.clone(),
         };
         let handler_shared = shared.clone();
+        let handler_conn = conn.clone();
         let error_tx = res_tx.clone();
         let stream_id = header.stream_id;
         let spawned = std::thread::Builder::new()
@@ -534,6 +641,9 @@ fn serve_connection(fd: OwnedFd, shared: Arc<Shared>, connection_slot: Slot) {
                     };
                     send_status(&error_tx, stream_id, code, message);
                 }
+                // Before the slots go: a connection that was just answered is not
+                // the one idle longest.
+                handler_conn.touch();
             });
         if let Err(e) = spawned {
             send_status(
