@@ -126,19 +126,99 @@ impl Dispatcher {
     }
 }
 
+/// Which vsock peers may connect (`--allow-cid`).
+///
+/// Any guest process may open an AF_VSOCK socket; where the guest kernel has vsock
+/// loopback (or answers its own CID) it would reach the agent, which runs as root and
+/// starts processes. So by default only the host, CID 2, is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peers {
+    /// Only this CID.
+    Cid(u32),
+    /// Every peer.
+    Any,
+}
+
+impl Default for Peers {
+    fn default() -> Peers {
+        Peers::Cid(libc::VMADDR_CID_HOST)
+    }
+}
+
+impl Peers {
+    /// `any` or a CID.
+    pub fn parse(s: &str) -> Result<Peers, String> {
+        if s == "any" {
+            return Ok(Peers::Any);
+        }
+        s.parse()
+            .map(Peers::Cid)
+            .map_err(|_| format!("{s:?} is neither a vsock CID nor \"any\""))
+    }
+
+    /// A connection from `cid` may be served.
+    pub fn allows(self, cid: u32) -> bool {
+        match self {
+            Peers::Any => true,
+            Peers::Cid(allowed) => cid == allowed,
+        }
+    }
+}
+
+impl std::fmt::Display for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peers::Any => f.write_str("any CID"),
+            Peers::Cid(cid) => write!(f, "CID {cid}"),
+        }
+    }
+}
+
 /// Where connections come from.
 pub enum Listener {
+    /// Host tests: every connection is served (the socket file's mode guards it).
     Unix(std::os::unix::net::UnixListener),
-    Vsock(OwnedFd),
+    Vsock {
+        fd: OwnedFd,
+        peers: Peers,
+        refused: AtomicU64,
+    },
 }
 
 impl Listener {
-    fn accept(&self) -> std::io::Result<OwnedFd> {
-        match self {
-            Listener::Unix(l) => l.accept().map(|(stream, _)| stream.into()),
-            Listener::Vsock(fd) => sys::accept(fd.as_fd()),
+    pub fn vsock(fd: OwnedFd, peers: Peers) -> Listener {
+        Listener::Vsock {
+            fd,
+            peers,
+            refused: AtomicU64::new(0),
         }
     }
+
+    /// The next connection to serve; None for one that was refused (and closed).
+    fn accept(&self) -> std::io::Result<Option<OwnedFd>> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(stream, _)| Some(stream.into())),
+            Listener::Vsock { fd, peers, refused } => {
+                let (conn, cid) = sys::accept_vsock(fd.as_fd())?;
+                Ok(admit_peer(*peers, conn, cid, refused))
+            }
+        }
+    }
+}
+
+/// The accept filter of the vsock listener: `conn` from `cid`, or None (the
+/// connection is closed) when `peers` does not allow it.
+fn admit_peer(peers: Peers, conn: OwnedFd, cid: u32, refused: &AtomicU64) -> Option<OwnedFd> {
+    if peers.allows(cid) {
+        return Some(conn);
+    }
+    if worth_telling(refused) {
+        eprintln!(
+            "osb-agent: refused a connection from vsock CID {cid}: only {peers} may connect (--allow-cid, osb.agent.allow_cid=) ({} so far)",
+            refused.load(Ordering::Relaxed)
+        );
+    }
+    None
 }
 
 /// Counts a resource and gives it back on drop.
@@ -305,9 +385,13 @@ pub fn serve(listener: Listener, dispatcher: Dispatcher, limits: Limits) -> std:
     let mut consecutive_errors = 0u32;
     loop {
         let fd = match listener.accept() {
-            Ok(fd) => {
+            Ok(Some(fd)) => {
                 consecutive_errors = 0;
                 fd
+            }
+            Ok(None) => {
+                consecutive_errors = 0;
+                continue;
             }
             Err(e) => {
                 // EMFILE, ENOBUFS, ECONNABORTED ...: wait and go on; give up only on a
@@ -656,4 +740,41 @@ fn serve_connection(conn: Arc<Conn>, shared: Arc<Shared>, connection_slot: Regis
     }
     drop(cancel_tx);
     // res_tx drops here; the writer ends once every running handler has answered.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vsock_peers() {
+        let host = Peers::default();
+        assert_eq!(host, Peers::Cid(2));
+        assert!(host.allows(libc::VMADDR_CID_HOST));
+        // Loopback, the guest's own CID, another guest, the wildcard: refused.
+        for cid in [libc::VMADDR_CID_LOCAL, 3, 4, libc::VMADDR_CID_ANY] {
+            assert!(!host.allows(cid), "{cid}");
+        }
+        assert!(Peers::Cid(3).allows(3) && !Peers::Cid(3).allows(2));
+        assert!(Peers::Any.allows(1) && Peers::Any.allows(2));
+        assert_eq!(Peers::parse("any"), Ok(Peers::Any));
+        assert_eq!(Peers::parse("7"), Ok(Peers::Cid(7)));
+        for bad in ["", "-1", "host", "2,3"] {
+            assert!(Peers::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_vsock_filter_closes_refused_connections() {
+        let refused = AtomicU64::new(0);
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(admit_peer(Peers::default(), theirs.into(), 1, &refused).is_none());
+        // The refused connection was closed: the peer reads the end of the stream.
+        let mut byte = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &ours, &mut byte).unwrap(), 0);
+        assert_eq!(refused.load(Ordering::Relaxed), 1);
+        let (_ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(admit_peer(Peers::default(), theirs.into(), 2, &refused).is_some());
+        assert_eq!(refused.load(Ordering::Relaxed), 1);
+    }
 }

@@ -144,20 +144,31 @@ pub fn vsock_listen(cid: u32, port: u32, backlog: i32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// accept4(2) with SOCK_CLOEXEC.
-pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+/// accept4(2) with SOCK_CLOEXEC on an AF_VSOCK listener: the connection and the
+/// peer's CID.
+pub fn accept_vsock(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, u32)> {
     retry(|| {
-        // SAFETY: null address pointers are allowed by accept4.
+        // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: addr and len are valid for writes of the sizes given.
         let fd = check(unsafe {
             libc::accept4(
                 listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                &mut addr as *mut libc::sockaddr_vm as *mut libc::sockaddr,
+                &mut len,
                 libc::SOCK_CLOEXEC,
             )
         })?;
         // SAFETY: accept4 returned a new descriptor owned here.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if addr.svm_family != libc::AF_VSOCK as libc::sa_family_t {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "accept on a vsock listener returned no vsock address",
+            ));
+        }
+        Ok((fd, addr.svm_cid))
     })
 }
 
