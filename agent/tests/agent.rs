@@ -886,3 +886,410 @@ fn hybrid_vsock_handshake() {
         Ok(_) => panic!("connected to a port nobody listens on"),
     }
 }
+
+#[test]
+fn copy_file_keeps_setuid_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("SKIP: copy_file_keeps_setuid_bits: needs root to chown");
+        return;
+    }
+    let agent = Agent::start();
+    let client = agent.client();
+    let dir = TempDir::new("suid");
+    // chown(2) clears S_ISUID/S_ISGID on a regular file (even to the same owner,
+    // even as root): the mode must be set after the owner.
+    for mode in [0o4755, 0o2755, 0o6750] {
+        let dest = dir.0.join(format!("prog-{mode:o}"));
+        client
+            .copy_bytes(b"#!/bin/sh\n", dest.to_str().unwrap(), mode, 0, 0)
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().permissions().mode() & 0o7777,
+            mode,
+            "{}",
+            dest.display()
+        );
+    }
+    // A setgid directory keeps its bit too.
+    let req = CopyFileRequest {
+        path: dir.0.join("shared").to_str().unwrap().into(),
+        file_mode: libc::S_IFDIR | 0o2775,
+        uid: 0,
+        gid: 0,
+        ..Default::default()
+    };
+    client
+        .agent_service()
+        .copy_file(ttrpc::context::with_duration(TIMEOUT), &req)
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.0.join("shared"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o2775
+    );
+}
+
+#[test]
+fn copy_file_with_a_missing_middle_chunk_is_not_renamed() {
+    let agent = Agent::start();
+    let client = agent.client();
+    let dir = TempDir::new("hole");
+    let target = dir.0.join("holey.bin");
+    let temp = dir.0.join(".holey.bin.osb-copy");
+    let chunk = |offset: usize, bytes: &[u8]| CopyFileRequest {
+        path: target.to_str().unwrap().to_string(),
+        file_size: 9,
+        file_mode: 0o100644,
+        uid: -1,
+        gid: -1,
+        offset: offset as i64,
+        data: bytes.to_vec(),
+        ..Default::default()
+    };
+    let svc = client.agent_service();
+    let ctx = || ttrpc::context::with_duration(TIMEOUT);
+    // Chunks 0 and 2 of 3: the last one reaches file_size, but bytes 3..6 never came.
+    svc.copy_file(ctx(), &chunk(0, b"abc")).unwrap();
+    svc.copy_file(ctx(), &chunk(6, b"ghi")).unwrap();
+    assert!(
+        !target.exists(),
+        "a file with a hole was renamed into place: {:?}",
+        std::fs::read(&target)
+    );
+    assert!(temp.exists());
+    // The missing chunk completes it.
+    svc.copy_file(ctx(), &chunk(3, b"def")).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"abcdefghi");
+    assert!(!temp.exists());
+
+    // Overlapping and repeated chunks count each byte once; a chunk for a copy that
+    // changed its size is refused.
+    svc.copy_file(ctx(), &chunk(0, b"ABCD")).unwrap();
+    svc.copy_file(ctx(), &chunk(2, b"CD")).unwrap();
+    svc.copy_file(ctx(), &chunk(6, b"GHI")).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"abcdefghi");
+    let mut resized = chunk(4, b"EF");
+    resized.file_size = 12;
+    assert_eq!(
+        code_of(svc.copy_file(ctx(), &resized).map_err(Error::from)),
+        Code::INVALID_ARGUMENT
+    );
+    svc.copy_file(ctx(), &chunk(4, b"EF")).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"ABCDEFGHI");
+}
+
+#[test]
+fn copy_file_does_not_follow_symlinked_parents() {
+    const KEEP: u32 = u32::MAX; // -1: leave the owner alone
+    let agent = Agent::start();
+    let client = agent.client();
+    let dir = TempDir::new("symparent");
+    let outside = dir.0.join("outside");
+    let root = dir.0.join("root");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    // A guest process planted a link in a directory the host copies into.
+    std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+    for dest in ["link/file", "link/new/sub/file"] {
+        let dest = root.join(dest);
+        let r = client.copy_bytes(b"secret", dest.to_str().unwrap(), 0o644, KEEP, KEEP);
+        match r {
+            Err(Error::Status { code, message }) => {
+                assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+                assert!(message.contains("symbolic link"), "{message}");
+                assert!(message.contains("link"), "{message}");
+            }
+            other => panic!("{}: {other:?}", dest.display()),
+        }
+    }
+    // A directory and a symlink through the link are refused too.
+    let mkdir = CopyFileRequest {
+        path: root.join("link/made").to_str().unwrap().into(),
+        file_mode: libc::S_IFDIR | 0o755,
+        uid: -1,
+        gid: -1,
+        ..Default::default()
+    };
+    let svc = client.agent_service();
+    assert_eq!(
+        code_of(
+            svc.copy_file(ttrpc::context::with_duration(TIMEOUT), &mkdir)
+                .map_err(Error::from)
+        ),
+        Code::FAILED_PRECONDITION
+    );
+    // A directory copied onto the link itself does not chmod the link's target.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let onto = CopyFileRequest {
+        path: root.join("link").to_str().unwrap().into(),
+        file_mode: libc::S_IFDIR | 0o777,
+        uid: -1,
+        gid: -1,
+        ..Default::default()
+    };
+    assert!(svc
+        .copy_file(ttrpc::context::with_duration(TIMEOUT), &onto)
+        .is_err());
+    assert_eq!(
+        std::fs::metadata(&outside).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.is_empty(), "written through the link: {names:?}");
+    // The same copy to the real directory works.
+    client
+        .copy_bytes(
+            b"fine",
+            root.join("real/file").to_str().unwrap(),
+            0o644,
+            KEEP,
+            KEEP,
+        )
+        .unwrap();
+    assert_eq!(std::fs::read(root.join("real/file")).unwrap(), b"fine");
+}
+
+/// Holds every exec of one file inside execve(2) until released: a fanotify
+/// FAN_OPEN_EXEC_PERM mark on it (needs CAP_SYS_ADMIN). Dropping the gate
+/// closes the group, which lets pending execs through.
+struct ExecGate {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl ExecGate {
+    fn new(file: &Path) -> std::io::Result<ExecGate> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain fanotify_init.
+        let fd = unsafe {
+            libc::fanotify_init(
+                libc::FAN_CLASS_CONTENT | libc::FAN_CLOEXEC,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u32,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor owned here.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let path = std::ffi::CString::new(file.as_os_str().as_bytes()).unwrap();
+        // SAFETY: path is NUL-terminated.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::FAN_MARK_ADD,
+                libc::FAN_OPEN_EXEC_PERM,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ExecGate { fd })
+    }
+
+    /// Blocks until a process is held in execve of the file; the event's fd.
+    fn held(&self) -> i32 {
+        let mut ev = std::mem::MaybeUninit::<libc::fanotify_event_metadata>::uninit();
+        let size = std::mem::size_of::<libc::fanotify_event_metadata>();
+        // SAFETY: ev is writable for `size` bytes.
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                ev.as_mut_ptr().cast(),
+                size,
+            )
+        };
+        assert_eq!(
+            n,
+            size as isize,
+            "fanotify read: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the kernel filled a whole event.
+        let ev = unsafe { ev.assume_init() };
+        assert!(ev.mask & libc::FAN_OPEN_EXEC_PERM != 0);
+        ev.fd
+    }
+
+    /// Lets the exec held at `event_fd` go on.
+    fn release(&self, event_fd: i32) {
+        let res = libc::fanotify_response {
+            fd: event_fd,
+            response: libc::FAN_ALLOW,
+        };
+        let size = std::mem::size_of::<libc::fanotify_response>();
+        // SAFETY: res is a valid fanotify_response of that size.
+        let n = unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                (&res as *const libc::fanotify_response).cast(),
+                size,
+            )
+        };
+        assert_eq!(
+            n,
+            size as isize,
+            "fanotify write: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the event's descriptor is ours to close.
+        unsafe { libc::close(event_fd) };
+    }
+}
+
+#[test]
+fn a_slow_exec_does_not_stall_other_calls() {
+    if !is_root() {
+        eprintln!("SKIP: a_slow_exec_does_not_stall_other_calls: fanotify needs root");
+        return;
+    }
+    let agent = Agent::start();
+    let client = agent.client();
+    let other = client.start(&spec(&["sleep", "1000"])).unwrap();
+    let dir = TempDir::new("gate");
+    let gated = dir.0.join("gated-true");
+    std::fs::copy("/bin/true", &gated).unwrap();
+    let gate = ExecGate::new(&gated).expect("fanotify (needs CAP_SYS_ADMIN)");
+
+    let mut slow = spec(&[gated.to_str().unwrap()]);
+    slow.exec_id = "slow".into();
+    let exec = {
+        let client = agent.client();
+        let slow = slow.clone();
+        std::thread::spawn(move || client.exec(&slow, b""))
+    };
+    // The agent's child is now inside execve: the agent sits in its spawn.
+    let event = gate.held();
+
+    let mut quick = agent.client();
+    quick.set_timeout(Duration::from_secs(5));
+    let during = (
+        quick.signal(&other, 0),
+        quick.start(&slow).map_err(|e| e.code()),
+        quick
+            .wait_timeout(&other, Duration::from_millis(10))
+            .map_err(|e| e.code()),
+    );
+    gate.release(event);
+    let (signalled, duplicate, waited) = during;
+    signalled.expect("SignalProcess while another exec is being spawned");
+    // The id being spawned is taken already.
+    assert_eq!(duplicate, Err(Some(Code::ALREADY_EXISTS)));
+    assert_eq!(waited, Err(Some(Code::DEADLINE_EXCEEDED)));
+
+    assert_eq!(exec.join().unwrap().unwrap().code, 0);
+    client.signal(&other, libc::SIGKILL).unwrap();
+    assert_eq!(client.wait(&other).unwrap(), 137);
+}
+
+#[test]
+fn idle_connections_do_not_lock_out_a_new_client() {
+    let mut agent = Agent::start();
+    // The oldest connection has a call in flight: it is busy, not idle.
+    let busy = agent.client();
+    let id = busy.start(&spec(&["sleep", "1000"])).unwrap();
+    let baseline = agent.threads();
+    let waiter = {
+        let busy = busy.clone();
+        let id = id.clone();
+        std::thread::spawn(move || busy.wait(&id))
+    };
+    wait_until("the WaitProcess call to start", || {
+        agent.threads() > baseline
+    });
+
+    // Far more idle connections than the agent serves at once.
+    let cap = osb_agent::server::rpc::Limits::default().max_connections;
+    let idle: Vec<UnixStream> = (0..200.max(cap + 1))
+        .map(|_| UnixStream::connect(&agent.socket).unwrap())
+        .collect();
+    let fresh = agent.client();
+    assert!(fresh.check().expect("health check of a new client"));
+    // The busy connection was not the one to go.
+    assert!(busy.check().unwrap());
+    busy.signal(&id, libc::SIGKILL).unwrap();
+    assert_eq!(waiter.join().unwrap().unwrap(), 137);
+    drop(idle);
+    agent.assert_alive();
+}
+
+/// VmHWM (peak resident memory) of `pid`, in bytes.
+fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn bytes_in_flight_are_bounded() {
+    let agent = Agent::start();
+    let client = agent.client();
+    // A process that never reads its stdin: each WriteStdin holds its data until
+    // the call's deadline.
+    let id = client.start(&spec(&["sleep", "1000"])).unwrap();
+    let limits = osb_agent::server::rpc::Limits::default();
+    let before = peak_rss(agent.pid());
+
+    const REQUESTS: usize = 32;
+    let req = osb_agent::proto::agent::WriteStreamRequest {
+        container_id: id.container_id.clone(),
+        exec_id: id.exec_id.clone(),
+        data: vec![0x5a; 4_000_000],
+        ..Default::default()
+    };
+    let mut r = ttrpc::Request::new();
+    r.service = "grpc.AgentService".into();
+    r.method = "WriteStdin".into();
+    r.timeout_nano = Duration::from_secs(2).as_nanos() as i64;
+    r.payload = req.write_to_bytes().unwrap();
+    let payload = std::sync::Arc::new(r.write_to_bytes().unwrap());
+    assert!(payload.len() <= limits.max_frame);
+    // Each on a connection of its own, all at once: 128 MB of requests.
+    let senders: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let mut s = UnixStream::connect(&agent.socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            let payload = payload.clone();
+            std::thread::spawn(move || {
+                let mut f = frame(payload.len() as u32, 1, 1, 0);
+                f.extend_from_slice(&payload);
+                s.write_all(&f).unwrap();
+                let (stream, _, _, reply) = read_frame(&mut s);
+                (stream, status_of(&reply).0)
+            })
+        })
+        .collect();
+    for s in senders {
+        // Every request is served (waits for room rather than failing).
+        assert_eq!(s.join().unwrap(), (1, Code::DEADLINE_EXCEEDED));
+    }
+    let grown = peak_rss(agent.pid()).saturating_sub(before);
+    // A request is in memory about twice (its frame and the decoded message).
+    let bound = 2 * limits.max_inflight_bytes as u64 + (16 << 20);
+    assert!(
+        grown <= bound,
+        "the agent's peak memory grew by {} MiB for {REQUESTS} requests of 4 MB (bound {} MiB)",
+        grown >> 20,
+        bound >> 20
+    );
+    client.signal(&id, libc::SIGKILL).unwrap();
+    assert_eq!(client.wait(&id).unwrap(), 137);
+}

@@ -38,17 +38,22 @@ pub struct AgentCommand {
 }
 
 impl AgentCommand {
-    /// The agent linked into this binary, listening on vsock `port`.
-    pub fn linked(port: u32) -> AgentCommand {
+    /// The agent linked into this binary, listening on vsock `port` for the peer
+    /// `allow_cid` (a CID or `any`; None: the agent's default, the host).
+    pub fn linked(port: u32, allow_cid: Option<&str>) -> AgentCommand {
+        let mut args = vec![
+            "--port".into(),
+            port.to_string(),
+            "--workload-fd".into(),
+            EVENTS_FD.to_string(),
+        ];
+        if let Some(cid) = allow_cid {
+            args.extend(["--allow-cid".into(), cid.to_string()]);
+        }
         AgentCommand {
             program: "/proc/self/exe".into(),
             argv0: "osb-agent".into(),
-            args: vec![
-                "--port".into(),
-                port.to_string(),
-                "--workload-fd".into(),
-                EVENTS_FD.to_string(),
-            ],
+            args,
         }
     }
 }
@@ -183,12 +188,17 @@ mod tests {
 
     #[test]
     fn the_linked_agent_command() {
-        let c = AgentCommand::linked(1024);
+        let c = AgentCommand::linked(1024, None);
         assert_eq!(
             (c.program.to_str().unwrap(), c.argv0.as_str()),
             ("/proc/self/exe", "osb-agent")
         );
         assert_eq!(c.args, ["--port", "1024", "--workload-fd", "3"]);
+        let c = AgentCommand::linked(1024, Some("any"));
+        assert_eq!(
+            c.args,
+            ["--port", "1024", "--workload-fd", "3", "--allow-cid", "any"]
+        );
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub struct Options {
     pub on_exit: OnExit,
     pub agent: bool,
     pub agent_port: u32,
+    /// The vsock peer the agent serves (`osb.agent.allow_cid=CID|any`); None: its
+    /// default, the host (CID 2).
+    pub agent_allow_cid: Option<String>,
     pub shutdown_timeout: Duration,
     pub debug: bool,
     pub entropy: Option<Vec<u8>>,
@@ -140,6 +143,7 @@ impl Default for Options {
             on_exit: OnExit::PowerOff,
             agent: true,
             agent_port: 1024,
+            agent_allow_cid: None,
             shutdown_timeout: Duration::from_secs(3),
             debug: false,
             entropy: None,
@@ -278,6 +282,10 @@ impl Options {
                     .parse()
                     .map(|p| opts.agent_port = p)
                     .map_err(|_| format!("{value:?} is not a port number")),
+                "agent.allow_cid" if value == "any" || value.parse::<u32>().is_ok() => {
+                    set(&mut opts.agent_allow_cid, Some(value))
+                }
+                "agent.allow_cid" => Err(format!("{value:?} is neither a vsock CID nor \"any\"")),
                 "shutdown_timeout" => value
                     .parse::<f64>()
                     .ok()
@@ -344,7 +352,7 @@ mod tests {
             r#"console=ttyS0 osb.root=/dev/pmem0p1 osb.dax=1 osb.rootfstype=ext4 osb.overlay=1 osb.hostname=box
                osb.cmd=["/bin/sh","-c","echo a b"] osb.entrypoint="tini --" osb.env=A=1 osb.env="B=two words" osb.env=A=3
                osb.workdir=/srv osb.user=app:staff osb.on_exit=stay osb.agent.port=2048 osb.shutdown_timeout=0.5
-               osb.debug=1 osb.entropy=00ff10 osb.user=1000"#,
+               osb.agent.allow_cid=any osb.debug=1 osb.entropy=00ff10 osb.user=1000"#,
         )
         .unwrap();
         assert_eq!(errors, []);
@@ -366,6 +374,7 @@ mod tests {
                 on_exit: OnExit::Stay,
                 agent: true,
                 agent_port: 2048,
+                agent_allow_cid: Some("any".into()),
                 shutdown_timeout: Duration::from_millis(500),
                 debug: true,
                 entropy: Some(vec![0, 0xff, 0x10]),
@@ -399,7 +408,7 @@ mod tests {
     #[test]
     fn bad_values_keep_defaults_and_are_reported() {
         let (opts, errors) =
-            Options::parse("osb.on_exit=explode osb.dax=maybe osb.agent.port=x osb.frobnicate=1 osb.env=NOEQUALS osb.entropy=abc osb.cmd=[1]")
+            Options::parse("osb.on_exit=explode osb.dax=maybe osb.agent.port=x osb.frobnicate=1 osb.env=NOEQUALS osb.entropy=abc osb.cmd=[1] osb.agent.allow_cid=host")
                 .unwrap();
         assert_eq!(opts, Options::default());
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
@@ -412,7 +421,8 @@ mod tests {
                 "osb.frobnicate",
                 "osb.env",
                 "osb.entropy",
-                "osb.cmd"
+                "osb.cmd",
+                "osb.agent.allow_cid"
             ]
         );
         assert_eq!(

@@ -116,7 +116,10 @@ fn boot_and_supervise(sys: &mut Linux, agent_linked: bool) -> Result<io::Error, 
 
     let mut supervisor = Supervisor::new(Linux, signals, opts.on_exit, opts.shutdown_timeout);
     if opts.agent && agent_linked {
-        supervisor.start_agent(AgentCommand::linked(opts.agent_port));
+        supervisor.start_agent(AgentCommand::linked(
+            opts.agent_port,
+            opts.agent_allow_cid.as_deref(),
+        ));
     } else {
         debug!(
             "no agent ({})",

@@ -2,12 +2,15 @@
 //!
 //! `osb-init` starts it as `/proc/self/exe` with argv[0] `osb-agent` and calls
 //! [`main`]. It listens on AF_VSOCK (any CID) and serves `grpc.AgentService` and
-//! `grpc.Health` over ttrpc (see [`rpc`] for the transport and its limits).
+//! `grpc.Health` over ttrpc (see [`rpc`] for the transport and its limits),
+//! to the host (CID 2) only unless `--allow-cid` says otherwise.
 //!
 //! Options:
 //! - `--port N`: vsock port (default 1024);
 //! - `--listen unix:///path` or `--listen vsock://CID:PORT` (CID -1: any): listen
 //!   there instead (the host tests use a Unix socket);
+//! - `--allow-cid CID|any`: the vsock peer served (default 2, the host; a Unix
+//!   socket serves anyone who can open it);
 //! - `--workload-fd N`: read init's workload events (JSON lines) from fd N;
 //! - `--init-pid N`: the pid DestroySandbox sends SIGUSR2 to (default 1; 0: none).
 
@@ -45,6 +48,7 @@ pub enum ListenAddr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     pub listen: ListenAddr,
+    pub peers: rpc::Peers,
     pub workload_fd: Option<i32>,
     pub init_pid: i32,
 }
@@ -56,13 +60,14 @@ impl Default for Options {
                 cid: libc::VMADDR_CID_ANY,
                 port: DEFAULT_PORT,
             },
+            peers: rpc::Peers::default(),
             workload_fd: None,
             init_pid: 1,
         }
     }
 }
 
-const USAGE: &str = "usage: osb-agent [--port N | --listen unix:///PATH | --listen vsock://CID:PORT] [--workload-fd N] [--init-pid N]";
+const USAGE: &str = "usage: osb-agent [--port N | --listen unix:///PATH | --listen vsock://CID:PORT] [--allow-cid CID|any] [--workload-fd N] [--init-pid N]";
 
 fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     if let Some(path) = s.strip_prefix("unix://") {
@@ -122,6 +127,9 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
                 };
             }
             "--listen" => opts.listen = parse_listen(&value()?)?,
+            "--allow-cid" => {
+                opts.peers = rpc::Peers::parse(&value()?).map_err(|e| format!("--allow-cid {e}"))?
+            }
             "--workload-fd" => {
                 let fd = value()?;
                 opts.workload_fd =
@@ -186,6 +194,9 @@ fn adopt_fd(fd: i32) -> std::io::Result<OwnedFd> {
 /// Serves until the listener fails.
 pub fn run(opts: &Options) -> std::io::Result<()> {
     sys::ignore_sigpipe();
+    // Request frames over this are mmap'd: their memory goes back to the guest
+    // as soon as a request is done (see rpc::Limits::max_inflight_bytes).
+    sys::unmap_large_allocations(rpc::SMALL_FRAME * 8);
     let table = Arc::new(process::Table::new(MAX_PROCESSES));
     if let Some(fd) = opts.workload_fd {
         match adopt_fd(fd) {
@@ -202,6 +213,7 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
             service::OnDestroy::Nothing
         },
         etc: PathBuf::from("/etc"),
+        copies: copy::Copies::default(),
     };
     let dispatcher = rpc::Dispatcher::new([
         agent_ttrpc::create_agent_service(Arc::new(agent)),
@@ -229,8 +241,11 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
             })?;
             let up = guest_uptime();
             let _ = READY_UPTIME.set(up);
-            eprintln!("osb-agent: listening on vsock port {port} (guest uptime {up:.2}s)");
-            rpc::Listener::Vsock(fd)
+            eprintln!(
+                "osb-agent: listening on vsock port {port} for {} (guest uptime {up:.2}s)",
+                opts.peers
+            );
+            rpc::Listener::vsock(fd, opts.peers)
         }
     };
     rpc::serve(listener, dispatcher, rpc::Limits::default())
@@ -267,6 +282,15 @@ mod tests {
                 ..d.clone()
             }
         );
+        assert_eq!(d.peers, rpc::Peers::Cid(libc::VMADDR_CID_HOST));
+        assert_eq!(
+            parse_args(&args("--allow-cid any")).unwrap().peers,
+            rpc::Peers::Any
+        );
+        assert_eq!(
+            parse_args(&args("--allow-cid=3")).unwrap().peers,
+            rpc::Peers::Cid(3)
+        );
         assert_eq!(
             parse_args(&args("--listen vsock://-1:1024"))
                 .unwrap()
@@ -282,6 +306,8 @@ mod tests {
             "--bogus",
             "--listen tcp://x",
             "--workload-fd -1",
+            "--allow-cid",
+            "--allow-cid host",
             "--help",
         ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad}");

@@ -10,11 +10,14 @@
 //! someone else waits for, and a signal is never sent to a pid that was reaped and
 //! reused.
 //!
+//! ExecProcess takes its id under the table lock (as "starting") and spawns
+//! without it: the fork and exec may take long, and every call needs the table.
+//!
 //! An entry leaves the table once it has exited, been waited for and had its output
 //! read to the end; an exited entry nobody waits for, or whose output nobody reads
 //! after the wait, is dropped later (see [`Table::collect_garbage`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -159,8 +162,29 @@ impl Proc {
     }
 }
 
+/// The table proper, behind one lock.
+#[derive(Default)]
+struct Procs {
+    map: HashMap<Key, Arc<Proc>>,
+    /// Ids whose ExecProcess is spawning: taken, but not in `map` yet (the spawn
+    /// runs without the lock).
+    starting: HashSet<Key>,
+}
+
+/// An id in [`Procs::starting`]; given back on drop, whatever the spawn did.
+struct Reservation<'a> {
+    procs: &'a Mutex<Procs>,
+    key: Key,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        lock(self.procs).starting.remove(&self.key);
+    }
+}
+
 pub struct Table {
-    procs: Mutex<HashMap<Key, Arc<Proc>>>,
+    procs: Mutex<Procs>,
     workload: Arc<Workload>,
     max_processes: usize,
 }
@@ -184,7 +208,7 @@ fn is_workload(container_id: &str, exec_id: &str) -> bool {
 impl Table {
     pub fn new(max_processes: usize) -> Table {
         Table {
-            procs: Mutex::new(HashMap::new()),
+            procs: Mutex::new(Procs::default()),
             workload: Arc::new(Workload::default()),
             max_processes,
         }
@@ -200,7 +224,7 @@ impl Table {
             return Ok(Target::Workload);
         }
         let key = (container_id.to_string(), exec_id.to_string());
-        match lock(&self.procs).get(&key) {
+        match lock(&self.procs).map.get(&key) {
             Some(p) => Ok(Target::Exec(p.clone())),
             None => Err(status(
                 Code::NOT_FOUND,
@@ -212,6 +236,7 @@ impl Table {
     /// Every exec'd process of `container_id`.
     fn of_container(&self, container_id: &str) -> Vec<Arc<Proc>> {
         lock(&self.procs)
+            .map
             .values()
             .filter(|p| p.key.0 == container_id)
             .cloned()
@@ -237,7 +262,7 @@ impl Table {
     fn maybe_remove(&self, p: &Arc<Proc>) {
         let done = lock(&p.state).waited_at.is_some() && p.drained();
         if done {
-            let mut procs = lock(&self.procs);
+            let procs = &mut lock(&self.procs).map;
             if procs.get(&p.key).is_some_and(|q| Arc::ptr_eq(q, p)) {
                 procs.remove(&p.key);
             }
@@ -262,10 +287,25 @@ impl Table {
             return Err(status(Code::INVALID_ARGUMENT, "process.Args is empty"));
         }
         let key = (container_id.to_string(), exec_id.to_string());
-        // The table stays locked while the child is spawned: the key is checked and
-        // taken atomically, and a spawn is only a fork and an exec.
-        let mut procs = lock(&self.procs);
-        if procs.contains_key(&key) || (is_workload(container_id, exec_id) && self.workload.known())
+        let reservation = self.reserve(key.clone())?;
+        // The spawn runs without the table lock: a fork and an exec can take long
+        // (a big environment, a slow filesystem, an exec held by a security module),
+        // and every other call needs the table.
+        let proc = Arc::new(spawn(key.clone(), &spec)?);
+        start_reaper(proc.clone())?;
+        lock(&self.procs).map.insert(key, proc);
+        drop(reservation);
+        Ok(())
+    }
+
+    /// Checks that `key` is free and room is left, and takes it for a spawn.
+    fn reserve(&self, key: Key) -> ttrpc::Result<Reservation<'_>> {
+        let (container_id, exec_id) = (&key.0, &key.1);
+        let mut guard = lock(&self.procs);
+        let table = &mut *guard;
+        if table.map.contains_key(&key)
+            || table.starting.contains(&key)
+            || (is_workload(container_id, exec_id) && self.workload.known())
         {
             return Err(status(
                 Code::ALREADY_EXISTS,
@@ -274,8 +314,9 @@ impl Table {
                 ),
             ));
         }
-        Self::collect_garbage(&mut procs);
-        if procs.len() >= self.max_processes {
+        let procs = &mut table.map;
+        Self::collect_garbage(procs);
+        if procs.len() + table.starting.len() >= self.max_processes {
             // Make room by forgetting the oldest exited process, if any.
             let oldest = procs
                 .iter()
@@ -293,10 +334,11 @@ impl Table {
                 }
             }
         }
-        let proc = Arc::new(spawn(key.clone(), &spec)?);
-        start_reaper(proc.clone())?;
-        procs.insert(key, proc);
-        Ok(())
+        table.starting.insert(key.clone());
+        Ok(Reservation {
+            procs: &self.procs,
+            key,
+        })
     }
 
     /// SignalProcess; an empty exec id signals every process of the container.
@@ -389,7 +431,7 @@ impl Table {
             (false, Some(stderr)) => stderr,
             (false, None) => {
                 // A terminal has no stderr: answer EOF once the process has ended.
-                p.wait_exited(call)?;
+                drop(p.wait_exited(call)?);
                 return Err(status(Code::INTERNAL, "eof"));
             }
         };
@@ -502,7 +544,7 @@ impl Table {
 
     /// Kills every exec'd process (and its process group).
     pub fn kill_all(&self) {
-        let procs: Vec<Arc<Proc>> = lock(&self.procs).values().cloned().collect();
+        let procs: Vec<Arc<Proc>> = lock(&self.procs).map.values().cloned().collect();
         for p in procs {
             let st = lock(&p.state);
             if st.exit.is_none() {
@@ -514,7 +556,7 @@ impl Table {
 
     /// Number of entries (for tests and limits).
     pub fn len(&self) -> usize {
-        lock(&self.procs).len()
+        lock(&self.procs).map.len()
     }
 
     pub fn is_empty(&self) -> bool {

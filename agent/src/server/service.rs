@@ -44,6 +44,7 @@ pub struct Agent {
     pub sysfs: Sysfs,
     pub on_destroy: OnDestroy,
     pub etc: std::path::PathBuf,
+    pub copies: copy::Copies,
 }
 
 fn empty() -> Empty {
@@ -354,7 +355,7 @@ impl agent_ttrpc::AgentService for Agent {
     }
 
     fn copy_file(&self, _ctx: &TtrpcContext, req: CopyFileRequest) -> ttrpc::Result<Empty> {
-        copy::copy_file(&req)?;
+        self.copies.copy_file(&req)?;
         Ok(empty())
     }
 }
