@@ -694,6 +694,52 @@ mod tests {
         );
     }
 
+    /// /proc/mounts when the kernel unpacked the initramfs into its rootfs
+    /// (a tmpfs of 98928 KiB) and init mounted /proc.
+    const INITRAMFS_MOUNTS: &str =
+        "rootfs / rootfs rw,size=98928k,nr_inodes=24732 0 0\nproc /proc proc rw,nosuid,nodev,noexec,relatime 0 0\n";
+
+    /// The early-boot calls up to the /dev links: where the marker check
+    /// stops a truncated initramfs, before the command line and anything else.
+    fn early_until_the_links() -> Vec<&'static str> {
+        EARLY.iter().copied().filter(|op| *op != "lo up").collect()
+    }
+
+    #[test]
+    fn initramfs_with_the_marker_boots_on() {
+        let mut sys = booted(CMDLINE);
+        sys.files.insert("/proc/mounts".into(), INITRAMFS_MOUNTS.into());
+        sys.existing.insert("/.osb/initrd-complete".into());
+        early_boot(&mut sys).unwrap();
+        sys.assert_ops(EARLY);
+    }
+
+    #[test]
+    fn initramfs_without_the_marker_stops_early_boot() {
+        let mut sys = booted(CMDLINE);
+        sys.files.insert("/proc/mounts".into(), INITRAMFS_MOUNTS.into());
+        let err = early_boot(&mut sys).unwrap_err().to_string();
+        assert!(err.starts_with("initramfs incomplete: /.osb/initrd-complete, "), "{err}");
+        assert!(err.contains("the kernel's rootfs holds 96 MiB"), "{err}");
+        assert!(err.contains("give the guest more memory"), "{err}");
+        sys.assert_ops(&early_until_the_links());
+    }
+
+    #[test]
+    fn a_root_the_kernel_mounted_needs_no_marker() {
+        for mounts in [
+            // root= on the command line: the kernel mounted the disk.
+            "/dev/root / ext4 ro,relatime 0 0\nproc /proc proc rw 0 0\n",
+            // The rootfs under a root moved onto / (as switch_root leaves it).
+            "rootfs / rootfs rw 0 0\n/dev/vda1 / ext4 rw 0 0\n",
+        ] {
+            let mut sys = booted(CMDLINE);
+            sys.files.insert("/proc/mounts".into(), mounts.into());
+            early_boot(&mut sys).unwrap();
+            sys.assert_ops(EARLY);
+        }
+    }
+
     /// The switch-root calls after the root is mounted at NEW_ROOT.
     const MOVE_AND_CHROOT: &[&str] = &[
         "mkdir /.osb/root/dev",
