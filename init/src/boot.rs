@@ -21,6 +21,12 @@ pub const OVERLAY_LOWER: &str = "/.osb/lower";
 /// The tmpfs holding the overlay's upper and work directories.
 pub const OVERLAY_RW: &str = "/.osb/rw";
 
+/// The last entry `osbuilder initrd --init` writes (osbuilder's
+/// `initrd::COMPLETION_MARKER`). The kernel stops unpacking an initramfs at
+/// the first error, a tree larger than its rootfs, and still starts
+/// `/init`: without this file the tree is not whole.
+pub const INITRD_MARKER: &str = "/.osb/initrd-complete";
+
 /// How long to wait for the root's block device node to appear.
 pub const DEVICE_WAIT: Duration = Duration::from_secs(5);
 const DEVICE_POLL: Duration = Duration::from_millis(10);
@@ -58,6 +64,13 @@ pub enum BootError {
     Chroot {
         source: io::Error,
     },
+    /// The root is the kernel's initramfs and [`INITRD_MARKER`] is missing.
+    InitramfsIncomplete {
+        /// The kernel's own words ("Initramfs unpacking failed: ...").
+        kernel: Option<String>,
+        /// The rootfs's size (`size=` in /proc/mounts; none on a ramfs).
+        rootfs_kib: Option<u64>,
+    },
 }
 
 impl fmt::Display for BootError {
@@ -87,6 +100,17 @@ impl fmt::Display for BootError {
             }
             BootError::Chdir { path, source } => write!(f, "chdir {path}: {source}"),
             BootError::Chroot { source } => write!(f, "chroot into the new root: {source}"),
+            BootError::InitramfsIncomplete { kernel, rootfs_kib } => {
+                let holds = rootfs_kib
+                    .map(|kib| format!(" (the kernel's rootfs holds {} MiB)", kib >> 10))
+                    .unwrap_or_default();
+                write!(f, "initramfs incomplete: {INITRD_MARKER}, the last entry of an initrd from `osbuilder initrd --init`, is missing")?;
+                match kernel {
+                    Some(said) => write!(f, ": the kernel stopped unpacking (\"{said}\"): the unpacked tree is larger than the kernel's rootfs, a tmpfs of half the guest's RAM{holds}; give the guest more memory or boot a disk image instead")?,
+                    None => write!(f, ", and the kernel's log names no unpacking failure: either the tree did not fit the kernel's rootfs, a tmpfs of half the guest's RAM{holds} (give the guest more memory), or the initrd was made another way (end it with an empty {INITRD_MARKER})")?,
+                }
+                write!(f, "; nothing was run")
+            }
         }
     }
 }
@@ -206,6 +230,50 @@ pub fn mount_points(proc_mounts: &str) -> Vec<String> {
         .collect()
 }
 
+/// When `/` is the kernel's initramfs (the last mount on `/` in
+/// /proc/mounts is `rootfs`): `Some` with the rootfs's `size=` in KiB when
+/// it has one (a tmpfs; a ramfs has none).
+pub fn initramfs_root(proc_mounts: &str) -> Option<Option<u64>> {
+    let root = proc_mounts
+        .lines()
+        .rev()
+        .map(|line| line.split(' ').collect::<Vec<_>>())
+        .find(|fields| fields.len() >= 4 && fields[1] == "/")?;
+    if root[2] != "rootfs" {
+        return None;
+    }
+    let size = root[3]
+        .split(',')
+        .find_map(|opt| opt.strip_prefix("size="))
+        .and_then(|v| v.strip_suffix('k'))
+        .and_then(|v| v.parse().ok());
+    Some(size)
+}
+
+/// The kernel's line about a failed initramfs unpack, if its log has one.
+pub fn unpack_failure(kernel_log: &str) -> Option<String> {
+    const SAID: &str = "Initramfs unpacking failed";
+    kernel_log
+        .lines()
+        .find_map(|line| line.find(SAID).map(|at| line[at..].trim_end().to_owned()))
+}
+
+/// Stops the boot on an initramfs root without [`INITRD_MARKER`]: the
+/// kernel unpacked only part of the initrd (and said so in its log).
+fn check_initramfs(sys: &mut dyn Sys, proc_mounts: &str) -> Result<(), BootError> {
+    let Some(rootfs_kib) = initramfs_root(proc_mounts) else {
+        return Ok(());
+    };
+    if sys.exists(INITRD_MARKER) {
+        return Ok(());
+    }
+    let kernel = sys
+        .kernel_log()
+        .ok()
+        .and_then(|log| unpack_failure(&log));
+    Err(BootError::InitramfsIncomplete { kernel, rootfs_kib })
+}
+
 fn unescape_mount_field(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -234,6 +302,7 @@ fn unescape_mount_field(field: &str) -> String {
 /// loopback. Mounts already in place (the kernel's own devtmpfs on /dev) are
 /// kept.
 pub fn early_boot(sys: &mut dyn Sys) -> Result<Options, BootError> {
+    let mut proc_mounts = String::new();
     let mut mounted: Vec<String> = Vec::new();
     for pseudo in &PSEUDO {
         if mounted.iter().any(|m| m == pseudo.target) {
@@ -245,10 +314,8 @@ pub fn early_boot(sys: &mut dyn Sys) -> Result<Options, BootError> {
             say!("warning: {e}");
         }
         if pseudo.target == "/proc" {
-            mounted = sys
-                .read_file("/proc/mounts")
-                .map(|m| mount_points(&m))
-                .unwrap_or_default();
+            proc_mounts = sys.read_file("/proc/mounts").unwrap_or_default();
+            mounted = mount_points(&proc_mounts);
         }
         if pseudo.target == "/dev" {
             if let Err(e) = sys.open_console("/dev/console") {
@@ -265,6 +332,8 @@ pub fn early_boot(sys: &mut dyn Sys) -> Result<Options, BootError> {
             _ => {}
         }
     }
+    // Before anything else runs, as soon as the console can say why.
+    check_initramfs(sys, &proc_mounts)?;
 
     let cmdline = sys
         .read_file("/proc/cmdline")
@@ -611,7 +680,7 @@ mod tests {
     #[test]
     fn early_boot_keeps_the_kernels_devtmpfs_and_existing_dirs() {
         let mut sys = booted("osb.entropy=0102");
-        for dir in ["/proc", "/dev", "/sys", "/run", "/dev/fd"] {
+        for dir in ["/proc", "/dev", "/sys", "/run", "/dev/fd", INITRD_MARKER] {
             sys.existing.insert(dir.into());
         }
         // The kernel mounted devtmpfs on /dev before starting init.
@@ -692,6 +761,69 @@ mod tests {
             err.starts_with("kernel command line option osb.root: "),
             "{err}"
         );
+    }
+
+    /// /proc/mounts when the kernel unpacked the initramfs into its rootfs
+    /// (a tmpfs of 98928 KiB) and init mounted /proc.
+    const INITRAMFS_MOUNTS: &str =
+        "rootfs / rootfs rw,size=98928k,nr_inodes=24732 0 0\nproc /proc proc rw,nosuid,nodev,noexec,relatime 0 0\n";
+
+    /// The early-boot calls up to the /dev links: where the marker check
+    /// stops a truncated initramfs, before the command line and anything else.
+    fn early_until_the_links() -> Vec<&'static str> {
+        EARLY.iter().copied().filter(|op| *op != "lo up").collect()
+    }
+
+    #[test]
+    fn initramfs_with_the_marker_boots_on() {
+        let mut sys = booted(CMDLINE);
+        sys.files.insert("/proc/mounts".into(), INITRAMFS_MOUNTS.into());
+        sys.existing.insert("/.osb/initrd-complete".into());
+        early_boot(&mut sys).unwrap();
+        sys.assert_ops(EARLY);
+    }
+
+    #[test]
+    fn initramfs_without_the_marker_stops_early_boot() {
+        let mut sys = booted(CMDLINE);
+        sys.files.insert("/proc/mounts".into(), INITRAMFS_MOUNTS.into());
+        let err = early_boot(&mut sys).unwrap_err().to_string();
+        assert!(err.starts_with("initramfs incomplete: /.osb/initrd-complete, "), "{err}");
+        assert!(err.contains("the kernel's rootfs holds 96 MiB"), "{err}");
+        assert!(err.contains("give the guest more memory"), "{err}");
+        sys.assert_ops(&early_until_the_links());
+    }
+
+    #[test]
+    fn a_truncated_initramfs_quotes_the_kernel() {
+        let mut sys = booted(CMDLINE);
+        sys.files.insert("/proc/mounts".into(), INITRAMFS_MOUNTS.into());
+        sys.kmsg = Some(
+            "<6>Unpacking initramfs...\n<0>Initramfs unpacking failed: write error\n<6>Freeing initrd memory: 40128K\n"
+                .into(),
+        );
+        let err = early_boot(&mut sys).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "initramfs incomplete: /.osb/initrd-complete, the last entry of an initrd from `osbuilder initrd --init`, is missing: \
+             the kernel stopped unpacking (\"Initramfs unpacking failed: write error\"): the unpacked tree is larger than the kernel's rootfs, \
+             a tmpfs of half the guest's RAM (the kernel's rootfs holds 96 MiB); give the guest more memory or boot a disk image instead; nothing was run"
+        );
+    }
+
+    #[test]
+    fn a_root_the_kernel_mounted_needs_no_marker() {
+        for mounts in [
+            // root= on the command line: the kernel mounted the disk.
+            "/dev/root / ext4 ro,relatime 0 0\nproc /proc proc rw 0 0\n",
+            // The rootfs under a root moved onto / (as switch_root leaves it).
+            "rootfs / rootfs rw 0 0\n/dev/vda1 / ext4 rw 0 0\n",
+        ] {
+            let mut sys = booted(CMDLINE);
+            sys.files.insert("/proc/mounts".into(), mounts.into());
+            early_boot(&mut sys).unwrap();
+            sys.assert_ops(EARLY);
+        }
     }
 
     /// The switch-root calls after the root is mounted at NEW_ROOT.
@@ -908,6 +1040,19 @@ mod tests {
                     "chdir /".into()
                 ])
         );
+    }
+
+    #[test]
+    fn finds_the_initramfs_root_and_the_kernels_words() {
+        assert_eq!(initramfs_root(INITRAMFS_MOUNTS), Some(Some(98_928)));
+        assert_eq!(initramfs_root("rootfs / rootfs rw 0 0\n"), Some(None), "a ramfs has no size");
+        assert_eq!(initramfs_root("/dev/root / ext4 ro 0 0\n"), None);
+        assert_eq!(initramfs_root(""), None, "unknown: no check");
+        assert_eq!(
+            unpack_failure("<6>[    0.5] Unpacking initramfs...\n<0>[    0.9] Initramfs unpacking failed: write error\n"),
+            Some("Initramfs unpacking failed: write error".to_owned())
+        );
+        assert_eq!(unpack_failure("<6>Unpacking initramfs...\n"), None);
     }
 
     #[test]

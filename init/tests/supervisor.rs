@@ -83,6 +83,9 @@ impl Sys for Host {
         assert_eq!(path, "/proc/mounts");
         Ok("/dev/vda1 / ext4 rw 0 0\n/dev/vdb /data ext4 rw 0 0\n".into())
     }
+    fn kernel_log(&mut self) -> io::Result<String> {
+        unreachable!()
+    }
     fn open_console(&mut self, _: &str) -> io::Result<()> {
         unreachable!()
     }

@@ -139,7 +139,8 @@ struct InitrdArgs {
     #[arg(long, required_unless_present = "agent_only")]
     image: Option<ImageRef>,
     /// The guest init (a static `osb-init`): placed at /init, with the
-    /// image's Entrypoint/Cmd/Env/WorkingDir/User at /etc/osb/run.json.
+    /// image's Entrypoint/Cmd/Env/WorkingDir/User at /etc/osb/run.json and
+    /// /.osb/initrd-complete as the archive's last entry (init checks it).
     #[arg(long, value_name = "PATH")]
     init: Option<PathBuf>,
     /// No image: an initrd holding only --init (the agent-only guest).
@@ -157,7 +158,8 @@ struct InitrdArgs {
     /// Compression threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Memory of the target guest (e.g. 512M, 2G): warn when the initrd is large for it.
+    /// Memory of the target guest (e.g. 512M, 2G): warn when the unpacked tree
+    /// does not fit its rootfs (a tmpfs of half the RAM the kernel leaves).
     #[arg(long, default_value = "2G", value_parser = pipeline::parse_mem_size)]
     guest_mem: u64,
     #[command(flatten)]
@@ -358,6 +360,8 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
         compression: CompressOptions { kind: args.compress, level: args.level, threads: args.threads },
         source_date_epoch: 0,
         guest_mem: Some(args.guest_mem),
+        // Set by the pipeline when the initrd holds our init.
+        completion_marker: false,
     };
     let Some(image) = args.image else {
         // --agent-only (clap requires --init with it and --image without it).

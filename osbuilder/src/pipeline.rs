@@ -151,7 +151,8 @@ pub fn build_agent_initrd(init: &Path, output: &Path, opts: &InitrdOptions, prog
     let mut tree = Tree::new();
     add_guest_init(&mut tree, init, INITRD_INIT_PATH, None, opts.source_date_epoch)?;
     let bar = progress.bytes("write", tree.stats().file_bytes);
-    let report = initrd::write_initrd(&tree, output, opts, &bar)?;
+    let opts = InitrdOptions { completion_marker: true, ..opts.clone() };
+    let report = initrd::write_initrd(&tree, output, &opts, &bar)?;
     bar.finish_and_clear();
     Ok(report)
 }
@@ -295,7 +296,8 @@ pub fn build_initrd(job: &InitrdJob, progress: &Progress) -> Result<InitrdBuildR
     let mut timings = Timings::default();
     let (image, tree, stats, epoch, epoch_source) = build_tree(&job.tree, INITRD_INIT_PATH, progress, &mut timings)?;
     let t = Instant::now();
-    let opts = InitrdOptions { source_date_epoch: epoch, ..job.initrd.clone() };
+    // Our init checks the marker; an initrd for another init goes without.
+    let opts = InitrdOptions { source_date_epoch: epoch, completion_marker: job.tree.init.is_some(), ..job.initrd.clone() };
     // newc adds a 110-byte header plus the name and padding per entry.
     let tree_stats = tree.stats();
     let estimate = tree_stats.file_bytes + tree_stats.entries * 192;

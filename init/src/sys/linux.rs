@@ -95,6 +95,27 @@ impl Sys for Linux {
         std::fs::read_to_string(path)
     }
 
+    fn kernel_log(&mut self) -> io::Result<String> {
+        const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+        const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+        // SAFETY: SIZE_BUFFER takes no buffer (NULL, length 0).
+        let size = check(unsafe {
+            libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0)
+        })?;
+        let mut buf = vec![0u8; size.max(0) as usize];
+        // SAFETY: the pointer and length describe `buf`, which the kernel
+        // fills with at most that many bytes.
+        let n = check(unsafe {
+            libc::klogctl(
+                SYSLOG_ACTION_READ_ALL,
+                buf.as_mut_ptr().cast(),
+                buf.len() as libc::c_int,
+            )
+        })?;
+        buf.truncate(n as usize);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
     fn open_console(&mut self, path: &str) -> io::Result<()> {
         let path = cstr(path)?;
         // SAFETY: `path` is NUL-terminated; the returned fd is ours.

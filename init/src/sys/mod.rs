@@ -97,6 +97,9 @@ pub trait Sys {
     /// Whether `path` names anything (without following a final symlink).
     fn exists(&mut self, path: &str) -> bool;
     fn read_file(&mut self, path: &str) -> io::Result<String>;
+    /// The kernel's log buffer as it stands (`klogctl` READ_ALL: nothing
+    /// consumed, nothing blocks).
+    fn kernel_log(&mut self) -> io::Result<String>;
     /// Opens `path` read-write (no controlling tty) as fds 0, 1 and 2.
     fn open_console(&mut self, path: &str) -> io::Result<()>;
     fn sethostname(&mut self, name: &str) -> io::Result<()>;

@@ -16,6 +16,8 @@ pub struct Recorder {
     pub existing: HashSet<String>,
     /// Contents for `read_file`.
     pub files: HashMap<String, String>,
+    /// What `kernel_log` returns (`None`: it fails with EPERM).
+    pub kmsg: Option<String>,
     /// `(prefix, errno)`: a call whose line starts with `prefix` fails
     /// (after being recorded).
     pub failures: Vec<(String, i32)>,
@@ -154,6 +156,12 @@ impl Sys for Recorder {
             .get(path)
             .cloned()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+    }
+
+    fn kernel_log(&mut self) -> io::Result<String> {
+        self.kmsg
+            .clone()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EPERM))
     }
 
     fn open_console(&mut self, path: &str) -> io::Result<()> {

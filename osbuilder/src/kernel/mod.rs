@@ -5,7 +5,9 @@
 //! configuration and the build happen in a cache directory outside it, keyed
 //! by a hash of every input, so an unchanged rebuild is a cache hit. The
 //! configuration step fails when `olddefconfig` dropped or changed anything a
-//! fragment asked for ([`config::validate`]).
+//! fragment asked for ([`config::validate`]). Builds of the same key take
+//! turns (a flock beside the work directory); the key covers the toolchain
+//! (gcc, binutils' ld and as, make) as well as the inputs.
 
 pub mod config;
 pub mod patches;
@@ -374,16 +376,42 @@ pub fn resolve_inputs(job: &KernelJob) -> Result<KernelInputs, KernelError> {
         .map(|p| Ok(InputDigest { name: p.name.clone(), sha256: sha256_file(&p.path)? }))
         .collect::<Result<Vec<_>, KernelError>>()?;
     let source = resolve_source(job, &version)?;
-    let toolchain = run_capture(Command::new("gcc").arg("--version")).map(|v| v.lines().next().unwrap_or("").to_string()).unwrap_or_default();
+    let toolchain = Toolchain::probe();
 
-    let mut key_parts: Vec<String> = vec![RECIPE_VERSION.into(), version.series.clone(), version.config_version.to_string(), source.sha256.clone(), toolchain.clone()];
+    let mut key_parts: Vec<String> = vec![RECIPE_VERSION.into(), version.series.clone(), version.config_version.to_string(), source.sha256.clone(), toolchain.identity.clone()];
     key_parts.push(format!("epoch={:?}", job.source_date_epoch));
     key_parts.extend(features.iter().map(|f| format!("feature={f}")));
     key_parts.extend(fragments.iter().map(|f| format!("{}={}", f.name, f.sha256)));
     key_parts.push(format!("whitelist={}", Digest::of_bytes(whitelist_text.as_bytes()).hex()));
     key_parts.extend(patch_digests.iter().map(|p| format!("{}={}", p.name, p.sha256)));
     let key = Digest::of_bytes(key_parts.join("\n").as_bytes()).hex()[..16].to_string();
-    Ok(KernelInputs { version, features, fragments, merged, whitelist, patches, patch_digests, source, toolchain, key })
+    Ok(KernelInputs { version, features, fragments, merged, whitelist, patches, patch_digests, source, toolchain: toolchain.summary, key })
+}
+
+/// The tools the kernel build runs from PATH, as they identify themselves.
+struct Toolchain {
+    /// Every tool's full `--version` output (or why it could not run), for the key.
+    identity: String,
+    /// Their first lines, joined by "; ", for the manifest.
+    summary: String,
+}
+
+impl Toolchain {
+    /// The compiler, binutils' linker and assembler (which the kernel's
+    /// Makefile calls as `ld` and `as` itself, not through gcc) and make: a
+    /// binutils or make upgrade is a different build, not a cache hit.
+    const TOOLS: [&'static str; 4] = ["gcc", "ld", "as", "make"];
+
+    fn probe() -> Toolchain {
+        let mut identity = String::new();
+        let mut firsts = Vec::new();
+        for tool in Self::TOOLS {
+            let said = run_capture(Command::new(tool).arg("--version").env("LC_ALL", "C")).unwrap_or_else(|e| format!("{tool}: {e}"));
+            identity.push_str(&format!("{tool} --version:\n{said}\n"));
+            firsts.push(said.lines().next().unwrap_or("").to_string());
+        }
+        Toolchain { identity, summary: firsts.join("; ") }
+    }
 }
 
 /// `date -u`-style text for KBUILD_BUILD_TIMESTAMP from seconds since the epoch.
@@ -445,17 +473,18 @@ pub fn build(job: &KernelJob, log_line: &dyn Fn(&str)) -> Result<KernelReport, K
     let series = &inputs.version.series;
     let kernel_root = job.cache_dir.join("kernel");
     let done = kernel_root.join(format!("{series}-{}", inputs.key));
-    let manifest_path = done.join("manifest.json");
-    if manifest_path.is_file() {
-        let text = std::fs::read_to_string(&manifest_path).map_err(io_err("cannot read the cached manifest"))?;
-        let cached: serde_json::Value = serde_json::from_str(&text).map_err(|e| KernelError::Inputs { path: manifest_path.clone(), message: e.to_string() })?;
-        let manifest = manifest_from_cache(&inputs, &cached)?;
-        let files = publish(&done, &manifest, &job.out_dir)?;
-        return Ok(KernelReport { manifest, cache_hit: true, out_dir: job.out_dir.clone(), files });
+    if let Some(report) = from_cache(&inputs, &done, job)? {
+        return Ok(report);
     }
 
     // A fixed work path per key: the kernel embeds build paths in places.
+    // Whoever holds the lock beside it owns it (and the staging directory);
+    // a second build of the same key waits, then finds the first's result.
     let work = kernel_root.join(format!("work-{series}-{}", inputs.key));
+    let _lock = lock_work_dir(&kernel_root.join(format!("work-{series}-{}.lock", inputs.key)), series, log_line)?;
+    if let Some(report) = from_cache(&inputs, &done, job)? {
+        return Ok(report);
+    }
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(io_err(format!("cannot clear {}", work.display())))?;
     }
@@ -533,6 +562,49 @@ pub fn build(job: &KernelJob, log_line: &dyn Fn(&str)) -> Result<KernelReport, K
     let _ = std::fs::remove_dir_all(&work);
     let files = publish(&done, &manifest, &job.out_dir)?;
     Ok(KernelReport { manifest, cache_hit: false, out_dir: job.out_dir.clone(), files })
+}
+
+/// The cached build of `inputs` (`done/manifest.json`), published to the output directory.
+fn from_cache(inputs: &KernelInputs, done: &Path, job: &KernelJob) -> Result<Option<KernelReport>, KernelError> {
+    let manifest_path = done.join("manifest.json");
+    if !manifest_path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&manifest_path).map_err(io_err("cannot read the cached manifest"))?;
+    let cached: serde_json::Value = serde_json::from_str(&text).map_err(|e| KernelError::Inputs { path: manifest_path.clone(), message: e.to_string() })?;
+    let manifest = manifest_from_cache(inputs, &cached)?;
+    let files = publish(done, &manifest, &job.out_dir)?;
+    Ok(Some(KernelReport { manifest, cache_hit: true, out_dir: job.out_dir.clone(), files }))
+}
+
+/// Takes the exclusive lock (flock) on `path`, waiting (and saying so) while
+/// another build holds it; released when the returned file is dropped or the
+/// process ends. The lock file stays: removing it would let a third build
+/// lock a new file while a second still holds the old one.
+fn lock_work_dir(path: &Path, series: &str, log_line: &dyn Fn(&str)) -> Result<std::fs::File, KernelError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+    }
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
+    // std's File::lock is newer than the workspace's rust-version.
+    let flock = |operation: libc::c_int| {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: the fd belongs to `file`, open for the whole call.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    match flock(libc::LOCK_EX | libc::LOCK_NB) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            log_line(&format!("kernel {series}: waiting for another build of the same inputs (it holds {})", path.display()));
+            flock(libc::LOCK_EX).map_err(io_err(format!("cannot lock {}", path.display())))?;
+        }
+        Err(e) => return Err(io_err(format!("cannot lock {}", path.display()))(e)),
+    }
+    Ok(file)
 }
 
 /// Keeps the `.config` and log of a failed configuration (small) and drops
