@@ -107,6 +107,8 @@ pub enum OciError {
     Platform(String),
     #[error(transparent)]
     Blob(#[from] cache::CommitError),
+    #[error("fetching layer {index} ({digest}) panicked: {message}")]
+    FetchPanicked { index: usize, digest: String, message: String },
     #[error("layer {index} ({digest}): {source}")]
     Layer { index: usize, digest: String, source: LayerError },
 }
@@ -247,7 +249,7 @@ impl Image {
                     if i >= n {
                         break;
                     }
-                    let result = self.store.fetch_layer(i, &self.layers[i], progress);
+                    let result = self.fetch_caught(i, progress);
                     let failed = result.is_err();
                     slots.lock().expect("slots")[i] = Some(result);
                     ready.notify_all();
@@ -284,6 +286,21 @@ impl Image {
                 }
             }
             Ok(stats)
+        })
+    }
+
+    /// Fetches layer `i`, turning a panic in the store into an error: the
+    /// applying thread waits for every slot to be filled, so a fetcher that
+    /// unwound without filling its slot would leave it waiting forever.
+    fn fetch_caught(&self, i: usize, progress: &Progress) -> Result<BlobLocation, OciError> {
+        let fetch = std::panic::AssertUnwindSafe(|| self.store.fetch_layer(i, &self.layers[i], progress));
+        std::panic::catch_unwind(fetch).unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(OciError::FetchPanicked { index: i, digest: self.layers[i].label(i), message })
         })
     }
 
@@ -420,6 +437,64 @@ mod tests {
         check("docker-archive:/tmp/a.tar:img:v1", Ok(ImageRef::DockerArchive { path: "/tmp/a.tar".into(), reference: Some("img:v1".into()) }));
         check("http://example.com/x", Err("is not one of"));
         check("Upper/Case:tag", Err("image reference"));
+    }
+
+    /// A store whose fetcher for one layer panics (a bug in a source, or a
+    /// library panicking on hostile input); the others serve a real layer.
+    struct PanickingStore {
+        panic_at: usize,
+        layer: BlobLocation,
+    }
+
+    impl BlobStore for PanickingStore {
+        fn fetch_layer(&self, index: usize, _layer: &LayerInfo, _progress: &Progress) -> Result<BlobLocation, OciError> {
+            if index == self.panic_at {
+                panic!("injected fetcher panic for layer {index}");
+            }
+            Ok(self.layer.clone())
+        }
+    }
+
+    #[test]
+    fn a_panicking_fetcher_fails_apply_layers_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        builder.append_data(&mut h, "f", &b"hi"[..]).unwrap();
+        let tar_bytes = builder.into_inner().unwrap();
+        let path = dir.path().join("layer.tar");
+        std::fs::write(&path, &tar_bytes).unwrap();
+        for (n_layers, panic_at) in [(3, 1), (1, 0), (4, 3)] {
+            let layer = LayerInfo { digest: None, media_type: String::new(), size: tar_bytes.len() as u64, diff_id: None };
+            let image = Image {
+                reference: ImageRef::Registry("127.0.0.1:1/test:panic".into()),
+                manifest_digest: None,
+                manifest: None,
+                config_digest: None,
+                config: ImageConfig::parse(br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#, "config").unwrap(),
+                layers: vec![layer; n_layers],
+                store: Box::new(PanickingStore {
+                    panic_at,
+                    layer: BlobLocation { path: path.clone(), offset: 0, len: tar_bytes.len() as u64 },
+                }),
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut tree = Tree::new();
+                let result = image.apply_layers(&mut tree, None, 2, &Progress::hidden()).map(|_| ());
+                let _ = tx.send(result.map_err(|e| e.to_string()));
+            });
+            let result = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("apply_layers must return when a fetcher panics, not wait forever");
+            let err = result.expect_err("a panicked fetch is an error");
+            assert!(err.contains(&format!("layer {panic_at} (#{panic_at})")) && err.contains("panicked") && err.contains("injected fetcher panic"), "{err}");
+        }
     }
 
     #[test]
