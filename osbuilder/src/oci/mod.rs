@@ -23,10 +23,11 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::progress::Progress;
-use crate::rootfs::{LayerError, LayerStats, Tree};
+use crate::rootfs::{Intake, LayerError, LayerStats, Tree, RATIO_FLOOR};
 use cache::BlobCache;
 use digest::{Digest, HashingReader};
 use manifest::{ImageConfig, ImageManifest, ManifestError, Platform};
@@ -222,11 +223,12 @@ impl Image {
     }
 
     /// Applies every layer to `tree` in order, fetching up to
-    /// `fetch_jobs` layers ahead. File data is spooled into `spool_dir`.
+    /// `fetch_jobs` layers ahead, within `intake`'s limits (file data
+    /// spooled into its directory).
     pub fn apply_layers(
         &self,
         tree: &mut Tree,
-        spool_dir: Option<&Path>,
+        intake: &Intake,
         fetch_jobs: usize,
         progress: &Progress,
     ) -> Result<Vec<LayerStats>, OciError> {
@@ -277,7 +279,7 @@ impl Image {
                         return Err(e);
                     }
                 };
-                match self.apply_one(tree, i, &location, spool_dir, progress) {
+                match self.apply_one(tree, i, &location, intake, progress) {
                     Ok(s) => stats.push(s),
                     Err(e) => {
                         next.store(n, std::sync::atomic::Ordering::SeqCst);
@@ -309,7 +311,7 @@ impl Image {
         tree: &mut Tree,
         index: usize,
         location: &BlobLocation,
-        spool_dir: Option<&Path>,
+        intake: &Intake,
         progress: &Progress,
     ) -> Result<LayerStats, OciError> {
         let layer = &self.layers[index];
@@ -317,11 +319,13 @@ impl Image {
         let bar = progress.bytes(format!("apply {}", short(&label)), location.len);
         let mut file = File::open(&location.path).map_err(io_err(format!("cannot open layer {label}")))?;
         file.seek(SeekFrom::Start(location.offset)).map_err(io_err(format!("cannot read layer {label}")))?;
-        let raw = bar.wrap_read(file.take(location.len));
+        let compressed = Arc::new(AtomicU64::new(0));
+        let raw = Counting { inner: bar.wrap_read(file.take(location.len)), count: compressed.clone() };
         let decoded = decompress(raw).map_err(io_err(format!("cannot read layer {label}")))?;
-        let mut hashing = HashingReader::new(decoded);
+        let bounded = RatioGuard { inner: decoded, compressed, uncompressed: 0, max_ratio: intake.limits.max_ratio };
+        let mut hashing = HashingReader::new(bounded);
         let stats = tree
-            .apply_layer(&mut hashing, index as u32, spool_dir)
+            .apply_layer(&mut hashing, index as u32, intake)
             .map_err(|source| OciError::Layer { index, digest: label.clone(), source })?;
         let (diff_id, _) = hashing.finish().map_err(io_err(format!("cannot read layer {label}")))?;
         bar.finish_and_clear();
@@ -340,6 +344,50 @@ impl Image {
 
 fn short(label: &str) -> &str {
     label.get(..19).unwrap_or(label)
+}
+
+/// Counts the bytes read through it, for [`RatioGuard`] on the other side of
+/// the decoder.
+struct Counting<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Fails a decompressed stream that grows past `max_ratio` times the
+/// compressed bytes read so far, once past [`RATIO_FLOOR`]: a decompression
+/// bomb costs at most that much work, whatever it would expand to. (The
+/// decoder's read-ahead makes the measured ratio, if anything, smaller.)
+struct RatioGuard<R> {
+    inner: R,
+    compressed: Arc<AtomicU64>,
+    uncompressed: u64,
+    max_ratio: u64,
+}
+
+impl<R: Read> Read for RatioGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.uncompressed += n as u64;
+        let compressed = self.compressed.load(Ordering::Relaxed).max(1);
+        if self.uncompressed > RATIO_FLOOR && self.uncompressed > compressed.saturating_mul(self.max_ratio) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} compressed bytes decompress to more than {} bytes, over the limit of {}:1 (a decompression bomb? raise the limit with --max-ratio)",
+                    compressed, self.uncompressed, self.max_ratio
+                ),
+            ));
+        }
+        Ok(n)
+    }
 }
 
 /// Wraps a layer stream in the decoder its first bytes call for: gzip, zstd
@@ -486,7 +534,7 @@ mod tests {
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
                 let mut tree = Tree::new();
-                let result = image.apply_layers(&mut tree, None, 2, &Progress::hidden()).map(|_| ());
+                let result = image.apply_layers(&mut tree, &Intake::default(), 2, &Progress::hidden()).map(|_| ());
                 let _ = tx.send(result.map_err(|e| e.to_string()));
             });
             let result = rx
