@@ -128,8 +128,9 @@ const END_OF_ARCHIVE: [u8; 1024] = [0; 1024];
 /// RSS in MiB). The child runs under RLIMIT_FSIZE (2 GiB) and RLIMIT_AS
 /// (4 GiB), set by util-linux's `prlimit`, which then execs our binary in the
 /// same process: without the limits under test a hostile layer would fill the
-/// disk or the memory of the machine running the tests. (Not `pre_exec`: a
-/// forked child's peak RSS would count the test process's pages.)
+/// disk or the memory of the machine running the tests. The peak RSS can
+/// include pages of the test process at the fork (an over-estimate): callers
+/// drop large buffers before.
 #[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
 fn build_measured(layout: &Path, out: &Path, extra: &[&str], tmp: &Path) -> (bool, String, u64) {
     use std::os::unix::process::ExitStatusExt;
@@ -299,4 +300,26 @@ fn spool_files_go_to_the_tmp_dir_given() {
     assert!(!ok && stderr.contains("spool file") && stderr.contains(path_str(&missing)), "{stderr}");
     let (ok, stderr, _) = build_measured(&layout, &tmp.path().join("b.cpio"), &["--tmp-dir", path_str(tmp.path())], tmp.path());
     assert!(ok, "{stderr}");
+}
+
+#[test]
+fn an_index_json_over_the_json_limit_is_refused_before_it_is_read_whole() {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&header(tar::EntryType::Regular, "f", 2), &b"hi"[..]).unwrap();
+    let tmp = scratch();
+    let layout = layout_with(&tmp.path().join("layout"), &Layer::plain(b.into_inner().unwrap()), Codec::Gzip);
+    let out = tmp.path().join("ok.cpio");
+    let (ok, stderr, _) = build_measured(&layout, &out, &[], tmp.path());
+    assert!(ok, "the layout builds as it is: {stderr}");
+    // The same index with 256 MiB of JSON whitespace after it: valid JSON, too big.
+    let mut index = fs::read(layout.join("index.json")).unwrap();
+    index.resize(index.len() + (256 << 20), b' ');
+    fs::write(layout.join("index.json"), &index).unwrap();
+    drop(index);
+    fs::remove_file(&out).unwrap();
+    let (ok, stderr, rss_mib) = build_measured(&layout, &out, &[], tmp.path());
+    eprintln!("index.json of 256 MiB: peak RSS {rss_mib} MiB: {}", stderr.trim());
+    assert!(!ok && stderr.contains("index.json is over the 16777216-byte limit for JSON documents"), "{stderr}");
+    assert!(rss_mib < 128, "index.json was read whole: peak RSS {rss_mib} MiB");
+    assert!(!out.exists());
 }

@@ -428,14 +428,33 @@ pub(crate) fn check_layer_media_type(media_type: &str, what: &str) -> Result<(),
     }
 }
 
+/// The largest JSON document (index, manifest, config) read into memory.
+pub const MAX_JSON: u64 = 16 << 20;
+
+/// Reads a small JSON document from a local file, refusing one over
+/// [`MAX_JSON`] (by its size, and by reading no more than that).
+pub(crate) fn read_json_file(path: &Path, what: &str) -> Result<Vec<u8>, OciError> {
+    let file = File::open(path).map_err(io_err(format!("{what} ({})", path.display())))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_JSON + 1).read_to_end(&mut bytes).map_err(io_err(format!("{what} ({})", path.display())))?;
+    check_json_size(bytes.len() as u64, &path.display().to_string())?;
+    Ok(bytes)
+}
+
+/// Refuses a JSON document over [`MAX_JSON`].
+pub(crate) fn check_json_size(len: u64, what: &str) -> Result<(), OciError> {
+    if len > MAX_JSON {
+        return Err(OciError::Invalid(format!("{what} is over the {MAX_JSON}-byte limit for JSON documents")));
+    }
+    Ok(())
+}
+
 /// Reads a small JSON blob from a local file, checking digest and size.
 pub(crate) fn read_verified(path: &Path, expected: &Digest, size: Option<u64>, what: &str) -> Result<Vec<u8>, OciError> {
-    const MAX_JSON: u64 = 16 << 20;
-    let md = std::fs::metadata(path).map_err(io_err(format!("cannot read {what} ({})", path.display())))?;
-    if md.len() > MAX_JSON {
-        return Err(OciError::Invalid(format!("{what} is {} bytes, over the {MAX_JSON}-byte limit for JSON documents", md.len())));
+    if let Some(size) = size {
+        check_json_size(size, &format!("{what} ({size} bytes by its descriptor)"))?;
     }
-    let bytes = std::fs::read(path).map_err(io_err(format!("cannot read {what} ({})", path.display())))?;
+    let bytes = read_json_file(path, &format!("cannot read {what}"))?;
     verify_bytes(&bytes, expected, size, what)?;
     Ok(bytes)
 }
