@@ -17,7 +17,7 @@ use osbuilder::disk::image::{DiskFormat, FsKind};
 use osbuilder::disk::layout::TableKind;
 use osbuilder::pipeline::{self, AddSpec, DiskJob, ImageSummary, InitrdJob, TreeJob};
 use osbuilder::progress::Progress;
-use osbuilder::rootfs::RelPath;
+use osbuilder::rootfs::{Intake, Limits, RelPath};
 
 mod cli_push;
 mod cli_vm;
@@ -282,6 +282,47 @@ struct TreeArgs {
     report: Option<PathBuf>,
     #[command(flatten)]
     pull: PullArgs,
+    #[command(flatten)]
+    intake: IntakeArgs,
+}
+
+/// Limits on what an image's layers may make the build hold, and where
+/// their file data is spooled. A layer over a limit is refused naming it.
+#[derive(Args)]
+struct IntakeArgs {
+    /// Most file data all layers may hold together (sparse files at their full size).
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = pipeline::parse_disk_size)]
+    max_spool_bytes: u64,
+    /// Most entries all layers may hold together.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries)]
+    max_entries: u64,
+    /// Most directories above an entry.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_path_depth)]
+    max_path_depth: usize,
+    /// Largest header record (PAX header, GNU long name or link, sparse map).
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = pipeline::parse_disk_size)]
+    max_header_bytes: u64,
+    /// Most uncompressed bytes per compressed byte of a layer (past its first 64 MiB).
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_ratio, value_parser = clap::value_parser!(u64).range(1..))]
+    max_ratio: u64,
+    /// Where layer file data is spooled [default: $TMPDIR, else /tmp unless it is a tmpfs, else /var/tmp].
+    #[arg(long, value_name = "DIR", env = "OSBUILDER_TMP_DIR")]
+    tmp_dir: Option<PathBuf>,
+}
+
+impl IntakeArgs {
+    fn intake(&self) -> Intake {
+        Intake {
+            limits: Limits {
+                max_spool_bytes: self.max_spool_bytes,
+                max_entries: self.max_entries,
+                max_path_depth: self.max_path_depth,
+                max_header_bytes: self.max_header_bytes,
+                max_ratio: self.max_ratio,
+            },
+            spool_dir: self.tmp_dir.clone(),
+        }
+    }
 }
 
 impl TreeArgs {
@@ -292,7 +333,7 @@ impl TreeArgs {
             source_date_epoch: self.source_date_epoch,
             adds: self.add.clone(),
             removes: self.remove.clone(),
-            spool_dir: None,
+            intake: self.intake.intake(),
             init,
         }
     }

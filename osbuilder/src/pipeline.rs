@@ -12,7 +12,7 @@ use crate::initrd::{self, InitrdError, InitrdOptions, InitrdReport};
 use crate::oci::digest::Digest;
 use crate::oci::{Image, ImageRef, LayerInfo, OciError, PullOptions};
 use crate::progress::Progress;
-use crate::rootfs::{HostAddError, LayerStats, PathError, Plan, RelPath, Tree, TreeStats};
+use crate::rootfs::{HostAddError, Intake, LayerStats, PathError, Plan, RelPath, Tree, TreeStats};
 use sha2::Digest as _;
 
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +72,8 @@ pub struct TreeJob {
     pub source_date_epoch: Option<i64>,
     pub adds: Vec<AddSpec>,
     pub removes: Vec<RelPath>,
-    /// Where layer file data is spooled (default: the system temp dir).
-    pub spool_dir: Option<PathBuf>,
+    /// The intake's limits and where layer file data is spooled.
+    pub intake: Intake,
     /// The guest init (static `osb-init`), with the image's run config at
     /// [`RUN_CONFIG_PATH`]; where it goes depends on the output kind.
     pub init: Option<PathBuf>,
@@ -274,7 +274,7 @@ pub fn build_tree(job: &TreeJob, init_path: &str, progress: &Progress, timings: 
     };
     let t = Instant::now();
     let mut tree = Tree::new();
-    let stats = image.apply_layers(&mut tree, job.spool_dir.as_deref(), job.pull.fetch_jobs, progress)?;
+    let stats = image.apply_layers(&mut tree, &job.intake, job.pull.fetch_jobs, progress)?;
     for path in &job.removes {
         tree.remove(path);
     }

@@ -34,10 +34,7 @@ impl BlobStore for LayoutStore {
 
 pub(super) fn open(dir: &Path, reference: Option<&str>, platform: &Platform) -> Result<Image, OciError> {
     let index_path = dir.join("index.json");
-    let bytes = std::fs::read(&index_path).map_err(super::io_err(format!(
-        "{} is not an OCI image layout (cannot read index.json)",
-        dir.display()
-    )))?;
+    let bytes = super::read_json_file(&index_path, &format!("{} is not an OCI image layout (cannot read index.json)", dir.display()))?;
     let ManifestDoc::Index(index) = ManifestDoc::parse(&bytes, &format!("{}", index_path.display()))? else {
         return Err(OciError::Invalid(format!("{} is a manifest, not an index", index_path.display())));
     };

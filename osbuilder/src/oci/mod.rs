@@ -23,10 +23,11 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::progress::Progress;
-use crate::rootfs::{LayerError, LayerStats, Tree};
+use crate::rootfs::{Intake, LayerError, LayerStats, Tree, RATIO_FLOOR};
 use cache::BlobCache;
 use digest::{Digest, HashingReader};
 use manifest::{ImageConfig, ImageManifest, ManifestError, Platform};
@@ -107,6 +108,8 @@ pub enum OciError {
     Platform(String),
     #[error(transparent)]
     Blob(#[from] cache::CommitError),
+    #[error("fetching layer {index} ({digest}) panicked: {message}")]
+    FetchPanicked { index: usize, digest: String, message: String },
     #[error("layer {index} ({digest}): {source}")]
     Layer { index: usize, digest: String, source: LayerError },
 }
@@ -220,11 +223,12 @@ impl Image {
     }
 
     /// Applies every layer to `tree` in order, fetching up to
-    /// `fetch_jobs` layers ahead. File data is spooled into `spool_dir`.
+    /// `fetch_jobs` layers ahead, within `intake`'s limits (file data
+    /// spooled into its directory).
     pub fn apply_layers(
         &self,
         tree: &mut Tree,
-        spool_dir: Option<&Path>,
+        intake: &Intake,
         fetch_jobs: usize,
         progress: &Progress,
     ) -> Result<Vec<LayerStats>, OciError> {
@@ -247,7 +251,7 @@ impl Image {
                     if i >= n {
                         break;
                     }
-                    let result = self.store.fetch_layer(i, &self.layers[i], progress);
+                    let result = self.fetch_caught(i, progress);
                     let failed = result.is_err();
                     slots.lock().expect("slots")[i] = Some(result);
                     ready.notify_all();
@@ -275,7 +279,7 @@ impl Image {
                         return Err(e);
                     }
                 };
-                match self.apply_one(tree, i, &location, spool_dir, progress) {
+                match self.apply_one(tree, i, &location, intake, progress) {
                     Ok(s) => stats.push(s),
                     Err(e) => {
                         next.store(n, std::sync::atomic::Ordering::SeqCst);
@@ -287,12 +291,27 @@ impl Image {
         })
     }
 
+    /// Fetches layer `i`, turning a panic in the store into an error: the
+    /// applying thread waits for every slot to be filled, so a fetcher that
+    /// unwound without filling its slot would leave it waiting forever.
+    fn fetch_caught(&self, i: usize, progress: &Progress) -> Result<BlobLocation, OciError> {
+        let fetch = std::panic::AssertUnwindSafe(|| self.store.fetch_layer(i, &self.layers[i], progress));
+        std::panic::catch_unwind(fetch).unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(OciError::FetchPanicked { index: i, digest: self.layers[i].label(i), message })
+        })
+    }
+
     fn apply_one(
         &self,
         tree: &mut Tree,
         index: usize,
         location: &BlobLocation,
-        spool_dir: Option<&Path>,
+        intake: &Intake,
         progress: &Progress,
     ) -> Result<LayerStats, OciError> {
         let layer = &self.layers[index];
@@ -300,11 +319,13 @@ impl Image {
         let bar = progress.bytes(format!("apply {}", short(&label)), location.len);
         let mut file = File::open(&location.path).map_err(io_err(format!("cannot open layer {label}")))?;
         file.seek(SeekFrom::Start(location.offset)).map_err(io_err(format!("cannot read layer {label}")))?;
-        let raw = bar.wrap_read(file.take(location.len));
+        let compressed = Arc::new(AtomicU64::new(0));
+        let raw = Counting { inner: bar.wrap_read(file.take(location.len)), count: compressed.clone() };
         let decoded = decompress(raw).map_err(io_err(format!("cannot read layer {label}")))?;
-        let mut hashing = HashingReader::new(decoded);
+        let bounded = RatioGuard { inner: decoded, compressed, uncompressed: 0, max_ratio: intake.limits.max_ratio };
+        let mut hashing = HashingReader::new(bounded);
         let stats = tree
-            .apply_layer(&mut hashing, index as u32, spool_dir)
+            .apply_layer(&mut hashing, index as u32, intake)
             .map_err(|source| OciError::Layer { index, digest: label.clone(), source })?;
         let (diff_id, _) = hashing.finish().map_err(io_err(format!("cannot read layer {label}")))?;
         bar.finish_and_clear();
@@ -323,6 +344,50 @@ impl Image {
 
 fn short(label: &str) -> &str {
     label.get(..19).unwrap_or(label)
+}
+
+/// Counts the bytes read through it, for [`RatioGuard`] on the other side of
+/// the decoder.
+struct Counting<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Fails a decompressed stream that grows past `max_ratio` times the
+/// compressed bytes read so far, once past [`RATIO_FLOOR`]: a decompression
+/// bomb costs at most that much work, whatever it would expand to. (The
+/// decoder's read-ahead makes the measured ratio, if anything, smaller.)
+struct RatioGuard<R> {
+    inner: R,
+    compressed: Arc<AtomicU64>,
+    uncompressed: u64,
+    max_ratio: u64,
+}
+
+impl<R: Read> Read for RatioGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.uncompressed += n as u64;
+        let compressed = self.compressed.load(Ordering::Relaxed).max(1);
+        if self.uncompressed > RATIO_FLOOR && self.uncompressed > compressed.saturating_mul(self.max_ratio) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} compressed bytes decompress to more than {} bytes, over the limit of {}:1 (a decompression bomb? raise the limit with --max-ratio)",
+                    compressed, self.uncompressed, self.max_ratio
+                ),
+            ));
+        }
+        Ok(n)
+    }
 }
 
 /// Wraps a layer stream in the decoder its first bytes call for: gzip, zstd
@@ -363,14 +428,33 @@ pub(crate) fn check_layer_media_type(media_type: &str, what: &str) -> Result<(),
     }
 }
 
+/// The largest JSON document (index, manifest, config) read into memory.
+pub const MAX_JSON: u64 = 16 << 20;
+
+/// Reads a small JSON document from a local file, refusing one over
+/// [`MAX_JSON`] (by its size, and by reading no more than that).
+pub(crate) fn read_json_file(path: &Path, what: &str) -> Result<Vec<u8>, OciError> {
+    let file = File::open(path).map_err(io_err(format!("{what} ({})", path.display())))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_JSON + 1).read_to_end(&mut bytes).map_err(io_err(format!("{what} ({})", path.display())))?;
+    check_json_size(bytes.len() as u64, &path.display().to_string())?;
+    Ok(bytes)
+}
+
+/// Refuses a JSON document over [`MAX_JSON`].
+pub(crate) fn check_json_size(len: u64, what: &str) -> Result<(), OciError> {
+    if len > MAX_JSON {
+        return Err(OciError::Invalid(format!("{what} is over the {MAX_JSON}-byte limit for JSON documents")));
+    }
+    Ok(())
+}
+
 /// Reads a small JSON blob from a local file, checking digest and size.
 pub(crate) fn read_verified(path: &Path, expected: &Digest, size: Option<u64>, what: &str) -> Result<Vec<u8>, OciError> {
-    const MAX_JSON: u64 = 16 << 20;
-    let md = std::fs::metadata(path).map_err(io_err(format!("cannot read {what} ({})", path.display())))?;
-    if md.len() > MAX_JSON {
-        return Err(OciError::Invalid(format!("{what} is {} bytes, over the {MAX_JSON}-byte limit for JSON documents", md.len())));
+    if let Some(size) = size {
+        check_json_size(size, &format!("{what} ({size} bytes by its descriptor)"))?;
     }
-    let bytes = std::fs::read(path).map_err(io_err(format!("cannot read {what} ({})", path.display())))?;
+    let bytes = read_json_file(path, &format!("cannot read {what}"))?;
     verify_bytes(&bytes, expected, size, what)?;
     Ok(bytes)
 }
@@ -420,6 +504,64 @@ mod tests {
         check("docker-archive:/tmp/a.tar:img:v1", Ok(ImageRef::DockerArchive { path: "/tmp/a.tar".into(), reference: Some("img:v1".into()) }));
         check("http://example.com/x", Err("is not one of"));
         check("Upper/Case:tag", Err("image reference"));
+    }
+
+    /// A store whose fetcher for one layer panics (a bug in a source, or a
+    /// library panicking on hostile input); the others serve a real layer.
+    struct PanickingStore {
+        panic_at: usize,
+        layer: BlobLocation,
+    }
+
+    impl BlobStore for PanickingStore {
+        fn fetch_layer(&self, index: usize, _layer: &LayerInfo, _progress: &Progress) -> Result<BlobLocation, OciError> {
+            if index == self.panic_at {
+                panic!("injected fetcher panic for layer {index}");
+            }
+            Ok(self.layer.clone())
+        }
+    }
+
+    #[test]
+    fn a_panicking_fetcher_fails_apply_layers_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        builder.append_data(&mut h, "f", &b"hi"[..]).unwrap();
+        let tar_bytes = builder.into_inner().unwrap();
+        let path = dir.path().join("layer.tar");
+        std::fs::write(&path, &tar_bytes).unwrap();
+        for (n_layers, panic_at) in [(3, 1), (1, 0), (4, 3)] {
+            let layer = LayerInfo { digest: None, media_type: String::new(), size: tar_bytes.len() as u64, diff_id: None };
+            let image = Image {
+                reference: ImageRef::Registry("127.0.0.1:1/test:panic".into()),
+                manifest_digest: None,
+                manifest: None,
+                config_digest: None,
+                config: ImageConfig::parse(br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#, "config").unwrap(),
+                layers: vec![layer; n_layers],
+                store: Box::new(PanickingStore {
+                    panic_at,
+                    layer: BlobLocation { path: path.clone(), offset: 0, len: tar_bytes.len() as u64 },
+                }),
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut tree = Tree::new();
+                let result = image.apply_layers(&mut tree, &Intake::default(), 2, &Progress::hidden()).map(|_| ());
+                let _ = tx.send(result.map_err(|e| e.to_string()));
+            });
+            let result = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("apply_layers must return when a fetcher panics, not wait forever");
+            let err = result.expect_err("a panicked fetch is an error");
+            assert!(err.contains(&format!("layer {panic_at} (#{panic_at})")) && err.contains("panicked") && err.contains("injected fetcher panic"), "{err}");
+        }
     }
 
     #[test]

@@ -147,6 +147,8 @@ async fn resolve_manifest(
             .pull_manifest_raw(&current, auth, ACCEPTED_MANIFESTS)
             .await
             .map_err(registry_err(format!("cannot fetch the manifest of {current}")))?;
+        // oci-client has read the body by now; refuse it before parsing.
+        super::check_json_size(bytes.len() as u64, &format!("the manifest of {current} ({} bytes)", bytes.len()))?;
         let actual = Digest::of_bytes(&bytes);
         if let Some(expected) = &expected {
             verify_bytes(&bytes, expected, None, &format!("manifest of {current}"))?;

@@ -16,13 +16,14 @@ mod host;
 mod layer;
 mod path;
 mod plan;
+mod tarstream;
 
 use std::collections::BTreeMap;
 
-pub use content::{Content, ContentReader, SpoolWriter};
+pub use content::{default_spool_dir, Content, ContentReader, SpoolWriter};
 pub use host::HostAddError;
-pub use layer::{LayerError, LayerStats};
-pub use path::{PathError, RelPath};
+pub use layer::{Intake, LayerError, LayerStats, Limits, MAX_XATTR_BYTES, RATIO_FLOOR};
+pub use path::{excerpt, PathError, RelPath};
 pub use plan::{DirIdx, Plan, PlanEntry, PlanError, PlanIno, PlanTotals, PlannedDir, PlannedInode};
 
 /// Index of an inode in a [`Tree`]'s arena.
@@ -135,6 +136,8 @@ pub struct Inode {
 pub struct Tree {
     inodes: Vec<Inode>,
     spools: content::Spools,
+    /// What the layers applied so far used of their limits.
+    usage: layer::Usage,
 }
 
 impl Default for Tree {
@@ -146,7 +149,7 @@ impl Default for Tree {
 impl Tree {
     pub fn new() -> Self {
         let root = Inode { meta: Metadata::implicit_dir(), body: Body::Dir(BTreeMap::new()) };
-        Tree { inodes: vec![root], spools: content::Spools::default() }
+        Tree { inodes: vec![root], spools: content::Spools::default(), usage: layer::Usage::default() }
     }
 
     pub fn inode(&self, idx: InodeIdx) -> &Inode {
