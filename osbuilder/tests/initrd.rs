@@ -590,3 +590,40 @@ fn whiteout_opaque_and_symlink_edge_cases_match_umoci() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `--remove` resolves parents inside the image as `--add` does (Debian's
+/// `/bin -> usr/bin`), and a path that is not there is an error unless it
+/// is given with `--remove-if-present`.
+#[test]
+fn remove_follows_symlinked_parents_and_refuses_missing_paths() {
+    use tar::EntryType::{Directory as D, Regular as F, Symlink as L};
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let layout = layout_with_layers(&tmp.path().join("merged-usr"), &[tar_layer(&[
+        (D, "usr/", "", 0o755),
+        (D, "usr/bin/", "", 0o755),
+        (F, "usr/bin/ls", "ls", 0o755),
+        (F, "usr/bin/cat", "cat", 0o755),
+        (L, "bin", "usr/bin", 0o777),
+    ])]);
+    let image = oci_ref(&layout, "evil");
+    let out = tmp.path().join("removed.cpio");
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&out), "--compress", "none", "--remove", "/bin/ls"], &cache);
+    let names: Vec<String> = cpio_list(&out).into_iter().map(|e| e.path).collect();
+    assert!(!names.iter().any(|n| n == "usr/bin/ls"), "--remove /bin/ls must remove /usr/bin/ls: {names:?}");
+    assert!(names.iter().any(|n| n == "usr/bin/cat") && names.iter().any(|n| n == "bin"), "{names:?}");
+
+    let missing = tmp.path().join("missing.cpio");
+    let err = build_err(&["initrd", "--image", &image, "-o", path_str(&missing), "--remove", "/nonexistent"], &cache);
+    assert!(err.contains("--remove /nonexistent") && err.contains("not in the image") && err.contains("--remove-if-present"), "{err}");
+    assert!(!missing.exists(), "no output when a --remove path is missing");
+
+    let result = build_ok(
+        &["initrd", "--image", &image, "-o", path_str(&missing), "--compress", "none", "--remove-if-present", "/nonexistent", "--remove-if-present", "/bin/cat"],
+        &cache,
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("warning") && stderr.contains("/nonexistent") && !stderr.contains("/bin/cat"), "{stderr}");
+    let names: Vec<String> = cpio_list(&missing).into_iter().map(|e| e.path).collect();
+    assert!(!names.iter().any(|n| n == "usr/bin/cat") && names.iter().any(|n| n == "usr/bin/ls"), "{names:?}");
+}

@@ -260,7 +260,7 @@ impl Tree {
     }
 
     /// The directory at `path` (symlinks followed), if it exists.
-    fn existing_dir(&self, path: &RelPath) -> Option<InodeIdx> {
+    pub(super) fn existing_dir(&self, path: &RelPath) -> Option<InodeIdx> {
         self.lookup_following(path).filter(|&idx| self.is_dir(idx))
     }
 
