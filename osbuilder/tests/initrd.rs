@@ -627,3 +627,93 @@ fn remove_follows_symlinked_parents_and_refuses_missing_paths() {
     let names: Vec<String> = cpio_list(&missing).into_iter().map(|e| e.path).collect();
     assert!(!names.iter().any(|n| n == "usr/bin/cat") && names.iter().any(|n| n == "usr/bin/ls"), "{names:?}");
 }
+
+/// The docker-archive fixture rewritten the way `docker save` wrote archives
+/// before Docker 25: layer `i` at `<sha256 of "legacy layer i">/layer.tar`
+/// (an id, not its digest),
+/// the config at `config_name` (default: skopeo's `<sha256 hex>.json`).
+/// `tamper` may change any member's bytes (given its new name).
+fn legacy_docker_archive(dest: &Path, config_name: Option<&str>, tamper: impl Fn(&str, &mut Vec<u8>)) -> PathBuf {
+    use std::io::Read as _;
+    let mut members = std::collections::HashMap::new();
+    let mut archive = tar::Archive::new(fs::File::open(docker_archive()).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.header().entry_type().is_file() {
+            let name = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+            members.insert(name, bytes);
+        }
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&members["manifest.json"]).unwrap();
+    let old_config = manifest[0]["Config"].as_str().unwrap().to_string();
+    let config = config_name.unwrap_or(&old_config).to_string();
+    let mut out = vec![(config.clone(), members[&old_config].clone())];
+    let mut layer_names = Vec::new();
+    for (i, layer) in manifest[0]["Layers"].as_array().unwrap().iter().enumerate() {
+        let name = format!("{}/layer.tar", sha256_hex(format!("legacy layer {i}").as_bytes()));
+        out.push((name.clone(), members[layer.as_str().unwrap()].clone()));
+        layer_names.push(name);
+    }
+    let legacy = serde_json::json!([{"Config": config, "RepoTags": manifest[0]["RepoTags"], "Layers": layer_names}]);
+    out.push(("manifest.json".into(), legacy.to_string().into_bytes()));
+    let mut builder = tar::Builder::new(fs::File::create(dest).unwrap());
+    for (name, mut bytes) in out {
+        tamper(&name, &mut bytes);
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o444);
+        h.set_size(bytes.len() as u64);
+        builder.append_data(&mut h, &name, &bytes[..]).unwrap();
+    }
+    builder.finish().unwrap();
+    dest.to_path_buf()
+}
+
+/// Layers of an old `docker save` archive carry no digest in their names and
+/// are checked against the config's diff_ids before the tar parser reads
+/// them; the config is checked against the digest its name carries, and one
+/// whose name carries none is refused.
+#[test]
+fn docker_archives_without_digest_names_are_verified_before_use() {
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let build = |archive: &Path, name: &str| {
+        let out = tmp.path().join(format!("{name}.cpio"));
+        let result = run_osbuilder(&["initrd", "--image", &format!("docker-archive:{}", archive.display()), "-o", path_str(&out), "--compress", "none"], &cache);
+        (result, out)
+    };
+    let honest = legacy_docker_archive(&tmp.path().join("legacy.tar"), None, |_, _| {});
+    let (result, out) = build(&honest, "honest");
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert_matches_umoci(&out, &layered_layout(), "v2");
+
+    // A broken tar header in layer 1: the digest check must speak, not the parser.
+    let target = format!("{}/layer.tar", sha256_hex(b"legacy layer 1"));
+    let bad_layer = legacy_docker_archive(&tmp.path().join("bad-layer.tar"), None, |name, bytes| {
+        if name == target {
+            bytes[0] ^= 0x01;
+        }
+    });
+    let (result, out) = build(&bad_layer, "bad-layer");
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && !out.exists(), "a tampered layer must fail: {err}");
+    assert!(err.contains("digest mismatch") && err.contains(&target) && err.contains("diff_id"), "the error must be the digest check naming {target}: {err}");
+
+    // A config whose name carries no digest cannot be checked: refused.
+    let anonymous = legacy_docker_archive(&tmp.path().join("anonymous.tar"), Some("config.json"), |_, _| {});
+    let (result, out) = build(&anonymous, "anonymous");
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && !out.exists(), "an unverifiable config must fail: {err}");
+    assert!(err.contains("config.json") && err.contains("no digest"), "{err}");
+
+    // A config changed under its digest name.
+    let bad_config = legacy_docker_archive(&tmp.path().join("bad-config.tar"), None, |name, bytes| {
+        if name.ends_with(".json") && name != "manifest.json" {
+            bytes.push(b' ');
+        }
+    });
+    let (result, _) = build(&bad_config, "bad-config");
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && err.contains("digest mismatch") && err.contains("config"), "{err}");
+}
