@@ -15,7 +15,7 @@ use osbuilder::disk::ext4::{Ext4Size, Headroom};
 use osbuilder::disk::erofs::Compression as ErofsCompression;
 use osbuilder::disk::image::{DiskFormat, FsKind};
 use osbuilder::disk::layout::TableKind;
-use osbuilder::pipeline::{self, AddSpec, DiskJob, ImageSummary, InitrdJob, TreeJob};
+use osbuilder::pipeline::{self, AddSpec, DiskJob, ImageSummary, InitrdJob, RemoveSpec, TreeJob};
 use osbuilder::progress::Progress;
 use osbuilder::rootfs::{Intake, Limits, RelPath};
 
@@ -271,9 +271,14 @@ struct TreeArgs {
     /// Add a host file or directory: SRC:DEST[:MODE] (repeatable).
     #[arg(long, value_name = "SRC:DEST[:MODE]")]
     add: Vec<AddSpec>,
-    /// Remove a path from the image (repeatable).
+    /// Remove a path from the image (repeatable); symlinked parents are
+    /// followed inside the image (/bin/ls is /usr/bin/ls when /bin -> usr/bin).
+    /// A path that is not there is an error.
     #[arg(long, value_name = "PATH", value_parser = |s: &str| RelPath::parse_user(s).map_err(|e| e.to_string()))]
     remove: Vec<RelPath>,
+    /// Like --remove, but a path that is not there is only a warning (repeatable).
+    #[arg(long, value_name = "PATH", value_parser = |s: &str| RelPath::parse_user(s).map_err(|e| e.to_string()))]
+    remove_if_present: Vec<RelPath>,
     /// Clamp every mtime to this (default: the image's `created`, else 0).
     #[arg(long, env = "SOURCE_DATE_EPOCH")]
     source_date_epoch: Option<i64>,
@@ -332,7 +337,9 @@ impl TreeArgs {
             pull: self.pull.options(),
             source_date_epoch: self.source_date_epoch,
             adds: self.add.clone(),
-            removes: self.remove.clone(),
+            removes: (self.remove.iter().map(|path| RemoveSpec { path: path.clone(), if_present: false }))
+                .chain(self.remove_if_present.iter().map(|path| RemoveSpec { path: path.clone(), if_present: true }))
+                .collect(),
             intake: self.intake.intake(),
             init,
         }
@@ -421,7 +428,7 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
     };
     let job = InitrdJob { tree: args.tree.job(image, args.init), output: args.output, initrd: options };
     let report = pipeline::build_initrd(&job, progress).with_context(|| format!("building an initrd from {}", job.tree.image))?;
-    for w in &report.initrd.warnings {
+    for w in report.build.warnings.iter().chain(&report.initrd.warnings) {
         eprintln!("osbuilder: warning: {w}");
     }
     if report.initrd.dropped_xattrs > 0 {
@@ -513,6 +520,9 @@ fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
         verity: args.verity,
     };
     let report = pipeline::build_disk(&job, progress).with_context(|| format!("building a disk from {}", job.tree.image))?;
+    for w in &report.build.warnings {
+        eprintln!("osbuilder: warning: {w}");
+    }
     let d = &report.disk;
     eprintln!(
         "osbuilder: wrote {} ({} {} bytes{}, {} {}{}{}, filesystem at byte {} size {}, {} inodes, sha256 {}) in {:.2}s",

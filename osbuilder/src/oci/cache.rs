@@ -6,7 +6,7 @@
 //! A cached blob is re-verified when used: hashing is far cheaper than
 //! building from a corrupted layer.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -45,15 +45,18 @@ impl BlobCache {
         self.root.join("blobs/sha256").join(digest.hex())
     }
 
-    /// The cached blob, if present and intact; a corrupt entry is removed.
-    pub fn get_verified(&self, digest: &Digest, size: Option<u64>) -> io::Result<Option<PathBuf>> {
+    /// The cached blob, if present and intact, open: the caller reads the
+    /// file that was hashed, not whatever the name holds later. A corrupt
+    /// entry is removed.
+    pub fn get_verified(&self, digest: &Digest, size: Option<u64>) -> io::Result<Option<File>> {
         let path = self.blob_path(digest);
-        let Ok(md) = fs::metadata(&path) else { return Ok(None) };
-        if size.is_some_and(|s| s != md.len()) || Digest::of_file_range(&path, 0, md.len())? != *digest {
+        let Ok(file) = File::open(&path) else { return Ok(None) };
+        let len = file.metadata()?.len();
+        if size.is_some_and(|s| s != len) || Digest::of_open_range(&file, 0, len)? != *digest {
             fs::remove_file(&path)?;
             return Ok(None);
         }
-        Ok(Some(path))
+        Ok(Some(file))
     }
 
     /// Starts writing a blob expected to have `digest` (and `size`, if known).
@@ -109,6 +112,12 @@ impl BlobWriter {
 
     /// Verifies size and digest, then moves the blob under its name.
     pub fn commit(self) -> Result<PathBuf, CommitError> {
+        self.commit_open().map(|(path, _)| path)
+    }
+
+    /// [`BlobWriter::commit`], also returning the file written (open for
+    /// reading too), so the verified bytes are read back without a reopen.
+    pub fn commit_open(self) -> Result<(PathBuf, File), CommitError> {
         let BlobWriter { file, hasher, written, digest, size, root } = self;
         let actual = hex::encode(hasher.finalize());
         let digest = match digest {
@@ -125,8 +134,8 @@ impl BlobWriter {
         let io_err = |source| CommitError::Io { digest: digest.clone(), source };
         let file = file.into_inner().map_err(|e| io_err(e.into_error()))?;
         file.as_file().sync_data().map_err(io_err)?;
-        file.persist(&dest).map_err(|e| io_err(e.error))?;
-        Ok(dest)
+        let file = file.persist(&dest).map_err(|e| io_err(e.error))?;
+        Ok((dest, file))
     }
 }
 
@@ -165,10 +174,12 @@ mod tests {
         let mut w = cache.writer(&good, Some(5)).unwrap();
         w.write_all(b"layer").unwrap();
         let path = w.commit().unwrap();
-        assert_eq!(cache.get_verified(&good, Some(5)).unwrap(), Some(path.clone()));
+        let mut cached = String::new();
+        io::Read::read_to_string(&mut cache.get_verified(&good, Some(5)).unwrap().unwrap(), &mut cached).unwrap();
+        assert_eq!(cached, "layer");
 
         fs::write(&path, b"evil!").unwrap();
-        assert_eq!(cache.get_verified(&good, Some(5)).unwrap(), None);
+        assert!(cache.get_verified(&good, Some(5)).unwrap().is_none());
         assert!(!path.exists());
         assert_eq!(fs::read_dir(tmp.path().join("blobs/tmp")).unwrap().count(), 0, "no temporary files left");
     }

@@ -1,6 +1,8 @@
 //! OCI image layout directories (`oci-layout`, `index.json`, `blobs/`).
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::digest::Digest;
 use super::manifest::{Descriptor, ImageConfig, ManifestDoc, Platform};
@@ -22,11 +24,11 @@ fn blob_path(dir: &Path, digest: &Digest) -> PathBuf {
 impl BlobStore for LayoutStore {
     fn fetch_layer(&self, index: usize, layer: &LayerInfo, _progress: &Progress) -> Result<BlobLocation, OciError> {
         let digest = layer.digest.as_ref().expect("layout layers always have digests");
-        let path = blob_path(&self.dir, digest);
-        let len = std::fs::metadata(&path)
-            .map_err(super::io_err(format!("layer {index} blob {digest} is missing from {}", self.dir.display())))?
-            .len();
-        let loc = BlobLocation { path, offset: 0, len };
+        let missing = || super::io_err(format!("layer {index} blob {digest} is missing from {}", self.dir.display()));
+        let file = File::open(blob_path(&self.dir, digest)).map_err(missing())?;
+        let len = file.metadata().map_err(missing())?.len();
+        // Hashed and then parsed through this one open file.
+        let loc = BlobLocation { file: Arc::new(file), offset: 0, len };
         verify_location(&loc, digest, layer.size, &format!("layer {index} blob {digest}"))?;
         Ok(loc)
     }

@@ -2,11 +2,16 @@
 //! [`Image`] whose layers are verified and applied, in order, to a
 //! [`crate::rootfs::Tree`].
 //!
-//! Every blob is checked against its digest before it is used: registry blobs
-//! while they stream into the cache, local blobs by a hashing pass. The
-//! uncompressed stream of every layer is also checked against the config's
-//! `diff_ids` as it is applied. Layers are fetched concurrently but applied
-//! strictly in order, each read once, never held whole in memory.
+//! Every blob is checked against its digest before a parser sees it, and is
+//! then read from the same open file (never reopened by path): registry blobs
+//! while they stream into the cache (a cached one by a hashing pass), local
+//! blobs by a hashing pass, docker-archive layers whose names carry no digest
+//! by a decompressing pass against the config's `diff_id`; JSON documents are
+//! checked in memory, as parsed. The uncompressed stream of every layer is
+//! also checked against the config's `diff_ids` as it is applied (which also
+//! catches a local file changed in place between the check and the parse).
+//! Layers are fetched concurrently but applied strictly in order, never held
+//! whole in memory.
 
 pub mod auth;
 pub mod cache;
@@ -20,7 +25,8 @@ mod registry;
 pub use registry::is_loopback as registry_is_loopback;
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,12 +171,44 @@ impl LayerInfo {
     }
 }
 
-/// A byte range of a local file holding one verified blob.
+/// A byte range of a local file holding one verified blob. The file is the
+/// one that was hashed, held open: parsing it reads the verified file even
+/// if its name now points at another.
 #[derive(Clone, Debug)]
 pub struct BlobLocation {
-    pub path: PathBuf,
+    pub file: Arc<File>,
     pub offset: u64,
     pub len: u64,
+}
+
+impl BlobLocation {
+    /// The blob's bytes, by positioned reads of the shared file.
+    pub fn reader(&self) -> RangeReader {
+        RangeReader { file: Arc::clone(&self.file), pos: self.offset, end: self.offset + self.len }
+    }
+}
+
+/// Reads a byte range of a shared open file (positioned reads, so readers of
+/// different ranges of one docker archive do not disturb each other).
+pub struct RangeReader {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for RangeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = buf.len().min(usize::try_from(self.end - self.pos).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the blob is shorter than when it was verified"));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 /// Gets verified blobs onto the local disk.
@@ -317,10 +355,8 @@ impl Image {
         let layer = &self.layers[index];
         let label = layer.label(index);
         let bar = progress.bytes(format!("apply {}", short(&label)), location.len);
-        let mut file = File::open(&location.path).map_err(io_err(format!("cannot open layer {label}")))?;
-        file.seek(SeekFrom::Start(location.offset)).map_err(io_err(format!("cannot read layer {label}")))?;
         let compressed = Arc::new(AtomicU64::new(0));
-        let raw = Counting { inner: bar.wrap_read(file.take(location.len)), count: compressed.clone() };
+        let raw = Counting { inner: bar.wrap_read(location.reader()), count: compressed.clone() };
         let decoded = decompress(raw).map_err(io_err(format!("cannot read layer {label}")))?;
         let bounded = RatioGuard { inner: decoded, compressed, uncompressed: 0, max_ratio: intake.limits.max_ratio };
         let mut hashing = HashingReader::new(bounded);
@@ -470,12 +506,24 @@ pub(crate) fn verify_bytes(bytes: &[u8], expected: &Digest, size: Option<u64>, w
     Ok(())
 }
 
-/// Verifies a local blob (a byte range of a file) against its digest.
+/// Verifies a local blob (a byte range of an open file) against its digest.
 pub(crate) fn verify_location(loc: &BlobLocation, expected: &Digest, size: u64, what: &str) -> Result<(), OciError> {
     if loc.len != size {
         return Err(OciError::SizeMismatch { what: what.to_string(), expected: size, actual: loc.len });
     }
-    let actual = Digest::of_file_range(&loc.path, loc.offset, loc.len).map_err(io_err(format!("cannot read {what}")))?;
+    let actual = Digest::of_open_range(&loc.file, loc.offset, loc.len).map_err(io_err(format!("cannot read {what}")))?;
+    if actual != *expected {
+        return Err(OciError::DigestMismatch { what: what.to_string(), expected: expected.clone(), actual });
+    }
+    Ok(())
+}
+
+/// Verifies a layer known only by the digest of its uncompressed tar (a
+/// docker-archive layer whose name carries no digest) in a decompressing
+/// pass of its own, before the tar parser reads it.
+pub(crate) fn verify_uncompressed(loc: &BlobLocation, expected: &Digest, what: &str) -> Result<(), OciError> {
+    let decoded = decompress(loc.reader()).map_err(io_err(format!("cannot read {what}")))?;
+    let (actual, _) = HashingReader::new(decoded).finish().map_err(io_err(format!("cannot read {what}")))?;
     if actual != *expected {
         return Err(OciError::DigestMismatch { what: what.to_string(), expected: expected.clone(), actual });
     }
@@ -506,6 +554,63 @@ mod tests {
         check("Upper/Case:tag", Err("image reference"));
     }
 
+    fn one_file_tar(name: &str, data: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// Writes a one-layer OCI layout into `dir` (the layer uncompressed, the
+    /// config without diff_ids, so only the blob digest guards the layer)
+    /// and returns the layer blob's path.
+    fn one_layer_layout(dir: &Path, layer: &[u8]) -> PathBuf {
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let put = |bytes: &[u8]| {
+            let digest = Digest::of_bytes(bytes);
+            std::fs::write(blobs.join(digest.hex()), bytes).unwrap();
+            serde_json::json!({"digest": digest.to_string(), "size": bytes.len()})
+        };
+        let mut layer_desc = put(layer);
+        layer_desc["mediaType"] = "application/vnd.oci.image.layer.v1.tar".into();
+        let config = put(br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#);
+        let manifest = serde_json::json!({"schemaVersion": 2, "config": config, "layers": [layer_desc]});
+        let mut manifest_desc = put(manifest.to_string().as_bytes());
+        manifest_desc["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest_desc]});
+        std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        blobs.join(Digest::of_bytes(layer).hex())
+    }
+
+    #[test]
+    fn a_verified_layer_is_read_from_the_file_that_was_verified() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blob = one_layer_layout(tmp.path(), &one_file_tar("f", b"verified"));
+        let progress = Progress::hidden();
+        let reference = ImageRef::Layout { dir: tmp.path().to_path_buf(), reference: None };
+        let image = Image::open(&reference, &PullOptions::default(), &progress).unwrap();
+        let location = image.store.fetch_layer(0, &image.layers[0], &progress).unwrap();
+        // Another process puts other bytes (of the same length) under the
+        // blob's name after the check.
+        let swap = tmp.path().join("swap");
+        std::fs::write(&swap, one_file_tar("f", b"swapped!")).unwrap();
+        std::fs::rename(&swap, &blob).unwrap();
+        let mut tree = Tree::new();
+        image.apply_one(&mut tree, 0, &location, &Intake::default(), &progress).unwrap();
+        let idx = tree.lookup(&crate::rootfs::RelPath::parse_user("f").unwrap()).unwrap();
+        let crate::rootfs::Body::File(content) = &tree.inode(idx).body else { panic!("f is not a file") };
+        let mut data = String::new();
+        tree.open_content(content).unwrap().read_to_string(&mut data).unwrap();
+        assert_eq!(data, "verified", "the layer must be read from the file whose digest was checked");
+    }
+
     /// A store whose fetcher for one layer panics (a bug in a source, or a
     /// library panicking on hostile input); the others serve a real layer.
     struct PanickingStore {
@@ -525,15 +630,7 @@ mod tests {
     #[test]
     fn a_panicking_fetcher_fails_apply_layers_instead_of_hanging() {
         let dir = tempfile::tempdir().unwrap();
-        let mut builder = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_size(2);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        builder.append_data(&mut h, "f", &b"hi"[..]).unwrap();
-        let tar_bytes = builder.into_inner().unwrap();
+        let tar_bytes = one_file_tar("f", b"hi");
         let path = dir.path().join("layer.tar");
         std::fs::write(&path, &tar_bytes).unwrap();
         for (n_layers, panic_at) in [(3, 1), (1, 0), (4, 3)] {
@@ -547,7 +644,7 @@ mod tests {
                 layers: vec![layer; n_layers],
                 store: Box::new(PanickingStore {
                     panic_at,
-                    layer: BlobLocation { path: path.clone(), offset: 0, len: tar_bytes.len() as u64 },
+                    layer: BlobLocation { file: Arc::new(File::open(&path).unwrap()), offset: 0, len: tar_bytes.len() as u64 },
                 }),
             };
             let (tx, rx) = std::sync::mpsc::channel();

@@ -47,9 +47,10 @@ pub fn is_loopback(registry: &str) -> bool {
 
 impl RegistryStore {
     /// Streams `desc` into the cache unless a verified copy is there already.
-    async fn fetch_blob(&self, desc: &OciDescriptor, digest: &Digest, size: u64, what: &str, progress: &Progress) -> Result<std::path::PathBuf, OciError> {
-        if let Some(path) = self.cache.get_verified(digest, Some(size)).map_err(super::io_err(format!("cannot read the cache for {what}")))? {
-            return Ok(path);
+    /// Returns the blob's file, open: what was verified is what is read.
+    async fn fetch_blob(&self, desc: &OciDescriptor, digest: &Digest, size: u64, what: &str, progress: &Progress) -> Result<std::fs::File, OciError> {
+        if let Some(file) = self.cache.get_verified(digest, Some(size)).map_err(super::io_err(format!("cannot read the cache for {what}")))? {
+            return Ok(file);
         }
         let bar = progress.bytes(format!("pull {}", &digest.to_string()[..19]), size);
         let mut stream = self
@@ -67,7 +68,7 @@ impl RegistryStore {
             bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();
-        Ok(writer.commit()?)
+        Ok(writer.commit_open()?.1)
     }
 }
 
@@ -76,8 +77,8 @@ impl BlobStore for RegistryStore {
         let digest = layer.digest.clone().expect("registry layers always have digests");
         let desc = OciDescriptor { media_type: layer.media_type.clone(), digest: digest.to_string(), size: layer.size as i64, ..Default::default() };
         let what = format!("layer {index} ({digest})");
-        let path = self.runtime.block_on(self.fetch_blob(&desc, &digest, layer.size, &what, progress))?;
-        Ok(BlobLocation { path, offset: 0, len: layer.size })
+        let file = self.runtime.block_on(self.fetch_blob(&desc, &digest, layer.size, &what, progress))?;
+        Ok(BlobLocation { file: std::sync::Arc::new(file), offset: 0, len: layer.size })
     }
 }
 
@@ -110,10 +111,14 @@ pub(super) fn open(name: &str, opts: &PullOptions, progress: &Progress) -> Resul
     if manifest.config.size > 16 << 20 {
         return Err(OciError::Invalid(format!("{config_what} is {} bytes, over the 16 MiB limit", manifest.config.size)));
     }
-    let config_path = store
+    let config_file = store
         .runtime
         .block_on(store.fetch_blob(&config_desc, &manifest.config.digest, manifest.config.size, &config_what, progress))?;
-    let config_bytes = std::fs::read(&config_path).map_err(super::io_err(format!("cannot read {config_what}")))?;
+    // Checked again in memory: the bytes parsed are the bytes hashed.
+    let mut config_bytes = vec![0; manifest.config.size as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&config_file, &mut config_bytes, 0)
+        .map_err(super::io_err(format!("cannot read {config_what}")))?;
+    verify_bytes(&config_bytes, &manifest.config.digest, Some(manifest.config.size), &config_what)?;
     let config = ImageConfig::parse(&config_bytes, &config_what)?;
     let layers = layer_infos(&manifest.layers, &config)?;
     spinner.finish_and_clear();

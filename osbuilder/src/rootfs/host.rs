@@ -131,4 +131,27 @@ mod tests {
         assert!(!tree.remove(&RelPath::parse_user("a/b").unwrap()));
         assert_eq!(tree.stats().entries, 3);
     }
+
+    #[test]
+    fn remove_follows_symlinked_parents_but_not_the_last_name() {
+        // Debian's merged /usr: /bin -> usr/bin.
+        let mut tree = Tree::new();
+        tree.add_bytes(&RelPath::parse_user("usr/bin/ls").unwrap(), vec![], 0o755, 0).unwrap();
+        tree.add_bytes(&RelPath::parse_user("usr/bin/cat").unwrap(), vec![], 0o755, 0).unwrap();
+        let usr = tree.lookup(&RelPath::parse_user("usr").unwrap()).unwrap();
+        tree.put(usr, b"up", Metadata::new(0o777, 0, 0, 0), Body::Symlink(b"../../..".to_vec()), HOST_LAYER);
+        tree.put(InodeIdx::ROOT, b"bin", Metadata::new(0o777, 0, 0, 0), Body::Symlink(b"usr/bin".to_vec()), HOST_LAYER);
+        let path = |p: &str| RelPath::parse_user(p).unwrap();
+        assert!(tree.remove(&path("/bin/ls")));
+        assert!(tree.lookup(&path("usr/bin/ls")).is_none(), "/bin/ls is /usr/bin/ls");
+        assert!(!tree.remove(&path("/bin/ls")));
+        assert!(!tree.remove(&path("/nonexistent")));
+        assert!(!tree.remove(&path("/bin/cat/x")), "a file is no parent");
+        // `..` at the root stays there.
+        assert!(tree.remove(&path("/usr/up/bin/cat")));
+        assert!(tree.lookup(&path("usr/bin/cat")).is_none());
+        // The last name is not followed: removing /bin removes the link.
+        assert!(tree.remove(&path("/bin")));
+        assert!(tree.lookup(&path("bin")).is_none() && tree.lookup(&path("usr/bin")).is_some());
+    }
 }

@@ -3,17 +3,22 @@
 //! Semantics follow the OCI image spec's changeset rules: entries replace what
 //! lower layers had at the same path, directories merge, `.wh.NAME` deletes
 //! `NAME` from lower layers and `.wh..wh..opq` hides everything lower layers put
-//! in its directory. [`super::tarstream`] frames the stream (the `tar` crate's
-//! typed headers parse the fields; its `unpack` is never used: entries are
-//! applied to the model, not the host).
+//! in its directory. Neither touches what the same layer put there, in any
+//! entry order: a lower directory this layer put something into stays, with
+//! only that (as umoci unpacks it). A whiteout whose parent is missing is a
+//! no-op. [`super::tarstream`] frames the stream (the `tar` crate's typed
+//! headers parse the fields; its `unpack` is never used: entries are applied
+//! to the model, not the host).
 //!
-//! Hostile input is refused with an error naming the entry (through
-//! [`excerpt`], so at most a couple of hundred bytes of it): absolute names,
-//! `..`, parents reached through a symlink that leaves the root, hard links to
-//! missing or escaping targets, and absurd header values. [`Limits`] bound
-//! what an image's layers may make a build hold, each judged before the bytes
-//! it concerns are read: file data (sparse files by their declared size),
-//! entries, directory depth, and the size of one header record.
+//! Symlinks in parents are followed inside the tree the way the kernel and
+//! containerd resolve them under a root: a `..` at the root stays at the root,
+//! so no walk can leave it. Hostile input is refused with an error naming the
+//! entry (through [`excerpt`], so at most a couple of hundred bytes of it):
+//! absolute names, `..` in names, hard links to missing targets, and absurd
+//! header values. [`Limits`] bound what an image's layers may make a build
+//! hold, each judged before the bytes it concerns are read: file data (sparse
+//! files by their declared size), entries, names and PAX records, directory
+//! depth, and the size of one header record.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -101,8 +106,6 @@ pub enum LayerError {
     Path { path: String, source: PathError },
     #[error("entry {path:?}: parent {parent} is a {kind}, not a directory")]
     ParentNotDir { path: String, parent: String, kind: &'static str },
-    #[error("entry {path:?}: symlink {link} leads outside the root")]
-    SymlinkEscape { path: String, link: String },
     #[error("entry {path:?}: too many levels of symlinks")]
     SymlinkLoop { path: String },
     #[error("hard link {path:?} points at {target:?}, which does not exist in the image")]
@@ -167,8 +170,9 @@ impl Tree {
             if let Some(name) = path.file_name() {
                 if name == OPAQUE_MARKER {
                     let (parent, _) = path.split_last().expect("has a name");
-                    let dir = self.resolve_dir(&parent, &shown, layer)?;
-                    self.hide_lower(dir, layer);
+                    if let Some(dir) = self.existing_dir(&parent) {
+                        self.hide_lower(dir, layer);
+                    }
                     stats.opaque_dirs += 1;
                     continue;
                 }
@@ -186,10 +190,10 @@ impl Tree {
                             source: PathError::DotDot(shown.clone()),
                         });
                     }
-                    let dir = self.resolve_dir(&parent, &shown, layer)?;
-                    let entries = self.dir_entries_mut(dir).expect("resolved a directory");
-                    if entries.get(hidden).is_some_and(|d| d.layer < layer) {
-                        entries.remove(hidden);
+                    // Nothing to hide under a parent that is not there
+                    // (umoci does not make one either).
+                    if let Some(dir) = self.existing_dir(&parent) {
+                        self.white_out(dir, hidden, layer);
                     }
                     stats.whiteouts += 1;
                     continue;
@@ -312,22 +316,60 @@ impl Tree {
         self.dir_entries_mut(dir).expect("directory").insert(name.to_vec(), Dentry { inode, layer });
     }
 
-    /// Opaque directory: drops every entry below `dir` that a lower layer made,
-    /// keeping what this layer already put there (tar order is free). A work
-    /// list, not recursion: depth is limited, but not to what a stack holds.
-    fn hide_lower(&mut self, dir: InodeIdx, layer: u32) {
-        let mut pending = vec![dir];
-        while let Some(dir) = pending.pop() {
-            let Some(entries) = self.dir_entries_mut(dir) else { continue };
-            entries.retain(|_, d| d.layer >= layer);
-            let subdirs: Vec<InodeIdx> = entries.values().map(|d| d.inode).collect();
-            pending.extend(subdirs.into_iter().filter(|&sub| matches!(self.inode(sub).body, Body::Dir(_))));
+    /// `.wh.NAME` in `dir`: hides what lower layers put at `name`. An entry
+    /// this layer made stays; a directory keeps what this layer put in it,
+    /// whichever layer made the directory itself.
+    fn white_out(&mut self, dir: InodeIdx, name: &[u8], layer: u32) {
+        let Some(dentry) = self.dir_entries(dir).and_then(|e| e.get(name)).copied() else { return };
+        let holds_this_layer = self.is_dir(dentry.inode) && self.hide_lower(dentry.inode, layer);
+        if dentry.layer < layer && !holds_this_layer {
+            self.dir_entries_mut(dir).expect("a directory").remove(name);
         }
     }
 
+    /// Opaque directory: drops every entry below `dir` that a lower layer
+    /// made, except lower directories this layer put something into (tar
+    /// order is free, and a layer may add `d/sub/new` without listing
+    /// `d/sub`). Returns whether anything is left in `dir`.
+    fn hide_lower(&mut self, dir: InodeIdx, layer: u32) -> bool {
+        // Every directory below `dir`, parents first (no recursion: trees
+        // made through symlinks can be deeper than any one path) ...
+        let mut dirs = vec![dir];
+        let mut next = 0;
+        while let Some(&cur) = dirs.get(next) {
+            next += 1;
+            let entries = self.dir_entries(cur).expect("directories only");
+            dirs.extend(entries.values().map(|d| d.inode).filter(|&i| self.is_dir(i)));
+        }
+        // ... then pruned children first, so a lower directory is dropped
+        // exactly when nothing of this layer is left in it.
+        for &cur in dirs.iter().rev() {
+            let entries = self.dir_entries(cur).expect("directories only");
+            let hidden: Vec<Vec<u8>> = entries
+                .iter()
+                .filter(|(_, d)| d.layer < layer && self.dir_entries(d.inode).is_none_or(BTreeMap::is_empty))
+                .map(|(name, _)| name.clone())
+                .collect();
+            let entries = self.dir_entries_mut(cur).expect("directories only");
+            for name in hidden {
+                entries.remove(&name);
+            }
+        }
+        self.dir_entries(dir).is_some_and(|e| !e.is_empty())
+    }
+
+    fn is_dir(&self, idx: InodeIdx) -> bool {
+        matches!(self.inode(idx).body, Body::Dir(_))
+    }
+
+    /// The directory at `path` (symlinks followed), if it exists.
+    pub(super) fn existing_dir(&self, path: &RelPath) -> Option<InodeIdx> {
+        self.lookup_following(path).filter(|&idx| self.is_dir(idx))
+    }
+
     /// Finds (creating as needed) the directory at `path`, following symlinks in
-    /// the tree the way the kernel would inside a chroot, and refusing any that
-    /// would leave the root.
+    /// the tree the way the kernel would inside a chroot: `..` at the root
+    /// stays at the root.
     pub(crate) fn resolve_dir(&mut self, path: &RelPath, shown: &str, layer: u32) -> Result<InodeIdx, LayerError> {
         let mut hops = 0;
         self.resolve_dir_from(InodeIdx::ROOT, &mut Vec::new(), path.components(), shown, layer, &mut hops)
@@ -343,7 +385,7 @@ impl Tree {
         hops: &mut usize,
     ) -> Result<InodeIdx, LayerError> {
         // `stack` holds the ancestors of `cur` so that `..` inside a symlink
-        // target can climb; climbing above the root is an escape.
+        // target can climb; an empty stack means `cur` is the root.
         let mut cur = start;
         for name in components {
             let existing = self.dir_entries(cur).expect("walking directories").get(name).copied();
@@ -369,7 +411,7 @@ impl Tree {
                             return Err(LayerError::SymlinkLoop { path: shown.to_string() });
                         }
                         let target = target.clone();
-                        cur = self.follow_symlink(cur, stack, &target, name, shown, layer, hops)?;
+                        cur = self.follow_symlink(cur, stack, &target, shown, layer, hops)?;
                     }
                     other => {
                         return Err(LayerError::ParentNotDir {
@@ -384,21 +426,15 @@ impl Tree {
         Ok(cur)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn follow_symlink(
         &mut self,
         link_dir: InodeIdx,
         stack: &mut Vec<InodeIdx>,
         target: &[u8],
-        link_name: &[u8],
         shown: &str,
         layer: u32,
         hops: &mut usize,
     ) -> Result<InodeIdx, LayerError> {
-        let escape = || LayerError::SymlinkEscape {
-            path: shown.to_string(),
-            link: excerpt(link_name),
-        };
         let mut cur = link_dir;
         if target.starts_with(b"/") {
             stack.clear();
@@ -407,7 +443,8 @@ impl Tree {
         for comp in target.split(|&b| b == b'/') {
             match comp {
                 b"" | b"." => {}
-                b".." => cur = stack.pop().ok_or_else(escape)?,
+                // The root is its own parent, as in the kernel.
+                b".." => cur = stack.pop().unwrap_or(InodeIdx::ROOT),
                 name => {
                     cur = self.resolve_dir_from(cur, stack, std::iter::once(name), shown, layer, hops)?;
                 }
@@ -437,8 +474,8 @@ impl Tree {
         Ok(inode)
     }
 
-    /// Like [`Tree::lookup`] but following symlinks in every component; `None`
-    /// when missing, escaping or looping.
+    /// Like [`Tree::lookup`] but following symlinks in every component (`..`
+    /// at the root stays there); `None` when missing or looping.
     fn lookup_following(&self, path: &RelPath) -> Option<InodeIdx> {
         let mut stack = Vec::new();
         let mut hops = 0;
@@ -448,7 +485,7 @@ impl Tree {
             match name.as_slice() {
                 b"" | b"." => continue,
                 b".." => {
-                    cur = stack.pop()?;
+                    cur = stack.pop().unwrap_or(InodeIdx::ROOT);
                     continue;
                 }
                 _ => {}
@@ -592,7 +629,10 @@ mod tests {
         }
 
         fn dir(self, name: &str) -> Self {
-            self.raw(Self::header(EntryType::Directory, 0o755, 0), name, None, b"")
+            self.dir_mode(name, 0o755)
+        }
+        fn dir_mode(self, name: &str, mode: u32) -> Self {
+            self.raw(Self::header(EntryType::Directory, mode, 0), name, None, b"")
         }
         fn file(self, name: &str, data: &str) -> Self {
             self.raw(Self::header(EntryType::Regular, 0o644, data.len() as u64), name, None, data.as_bytes())
@@ -671,6 +711,73 @@ mod tests {
         assert_eq!(listing(&tree), ["d/", "d/new=n", "d/sub/", "d/sub/fresh=f", "other=y"]);
     }
 
+    /// A lower layer's `d/` with `sub/` (0711, holding `old`) and `keep`,
+    /// then one layer with `upper`'s entries applied on top.
+    fn over_lower(upper: LayerBuilder) -> Tree {
+        let mut tree = Tree::new();
+        let lower = LayerBuilder::new().dir("d").dir_mode("d/sub", 0o711).file("d/sub/old", "o").file("d/keep", "k").file("top", "t");
+        apply(&mut tree, 0, lower.build()).unwrap();
+        apply(&mut tree, 1, upper.build()).unwrap();
+        tree
+    }
+
+    fn mode_of(tree: &Tree, path: &str) -> u32 {
+        tree.inode(tree.lookup(&RelPath::parse_user(path).unwrap()).expect(path)).meta.mode
+    }
+
+    #[test]
+    fn same_layer_content_under_a_lower_dir_survives_an_opaque_marker_in_either_order() {
+        // The layer puts `d/sub/new` into the lower `d/sub` without listing
+        // `d/sub` itself: the marker hides only what lower layers put in `d`.
+        let after = over_lower(LayerBuilder::new().file("d/sub/new", "n").file("d/.wh..wh..opq", ""));
+        assert_eq!(listing(&after), ["d/", "d/sub/", "d/sub/new=n", "top=t"]);
+        assert_eq!(mode_of(&after, "d/sub"), 0o711, "the lower d/sub stays, as umoci keeps it");
+        // Marker first: `d/sub` goes, then `d/sub/new` brings an implicit one.
+        let before = over_lower(LayerBuilder::new().file("d/.wh..wh..opq", "").file("d/sub/new", "n"));
+        assert_eq!(listing(&before), ["d/", "d/sub/", "d/sub/new=n", "top=t"]);
+        assert_eq!(mode_of(&before, "d/sub"), 0o755);
+    }
+
+    #[test]
+    fn whiteout_of_a_dir_keeps_what_the_same_layer_put_in_it() {
+        let after = over_lower(LayerBuilder::new().file("d/sub/new", "n").file("d/.wh.sub", ""));
+        assert_eq!(listing(&after), ["d/", "d/keep=k", "d/sub/", "d/sub/new=n", "top=t"]);
+        assert_eq!(mode_of(&after, "d/sub"), 0o711);
+        let before = over_lower(LayerBuilder::new().file("d/.wh.sub", "").file("d/sub/new", "n"));
+        assert_eq!(listing(&before), ["d/", "d/keep=k", "d/sub/", "d/sub/new=n", "top=t"]);
+        assert_eq!(mode_of(&before, "d/sub"), 0o755);
+        // A directory the layer redeclares still loses its lower entries.
+        let redeclared = over_lower(LayerBuilder::new().dir("d/sub").file("d/.wh.sub", ""));
+        assert_eq!(listing(&redeclared), ["d/", "d/keep=k", "d/sub/", "top=t"]);
+    }
+
+    #[test]
+    fn whiteouts_under_a_missing_parent_invent_nothing() {
+        let tree = over_lower(
+            LayerBuilder::new().file("no/such/.wh.x", "").file("nodir/.wh..wh..opq", "").file("top/.wh.x", ""),
+        );
+        assert_eq!(listing(&tree), ["d/", "d/keep=k", "d/sub/", "d/sub/old=o", "top=t"]);
+    }
+
+    #[test]
+    fn symlinks_climbing_past_the_root_stop_at_the_root() {
+        // As the kernel and containerd resolve them (umoci puts `lnk/x` at `/etc/x`).
+        let mut tree = Tree::new();
+        apply(&mut tree, 0, LayerBuilder::new().symlink("lnk", "../../../../etc").symlink("abs", "/../../srv").build())
+            .unwrap();
+        apply(&mut tree, 1, LayerBuilder::new().file("lnk/x", "x").file("abs/y", "y").build()).unwrap();
+        assert_eq!(listing(&tree), ["abs->/../../srv", "etc/", "etc/x=x", "lnk->../../../../etc", "srv/", "srv/y=y"]);
+        // A hard link's target and a whiteout's parent resolve the same way.
+        let mut tree2 = Tree::new();
+        apply(&mut tree2, 0, LayerBuilder::new().file("top", "t").dir("d").symlink("d/up", "../../..").build()).unwrap();
+        apply(&mut tree2, 1, LayerBuilder::new().hardlink("d/h", "d/up/top").file("d/up/.wh.top", "").build()).unwrap();
+        assert_eq!(listing(&tree2), ["d/", "d/h=t", "d/up->../../.."]);
+        // A target that climbs out and back in lands inside too.
+        let mut tree3 = Tree::new();
+        apply(&mut tree3, 0, LayerBuilder::new().symlink("a", "b/../../../c").dir("b").file("a/x", "x").build()).unwrap();
+        assert_eq!(listing(&tree3), ["a->b/../../../c", "b/", "c/", "c/x=x"]);
+    }
+
     #[test]
     fn file_replaces_dir_and_dir_replaces_file() {
         let mut tree = Tree::new();
@@ -717,8 +824,6 @@ mod tests {
         check_rejected(vec![LayerBuilder::new().file("../evil", "x").build()], "`..`");
         check_rejected(vec![LayerBuilder::new().file("a/../../evil", "x").build()], "`..`");
         check_rejected(vec![LayerBuilder::new().file("/etc/passwd", "x").build()], "absolute");
-        check_rejected(vec![LayerBuilder::new().symlink("up", "../..").file("up/etc/passwd", "x").build()], "leads outside");
-        check_rejected(vec![LayerBuilder::new().symlink("a", "b/../..").dir("b").file("a/x", "x").build()], "leads outside");
         check_rejected(vec![LayerBuilder::new().symlink("loop", "loop").file("loop/x", "x").build()], "too many levels");
         check_rejected(vec![LayerBuilder::new().hardlink("h", "missing").build()], "does not exist");
         check_rejected(vec![LayerBuilder::new().hardlink("h", "../../etc/shadow").build()], "`..`");
@@ -726,11 +831,6 @@ mod tests {
         check_rejected(vec![LayerBuilder::new().dir("d").hardlink("h", "d").build()], "is a directory");
         check_rejected(vec![LayerBuilder::new().file("f", "x").file("f/child", "y").build()], "not a directory");
         check_rejected(vec![LayerBuilder::new().file(".wh...", "").build()], "`..`");
-        // A second layer reaching out through a symlink a first layer planted.
-        check_rejected(
-            vec![LayerBuilder::new().symlink("escape", "/../../..").build(), LayerBuilder::new().file("escape/x", "x").build()],
-            "leads outside",
-        );
     }
 
     #[test]

@@ -235,10 +235,30 @@ impl Tree {
     }
 
     /// Removes `path` (and everything below it). Returns whether it existed.
+    /// See [`Tree::remove_all`].
     pub fn remove(&mut self, path: &RelPath) -> bool {
-        let Some((parent, name)) = path.split_last() else { return false };
-        let Some(parent_idx) = self.lookup(&parent) else { return false };
-        self.dir_entries_mut(parent_idx).is_some_and(|entries| entries.remove(name).is_some())
+        self.remove_all(&[path]) == [true]
+    }
+
+    /// Removes every path of `paths` (and everything below each), telling
+    /// for each whether it existed. Parents are resolved inside the tree as
+    /// for layers and `--add` (Debian's `/bin -> usr/bin` makes `/bin/ls`
+    /// `/usr/bin/ls`); the last name is not followed, so a symlink goes, not
+    /// what it points at. All paths are resolved before anything is removed,
+    /// so removing `/bin` does not change where `/bin/ls` leads.
+    pub fn remove_all(&mut self, paths: &[&RelPath]) -> Vec<bool> {
+        let found: Vec<Option<(InodeIdx, &[u8])>> = paths
+            .iter()
+            .map(|path| {
+                let (parent, name) = path.split_last()?;
+                let dir = self.existing_dir(&parent)?;
+                self.dir_entries(dir)?.contains_key(name).then_some((dir, name))
+            })
+            .collect();
+        for &(dir, name) in found.iter().flatten() {
+            self.dir_entries_mut(dir).expect("a directory").remove(name);
+        }
+        found.iter().map(Option::is_some).collect()
     }
 
     /// Sums what the tree holds: entries by kind and file bytes.
