@@ -301,6 +301,9 @@ struct IntakeArgs {
     /// Most entries all layers may hold together.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries)]
     max_entries: u64,
+    /// Most bytes of names, link targets and PAX records (xattrs) all layers may hold together.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = pipeline::parse_disk_size)]
+    max_metadata_bytes: u64,
     /// Most directories above an entry.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_path_depth)]
     max_path_depth: usize,
@@ -321,6 +324,7 @@ impl IntakeArgs {
             limits: Limits {
                 max_spool_bytes: self.max_spool_bytes,
                 max_entries: self.max_entries,
+                max_metadata_bytes: self.max_metadata_bytes,
                 max_path_depth: self.max_path_depth,
                 max_header_bytes: self.max_header_bytes,
                 max_ratio: self.max_ratio,

@@ -42,6 +42,10 @@ pub struct Limits {
     pub max_spool_bytes: u64,
     /// Entries of all layers together (whiteouts included).
     pub max_entries: u64,
+    /// Bytes of names, link targets and PAX records (xattrs among them) of
+    /// all layers together: what the tree holds besides file data, so the
+    /// model's memory is bounded by bytes and not only by the entry count.
+    pub max_metadata_bytes: u64,
     /// Levels of an entry's path (`a/b/c` is 3), counted where it lands:
     /// symlinks in its parents can put it deeper than its name says.
     pub max_path_depth: usize,
@@ -65,7 +69,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_spool_bytes: 64 << 30,
-            max_entries: 10_000_000,
+            max_entries: 2_000_000,
+            max_metadata_bytes: 256 << 20,
             max_path_depth: 1024,
             max_header_bytes: 1 << 20,
             max_ratio: 1000,
@@ -87,6 +92,7 @@ pub(crate) struct Usage {
     pub(crate) limits: Limits,
     spooled_bytes: u64,
     entries: u64,
+    metadata_bytes: u64,
 }
 
 /// How many symlinks one lookup may traverse, as in the kernel (ELOOP).
@@ -130,6 +136,8 @@ pub enum LayerError {
     SpoolLimit { path: String, size: u64, total: u64, limit: u64 },
     #[error("entry {path:?}: the image holds more than {limit} entries (raise the limit with --max-entries)")]
     TooManyEntries { path: String, limit: u64 },
+    #[error("entry {path:?}: the image's names, link targets and PAX records exceed {limit} bytes (raise the limit with --max-metadata-bytes)")]
+    TooMuchMetadata { path: String, limit: u64 },
     #[error("entry {path:?} lies {depth} levels deep, over the limit of {limit} (raise it with --max-path-depth)")]
     TooDeep { path: String, depth: usize, limit: usize },
 }
@@ -159,6 +167,13 @@ impl Tree {
             self.usage.entries += 1;
             if self.usage.entries > self.usage.limits.max_entries {
                 return Err(LayerError::TooManyEntries { path: shown, limit: self.usage.limits.max_entries });
+            }
+            let metadata = entry.path.len() as u64
+                + entry.link.as_ref().map_or(0, |l| l.len() as u64)
+                + entry.pax.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+            self.usage.metadata_bytes += metadata;
+            if self.usage.metadata_bytes > self.usage.limits.max_metadata_bytes {
+                return Err(LayerError::TooMuchMetadata { path: shown, limit: self.usage.limits.max_metadata_bytes });
             }
             let header = parse_header(&entry, &shown)?;
             let path = RelPath::parse_layer(&entry.path)
@@ -852,8 +867,8 @@ mod tests {
         let mut tar = LayerBuilder::new().file("f", "abc").build();
         tar.truncate(100);
         let err = apply(&mut Tree::new(), 0, tar).unwrap_err();
-        assert!(matches!(&err, LayerError::Read(_)), "{err:?}");
-        assert_eq!(err.to_string(), "cannot read the layer's tar stream: failed to read entire block");
+        assert!(matches!(&err, LayerError::Malformed { offset: 0, reason } if reason == "the archive ends inside a header"), "{err:?}");
+        assert_eq!(err.to_string(), "malformed tar stream at byte 0 of the layer: the archive ends inside a header");
     }
 
     #[test]
@@ -944,6 +959,32 @@ mod tests {
         tree.apply_layer(&builder.into_inner().unwrap()[..], 0, &Intake::default()).unwrap();
         let idx = tree.lookup(&RelPath::parse_user("f").unwrap()).unwrap();
         assert_eq!(tree.inode(idx).meta.xattrs.get(&b"user.bin"[..]).map(Vec::as_slice), Some(&b"one\ntwo\n"[..]));
+    }
+
+    #[test]
+    fn names_targets_and_xattrs_count_against_one_metadata_budget() {
+        // Each entry is small and under every other limit; together their
+        // names, link targets and xattrs pass the budget (counted across layers).
+        let layer = |prefix: &str| {
+            let mut builder = tar::Builder::new(Vec::new());
+            for i in 0..10 {
+                builder.append_pax_extensions([("SCHILY.xattr.user.pad", &[b'x'; 100][..])]).unwrap();
+                let mut h = LayerBuilder::header(EntryType::Symlink, 0o777, 0);
+                builder.append_link(&mut h, format!("{prefix}{i:02}"), "t".repeat(50)).unwrap();
+            }
+            builder.into_inner().unwrap()
+        };
+        // Per entry: a 3-byte name, 50 bytes of target, 21 + 100 of PAX record.
+        let per_entry = 3 + 50 + "SCHILY.xattr.user.pad".len() as u64 + 100;
+        let budget = Intake { limits: Limits { max_metadata_bytes: 15 * per_entry, ..Limits::default() }, ..Intake::default() };
+        let mut tree = Tree::new();
+        tree.apply_layer(&layer("a")[..], 0, &budget).unwrap();
+        let err = tree.apply_layer(&layer("b")[..], 1, &budget).unwrap_err();
+        assert!(matches!(&err, LayerError::TooMuchMetadata { path, limit } if path == "b05" && *limit == 15 * per_entry), "{err}");
+        assert!(err.to_string().contains("--max-metadata-bytes"), "{err}");
+        let mut tree = Tree::new();
+        tree.apply_layer(&layer("a")[..], 0, &Intake::default()).unwrap();
+        tree.apply_layer(&layer("b")[..], 1, &Intake::default()).unwrap();
     }
 
     #[test]
