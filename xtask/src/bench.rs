@@ -48,6 +48,9 @@ pub enum Section {
     /// The Debian disk as a containerDisk to a loopback registry, ours vs
     /// umoci + skopeo copy; bytes re-sent after a dropped upload.
     Publish,
+    /// The agent under load in a guest: 32 clients' health checks and
+    /// exec/wait round trips, 1 GiB through `cat`, the agent's RSS.
+    Load,
 }
 
 /// A docker-registry on a free loopback port, killed on drop.
@@ -167,6 +170,9 @@ impl Bench {
         }
         if wants(Section::Publish) {
             crate::bench_publish::run(&osbuilder, self.runs)?;
+        }
+        if wants(Section::Load) {
+            crate::bench_load::run()?;
         }
         Ok(())
     }
