@@ -370,7 +370,10 @@ impl Qcow2Row {
 /// Returns the table and, per variant, (name, our median, the median of
 /// `qemu-img convert` alone) for the end-to-end comparison with the ext4
 /// anchor.
-pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> anyhow::Result<(String, Vec<(String, Option<f64>, Option<f64>)>)> {
+/// A row of the end-to-end comparison: its name, seconds and bytes (when measured).
+pub type EndToEndRow = (String, Option<f64>, Option<f64>);
+
+pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> anyhow::Result<(String, Vec<EndToEndRow>)> {
     use std::fmt::Write as _;
     let mut rows: Vec<(String, Qcow2Row)> = Vec::new();
     let variants: [(&str, bool); 2] = [("qcow2", false), ("qcow2 -c", true)];

@@ -251,6 +251,29 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
     rpc::serve(listener, dispatcher, rpc::Limits::default())
 }
 
+/// The guest's uptime when this agent started listening.
+static READY_UPTIME: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// Seconds since boot (`/proc/uptime`), 0 when unreadable.
+fn guest_uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime").ok().and_then(|t| t.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
+}
+
+/// The agent's own gauges, appended to the resource report: its resident
+/// memory and when it became ready.
+pub(crate) fn agent_metrics() -> String {
+    let rss_kib: u64 = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())))
+        .unwrap_or(0);
+    let ready = READY_UPTIME.get().copied().unwrap_or(0.0);
+    format!(
+        "# HELP osb_agent_rss_bytes Resident memory of the agent process.\n# TYPE osb_agent_rss_bytes gauge\nosb_agent_rss_bytes {}\n\
+         # HELP osb_agent_ready_uptime_seconds Guest uptime when the agent started listening.\n# TYPE osb_agent_ready_uptime_seconds gauge\nosb_agent_ready_uptime_seconds {ready:.3}\n",
+        rss_kib * 1024
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,27 +336,4 @@ mod tests {
             assert!(parse_args(&args(bad)).is_err(), "{bad}");
         }
     }
-}
-
-/// The guest's uptime when this agent started listening.
-static READY_UPTIME: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-
-/// Seconds since boot (`/proc/uptime`), 0 when unreadable.
-fn guest_uptime() -> f64 {
-    std::fs::read_to_string("/proc/uptime").ok().and_then(|t| t.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
-}
-
-/// The agent's own gauges, appended to the resource report: its resident
-/// memory and when it became ready.
-pub(crate) fn agent_metrics() -> String {
-    let rss_kib: u64 = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())))
-        .unwrap_or(0);
-    let ready = READY_UPTIME.get().copied().unwrap_or(0.0);
-    format!(
-        "# HELP osb_agent_rss_bytes Resident memory of the agent process.\n# TYPE osb_agent_rss_bytes gauge\nosb_agent_rss_bytes {}\n\
-         # HELP osb_agent_ready_uptime_seconds Guest uptime when the agent started listening.\n# TYPE osb_agent_ready_uptime_seconds gauge\nosb_agent_ready_uptime_seconds {ready:.3}\n",
-        rss_kib * 1024
-    )
 }

@@ -46,6 +46,10 @@ use super::{Sink, ZEROS};
 pub const CLUSTER_BITS: u32 = 16;
 pub const CLUSTER: u64 = 1 << CLUSTER_BITS;
 const CLUSTER_USIZE: usize = CLUSTER as usize;
+
+/// One compression job's result: the cluster, its compressed bytes, and
+/// whether they fit in less than the cluster.
+type Compressed = (Vec<u8>, Vec<u8>, bool);
 /// Entries per L2 table (64-bit entries, no extended L2).
 const L2_ENTRIES: u64 = CLUSTER / 8;
 /// refcount_order 4: 16-bit refcounts.
@@ -403,7 +407,7 @@ impl<W: Write + Seek> Qcow2Writer<W> {
             return Ok(());
         }
         let n = self.in_flight.len();
-        let mut done: Vec<Option<(Vec<u8>, Vec<u8>, bool)>> = (0..n).map(|_| None).collect();
+        let mut done: Vec<Option<Compressed>> = (0..n).map(|_| None).collect();
         let pool = self.pool.as_ref().expect("a compressing writer has a pool");
         for _ in 0..n {
             let (i, input, out, fit) = pool.results.recv().map_err(|_| io::Error::other("a compression thread stopped"))?;

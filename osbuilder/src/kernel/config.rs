@@ -52,8 +52,9 @@ pub struct Request {
 pub enum ConfigError {
     #[error("{origin}: cannot parse {text:?} (expected CONFIG_NAME=value or `# CONFIG_NAME is not set`)")]
     Syntax { origin: Origin, text: String },
-    #[error("{name} is asked for twice with different values: {first_value} at {first}, {second_value} at {second}")]
-    Conflict { name: String, first: Origin, first_value: OptValue, second: Origin, second_value: OptValue },
+    /// Boxed: the two requests would make every `Result` of this module large.
+    #[error("{} is asked for twice with different values: {} at {}, {} at {}", second.name, first.value, first.origin, second.value, second.origin)]
+    Conflict { first: Box<Request>, second: Box<Request> },
     #[error("{origin}: {name}=m asks for a module; guest kernels build everything in (no module loading in the guest)")]
     Module { origin: Origin, name: String },
 }
@@ -122,13 +123,7 @@ impl Merged {
         for r in fragments {
             if let Some(prev) = requests.get(&r.name) {
                 if prev.value != r.value {
-                    return Err(ConfigError::Conflict {
-                        name: r.name.clone(),
-                        first: prev.origin.clone(),
-                        first_value: prev.value.clone(),
-                        second: r.origin,
-                        second_value: r.value,
-                    });
+                    return Err(ConfigError::Conflict { first: Box::new(prev.clone()), second: Box::new(r) });
                 }
                 continue;
             }

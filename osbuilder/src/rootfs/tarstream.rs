@@ -242,9 +242,12 @@ impl<R: Read> Read for TarStream<R> {
     }
 }
 
+/// PAX records as `(key, value)`.
+type PaxRecords = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Parses PAX records (`LEN KEY=VALUE\n`, LEN counting the whole record)
 /// by their length prefix: values may hold newlines (binary xattrs).
-fn parse_pax(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, &'static str> {
+fn parse_pax(mut data: &[u8]) -> Result<PaxRecords, &'static str> {
     let mut records = Vec::new();
     while !data.is_empty() {
         let bad = "a malformed PAX record";
