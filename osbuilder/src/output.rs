@@ -5,9 +5,9 @@
 //! where a good one is expected: the temporary file is removed when the
 //! [`Staged`] value is dropped without [`Staged::commit`] (an error, a
 //! panic), and a SIGINT, SIGTERM or SIGHUP removes every file still staged
-//! before the process dies as the signal would have it (and so does every
-//! blob still being written into the cache, through [`SignalCleanup`]). The rename replaces
-//! an existing output only once the new one is complete and on disk.
+//! before the process dies as the signal would have it (and every blob still
+//! being written into the cache, through [`SignalCleanup`]). The rename
+//! replaces an existing output only once the new one is complete and on disk.
 
 use std::fs::File;
 use std::io::{self, Write};
