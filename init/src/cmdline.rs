@@ -220,7 +220,7 @@ fn parse_root(value: &str) -> Result<RootSource, String> {
 
 fn parse_hex(value: &str) -> Result<Vec<u8>, String> {
     let digits = value.as_bytes();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err("odd number of hex digits".into());
     }
     digits

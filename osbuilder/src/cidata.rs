@@ -375,7 +375,7 @@ fn too_large_for_any_seed(names: &[&'static str], lengths: &[u64]) -> Result<(),
 }
 
 fn fixed_geometry(size: u64, names: &[&'static str], lengths: &[u64]) -> Result<Geometry, CidataError> {
-    if size % SECTOR != 0 {
+    if !size.is_multiple_of(SECTOR) {
         return Err(CidataError::SizeUnaligned { size });
     }
     if size > max_seed_bytes() {

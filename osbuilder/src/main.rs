@@ -68,6 +68,14 @@ struct PullArgs {
     platform: Platform,
     #[command(flatten)]
     registry: RegistryArgs,
+    /// Retries of a failed registry request or blob transfer (a transfer
+    /// cut short resumes at the byte it reached).
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    /// Seconds a registry may leave a request without an answer or a
+    /// transfer without a byte.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 /// How to reach a registry and where blobs are kept: pulls and pushes alike.
@@ -97,6 +105,8 @@ impl PullArgs {
             cache: self.registry.cache(),
             credentials: self.registry.creds.clone(),
             insecure: self.registry.insecure,
+            retries: self.retries,
+            timeout: std::time::Duration::from_secs(self.timeout.max(1)),
             ..PullOptions::default()
         }
     }

@@ -332,83 +332,24 @@ fn unusable_references_fail_clearly() {
     assert!(!out.exists());
 }
 
-/// A loopback TCP proxy in front of a registry that cuts any connection
-/// serving a GET of `blob` after `keep` bytes of the response: a registry
-/// failing mid-transfer.
-struct CuttingProxy {
-    addr: String,
-}
-
-impl CuttingProxy {
-    fn start(upstream: String, blob: String, keep: usize) -> CuttingProxy {
-        use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpListener, TcpStream};
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let upstream = upstream.clone();
-                let blob = blob.clone();
-                std::thread::spawn(move || {
-                    let server = TcpStream::connect(&upstream).unwrap();
-                    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                    let cut_writer = cut.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 8192];
-                        while let Ok(n) = c_in.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            let text = String::from_utf8_lossy(&buf[..n]);
-                            if text.starts_with("GET ") && text.contains(&blob) {
-                                cut_writer.store(true, std::sync::atomic::Ordering::SeqCst);
-                            }
-                            if s_out.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                    let (mut s_in, mut c_out) = (server, client);
-                    let mut forwarded = 0usize;
-                    let mut buf = [0u8; 8192];
-                    while let Ok(n) = s_in.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        let mut n = n;
-                        if cut.load(std::sync::atomic::Ordering::SeqCst) {
-                            n = n.min(keep.saturating_sub(forwarded));
-                        }
-                        if c_out.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        forwarded += n;
-                        if cut.load(std::sync::atomic::Ordering::SeqCst) && forwarded >= keep {
-                            let _ = c_out.shutdown(Shutdown::Both);
-                            let _ = s_in.shutdown(Shutdown::Both);
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        CuttingProxy { addr }
-    }
-}
-
 #[test]
 fn registry_failing_mid_transfer_leaves_no_partial_blob_or_output() {
     let registry = Registry::start();
     let layout = layered_layout();
     push(&oci_ref(&layout, "v1"), &registry, "flaky:v1", &[]);
     let layer = layout_manifest(&layout, "v1")["layers"][0]["digest"].as_str().unwrap().to_string();
-    let proxy = CuttingProxy::start(registry.addr(), layer.clone(), 64 * 1024);
+    // Every GET of the layer is cut after 64 KiB; one retry (resumed from
+    // the byte it reached) is cut too. tests/pull_faults.rs has the faults
+    // a pull survives.
+    let proxy = testkit::proxy::FaultProxy::start(&registry.addr());
+    let cut = proxy.add(testkit::proxy::Rule::new(Some("GET"), &format!("/blobs/{layer}"), testkit::proxy::Fault::TruncateResponse(64 * 1024)).always());
     let tmp = scratch();
     let cache = tmp.path().join("cache");
     let out = tmp.path().join("flaky.cpio.gz");
-    let err = build_err(&["initrd", "--image", &format!("docker://{}/flaky:v1", proxy.addr), "-o", path_str(&out)], &cache);
-    assert!(err.contains(&layer), "the error must name the blob: {err}");
+    let image = format!("docker://{}/flaky:v1", proxy.addr());
+    let err = build_err(&["initrd", "--image", &image, "-o", path_str(&out), "--retries", "1"], &cache);
+    assert_eq!(proxy.fired(cut), 2, "{}", proxy.summary());
+    assert!(err.contains(&layer) && err.contains("gave up after 2 attempts"), "the error must name the blob: {err}");
     assert!(!out.exists(), "no output after a failed pull");
     let hex = layer.trim_start_matches("sha256:");
     assert!(!cache.join("blobs/sha256").join(hex).exists(), "a partial blob must not land in the cache");

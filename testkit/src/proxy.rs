@@ -56,6 +56,10 @@
 //! - `TruncateResponse(n)`: relays the response head and the first `n` body
 //!   bytes, then closes the client connection (the head, with its
 //!   `Content-Length`, is unchanged, so the client sees a short body).
+//! - `StallResponseAfter(n)`: relays the response head and the first `n`
+//!   body bytes, then sends nothing more and keeps the connection open until
+//!   the client closes it (or the proxy is dropped): a transfer that hangs
+//!   midway, with part of the body already received.
 //! - `FlipResponseByte(i)`: inverts (XOR 0xff) the response body byte at
 //!   payload offset `i`.
 //!
@@ -170,6 +174,8 @@ pub enum Fault {
     StallForever,
     /// Relay only the first N response body bytes, then close.
     TruncateResponse(u64),
+    /// Relay only the first N response body bytes, then hang.
+    StallResponseAfter(u64),
     /// Invert the response body byte at this offset.
     FlipResponseByte(u64),
 }
@@ -1056,6 +1062,7 @@ fn exchange(
     let mut drop_after = None;
     let mut drop_response = false;
     let mut truncate = None;
+    let mut stall_after_truncate = false;
     let mut flip = None;
     if let Some((rule, f)) = &fault {
         match f {
@@ -1134,6 +1141,10 @@ fn exchange(
             Fault::DropAfterRequestBytes(n) => drop_after = Some(*n),
             Fault::DropResponse => drop_response = true,
             Fault::TruncateResponse(n) => truncate = Some(*n),
+            Fault::StallResponseAfter(n) => {
+                truncate = Some(*n);
+                stall_after_truncate = true;
+            }
             Fault::FlipResponseByte(i) => flip = Some(*i),
         }
     }
@@ -1306,6 +1317,25 @@ fn exchange(
         Ok(c) if !c.complete => {
             let (rule, f) = fault.as_ref().expect("a limit comes from a truncate rule");
             sh.fire(idx, *rule, f);
+            if stall_after_truncate {
+                client_out.flush()?;
+                let _ = up_out.shutdown(Shutdown::Both);
+                let started = Instant::now();
+                let mut sink = [0u8; BUF];
+                while let Ok(n) = client_in.read(&mut sink) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let secs = started.elapsed().as_secs_f64();
+                sh.update(idx, |s| {
+                    s.add_note(format!(
+                        "stalled after {} response bytes; the client closed after {secs:.1} s",
+                        c.payload
+                    ))
+                });
+                return Ok(false);
+            }
             sh.update(idx, |s| {
                 s.add_note(format!("response truncated after {} bytes", c.payload))
             });
@@ -1324,7 +1354,7 @@ fn exchange(
                             ))
                         });
                     }
-                    Fault::TruncateResponse(n) => {
+                    Fault::TruncateResponse(n) | Fault::StallResponseAfter(n) => {
                         sh.update(idx, |s| {
                             s.add_note(format!(
                                 "not truncated: the body has {} bytes, limit {n}",

@@ -185,7 +185,7 @@ fn align_up(value: u64, align: u64) -> Result<u64, DiskError> {
 
 /// Plans the disk `spec` describes, or says why it cannot exist.
 pub fn plan_disk(spec: &DiskSpec) -> Result<DiskLayout, DiskError> {
-    if spec.fs_bytes == 0 || spec.fs_bytes % SECTOR != 0 {
+    if spec.fs_bytes == 0 || !spec.fs_bytes.is_multiple_of(SECTOR) {
         return Err(DiskError::FsSize(spec.fs_bytes));
     }
     for (i, extra) in spec.extra_partitions.iter().enumerate() {

@@ -260,7 +260,7 @@ impl<W: Write + Seek> Qcow2Writer<W> {
     /// A writer for a disk of exactly `virtual_size` bytes into `out`
     /// (positioned anywhere: the file is written from its start).
     pub fn new(mut out: W, virtual_size: u64, opts: Qcow2Options) -> io::Result<Self> {
-        if virtual_size == 0 || virtual_size % 512 != 0 {
+        if virtual_size == 0 || !virtual_size.is_multiple_of(512) {
             return Err(other(format!("a qcow2 disk must be a non-zero multiple of 512 bytes, not {virtual_size}")));
         }
         if encode::l1_size(virtual_size) * 8 > 32 << 20 {
@@ -307,7 +307,7 @@ impl<W: Write + Seek> Qcow2Writer<W> {
     /// until the compressed bytes reach a cluster boundary (or would cross
     /// one), so that the rest of that host cluster is not wasted.
     fn put_standard(&mut self, guest: u64, data: &[u8]) -> io::Result<()> {
-        if self.host % CLUSTER != 0 {
+        if !self.host.is_multiple_of(CLUSTER) {
             let mut copy = self.spare.pop().unwrap_or_default();
             copy.clear();
             copy.extend_from_slice(data);
@@ -358,7 +358,7 @@ impl<W: Write + Seek> Qcow2Writer<W> {
         self.map.push((guest, encode::compressed_entry(off, len)));
         self.summary.allocated_clusters += 1;
         self.summary.compressed_clusters += 1;
-        if !self.held.is_empty() && self.host % CLUSTER == 0 {
+        if !self.held.is_empty() && self.host.is_multiple_of(CLUSTER) {
             self.release_held()?;
         }
         Ok(())

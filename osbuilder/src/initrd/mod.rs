@@ -114,10 +114,34 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
+/// A writer whose errors name the output ("No space left on device" alone
+/// does not say which disk).
+struct PathNamed<W> {
+    inner: W,
+    path: std::path::PathBuf,
+}
+
+impl<W: Write> PathNamed<W> {
+    fn named(&self, e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), format!("{}: {e}", self.path.display()))
+    }
+}
+
+impl<W: Write> Write for PathNamed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).map_err(|e| self.named(e))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().map_err(|e| self.named(e))
+    }
+}
+
 /// Writes `tree` as an initrd at `out`; `progress` counts uncompressed bytes.
 pub fn write_initrd(tree: &Tree, out: &Path, opts: &InitrdOptions, progress: &ProgressBar) -> Result<InitrdReport, InitrdError> {
     let staged = Staged::create(out)?;
     let file = staged.file().try_clone().map_err(InitrdError::Write)?;
+    let file = PathNamed { inner: file, path: staged.dest().to_path_buf() };
     let mut report = write_archive(tree, file, opts, progress)?;
     staged.commit()?;
     report.warnings.extend(size_warnings(&report, opts));

@@ -5,6 +5,14 @@
 //! registry failing mid-transfer never leaves a bad blob under a good name.
 //! A cached blob is re-verified when used: hashing is far cheaper than
 //! building from a corrupted layer.
+//!
+//! Temporary blobs live in `ROOT/blobs/tmp/` and go when their writer is
+//! dropped, and on SIGINT/SIGTERM/SIGHUP with the staged outputs
+//! ([`crate::output::SignalCleanup`]). Processes sharing a cache take
+//! `ROOT/blobs/locks/<hex>` ([`BlobCache::lock`], an advisory `flock`) while
+//! they fetch a blob, so a second build waits for the first's verified blob
+//! instead of downloading it again. Lock files are left in place: removing
+//! one another process may have open would let two holders in.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -59,12 +67,24 @@ impl BlobCache {
         Ok(Some(file))
     }
 
+    /// Waits for and takes the fetch lock of `digest`, held until the
+    /// returned file is dropped. The lock is per open file, so two threads
+    /// of one process exclude each other too.
+    pub fn lock(&self, digest: &Digest) -> io::Result<fs::File> {
+        let dir = self.root.join("blobs/locks");
+        fs::create_dir_all(&dir)?;
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(digest.hex()))?;
+        file.lock()?;
+        Ok(file)
+    }
+
     /// Starts writing a blob expected to have `digest` (and `size`, if known).
     pub fn writer(&self, digest: &Digest, size: Option<u64>) -> io::Result<BlobWriter> {
         let tmp_dir = self.root.join("blobs/tmp");
         fs::create_dir_all(&tmp_dir)?;
         fs::create_dir_all(self.root.join("blobs/sha256"))?;
         let file = tempfile::NamedTempFile::new_in(&tmp_dir)?;
+        let cleanup = crate::output::SignalCleanup::new(file.path());
         Ok(BlobWriter {
             file: io::BufWriter::with_capacity(1 << 20, file),
             hasher: Sha256::new(),
@@ -72,6 +92,7 @@ impl BlobCache {
             digest: Some(digest.clone()),
             size,
             root: self.root.clone(),
+            cleanup,
         })
     }
 
@@ -93,6 +114,8 @@ pub struct BlobWriter {
     digest: Option<Digest>,
     size: Option<u64>,
     root: PathBuf,
+    /// Removes the temporary file on a signal; last, so dropped after `file`.
+    cleanup: crate::output::SignalCleanup,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +141,7 @@ impl BlobWriter {
     /// [`BlobWriter::commit`], also returning the file written (open for
     /// reading too), so the verified bytes are read back without a reopen.
     pub fn commit_open(self) -> Result<(PathBuf, File), CommitError> {
-        let BlobWriter { file, hasher, written, digest, size, root } = self;
+        let BlobWriter { cleanup, file, hasher, written, digest, size, root } = self;
         let actual = hex::encode(hasher.finalize());
         let digest = match digest {
             Some(digest) => digest,
@@ -135,6 +158,7 @@ impl BlobWriter {
         let file = file.into_inner().map_err(|e| io_err(e.into_error()))?;
         file.as_file().sync_data().map_err(io_err)?;
         let file = file.persist(&dest).map_err(|e| io_err(e.error))?;
+        drop(cleanup);
         Ok((dest, file))
     }
 }

@@ -136,6 +136,10 @@ pub struct PullOptions {
     pub insecure: bool,
     /// How many layers are fetched at once.
     pub fetch_jobs: usize,
+    /// Attempts after the first for a registry request or a blob transfer.
+    pub retries: u32,
+    /// How long a registry may leave a request unanswered or a transfer idle.
+    pub timeout: std::time::Duration,
 }
 
 impl Default for PullOptions {
@@ -146,6 +150,8 @@ impl Default for PullOptions {
             credentials: None,
             insecure: false,
             fetch_jobs: 4,
+            retries: 5,
+            timeout: std::time::Duration::from_secs(60),
         }
     }
 }

@@ -390,7 +390,7 @@ fn xattr_index(name: &[u8]) -> Option<(u8, &[u8])> {
 /// entries) to ext4's (version 1, 4-byte entries unless they name a user or
 /// group).
 pub fn acl_to_ext4(value: &[u8]) -> Option<Vec<u8>> {
-    if value.len() < 4 || (value.len() - 4) % 8 != 0 || u32::from_le_bytes(value[..4].try_into().ok()?) != 2 {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || u32::from_le_bytes(value[..4].try_into().ok()?) != 2 {
         return None;
     }
     let mut out = 1u32.to_le_bytes().to_vec();
