@@ -7,14 +7,14 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use osbuilder::compress::{CompressOptions, Compression};
+use osbuilder::disk::erofs::Compression as ErofsCompression;
+use osbuilder::disk::ext4::{Ext4Size, Headroom};
+use osbuilder::disk::image::{DiskFormat, FsKind};
+use osbuilder::disk::layout::TableKind;
 use osbuilder::initrd::InitrdOptions;
 use osbuilder::oci::cache::BlobCache;
 use osbuilder::oci::manifest::Platform;
 use osbuilder::oci::{Image, ImageRef, PullOptions};
-use osbuilder::disk::ext4::{Ext4Size, Headroom};
-use osbuilder::disk::erofs::Compression as ErofsCompression;
-use osbuilder::disk::image::{DiskFormat, FsKind};
-use osbuilder::disk::layout::TableKind;
 use osbuilder::pipeline::{self, AddSpec, DiskJob, ImageSummary, InitrdJob, RemoveSpec, TreeJob};
 use osbuilder::progress::Progress;
 use osbuilder::rootfs::{Intake, Limits, RelPath};
@@ -495,11 +495,7 @@ fn check_report_path(report: Option<&std::path::Path>, output: &std::path::Path)
 fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
     check_report_path(args.tree.report.as_deref(), &args.output)?;
     if args.fs == FsKind::Erofs {
-        let ext4_only = [
-            (args.headroom.is_some(), "--headroom"),
-            (args.reserved_percent != 0.0, "--reserved-percent"),
-            (args.no_journal, "--no-journal"),
-        ];
+        let ext4_only = [(args.headroom.is_some(), "--headroom"), (args.reserved_percent != 0.0, "--reserved-percent"), (args.no_journal, "--no-journal")];
         if let Some((_, flag)) = ext4_only.iter().find(|(given, _)| *given) {
             anyhow::bail!("{flag} is for ext4; erofs is read-only, sized to its content, and has no journal");
         }

@@ -7,7 +7,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::disk::{self, erofs::Compression, ext4::Ext4Size, image::{Cmdline, DiskFormat, DiskOptions, DiskReport, FsKind, ImageError}, layout::TableKind};
+use crate::disk::{
+    self,
+    erofs::Compression,
+    ext4::Ext4Size,
+    image::{Cmdline, DiskFormat, DiskOptions, DiskReport, FsKind, ImageError},
+    layout::TableKind,
+};
 use crate::initrd::{self, InitrdError, InitrdOptions, InitrdReport};
 use crate::oci::digest::Digest;
 use crate::oci::{Image, ImageRef, LayerInfo, OciError, PullOptions};
@@ -316,10 +322,7 @@ fn remove_paths(tree: &mut Tree, removes: &[RemoveSpec]) -> Result<Vec<String>, 
     let mut warnings = Vec::new();
     for (remove, _) in removes.iter().zip(found).filter(|(_, found)| !found) {
         if !remove.if_present {
-            return Err(BuildError::Usage(format!(
-                "--remove {}: not in the image; use --remove-if-present for a path that may be missing",
-                remove.path
-            )));
+            return Err(BuildError::Usage(format!("--remove {}: not in the image; use --remove-if-present for a path that may be missing", remove.path)));
         }
         warnings.push(format!("--remove-if-present {}: not in the image, nothing removed", remove.path));
     }
@@ -425,9 +428,7 @@ pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport,
         return Err(BuildError::Usage("--qcow2-compress needs --format qcow2".into()));
     }
     if job.dax && job.format == DiskFormat::Qcow2 {
-        return Err(BuildError::Usage(
-            "--dax makes a disk for an NVDIMM, which maps the file as it is: it must be raw (--format raw), not qcow2".into(),
-        ));
+        return Err(BuildError::Usage("--dax makes a disk for an NVDIMM, which maps the file as it is: it must be raw (--format raw), not qcow2".into()));
     }
     check_output_dir(&job.output)?;
     if job.output.is_dir() {

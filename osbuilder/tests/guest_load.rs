@@ -248,7 +248,8 @@ fn the_agent_serves_under_load_and_comes_back_after_a_kill() {
 
     // Idle connections past the cap, then a fresh client.
     let endpoint = vm.agent_endpoint(1024);
-    let idle: Vec<Client> = (0..200).map(|i| Client::connect(&endpoint, Duration::from_secs(30)).unwrap_or_else(|e| panic!("idle connection {i}: {e}"))).collect();
+    let idle: Vec<Client> =
+        (0..200).map(|i| Client::connect(&endpoint, Duration::from_secs(30)).unwrap_or_else(|e| panic!("idle connection {i}: {e}"))).collect();
     let fresh = Client::connect(&endpoint, Duration::from_secs(30)).expect("connect after 200 idle connections");
     assert!(fresh.check().expect("health check after 200 idle connections"));
     drop(idle);
@@ -291,7 +292,9 @@ fn the_agent_serves_under_load_and_comes_back_after_a_kill() {
             Err(_) => {
                 let snap: Vec<u32> = progress.iter().map(|p| p.load(std::sync::atomic::Ordering::Relaxed)).collect();
                 panic!(
-                    "{} of {CLIENTS} clients neither failed nor stopped 60 s after the agent was killed (execs done per client: {snap:?}); ended: {ended:?}", CLIENTS - ended.len())
+                    "{} of {CLIENTS} clients neither failed nor stopped 60 s after the agent was killed (execs done per client: {snap:?}); ended: {ended:?}",
+                    CLIENTS - ended.len()
+                )
             }
         }
     }
@@ -299,7 +302,11 @@ fn the_agent_serves_under_load_and_comes_back_after_a_kill() {
         w.join().unwrap();
     }
     let ok: u32 = ended.iter().map(|(_, ok, _)| ok).sum();
-    eprintln!("agent killed under load: {CLIENTS} clients had {ok} execs done, all ended with errors within {:.1} s; e.g. {:?}", killed.elapsed().as_secs_f64(), ended[0].2);
+    eprintln!(
+        "agent killed under load: {CLIENTS} clients had {ok} execs done, all ended with errors within {:.1} s; e.g. {:?}",
+        killed.elapsed().as_secs_f64(),
+        ended[0].2
+    );
     assert!(ok > 0, "the clients were busy before the kill: {ended:?}");
     let client = vm.wait_for_agent(1024, Duration::from_secs(60)).expect("init must restart a killed agent");
     assert!(client.check().unwrap());

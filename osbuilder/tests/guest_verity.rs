@@ -177,10 +177,28 @@ fn a_wrong_root_hash_or_corrupted_data_stops_the_boot_in_init_naming_the_step() 
     let (disk, report) = verity_disk(dir.path(), "wrong", &[]);
     let initrd = dir.path().join("agent-initrd.gz");
     let init = guest_init();
-    let r = tool(env!("CARGO_BIN_EXE_osbuilder")).args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "-o"]).arg(&initrd).output().unwrap();
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "-o"])
+        .arg(&initrd)
+        .output()
+        .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let root = report["disk"]["verity"]["root_hash"].as_str().unwrap();
-    let wrong: String = root.chars().enumerate().map(|(i, c)| if i == 10 { if c == '0' { '1' } else { '0' } } else { c }).collect();
+    let wrong: String = root
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 10 {
+                if c == '0' {
+                    '1'
+                } else {
+                    '0'
+                }
+            } else {
+                c
+            }
+        })
+        .collect();
     assert_ne!(wrong, root);
     let cmdline = report["disk"]["verity"]["initrd_cmdline"]["virtio-blk"].as_str().unwrap();
     assert!(cmdline.contains(root) && cmdline.contains("osb.root=/dev/dm-0"), "{cmdline}");
@@ -191,7 +209,10 @@ fn a_wrong_root_hash_or_corrupted_data_stops_the_boot_in_init_naming_the_step() 
         let console = vm.console_text();
         assert!(console.contains("osb-init: mount root /dev/dm-0: ext4: Input/output error"), "{name}: init names the failing step: {console}");
         assert!(console.contains("if it is dm-verity, the data does not match the root hash"), "{name}: {console}");
-        assert!(console.contains("device-mapper: verity") && console.contains(kernel_says), "{name}: the kernel's verity error ({kernel_says}) is on the console: {console}");
+        assert!(
+            console.contains("device-mapper: verity") && console.contains(kernel_says),
+            "{name}: the kernel's verity error ({kernel_says}) is on the console: {console}"
+        );
         assert!(!console.contains("Kernel panic"), "{name}: {console}");
         eprintln!("{name}: guest ended: {status}");
     };
@@ -245,7 +266,11 @@ fn vm_boot_takes_the_initramfs_arguments_from_the_report() {
     let report = dir.path().join("cli.json");
     let initrd = dir.path().join("agent-initrd.gz");
     let init = guest_init();
-    let r = tool(env!("CARGO_BIN_EXE_osbuilder")).args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "-o"]).arg(&initrd).output().unwrap();
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "-o"])
+        .arg(&initrd)
+        .output()
+        .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let k = default_kernel();
     let boot = |extra: &[&std::ffi::OsStr]| {

@@ -453,21 +453,33 @@ fn hostile_layers_are_refused_naming_the_entry() {
     use tar::EntryType::*;
     let tmp = scratch();
     let cases: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
-        ("dotdot", vec![{
-            let mut b = tar::Builder::new(Vec::new());
-            raw_entry(&mut b, Regular, "../../etc/evil", "", b"x");
-            b.into_inner().unwrap()
-        }], "../../etc/evil"),
-        ("absolute", vec![{
-            let mut b = tar::Builder::new(Vec::new());
-            raw_entry(&mut b, Regular, "/etc/passwd", "", b"x");
-            b.into_inner().unwrap()
-        }], "/etc/passwd"),
-        ("hardlink-missing", vec![{
-            let mut b = tar::Builder::new(Vec::new());
-            raw_entry(&mut b, Link, "shadow", "etc/shadow", b"");
-            b.into_inner().unwrap()
-        }], "etc/shadow"),
+        (
+            "dotdot",
+            vec![{
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, Regular, "../../etc/evil", "", b"x");
+                b.into_inner().unwrap()
+            }],
+            "../../etc/evil",
+        ),
+        (
+            "absolute",
+            vec![{
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, Regular, "/etc/passwd", "", b"x");
+                b.into_inner().unwrap()
+            }],
+            "/etc/passwd",
+        ),
+        (
+            "hardlink-missing",
+            vec![{
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, Link, "shadow", "etc/shadow", b"");
+                b.into_inner().unwrap()
+            }],
+            "etc/shadow",
+        ),
     ];
     for (name, layers, expected) in cases {
         let layout = layout_with_layers(&tmp.path().join(name), &layers);
@@ -477,13 +489,16 @@ fn hostile_layers_are_refused_naming_the_entry() {
         assert!(!out.exists(), "{name}: no output for a hostile image");
     }
     // The same machinery accepts an honest hand-made layout (the test is not vacuous).
-    let honest = layout_with_layers(&tmp.path().join("honest"), &[{
-        let mut b = tar::Builder::new(Vec::new());
-        raw_entry(&mut b, Directory, "etc/", "", b"");
-        raw_entry(&mut b, Regular, "etc/ok", "", b"fine");
-        raw_entry(&mut b, Link, "etc/ok2", "etc/ok", b"");
-        b.into_inner().unwrap()
-    }]);
+    let honest = layout_with_layers(
+        &tmp.path().join("honest"),
+        &[{
+            let mut b = tar::Builder::new(Vec::new());
+            raw_entry(&mut b, Directory, "etc/", "", b"");
+            raw_entry(&mut b, Regular, "etc/ok", "", b"fine");
+            raw_entry(&mut b, Link, "etc/ok2", "etc/ok", b"");
+            b.into_inner().unwrap()
+        }],
+    );
     let out = tmp.path().join("honest.cpio");
     build_ok(&["initrd", "--image", &oci_ref(&honest, "evil"), "-o", path_str(&out), "--compress", "none"], &tmp.path().join("cache"));
     let extracted = cpio_extract(&out);
@@ -560,13 +575,16 @@ fn remove_follows_symlinked_parents_and_refuses_missing_paths() {
     use tar::EntryType::{Directory as D, Regular as F, Symlink as L};
     let tmp = scratch();
     let cache = tmp.path().join("cache");
-    let layout = layout_with_layers(&tmp.path().join("merged-usr"), &[tar_layer(&[
-        (D, "usr/", "", 0o755),
-        (D, "usr/bin/", "", 0o755),
-        (F, "usr/bin/ls", "ls", 0o755),
-        (F, "usr/bin/cat", "cat", 0o755),
-        (L, "bin", "usr/bin", 0o777),
-    ])]);
+    let layout = layout_with_layers(
+        &tmp.path().join("merged-usr"),
+        &[tar_layer(&[
+            (D, "usr/", "", 0o755),
+            (D, "usr/bin/", "", 0o755),
+            (F, "usr/bin/ls", "ls", 0o755),
+            (F, "usr/bin/cat", "cat", 0o755),
+            (L, "bin", "usr/bin", 0o777),
+        ])],
+    );
     let image = oci_ref(&layout, "evil");
     let out = tmp.path().join("removed.cpio");
     build_ok(&["initrd", "--image", &image, "-o", path_str(&out), "--compress", "none", "--remove", "/bin/ls"], &cache);
@@ -580,7 +598,19 @@ fn remove_follows_symlinked_parents_and_refuses_missing_paths() {
     assert!(!missing.exists(), "no output when a --remove path is missing");
 
     let result = build_ok(
-        &["initrd", "--image", &image, "-o", path_str(&missing), "--compress", "none", "--remove-if-present", "/nonexistent", "--remove-if-present", "/bin/cat"],
+        &[
+            "initrd",
+            "--image",
+            &image,
+            "-o",
+            path_str(&missing),
+            "--compress",
+            "none",
+            "--remove-if-present",
+            "/nonexistent",
+            "--remove-if-present",
+            "/bin/cat",
+        ],
         &cache,
     );
     let stderr = String::from_utf8_lossy(&result.stderr);
@@ -641,7 +671,8 @@ fn docker_archives_without_digest_names_are_verified_before_use() {
     let cache = tmp.path().join("cache");
     let build = |archive: &Path, name: &str| {
         let out = tmp.path().join(format!("{name}.cpio"));
-        let result = run_osbuilder(&["initrd", "--image", &format!("docker-archive:{}", archive.display()), "-o", path_str(&out), "--compress", "none"], &cache);
+        let result =
+            run_osbuilder(&["initrd", "--image", &format!("docker-archive:{}", archive.display()), "-o", path_str(&out), "--compress", "none"], &cache);
         (result, out)
     };
     let honest = legacy_docker_archive(&tmp.path().join("legacy.tar"), None, |_, _| {});

@@ -200,13 +200,7 @@ fn a_512_byte_sparse_entry_declaring_1_eib_is_refused_before_any_zero_is_written
     let mut tar = h.as_bytes().to_vec();
     assert_eq!(tar.len(), 512);
     tar.extend_from_slice(&END_OF_ARCHIVE);
-    check_refused(
-        "sparse-1eib",
-        &Layer::plain(tar),
-        Codec::Gzip,
-        &[],
-        &["\"huge\"", "1152921504606846976 bytes", "--max-spool-bytes"],
-    );
+    check_refused("sparse-1eib", &Layer::plain(tar), Codec::Gzip, &[], &["\"huge\"", "1152921504606846976 bytes", "--max-spool-bytes"]);
 }
 
 #[test]
@@ -223,13 +217,7 @@ fn a_1_gib_pax_path_in_a_1_mb_gzip_is_refused_from_its_header() {
     tail.extend_from_slice(header(tar::EntryType::Regular, "x", 0).as_bytes());
     tail.extend_from_slice(&END_OF_ARCHIVE);
     let layer = Layer { head, body: vec![b'a'; CHUNK], count: value_len / CHUNK, tail };
-    check_refused(
-        "pax-1gib",
-        &layer,
-        Codec::Gzip,
-        &[],
-        &["PAX extended header at byte 0", "1073741824 bytes", "1048576-byte limit", "--max-header-bytes"],
-    );
+    check_refused("pax-1gib", &layer, Codec::Gzip, &[], &["PAX extended header at byte 0", "1073741824 bytes", "1048576-byte limit", "--max-header-bytes"]);
 }
 
 #[test]
@@ -255,7 +243,13 @@ fn trees_deeper_than_the_limit_are_refused_by_name_or_through_symlinks() {
     let mut b = tar::Builder::new(Vec::new());
     let mut h = header(tar::EntryType::Regular, "x", 0);
     b.append_data(&mut h, format!("{deep}/f"), &b""[..]).unwrap();
-    check_refused("deep-name", &Layer::plain(b.into_inner().unwrap()), Codec::Gzip, &["--max-path-depth", "50"], &["61 levels deep", "over the limit of 50", "--max-path-depth"]);
+    check_refused(
+        "deep-name",
+        &Layer::plain(b.into_inner().unwrap()),
+        Codec::Gzip,
+        &["--max-path-depth", "50"],
+        &["61 levels deep", "over the limit of 50", "--max-path-depth"],
+    );
 
     // Through a symlink: each name is shallow, where they land is not.
     let forty = vec!["d"; 40].join("/");
@@ -267,7 +261,13 @@ fn trees_deeper_than_the_limit_are_refused_by_name_or_through_symlinks() {
     b.append_link(&mut h, "l", &forty).unwrap();
     let mut h = header(tar::EntryType::Regular, "x", 0);
     b.append_data(&mut h, format!("l/{twenty}/f"), &b""[..]).unwrap();
-    check_refused("deep-symlink", &Layer::plain(b.into_inner().unwrap()), Codec::Gzip, &["--max-path-depth", "50"], &["51 levels deep", "over the limit of 50", "--max-path-depth"]);
+    check_refused(
+        "deep-symlink",
+        &Layer::plain(b.into_inner().unwrap()),
+        Codec::Gzip,
+        &["--max-path-depth", "50"],
+        &["51 levels deep", "over the limit of 50", "--max-path-depth"],
+    );
 }
 
 /// One file of 1 GiB of zeros: 1 MB as gzip, a few KB as zstd.

@@ -71,12 +71,14 @@ fn default_kernel_has_the_guest_options_built_in_and_kata_names() {
     assert_eq!(&fs::read(&k.vmlinux).unwrap()[..4], b"\x7fELF");
     assert_eq!(&fs::read(&k.bzimage).unwrap()[0x202..0x206], b"HdrS");
     let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(fs::read_dir(&k.out).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "json")).unwrap()).unwrap(),
+        &fs::read(fs::read_dir(&k.out).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "json")).unwrap())
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(manifest["source"]["kind"], "debian-package");
     assert_eq!(manifest["source"]["sha256"].as_str().unwrap().len(), 64);
-    let vmlinux_digest = manifest["outputs"].as_array().unwrap().iter().find(|o| o["name"].as_str().unwrap().starts_with("vmlinux-")).unwrap()["sha256"].clone();
+    let vmlinux_digest =
+        manifest["outputs"].as_array().unwrap().iter().find(|o| o["name"].as_str().unwrap().starts_with("vmlinux-")).unwrap()["sha256"].clone();
     assert_eq!(vmlinux_digest.as_str().unwrap(), sha256_file(&k.vmlinux));
 }
 
@@ -178,11 +180,7 @@ fn a_dropped_option_fails_the_build_naming_it_and_its_fragment() {
     let tmp = tempfile::tempdir().unwrap();
     let config_dir = tmp.path().join("kernel-config");
     run(tool("cp").arg("-a").arg(project_root().join("kernel-config")).arg(&config_dir));
-    fs::write(
-        config_dir.join("fragments/features/trap.conf"),
-        "# FS_DAX without ZONE_DEVICE.\nCONFIG_FS_DAX=y\n",
-    )
-    .unwrap();
+    fs::write(config_dir.join("fragments/features/trap.conf"), "# FS_DAX without ZONE_DEVICE.\nCONFIG_FS_DAX=y\n").unwrap();
     let out = tmp.path().join("out");
     let result = osbuilder_kernel(&["--features", "trap"], &config_dir, &out);
     let stderr = String::from_utf8_lossy(&result.stderr);
@@ -249,7 +247,8 @@ fn a_pinned_url_source_is_verified_and_cached() {
 
     // A wrong pin, in a scratch cache: the download is refused and not kept.
     let wrong = "0".repeat(64);
-    fs::write(config_dir.join("versions.toml"), format!("{versions}\n[[kernel.tarball]]\nversion = \"6.12\"\nurl = \"{url}\"\nsha256 = \"{wrong}\"\n")).unwrap();
+    fs::write(config_dir.join("versions.toml"), format!("{versions}\n[[kernel.tarball]]\nversion = \"6.12\"\nurl = \"{url}\"\nsha256 = \"{wrong}\"\n"))
+        .unwrap();
     let scratch_cache = tmp.path().join("cache");
     let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
         .args(["kernel", "--source", &url, "--cache-dir"])
@@ -278,7 +277,8 @@ fn a_pinned_url_source_is_verified_and_cached() {
     assert!(stderr.contains(" cached in "), "same source bytes as the default build: a cache hit: {stderr}");
     assert_eq!(server.gets() - before, 1, "one download");
     assert_eq!(sha256_file(&cached_source), pin);
-    let find = |prefix: &str| fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).unwrap();
+    let find =
+        |prefix: &str| fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&fs::read_to_string(find("manifest")).unwrap()).unwrap();
     let built = fs::read(&k.vmlinux).unwrap();
     let vmlinux = find("vmlinux-");
@@ -372,7 +372,9 @@ impl FakeKernel {
     fn new() -> FakeKernel {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
-        for d in ["src", "kernel-config/fragments/common", "kernel-config/fragments/x86_64", "kernel-config/fragments/features", "patches/0.0.x", "cache", "state"] {
+        for d in
+            ["src", "kernel-config/fragments/common", "kernel-config/fragments/x86_64", "kernel-config/fragments/features", "patches/0.0.x", "cache", "state"]
+        {
             fs::create_dir_all(p.join(d)).unwrap();
         }
         fs::write(p.join("src/Makefile"), FAKE_MAKEFILE).unwrap();

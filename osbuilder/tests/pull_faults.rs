@@ -101,11 +101,21 @@ fn pull_faults_end_in_an_identical_build_or_a_clear_error() {
         Case { name: "503 twice", rule: once(Fault::status(503)).times(2), args: &[], expect: Expect::Identical },
         Case { name: "429 with Retry-After", rule: once(Fault::too_many_requests(1)), args: &[], expect: Expect::Identical },
         Case { name: "manifest 503", rule: Rule::new(Some("GET"), "/manifests/", Fault::status(503)), args: &[], expect: Expect::Identical },
-        Case { name: "stall shorter than the timeout", rule: once(Fault::Stall(Duration::from_secs(2))), args: &["--timeout", "30"], expect: Expect::Identical },
+        Case {
+            name: "stall shorter than the timeout",
+            rule: once(Fault::Stall(Duration::from_secs(2))),
+            args: &["--timeout", "30"],
+            expect: Expect::Identical,
+        },
         Case { name: "stall mid-blob", rule: once(Fault::StallResponseAfter(256 << 10)), args: &["--timeout", "2"], expect: Expect::Identical },
         Case { name: "flipped byte", rule: once(Fault::FlipResponseByte(300_000)), args: &[], expect: Expect::Identical },
         Case { name: "503 always", rule: always(Fault::status(503)), args: &["--retries", "2"], expect: err(&["503", "gave up after 3 attempts", &s.layer]) },
-        Case { name: "truncated always", rule: always(Fault::TruncateResponse(256 << 10)), args: &["--retries", "2"], expect: err(&[&s.layer, "gave up after 3 attempts"]) },
+        Case {
+            name: "truncated always",
+            rule: always(Fault::TruncateResponse(256 << 10)),
+            args: &["--retries", "2"],
+            expect: err(&[&s.layer, "gave up after 3 attempts"]),
+        },
         Case { name: "flipped always", rule: always(Fault::FlipResponseByte(300_000)), args: &["--retries", "2"], expect: err(&["wrong digest", &s.layer]) },
         Case { name: "stall forever", rule: always(Fault::StallForever), args: &["--retries", "1", "--timeout", "2"], expect: err(&["timed out", &s.layer]) },
     ];

@@ -46,12 +46,7 @@ pub const MAX_COPIES: usize = 64;
 pub const MAX_RANGES: usize = 4096;
 /// The destination, checked: absolute, no `..`, not `/`.
 pub fn checked_path(path: &str) -> ttrpc::Result<PathBuf> {
-    let bad = |why: &str| {
-        status(
-            Code::INVALID_ARGUMENT,
-            format!("CopyFile path {path:?}: {why}"),
-        )
-    };
+    let bad = |why: &str| status(Code::INVALID_ARGUMENT, format!("CopyFile path {path:?}: {why}"));
     if path.contains('\0') {
         return Err(bad("contains a NUL byte"));
     }
@@ -70,10 +65,7 @@ pub fn checked_path(path: &str) -> ttrpc::Result<PathBuf> {
 
 /// The temporary name a copy to `path` is written under.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     path.with_file_name(format!(".{name}.osb-copy"))
 }
 
@@ -141,8 +133,7 @@ impl Partial {
         let Ok(meta) = self.file.metadata() else {
             return false;
         };
-        sys::lstatat(self.dir.as_fd(), &self.temp)
-            .is_ok_and(|(kind, dev, ino)| kind == S_IFREG && dev == meta.dev() && ino == meta.ino())
+        sys::lstatat(self.dir.as_fd(), &self.temp).is_ok_and(|(kind, dev, ino)| kind == S_IFREG && dev == meta.dev() && ino == meta.ino())
     }
 
     /// Abandons the copy and removes its temporary file.
@@ -153,35 +144,22 @@ impl Partial {
     }
 
     /// Owner, then mode (chown clears S_ISUID/S_ISGID), then the rename.
-    fn finish(
-        self,
-        path: &Path,
-        mode: u32,
-        uid: Option<u32>,
-        gid: Option<u32>,
-    ) -> ttrpc::Result<()> {
+    fn finish(self, path: &Path, mode: u32, uid: Option<u32>, gid: Option<u32>) -> ttrpc::Result<()> {
         let temp_path = temp_path(path);
-        let done = std::os::unix::fs::fchown(&self.file, uid, gid)
-            .map_err(|e| io_status(&format!("chown {}", temp_path.display()), &e))
-            .and_then(|()| {
-                self.file
-                    .set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| io_status(&format!("chmod {}", temp_path.display()), &e))
-            })
-            .and_then(|()| {
-                if self.temp_is_ours() {
-                    Ok(())
-                } else {
-                    Err(status(
-                        Code::ABORTED,
-                        format!("{} was replaced during the copy", temp_path.display()),
-                    ))
-                }
-            })
-            .and_then(|()| {
-                sys::renameat(self.dir.as_fd(), &self.temp, &self.name)
-                    .map_err(|e| io_status(&format!("rename to {}", path.display()), &e))
-            });
+        let done =
+            std::os::unix::fs::fchown(&self.file, uid, gid)
+                .map_err(|e| io_status(&format!("chown {}", temp_path.display()), &e))
+                .and_then(|()| {
+                    self.file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| io_status(&format!("chmod {}", temp_path.display()), &e))
+                })
+                .and_then(|()| {
+                    if self.temp_is_ours() {
+                        Ok(())
+                    } else {
+                        Err(status(Code::ABORTED, format!("{} was replaced during the copy", temp_path.display())))
+                    }
+                })
+                .and_then(|()| sys::renameat(self.dir.as_fd(), &self.temp, &self.name).map_err(|e| io_status(&format!("rename to {}", path.display()), &e)));
         if done.is_err() {
             self.discard();
         }
@@ -209,47 +187,22 @@ impl Copies {
                 let target = std::str::from_utf8(&req.data)
                     .ok()
                     .and_then(|t| CString::new(t).ok())
-                    .ok_or_else(|| {
-                        status(
-                            Code::INVALID_ARGUMENT,
-                            "symbolic link target is not UTF-8 without NUL",
-                        )
-                    })?;
+                    .ok_or_else(|| status(Code::INVALID_ARGUMENT, "symbolic link target is not UTF-8 without NUL"))?;
                 let (dir, name) = open_parent(&path, req.dir_mode)?;
                 make_symlink(&dir, &name, &path, &target, uid, gid)
             }
             0 | S_IFREG => self.chunk(req, &path, mode, uid, gid),
-            other => Err(status(
-                Code::INVALID_ARGUMENT,
-                format!("CopyFile of file type {:o} is not supported", other),
-            )),
+            other => Err(status(Code::INVALID_ARGUMENT, format!("CopyFile of file type {:o} is not supported", other))),
         }
     }
 
-    fn chunk(
-        &self,
-        req: &CopyFileRequest,
-        path: &Path,
-        mode: u32,
-        uid: Option<u32>,
-        gid: Option<u32>,
-    ) -> ttrpc::Result<()> {
-        let size = u64::try_from(req.file_size)
-            .map_err(|_| status(Code::INVALID_ARGUMENT, "negative file_size"))?;
-        let offset = u64::try_from(req.offset)
-            .map_err(|_| status(Code::INVALID_ARGUMENT, "negative offset"))?;
+    fn chunk(&self, req: &CopyFileRequest, path: &Path, mode: u32, uid: Option<u32>, gid: Option<u32>) -> ttrpc::Result<()> {
+        let size = u64::try_from(req.file_size).map_err(|_| status(Code::INVALID_ARGUMENT, "negative file_size"))?;
+        let offset = u64::try_from(req.offset).map_err(|_| status(Code::INVALID_ARGUMENT, "negative offset"))?;
         let end = offset
             .checked_add(req.data.len() as u64)
             .filter(|end| *end <= size)
-            .ok_or_else(|| {
-                status(
-                    Code::INVALID_ARGUMENT,
-                    format!(
-                        "chunk at offset {offset} of {} bytes runs past file_size {size}",
-                        req.data.len()
-                    ),
-                )
-            })?;
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("chunk at offset {offset} of {} bytes runs past file_size {size}", req.data.len())))?;
         let mut copies = lock(&self.partial);
         if offset == 0 {
             // The first chunk starts a new copy (and discards a stale one).
@@ -257,10 +210,7 @@ impl Copies {
                 stale.discard();
             }
             if copies.len() >= MAX_COPIES {
-                let oldest = copies
-                    .iter()
-                    .min_by_key(|(_, p)| p.touched)
-                    .map(|(k, _)| k.clone());
+                let oldest = copies.iter().min_by_key(|(_, p)| p.touched).map(|(k, _)| k.clone());
                 if let Some(p) = oldest.and_then(|k| copies.remove(&k)) {
                     p.discard();
                 }
@@ -270,37 +220,19 @@ impl Copies {
         let Some(p) = copies.get_mut(path) else {
             return Err(status(
                 Code::FAILED_PRECONDITION,
-                format!(
-                    "chunk at offset {offset} for {} but no copy in progress (send offset 0 first)",
-                    path.display()
-                ),
+                format!("chunk at offset {offset} for {} but no copy in progress (send offset 0 first)", path.display()),
             ));
         };
         if p.size != size {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                format!(
-                    "chunk for {} says file_size {size}; the copy in progress has {}",
-                    path.display(),
-                    p.size
-                ),
-            ));
+            return Err(status(Code::INVALID_ARGUMENT, format!("chunk for {} says file_size {size}; the copy in progress has {}", path.display(), p.size)));
         }
         p.touched = Instant::now();
-        p.file
-            .write_all_at(&req.data, offset)
-            .map_err(|e| io_status(&format!("write {}", temp_path(path).display()), &e))?;
+        p.file.write_all_at(&req.data, offset).map_err(|e| io_status(&format!("write {}", temp_path(path).display()), &e))?;
         if !p.received.insert(offset, end) {
             if let Some(p) = copies.remove(path) {
                 p.discard();
             }
-            return Err(status(
-                Code::RESOURCE_EXHAUSTED,
-                format!(
-                    "copy to {} abandoned: more than {MAX_RANGES} separate pieces",
-                    path.display()
-                ),
-            ));
+            return Err(status(Code::RESOURCE_EXHAUSTED, format!("copy to {} abandoned: more than {MAX_RANGES} separate pieces", path.display())));
         }
         if !p.received.covers(size) {
             // Some bytes have not come yet: wait for their chunks.
@@ -323,35 +255,17 @@ fn start_copy(path: &Path, size: u64, dir_mode: u32) -> ttrpc::Result<Partial> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_status(&format!("remove {}", temp_path.display()), &e)),
     }
-    let file = sys::openat(
-        Some(dir.as_fd()),
-        &temp,
-        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-        0o600,
-    )
-    .map_err(|e| io_status(&format!("create {}", temp_path.display()), &e))?;
-    Ok(Partial {
-        size,
-        dir,
-        name,
-        temp,
-        file: File::from(file),
-        received: Ranges::default(),
-        touched: Instant::now(),
-    })
+    let file = sys::openat(Some(dir.as_fd()), &temp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW, 0o600)
+        .map_err(|e| io_status(&format!("create {}", temp_path.display()), &e))?;
+    Ok(Partial { size, dir, name, temp, file: File::from(file), received: Ranges::default(), touched: Instant::now() })
 }
 
 /// Walks to the parent of `path` from `/` one component at a time, creating missing
 /// directories with `dir_mode` (0: 0755) and following no symbolic link; returns the
 /// open parent and the last component.
 fn open_parent(path: &Path, dir_mode: u32) -> ttrpc::Result<(OwnedFd, CString)> {
-    let dir_mode = if dir_mode == 0 {
-        0o755
-    } else {
-        dir_mode & 0o7777
-    };
-    let mut dir = sys::openat(None, c"/", libc::O_PATH | libc::O_DIRECTORY, 0)
-        .map_err(|e| io_status("open /", &e))?;
+    let dir_mode = if dir_mode == 0 { 0o755 } else { dir_mode & 0o7777 };
+    let mut dir = sys::openat(None, c"/", libc::O_PATH | libc::O_DIRECTORY, 0).map_err(|e| io_status("open /", &e))?;
     let mut walked = PathBuf::from("/");
     for component in path.parent().unwrap_or(Path::new("/")).components() {
         let Component::Normal(name) = component else {
@@ -365,13 +279,7 @@ fn open_parent(path: &Path, dir_mode: u32) -> ttrpc::Result<(OwnedFd, CString)> 
 }
 
 /// `name` in `parent` as a directory, made if missing; never through a symlink.
-fn open_dir(
-    parent: &OwnedFd,
-    name: &CStr,
-    path: &Path,
-    walked: &Path,
-    mode: u32,
-) -> ttrpc::Result<OwnedFd> {
+fn open_dir(parent: &OwnedFd, name: &CStr, path: &Path, walked: &Path, mode: u32) -> ttrpc::Result<OwnedFd> {
     let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
     let mut made = false;
     loop {
@@ -385,9 +293,7 @@ fn open_dir(
                 }
                 made = true;
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => {
-                return Err(not_a_directory(parent, name, path, walked))
-            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => return Err(not_a_directory(parent, name, path, walked)),
             Err(e) => return Err(io_status(&format!("open {}", walked.display()), &e)),
         }
     }
@@ -396,74 +302,35 @@ fn open_dir(
 /// The refusal of a path whose component `walked` is a symlink or no directory.
 fn not_a_directory(parent: &OwnedFd, name: &CStr, path: &Path, walked: &Path) -> ttrpc::Error {
     let what = match sys::lstatat(parent.as_fd(), name) {
-        Ok((S_IFLNK, _, _)) => {
-            "is a symbolic link; CopyFile follows no links in the guest (give the path it resolves to)"
-        }
+        Ok((S_IFLNK, _, _)) => "is a symbolic link; CopyFile follows no links in the guest (give the path it resolves to)",
         _ => "is not a directory",
     };
-    status(
-        Code::FAILED_PRECONDITION,
-        format!(
-            "CopyFile path {}: {} {what}",
-            path.display(),
-            walked.display()
-        ),
-    )
+    status(Code::FAILED_PRECONDITION, format!("CopyFile path {}: {} {what}", path.display(), walked.display()))
 }
 
 /// S_IFDIR: the directory `name` in `dir` (kept if it exists), owner then mode.
-fn make_dir(
-    dir: &OwnedFd,
-    name: &CStr,
-    path: &Path,
-    mode: u32,
-    uid: Option<u32>,
-    gid: Option<u32>,
-) -> ttrpc::Result<()> {
+fn make_dir(dir: &OwnedFd, name: &CStr, path: &Path, mode: u32, uid: Option<u32>, gid: Option<u32>) -> ttrpc::Result<()> {
     match sys::mkdirat(dir.as_fd(), name, mode) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
         Err(e) => return Err(io_status(&format!("mkdir {}", path.display()), &e)),
     }
-    let fd = sys::openat(
-        Some(dir.as_fd()),
-        name,
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-        0,
-    )
-    .map_err(|e| match e.raw_os_error() {
+    let fd = sys::openat(Some(dir.as_fd()), name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOTDIR | libc::ELOOP) => not_a_directory(dir, name, path, path),
         _ => io_status(&format!("open {}", path.display()), &e),
     })?;
     let made = File::from(fd);
-    std::os::unix::fs::fchown(&made, uid, gid)
-        .map_err(|e| io_status(&format!("chown {}", path.display()), &e))?;
-    made.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io_status(&format!("chmod {}", path.display()), &e))
+    std::os::unix::fs::fchown(&made, uid, gid).map_err(|e| io_status(&format!("chown {}", path.display()), &e))?;
+    made.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| io_status(&format!("chmod {}", path.display()), &e))
 }
 
 /// S_IFLNK: `name` in `dir` becomes a link to `target` (replacing a link).
-fn make_symlink(
-    dir: &OwnedFd,
-    name: &CStr,
-    path: &Path,
-    target: &CStr,
-    uid: Option<u32>,
-    gid: Option<u32>,
-) -> ttrpc::Result<()> {
+fn make_symlink(dir: &OwnedFd, name: &CStr, path: &Path, target: &CStr, uid: Option<u32>, gid: Option<u32>) -> ttrpc::Result<()> {
     if matches!(sys::lstatat(dir.as_fd(), name), Ok((S_IFLNK, _, _))) {
-        sys::unlinkat(dir.as_fd(), name)
-            .map_err(|e| io_status(&format!("unlink {}", path.display()), &e))?;
+        sys::unlinkat(dir.as_fd(), name).map_err(|e| io_status(&format!("unlink {}", path.display()), &e))?;
     }
-    sys::symlinkat(target, dir.as_fd(), name)
-        .map_err(|e| io_status(&format!("symlink {}", path.display()), &e))?;
-    sys::lchownat(
-        dir.as_fd(),
-        name,
-        uid.unwrap_or(u32::MAX),
-        gid.unwrap_or(u32::MAX),
-    )
-    .map_err(|e| io_status(&format!("chown {}", path.display()), &e))
+    sys::symlinkat(target, dir.as_fd(), name).map_err(|e| io_status(&format!("symlink {}", path.display()), &e))?;
+    sys::lchownat(dir.as_fd(), name, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX)).map_err(|e| io_status(&format!("chown {}", path.display()), &e))
 }
 
 #[cfg(test)]
@@ -477,10 +344,7 @@ mod tests {
         for bad in ["etc/x", "/etc/../x", "/..", "/", "", "/a\0b"] {
             assert!(checked_path(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(
-            temp_path(Path::new("/a/b.txt")),
-            PathBuf::from("/a/.b.txt.osb-copy")
-        );
+        assert_eq!(temp_path(Path::new("/a/b.txt")), PathBuf::from("/a/.b.txt.osb-copy"));
     }
 
     #[test]

@@ -92,11 +92,7 @@ pub struct Proc {
 
 impl Proc {
     fn drained(&self) -> bool {
-        self.stdout.eof.load(Ordering::SeqCst)
-            && self
-                .stderr
-                .as_ref()
-                .is_none_or(|s| s.eof.load(Ordering::SeqCst))
+        self.stdout.eof.load(Ordering::SeqCst) && self.stderr.as_ref().is_none_or(|s| s.eof.load(Ordering::SeqCst))
     }
 }
 
@@ -117,22 +113,14 @@ pub struct Workload {
 impl Workload {
     pub fn started(&self, pid: i32) {
         let mut st = lock(&self.state);
-        *st = WorkloadState {
-            known: true,
-            pid: Some(pid),
-            exit: None,
-        };
+        *st = WorkloadState { known: true, pid: Some(pid), exit: None };
         self.changed.notify_all();
     }
 
     pub fn exited(&self, pid: i32, code: i32) {
         let mut st = lock(&self.state);
         if st.pid.is_none() || st.pid == Some(pid) {
-            *st = WorkloadState {
-                known: true,
-                pid: Some(pid),
-                exit: Some(code),
-            };
+            *st = WorkloadState { known: true, pid: Some(pid), exit: Some(code) };
             self.changed.notify_all();
         }
     }
@@ -195,10 +183,7 @@ fn eof_status() -> ttrpc::Error {
 }
 
 fn workload_stdio() -> ttrpc::Error {
-    status(
-        Code::FAILED_PRECONDITION,
-        "the workload's stdio goes to the console; exec a process to talk to",
-    )
+    status(Code::FAILED_PRECONDITION, "the workload's stdio goes to the console; exec a process to talk to")
 }
 
 fn is_workload(container_id: &str, exec_id: &str) -> bool {
@@ -207,11 +192,7 @@ fn is_workload(container_id: &str, exec_id: &str) -> bool {
 
 impl Table {
     pub fn new(max_processes: usize) -> Table {
-        Table {
-            procs: Mutex::new(Procs::default()),
-            workload: Arc::new(Workload::default()),
-            max_processes,
-        }
+        Table { procs: Mutex::new(Procs::default()), workload: Arc::new(Workload::default()), max_processes }
     }
 
     pub fn workload(&self) -> Arc<Workload> {
@@ -226,21 +207,13 @@ impl Table {
         let key = (container_id.to_string(), exec_id.to_string());
         match lock(&self.procs).map.get(&key) {
             Some(p) => Ok(Target::Exec(p.clone())),
-            None => Err(status(
-                Code::NOT_FOUND,
-                format!("no process with container id {container_id:?} and exec id {exec_id:?}"),
-            )),
+            None => Err(status(Code::NOT_FOUND, format!("no process with container id {container_id:?} and exec id {exec_id:?}"))),
         }
     }
 
     /// Every exec'd process of `container_id`.
     fn of_container(&self, container_id: &str) -> Vec<Arc<Proc>> {
-        lock(&self.procs)
-            .map
-            .values()
-            .filter(|p| p.key.0 == container_id)
-            .cloned()
-            .collect()
+        lock(&self.procs).map.values().filter(|p| p.key.0 == container_id).cloned().collect()
     }
 
     /// Drops entries nobody will ask about any more.
@@ -249,9 +222,7 @@ impl Table {
         procs.retain(|_, p| {
             let st = lock(&p.state);
             match (st.exited_at, st.waited_at) {
-                (Some(_), Some(waited)) => {
-                    !p.drained() && now.duration_since(waited) < UNDRAINED_TTL
-                }
+                (Some(_), Some(waited)) => !p.drained() && now.duration_since(waited) < UNDRAINED_TTL,
                 (Some(exited), None) => now.duration_since(exited) < UNWAITED_TTL,
                 _ => true,
             }
@@ -272,16 +243,10 @@ impl Table {
     /// ExecProcess.
     pub fn exec(&self, container_id: &str, exec_id: &str, spec: SpawnSpec) -> ttrpc::Result<()> {
         if container_id.is_empty() || exec_id.is_empty() {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                "container_id and exec_id must not be empty",
-            ));
+            return Err(status(Code::INVALID_ARGUMENT, "container_id and exec_id must not be empty"));
         }
         if container_id.len() > 256 || exec_id.len() > 256 {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                "container_id and exec_id are limited to 256 bytes",
-            ));
+            return Err(status(Code::INVALID_ARGUMENT, "container_id and exec_id are limited to 256 bytes"));
         }
         if spec.args.is_empty() || spec.args[0].is_empty() {
             return Err(status(Code::INVALID_ARGUMENT, "process.Args is empty"));
@@ -303,62 +268,32 @@ impl Table {
         let (container_id, exec_id) = (&key.0, &key.1);
         let mut guard = lock(&self.procs);
         let table = &mut *guard;
-        if table.map.contains_key(&key)
-            || table.starting.contains(&key)
-            || (is_workload(container_id, exec_id) && self.workload.known())
-        {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!(
-                    "a process with container id {container_id:?} and exec id {exec_id:?} exists"
-                ),
-            ));
+        if table.map.contains_key(&key) || table.starting.contains(&key) || (is_workload(container_id, exec_id) && self.workload.known()) {
+            return Err(status(Code::ALREADY_EXISTS, format!("a process with container id {container_id:?} and exec id {exec_id:?} exists")));
         }
         let procs = &mut table.map;
         Self::collect_garbage(procs);
         if procs.len() + table.starting.len() >= self.max_processes {
             // Make room by forgetting the oldest exited process, if any.
-            let oldest = procs
-                .iter()
-                .filter_map(|(k, p)| lock(&p.state).exited_at.map(|t| (t, k.clone())))
-                .min();
+            let oldest = procs.iter().filter_map(|(k, p)| lock(&p.state).exited_at.map(|t| (t, k.clone()))).min();
             match oldest {
                 Some((_, k)) => {
                     procs.remove(&k);
                 }
-                None => {
-                    return Err(status(
-                        Code::RESOURCE_EXHAUSTED,
-                        format!("{} processes are running; wait for some first", procs.len()),
-                    ))
-                }
+                None => return Err(status(Code::RESOURCE_EXHAUSTED, format!("{} processes are running; wait for some first", procs.len()))),
             }
         }
         table.starting.insert(key.clone());
-        Ok(Reservation {
-            procs: &self.procs,
-            key,
-        })
+        Ok(Reservation { procs: &self.procs, key })
     }
 
     /// SignalProcess; an empty exec id signals every process of the container.
     pub fn signal(&self, container_id: &str, exec_id: &str, signal: u32) -> ttrpc::Result<()> {
-        let signal = i32::try_from(signal)
-            .ok()
-            .filter(|s| *s <= 64)
-            .ok_or_else(|| {
-                status(
-                    Code::INVALID_ARGUMENT,
-                    format!("bad signal number {signal}"),
-                )
-            })?;
+        let signal = i32::try_from(signal).ok().filter(|s| *s <= 64).ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("bad signal number {signal}")))?;
         if exec_id.is_empty() && !is_workload(container_id, exec_id) {
             let procs = self.of_container(container_id);
             if procs.is_empty() {
-                return Err(status(
-                    Code::NOT_FOUND,
-                    format!("no process in container {container_id:?}"),
-                ));
+                return Err(status(Code::NOT_FOUND, format!("no process in container {container_id:?}")));
             }
             for p in procs {
                 signal_proc(&p, signal)?;
@@ -371,9 +306,7 @@ impl Table {
                 let st = lock(&self.workload.state);
                 match (st.pid, st.exit) {
                     (Some(pid), None) => match sys::kill(pid, signal) {
-                        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
-                            Err(io_status("kill the workload", &e))
-                        }
+                        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => Err(io_status("kill the workload", &e)),
                         _ => Ok(()),
                     },
                     _ => Ok(()),
@@ -392,12 +325,7 @@ impl Table {
                         return Ok(code);
                     }
                     call.check()?;
-                    st = self
-                        .workload
-                        .changed
-                        .wait_timeout(st, call.tick())
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    st = self.workload.changed.wait_timeout(st, call.tick()).unwrap_or_else(|e| e.into_inner()).0;
                 }
             }
             Target::Exec(p) => {
@@ -414,14 +342,7 @@ impl Table {
 
     /// ReadStdout (`stdout`) or ReadStderr: up to `len` bytes, blocking until there
     /// is output; at end of stream the error status Kata's agent answers.
-    pub fn read(
-        &self,
-        call: &Call<'_>,
-        container_id: &str,
-        exec_id: &str,
-        stdout: bool,
-        len: u32,
-    ) -> ttrpc::Result<Vec<u8>> {
+    pub fn read(&self, call: &Call<'_>, container_id: &str, exec_id: &str, stdout: bool, len: u32) -> ttrpc::Result<Vec<u8>> {
         let p = match self.get(container_id, exec_id)? {
             Target::Exec(p) => p,
             Target::Workload => return Err(workload_stdio()),
@@ -464,23 +385,14 @@ impl Table {
     }
 
     /// WriteStdin: writes all of `data`; the number of bytes written.
-    pub fn write(
-        &self,
-        call: &Call<'_>,
-        container_id: &str,
-        exec_id: &str,
-        data: &[u8],
-    ) -> ttrpc::Result<u32> {
+    pub fn write(&self, call: &Call<'_>, container_id: &str, exec_id: &str, data: &[u8]) -> ttrpc::Result<u32> {
         let p = match self.get(container_id, exec_id)? {
             Target::Exec(p) => p,
             Target::Workload => return Err(workload_stdio()),
         };
         let stdin = lock(&p.stdin);
         let Some(fd) = stdin.as_ref() else {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                "stdin of the process is closed",
-            ));
+            return Err(status(Code::FAILED_PRECONDITION, "stdin of the process is closed"));
         };
         let mut written = 0;
         while written < data.len() {
@@ -489,12 +401,7 @@ impl Table {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     call.wait_fd(fd.as_fd(), libc::POLLOUT)?;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
-                    return Err(status(
-                        Code::FAILED_PRECONDITION,
-                        "the process closed its stdin (broken pipe)",
-                    ))
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => return Err(status(Code::FAILED_PRECONDITION, "the process closed its stdin (broken pipe)")),
                 Err(e) => return Err(io_status("write to the process's stdin", &e)),
             }
         }
@@ -518,27 +425,16 @@ impl Table {
     }
 
     /// TtyWinResize.
-    pub fn resize(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        rows: u32,
-        cols: u32,
-    ) -> ttrpc::Result<()> {
+    pub fn resize(&self, container_id: &str, exec_id: &str, rows: u32, cols: u32) -> ttrpc::Result<()> {
         let p = match self.get(container_id, exec_id)? {
             Target::Exec(p) => p,
             Target::Workload => return Err(workload_stdio()),
         };
         if !p.tty {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                "the process has no terminal",
-            ));
+            return Err(status(Code::FAILED_PRECONDITION, "the process has no terminal"));
         }
-        let rows =
-            u16::try_from(rows).map_err(|_| status(Code::INVALID_ARGUMENT, "row out of range"))?;
-        let cols = u16::try_from(cols)
-            .map_err(|_| status(Code::INVALID_ARGUMENT, "column out of range"))?;
+        let rows = u16::try_from(rows).map_err(|_| status(Code::INVALID_ARGUMENT, "row out of range"))?;
+        let cols = u16::try_from(cols).map_err(|_| status(Code::INVALID_ARGUMENT, "column out of range"))?;
         sys::set_winsize(p.stdout.fd.as_fd(), rows, cols).map_err(|e| io_status("TIOCSWINSZ", &e))
     }
 
@@ -579,31 +475,25 @@ fn signal_proc(p: &Proc, signal: i32) -> ttrpc::Result<()> {
 fn start_reaper(p: Arc<Proc>) -> ttrpc::Result<()> {
     let pid = p.pid;
     let reaper = p.clone();
-    let spawned = std::thread::Builder::new()
-        .name("osb-reap".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let p = reaper;
-            let waited = sys::wait_exited_nowait(p.pid);
-            let mut st = lock(&p.state);
-            let code = match waited.and_then(|()| sys::reap(p.pid)) {
-                Ok(wait_status) => sys::exit_code(wait_status),
-                Err(e) => {
-                    eprintln!("osb-agent: waiting for pid {}: {e}", p.pid);
-                    LOST_STATUS
-                }
-            };
-            st.exit = Some(code);
-            st.exited_at = Some(Instant::now());
-            p.exited.notify_all();
-        });
+    let spawned = std::thread::Builder::new().name("osb-reap".into()).stack_size(64 * 1024).spawn(move || {
+        let p = reaper;
+        let waited = sys::wait_exited_nowait(p.pid);
+        let mut st = lock(&p.state);
+        let code = match waited.and_then(|()| sys::reap(p.pid)) {
+            Ok(wait_status) => sys::exit_code(wait_status),
+            Err(e) => {
+                eprintln!("osb-agent: waiting for pid {}: {e}", p.pid);
+                LOST_STATUS
+            }
+        };
+        st.exit = Some(code);
+        st.exited_at = Some(Instant::now());
+        p.exited.notify_all();
+    });
     if let Err(e) = spawned {
         let _ = sys::kill(pid, libc::SIGKILL);
         let _ = sys::reap(pid);
-        return Err(status(
-            Code::RESOURCE_EXHAUSTED,
-            format!("cannot start a reaper thread: {e}"),
-        ));
+        return Err(status(Code::RESOURCE_EXHAUSTED, format!("cannot start a reaper thread: {e}")));
     }
     Ok(())
 }
@@ -622,12 +512,7 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
                 has_path |= k == "PATH";
                 cmd.env(k, v);
             }
-            _ => {
-                return Err(status(
-                    Code::INVALID_ARGUMENT,
-                    format!("environment entry {entry:?} is not KEY=VALUE"),
-                ))
-            }
+            _ => return Err(status(Code::INVALID_ARGUMENT, format!("environment entry {entry:?} is not KEY=VALUE"))),
         }
     }
     if !has_path {
@@ -636,11 +521,9 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
     cmd.current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
 
     let pty_master = if spec.tty {
-        let (master, slave) =
-            sys::openpty().map_err(|e| io_status("open a pseudo-terminal", &e))?;
+        let (master, slave) = sys::openpty().map_err(|e| io_status("open a pseudo-terminal", &e))?;
         if let Some((rows, cols)) = spec.tty_size {
-            sys::set_winsize(master.as_fd(), rows, cols)
-                .map_err(|e| io_status("TIOCSWINSZ", &e))?;
+            sys::set_winsize(master.as_fd(), rows, cols).map_err(|e| io_status("TIOCSWINSZ", &e))?;
         }
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| io_status("dup", &e));
         cmd.stdin(Stdio::from(dup(&slave)?));
@@ -673,10 +556,7 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
                 }
                 return Ok(());
             }
-            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                || libc::setgid(gid) < 0
-                || libc::setuid(uid) < 0
-            {
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -712,11 +592,7 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
     };
     // `child` is dropped without waiting: the reaper thread owns the wait.
     drop(child);
-    for fd in stdin_fd
-        .iter()
-        .chain([&stdout_stream])
-        .chain(stderr_stream.iter())
-    {
+    for fd in stdin_fd.iter().chain([&stdout_stream]).chain(stderr_stream.iter()) {
         sys::set_nonblocking(fd.as_fd()).map_err(|e| io_status("O_NONBLOCK", &e))?;
     }
     Ok(Proc {
@@ -724,14 +600,8 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
         pid,
         tty,
         stdin: Mutex::new(stdin_fd),
-        stdout: Stream {
-            fd: stdout_stream,
-            eof: AtomicBool::new(false),
-        },
-        stderr: stderr_stream.map(|fd| Stream {
-            fd,
-            eof: AtomicBool::new(false),
-        }),
+        stdout: Stream { fd: stdout_stream, eof: AtomicBool::new(false) },
+        stderr: stderr_stream.map(|fd| Stream { fd, eof: AtomicBool::new(false) }),
         state: Mutex::new(State::default()),
         exited: Condvar::new(),
     })

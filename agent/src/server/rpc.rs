@@ -42,10 +42,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
-use ttrpc::proto::{
-    MessageHeader, MESSAGE_HEADER_LENGTH, MESSAGE_TYPE_DATA, MESSAGE_TYPE_REQUEST,
-    MESSAGE_TYPE_RESPONSE,
-};
+use ttrpc::proto::{MessageHeader, MESSAGE_HEADER_LENGTH, MESSAGE_TYPE_DATA, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE};
 use ttrpc::{Code, MethodHandler, Request, Response, TtrpcContext};
 
 use super::sys;
@@ -99,29 +96,17 @@ impl Dispatcher {
         for service in services {
             methods.extend(service);
         }
-        let services = methods
-            .keys()
-            .filter_map(|path| path.trim_start_matches('/').split_once('/'))
-            .map(|(service, _)| service.to_string())
-            .collect();
+        let services = methods.keys().filter_map(|path| path.trim_start_matches('/').split_once('/')).map(|(service, _)| service.to_string()).collect();
         Dispatcher { methods, services }
     }
 
     /// The handler of `service`/`method`, or the UNIMPLEMENTED status Go's ttrpc
     /// answers.
-    fn lookup(
-        &self,
-        service: &str,
-        method: &str,
-    ) -> Result<&(dyn MethodHandler + Send + Sync), ttrpc::Status> {
+    fn lookup(&self, service: &str, method: &str) -> Result<&(dyn MethodHandler + Send + Sync), ttrpc::Status> {
         if let Some(handler) = self.methods.get(&format!("/{service}/{method}")) {
             return Ok(handler.as_ref());
         }
-        let message = if self.services.contains(service) {
-            format!("method {method}")
-        } else {
-            format!("service {service}")
-        };
+        let message = if self.services.contains(service) { format!("method {method}") } else { format!("service {service}") };
         Err(ttrpc::get_status(Code::UNIMPLEMENTED, message))
     }
 }
@@ -151,9 +136,7 @@ impl Peers {
         if s == "any" {
             return Ok(Peers::Any);
         }
-        s.parse()
-            .map(Peers::Cid)
-            .map_err(|_| format!("{s:?} is neither a vsock CID nor \"any\""))
+        s.parse().map(Peers::Cid).map_err(|_| format!("{s:?} is neither a vsock CID nor \"any\""))
     }
 
     /// A connection from `cid` may be served.
@@ -187,11 +170,7 @@ pub enum Listener {
 
 impl Listener {
     pub fn vsock(fd: OwnedFd, peers: Peers) -> Listener {
-        Listener::Vsock {
-            fd,
-            peers,
-            refused: AtomicU64::new(0),
-        }
+        Listener::Vsock { fd, peers, refused: AtomicU64::new(0) }
     }
 
     /// The next connection to serve; None for one that was refused (and closed).
@@ -231,8 +210,7 @@ impl Slot {
             if current >= max {
                 return None;
             }
-            match counter.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst)
-            {
+            match counter.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => return Some(Slot(counter.clone())),
                 Err(now) => current = now,
             }
@@ -261,11 +239,7 @@ struct Bytes {
 
 impl ByteBudget {
     fn new(max: usize) -> Arc<ByteBudget> {
-        Arc::new(ByteBudget {
-            used: Mutex::new(0),
-            freed: Condvar::new(),
-            max,
-        })
+        Arc::new(ByteBudget { used: Mutex::new(0), freed: Condvar::new(), max })
     }
 
     /// Waits until `n` more bytes fit (a frame larger than the whole budget
@@ -276,10 +250,7 @@ impl ByteBudget {
             used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
         }
         *used += n;
-        Bytes {
-            budget: self.clone(),
-            n,
-        }
+        Bytes { budget: self.clone(), n }
     }
 }
 
@@ -334,11 +305,7 @@ impl Connections {
     fn admit(self: &Arc<Self>, conn: &Arc<Conn>) -> Option<Registered> {
         let mut open = lock(&self.open);
         if open.conns.len() >= self.max {
-            let (since, id) = open
-                .conns
-                .iter()
-                .filter_map(|(id, c)| c.idle_since().map(|since| (since, *id)))
-                .min()?;
+            let (since, id) = open.conns.iter().filter_map(|(id, c)| c.idle_since().map(|since| (since, *id))).min()?;
             if let Some(idle) = open.conns.remove(&id) {
                 sys::shutdown(idle.raw());
             }
@@ -354,10 +321,7 @@ impl Connections {
         let id = open.next_id;
         open.next_id += 1;
         open.conns.insert(id, conn.clone());
-        Some(Registered {
-            connections: self.clone(),
-            id,
-        })
+        Some(Registered { connections: self.clone(), id })
     }
 }
 
@@ -373,11 +337,7 @@ struct Shared {
 pub fn serve(listener: Listener, dispatcher: Dispatcher, limits: Limits) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         dispatcher,
-        connections: Arc::new(Connections {
-            max: limits.max_connections,
-            open: Mutex::default(),
-            evicted: AtomicU64::new(0),
-        }),
+        connections: Arc::new(Connections { max: limits.max_connections, open: Mutex::default(), evicted: AtomicU64::new(0) }),
         inflight: Arc::new(AtomicUsize::new(0)),
         bytes: ByteBudget::new(limits.max_inflight_bytes),
         limits,
@@ -411,10 +371,7 @@ pub fn serve(listener: Listener, dispatcher: Dispatcher, limits: Limits) -> std:
             continue; // dropping conn closes it
         };
         let shared = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("ttrpc-conn".into())
-            .stack_size(256 * 1024)
-            .spawn(move || serve_connection(conn, shared, registered));
+        let spawned = std::thread::Builder::new().name("ttrpc-conn".into()).stack_size(256 * 1024).spawn(move || serve_connection(conn, shared, registered));
         if let Err(e) = spawned {
             eprintln!("osb-agent: cannot start a connection thread: {e}");
         }
@@ -434,12 +391,7 @@ struct Conn {
 
 impl Conn {
     fn new(fd: OwnedFd) -> Conn {
-        Conn {
-            fd,
-            inflight: Arc::new(AtomicUsize::new(0)),
-            reading: AtomicBool::new(false),
-            last_active: Mutex::new(Instant::now()),
-        }
+        Conn { fd, inflight: Arc::new(AtomicUsize::new(0)), reading: AtomicBool::new(false), last_active: Mutex::new(Instant::now()) }
     }
 
     fn touch(&self) {
@@ -514,12 +466,7 @@ pub fn encode_header(h: &MessageHeader) -> [u8; MESSAGE_HEADER_LENGTH] {
 }
 
 pub fn decode_header(b: &[u8; MESSAGE_HEADER_LENGTH]) -> MessageHeader {
-    MessageHeader {
-        length: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-        stream_id: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
-        type_: b[8],
-        flags: b[9],
-    }
+    MessageHeader { length: u32::from_be_bytes([b[0], b[1], b[2], b[3]]), stream_id: u32::from_be_bytes([b[4], b[5], b[6], b[7]]), type_: b[8], flags: b[9] }
 }
 
 type ResponseSender = mpsc::Sender<(MessageHeader, Vec<u8>)>;
@@ -539,12 +486,7 @@ fn send_response(tx: &ResponseSender, stream_id: u32, res: &Response) {
             return;
         }
     };
-    let header = MessageHeader {
-        length: payload.len() as u32,
-        stream_id,
-        type_: MESSAGE_TYPE_RESPONSE,
-        flags: 0,
-    };
+    let header = MessageHeader { length: payload.len() as u32, stream_id, type_: MESSAGE_TYPE_RESPONSE, flags: 0 };
     let _ = tx.send((header, payload));
 }
 
@@ -556,23 +498,20 @@ fn serve_connection(conn: Arc<Conn>, shared: Arc<Shared>, connection_slot: Regis
     // The writer owns the connection slot: the connection counts until every
     // handler has answered (or failed to) and the socket is closed.
     let writer_conn = conn.clone();
-    let writer = std::thread::Builder::new()
-        .name("ttrpc-write".into())
-        .stack_size(128 * 1024)
-        .spawn(move || {
-            let _slot = connection_slot;
-            let mut broken = false;
-            for (header, payload) in res_rx {
-                if broken {
-                    continue; // drain so handlers never block on a dead client
-                }
-                if let Err(e) = writer_conn.write_frame(&header, &payload) {
-                    eprintln!("osb-agent: write to a client failed ({e}); closing the connection");
-                    sys::shutdown(writer_conn.raw());
-                    broken = true;
-                }
+    let writer = std::thread::Builder::new().name("ttrpc-write".into()).stack_size(128 * 1024).spawn(move || {
+        let _slot = connection_slot;
+        let mut broken = false;
+        for (header, payload) in res_rx {
+            if broken {
+                continue; // drain so handlers never block on a dead client
             }
-        });
+            if let Err(e) = writer_conn.write_frame(&header, &payload) {
+                eprintln!("osb-agent: write to a client failed ({e}); closing the connection");
+                sys::shutdown(writer_conn.raw());
+                broken = true;
+            }
+        }
+    });
     if let Err(e) = writer {
         eprintln!("osb-agent: cannot start a writer thread: {e}");
         return;
@@ -603,10 +542,7 @@ fn serve_connection(conn: Arc<Conn>, shared: Arc<Shared>, connection_slot: Regis
                 &res_tx,
                 header.stream_id,
                 Code::RESOURCE_EXHAUSTED,
-                format!(
-                    "message length {len} exceed maximum message size of {}",
-                    shared.limits.max_frame
-                ),
+                format!("message length {len} exceed maximum message size of {}", shared.limits.max_frame),
             );
             continue;
         }
@@ -623,32 +559,17 @@ fn serve_connection(conn: Arc<Conn>, shared: Arc<Shared>, connection_slot: Regis
             MESSAGE_TYPE_REQUEST => {}
             MESSAGE_TYPE_DATA => {
                 // No streaming method is registered: no stream is ever open.
-                send_status(
-                    &res_tx,
-                    header.stream_id,
-                    Code::INVALID_ARGUMENT,
-                    "StreamID is no longer active",
-                );
+                send_status(&res_tx, header.stream_id, Code::INVALID_ARGUMENT, "StreamID is no longer active");
                 continue;
             }
             _ => continue,
         }
         if header.stream_id % 2 != 1 {
-            send_status(
-                &res_tx,
-                header.stream_id,
-                Code::INVALID_ARGUMENT,
-                "StreamID must be odd for client initiated streams",
-            );
+            send_status(&res_tx, header.stream_id, Code::INVALID_ARGUMENT, "StreamID must be odd for client initiated streams");
             continue;
         }
         if header.stream_id <= last_stream_id {
-            send_status(
-                &res_tx,
-                header.stream_id,
-                Code::INVALID_ARGUMENT,
-                "StreamID cannot be re-used and must increment",
-            );
+            send_status(&res_tx, header.stream_id, Code::INVALID_ARGUMENT, "StreamID cannot be re-used and must increment");
             continue;
         }
         last_stream_id = header.stream_id;
@@ -657,12 +578,7 @@ fn serve_connection(conn: Arc<Conn>, shared: Arc<Shared>, connection_slot: Regis
         let req = match parsed {
             Ok(req) => req,
             Err(e) => {
-                send_status(
-                    &res_tx,
-                    header.stream_id,
-                    Code::INVALID_ARGUMENT,
-                    format!("bad ttrpc request: {e}"),
-                );
+                send_status(&res_tx, header.stream_id, Code::INVALID_ARGUMENT, format!("bad ttrpc request: {e}"));
                 continue;
             }
         };
@@ -672,23 +588,12 @@ fn serve_connection(conn: Arc<Conn>, shared: Arc<Shared>, connection_slot: Regis
             send_response(&res_tx, header.stream_id, &res);
             continue;
         }
-        let Some(conn_slot) = Slot::take(&conn.inflight, shared.limits.max_inflight_per_connection)
-        else {
-            send_status(
-                &res_tx,
-                header.stream_id,
-                Code::RESOURCE_EXHAUSTED,
-                "too many requests in flight on this connection",
-            );
+        let Some(conn_slot) = Slot::take(&conn.inflight, shared.limits.max_inflight_per_connection) else {
+            send_status(&res_tx, header.stream_id, Code::RESOURCE_EXHAUSTED, "too many requests in flight on this connection");
             continue;
         };
         let Some(global_slot) = Slot::take(&shared.inflight, shared.limits.max_inflight) else {
-            send_status(
-                &res_tx,
-                header.stream_id,
-                Code::RESOURCE_EXHAUSTED,
-                "too many requests in flight",
-            );
+            send_status(&res_tx, header.stream_id, Code::RESOURCE_EXHAUSTED, "too many requests in flight");
             continue;
         };
         let ctx = TtrpcContext {
@@ -704,38 +609,27 @@ fn serve_connection(conn: Arc<Conn>, shared: Arc<Shared>, connection_slot: Regis
         let handler_conn = conn.clone();
         let error_tx = res_tx.clone();
         let stream_id = header.stream_id;
-        let spawned = std::thread::Builder::new()
-            .name("ttrpc-call".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                let _slots = (conn_slot, global_slot, bytes);
-                let handler = match handler_shared.dispatcher.lookup(&req.service, &req.method) {
-                    Ok(h) => h,
-                    Err(_) => return,
+        let spawned = std::thread::Builder::new().name("ttrpc-call".into()).stack_size(256 * 1024).spawn(move || {
+            let _slots = (conn_slot, global_slot, bytes);
+            let handler = match handler_shared.dispatcher.lookup(&req.service, &req.method) {
+                Ok(h) => h,
+                Err(_) => return,
+            };
+            if let Err(e) = handler.handler(ctx, req) {
+                // The generated handler fails before answering only when the
+                // payload does not decode (Go's ttrpc: INTERNAL).
+                let (code, message) = match e {
+                    ttrpc::Error::RpcStatus(s) => (s.code(), s.message),
+                    other => (Code::INTERNAL, format!("ttrpc: error unmarshalling payload: {other}")),
                 };
-                if let Err(e) = handler.handler(ctx, req) {
-                    // The generated handler fails before answering only when the
-                    // payload does not decode (Go's ttrpc: INTERNAL).
-                    let (code, message) = match e {
-                        ttrpc::Error::RpcStatus(s) => (s.code(), s.message),
-                        other => (
-                            Code::INTERNAL,
-                            format!("ttrpc: error unmarshalling payload: {other}"),
-                        ),
-                    };
-                    send_status(&error_tx, stream_id, code, message);
-                }
-                // Before the slots go: a connection that was just answered is not
-                // the one idle longest.
-                handler_conn.touch();
-            });
+                send_status(&error_tx, stream_id, code, message);
+            }
+            // Before the slots go: a connection that was just answered is not
+            // the one idle longest.
+            handler_conn.touch();
+        });
         if let Err(e) = spawned {
-            send_status(
-                &res_tx,
-                stream_id,
-                Code::RESOURCE_EXHAUSTED,
-                format!("cannot start a handler thread: {e}"),
-            );
+            send_status(&res_tx, stream_id, Code::RESOURCE_EXHAUSTED, format!("cannot start a handler thread: {e}"));
         }
     }
     drop(cancel_tx);

@@ -71,8 +71,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<u
 /// A new pseudo-terminal: (master, slave), both close-on-exec.
 pub fn openpty() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: posix_openpt returns a new descriptor or -1.
-    let master =
-        check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    let master = check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
     // SAFETY: master is a fresh descriptor owned here.
     let master = unsafe { OwnedFd::from_raw_fd(master) };
     // SAFETY: grantpt/unlockpt on the pty master just opened.
@@ -89,24 +88,14 @@ pub fn openpty() -> io::Result<(OwnedFd, OwnedFd)> {
     let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_owned();
     let slave = retry(|| {
         // SAFETY: path is a valid NUL-terminated string.
-        check(unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-            )
-        })
+        check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })
     })?;
     // SAFETY: slave is a fresh descriptor owned here.
     Ok((master, unsafe { OwnedFd::from_raw_fd(slave) }))
 }
 
 pub fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads a winsize struct from the pointer.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })?;
     Ok(())
@@ -122,8 +111,7 @@ pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
 /// A listening AF_VSOCK socket on `cid` (VMADDR_CID_ANY: any) and `port`.
 pub fn vsock_listen(cid: u32, port: u32, backlog: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2).
-    let fd =
-        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd is a fresh socket owned here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
@@ -133,11 +121,7 @@ pub fn vsock_listen(cid: u32, port: u32, backlog: i32) -> io::Result<OwnedFd> {
     addr.svm_port = port;
     // SAFETY: addr is a valid sockaddr_vm of the size passed.
     check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
+        libc::bind(fd.as_raw_fd(), &addr as *const libc::sockaddr_vm as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t)
     })?;
     // SAFETY: listen on the socket just bound.
     check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
@@ -152,21 +136,12 @@ pub fn accept_vsock(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, u32)> {
         let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
         // SAFETY: addr and len are valid for writes of the sizes given.
-        let fd = check(unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                &mut addr as *mut libc::sockaddr_vm as *mut libc::sockaddr,
-                &mut len,
-                libc::SOCK_CLOEXEC,
-            )
-        })?;
+        let fd =
+            check(unsafe { libc::accept4(listener.as_raw_fd(), &mut addr as *mut libc::sockaddr_vm as *mut libc::sockaddr, &mut len, libc::SOCK_CLOEXEC) })?;
         // SAFETY: accept4 returned a new descriptor owned here.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         if addr.svm_family != libc::AF_VSOCK as libc::sa_family_t {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "accept on a vsock listener returned no vsock address",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "accept on a vsock listener returned no vsock address"));
         }
         Ok((fd, addr.svm_cid))
     })
@@ -205,10 +180,7 @@ pub fn shutdown(fd: RawFd) {
 
 /// SO_SNDTIMEO: a send blocked this long fails with EAGAIN.
 pub fn set_send_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
+    let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: timeout.subsec_micros() as libc::suseconds_t };
     // SAFETY: tv is a valid timeval of the size passed.
     check(unsafe {
         libc::setsockopt(
@@ -224,10 +196,7 @@ pub fn set_send_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
 
 /// clock_settime(CLOCK_REALTIME).
 pub fn set_realtime(sec: i64, nsec: i64) -> io::Result<()> {
-    let ts = libc::timespec {
-        tv_sec: sec as libc::time_t,
-        tv_nsec: nsec as libc::c_long,
-    };
+    let ts = libc::timespec { tv_sec: sec as libc::time_t, tv_nsec: nsec as libc::c_long };
     // SAFETY: ts is a valid timespec.
     check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
     Ok(())
@@ -256,14 +225,7 @@ pub fn wait_exited_nowait(pid: i32) -> io::Result<()> {
         // SAFETY: siginfo_t is plain old data; all-zero is valid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: info is a valid, writable siginfo_t.
-        check(unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        })?;
+        check(unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) })?;
         Ok(())
     })
 }
@@ -280,12 +242,7 @@ pub fn reap(pid: i32) -> io::Result<libc::c_int> {
 
 /// openat(2) of `name` in `dir` (or, with `dir` None, an absolute `name`); the
 /// result is close-on-exec.
-pub fn openat(
-    dir: Option<BorrowedFd<'_>>,
-    name: &std::ffi::CStr,
-    flags: libc::c_int,
-    mode: libc::mode_t,
-) -> io::Result<OwnedFd> {
+pub fn openat(dir: Option<BorrowedFd<'_>>, name: &std::ffi::CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
     let dir = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
     let fd = retry(|| {
         // SAFETY: name is NUL-terminated; mode is read only with O_CREAT.
@@ -317,11 +274,7 @@ pub fn renameat(dir: BorrowedFd<'_>, from: &std::ffi::CStr, to: &std::ffi::CStr)
 }
 
 /// symlinkat(2): `name` in `dir` pointing at `target`.
-pub fn symlinkat(
-    target: &std::ffi::CStr,
-    dir: BorrowedFd<'_>,
-    name: &std::ffi::CStr,
-) -> io::Result<()> {
+pub fn symlinkat(target: &std::ffi::CStr, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<()> {
     // SAFETY: both strings are NUL-terminated.
     check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
     Ok(())
@@ -330,15 +283,7 @@ pub fn symlinkat(
 /// fchownat(2) with AT_SYMLINK_NOFOLLOW (u32::MAX leaves an id alone).
 pub fn lchownat(dir: BorrowedFd<'_>, name: &std::ffi::CStr, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: name is NUL-terminated.
-    check(unsafe {
-        libc::fchownat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            uid,
-            gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
+    check(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })?;
     Ok(())
 }
 
@@ -347,14 +292,7 @@ pub fn lstatat(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<(u32, u
     // SAFETY: stat is plain old data; all-zero is valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: name is NUL-terminated and st is writable.
-    check(unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
+    check(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
     Ok((st.st_mode & libc::S_IFMT, st.st_dev, st.st_ino))
 }
 
@@ -368,10 +306,7 @@ pub fn unmap_large_allocations(threshold: usize) {
     // SAFETY: mallopt only sets a malloc parameter; a fixed value also turns
     // off the dynamic adjustment.
     unsafe {
-        libc::mallopt(
-            libc::M_MMAP_THRESHOLD,
-            threshold.min(i32::MAX as usize) as libc::c_int,
-        );
+        libc::mallopt(libc::M_MMAP_THRESHOLD, threshold.min(i32::MAX as usize) as libc::c_int);
     }
     #[cfg(not(target_env = "gnu"))]
     let _ = threshold;

@@ -630,7 +630,10 @@ pub fn check_self_contained(h: &Header) -> io::Result<()> {
         return Err(other("the qcow2 image has a backing file; only self-contained qcow2 images are supported".into()));
     }
     if h.incompatible_features & !1 != 0 {
-        return Err(other(format!("the qcow2 image uses incompatible features {:#x} (external data file, extended L2 or compression type); not supported", h.incompatible_features)));
+        return Err(other(format!(
+            "the qcow2 image uses incompatible features {:#x} (external data file, extended L2 or compression type); not supported",
+            h.incompatible_features
+        )));
     }
     if h.crypt_method != 0 {
         return Err(other("the qcow2 image is encrypted; not supported".into()));
@@ -772,7 +775,13 @@ mod tests {
                     x ^= x << 5;
                     x as u8 // incompressible
                 }
-                _ => if i % 7000 == 0 { 1 } else { 0 },
+                _ => {
+                    if i % 7000 == 0 {
+                        1
+                    } else {
+                        0
+                    }
+                }
             };
         }
         raw

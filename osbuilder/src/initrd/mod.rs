@@ -20,8 +20,8 @@ use std::path::Path;
 use indicatif::ProgressBar;
 use sha2::{Digest as _, Sha256};
 
-use crate::output::Staged;
 use crate::compress::{CompressOptions, Compression, Encoder};
+use crate::output::Staged;
 use crate::rootfs::{Body, Plan, PlanError, Tree};
 use cpio::{NewcHeader, NewcWriter, MAX_FILE_SIZE};
 
@@ -149,12 +149,7 @@ pub fn write_initrd(tree: &Tree, out: &Path, opts: &InitrdOptions, progress: &Pr
 }
 
 /// Streams the archive into `out` (which receives compressed bytes).
-pub fn write_archive<W: Write + Send + 'static>(
-    tree: &Tree,
-    out: W,
-    opts: &InitrdOptions,
-    progress: &ProgressBar,
-) -> Result<InitrdReport, InitrdError> {
+pub fn write_archive<W: Write + Send + 'static>(tree: &Tree, out: W, opts: &InitrdOptions, progress: &ProgressBar) -> Result<InitrdReport, InitrdError> {
     let plan = Plan::new(tree)?;
     check_file_sizes(&plan)?;
     let marker_dir = if opts.completion_marker { Some(marker_needs_dir(tree)?) } else { None };
@@ -401,13 +396,7 @@ mod tests {
 
         // GNU cpio is the oracle: both names, link count 2, data on the last
         // name only, mtime clamped to SOURCE_DATE_EPOCH (1000: 1 January 1970).
-        let listing = Command::new("cpio")
-            .args(["-itvn", "--quiet", "-F"])
-            .arg(&out)
-            .env("TZ", "UTC")
-            .stdout(Stdio::piped())
-            .output()
-            .unwrap();
+        let listing = Command::new("cpio").args(["-itvn", "--quiet", "-F"]).arg(&out).env("TZ", "UTC").stdout(Stdio::piped()).output().unwrap();
         let text = String::from_utf8(listing.stdout).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
@@ -419,12 +408,7 @@ mod tests {
 
         let dir = tmp.path().join("x");
         std::fs::create_dir(&dir).unwrap();
-        let status = Command::new("cpio")
-            .args(["-idm", "--quiet", "-F"])
-            .arg(&out)
-            .current_dir(&dir)
-            .status()
-            .unwrap();
+        let status = Command::new("cpio").args(["-idm", "--quiet", "-F"]).arg(&out).current_dir(&dir).status().unwrap();
         assert!(status.success());
         use std::os::unix::fs::MetadataExt;
         let m1 = std::fs::metadata(dir.join("a/first")).unwrap();

@@ -60,8 +60,7 @@ pub enum ConfigError {
 }
 
 fn valid_name(name: &str) -> bool {
-    name.strip_prefix("CONFIG_")
-        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    name.strip_prefix("CONFIG_").is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
 }
 
 /// Parses one line of a fragment or `.config`: `None` for blanks and comments.
@@ -162,9 +161,7 @@ pub struct Mismatch {
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match (&self.requested, &self.actual) {
-            (OptValue::Set(_), OptValue::NotSet) => {
-                "was dropped (a dependency is missing or the option does not exist in this kernel)".to_string()
-            }
+            (OptValue::Set(_), OptValue::NotSet) => "was dropped (a dependency is missing or the option does not exist in this kernel)".to_string(),
             (_, actual) => format!("ended up {actual}"),
         };
         let gap = if self.requested == OptValue::NotSet { " " } else { "" };
@@ -252,7 +249,9 @@ mod tests {
     fn validation_names_dropped_options_and_their_fragment() {
         // The classic trap: FS_DAX asked for, but ZONE_DEVICE's dependencies
         // missing, so olddefconfig drops it without a word.
-        let merged = Merged::new(parse_fragment("CONFIG_DAX=y\nCONFIG_FS_DAX=y\n# CONFIG_MODULES is not set\nCONFIG_NR_CPUS=64\n", "features/dax.conf").unwrap()).unwrap();
+        let merged =
+            Merged::new(parse_fragment("CONFIG_DAX=y\nCONFIG_FS_DAX=y\n# CONFIG_MODULES is not set\nCONFIG_NR_CPUS=64\n", "features/dax.conf").unwrap())
+                .unwrap();
         let final_config = parse_dotconfig("CONFIG_DAX=y\n# CONFIG_FS_DAX is not set\nCONFIG_NR_CPUS=8\nCONFIG_OTHER=y\n");
         let mismatches = validate(&merged, &final_config, &BTreeSet::new());
         let text: Vec<String> = mismatches.iter().map(ToString::to_string).collect();

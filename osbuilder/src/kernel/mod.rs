@@ -283,9 +283,10 @@ fn resolve_source(job: &KernelJob, version: &KernelVersion) -> Result<ResolvedSo
             Ok(ResolvedSource { kind: "url", path: dest, sha256: pin.sha256.clone(), debian_version: None })
         }
         None => {
-            let package = version.debian_package.as_deref().ok_or_else(|| {
-                KernelError::Source(format!("kernel {} names no Debian package; pass --source", version.series))
-            })?;
+            let package = version
+                .debian_package
+                .as_deref()
+                .ok_or_else(|| KernelError::Source(format!("kernel {} names no Debian package; pass --source", version.series)))?;
             let path = PathBuf::from(format!("/usr/src/{package}.tar.xz"));
             if !path.is_file() {
                 return Err(KernelError::Source(format!("{} is missing: install {package} (ci/setup.sh does) or pass --source", path.display())));
@@ -350,10 +351,9 @@ pub fn resolve_inputs(job: &KernelJob) -> Result<KernelInputs, KernelError> {
             versions: job.config_dir.join("versions.toml"),
             known: versions.iter().map(|v| v.series.clone()).collect::<Vec<_>>().join(", "),
         })?,
-        None => versions.first().cloned().ok_or_else(|| KernelError::Inputs {
-            path: job.config_dir.join("versions.toml"),
-            message: "lists no kernel".into(),
-        })?,
+        None => {
+            versions.first().cloned().ok_or_else(|| KernelError::Inputs { path: job.config_dir.join("versions.toml"), message: "lists no kernel".into() })?
+        }
     };
     let features = match &job.features {
         Some(f) => f.clone(),
@@ -371,14 +371,13 @@ pub fn resolve_inputs(job: &KernelJob) -> Result<KernelInputs, KernelError> {
     let whitelist_text = std::fs::read_to_string(&whitelist_path).unwrap_or_default();
     let whitelist = config::parse_whitelist(&whitelist_text, &format!("whitelist/{}.conf", version.series))?;
     let patches = patches::read_series(&job.patches_dir, &version.series)?;
-    let patch_digests = patches
-        .iter()
-        .map(|p| Ok(InputDigest { name: p.name.clone(), sha256: sha256_file(&p.path)? }))
-        .collect::<Result<Vec<_>, KernelError>>()?;
+    let patch_digests =
+        patches.iter().map(|p| Ok(InputDigest { name: p.name.clone(), sha256: sha256_file(&p.path)? })).collect::<Result<Vec<_>, KernelError>>()?;
     let source = resolve_source(job, &version)?;
     let toolchain = Toolchain::probe();
 
-    let mut key_parts: Vec<String> = vec![RECIPE_VERSION.into(), version.series.clone(), version.config_version.to_string(), source.sha256.clone(), toolchain.identity.clone()];
+    let mut key_parts: Vec<String> =
+        vec![RECIPE_VERSION.into(), version.series.clone(), version.config_version.to_string(), source.sha256.clone(), toolchain.identity.clone()];
     key_parts.push(format!("epoch={:?}", job.source_date_epoch));
     key_parts.extend(features.iter().map(|f| format!("feature={f}")));
     key_parts.extend(fragments.iter().map(|f| format!("{}={}", f.name, f.sha256)));
@@ -424,12 +423,8 @@ pub fn kbuild_timestamp(epoch: i64) -> String {
 fn step(cmd: &mut Command, log: &Path) -> Result<(), KernelError> {
     let shown = format!("{cmd:?}");
     let file = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io_err(format!("cannot write {}", log.display())))?;
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().map_err(io_err("log"))?)
-        .stderr(file)
-        .status()
-        .map_err(io_err(format!("cannot run {shown}")))?;
+    let status =
+        cmd.stdin(Stdio::null()).stdout(file.try_clone().map_err(io_err("log"))?).stderr(file).status().map_err(io_err(format!("cannot run {shown}")))?;
     if status.success() {
         return Ok(());
     }
@@ -507,7 +502,8 @@ pub fn build(job: &KernelJob, log_line: &dyn Fn(&str)) -> Result<KernelReport, K
     if let Err(e) = configure(&inputs, &src, &build_dir, &log) {
         return Err(keep_failure(e, &work, &kernel_root.join(format!("failed-{series}-{}", inputs.key))));
     }
-    let kernel_version = run_capture(Command::new("make").arg("-s").arg("-C").arg(&src).arg(format!("O={}", build_dir.display())).arg("ARCH=x86_64").arg("kernelrelease"))?;
+    let kernel_version =
+        run_capture(Command::new("make").arg("-s").arg("-C").arg(&src).arg(format!("O={}", build_dir.display())).arg("ARCH=x86_64").arg("kernelrelease"))?;
     let epoch = job.source_date_epoch.unwrap_or(0);
     let timestamp = kbuild_timestamp(epoch);
     log_line(&format!("kernel {series}: building {kernel_version} with {} jobs", job.jobs.max(1)));
@@ -656,7 +652,8 @@ fn publish(done: &Path, manifest: &KernelManifest, out_dir: &Path) -> Result<Vec
     let names = manifest.outputs.iter().map(|o| o.name.clone()).chain([String::from("manifest.json")]);
     for name in names {
         let from = done.join(&name);
-        let to = out_dir.join(if name == "manifest.json" { format!("manifest-{}-{}.json", manifest.kernel_version, manifest.config_version) } else { name.clone() });
+        let to =
+            out_dir.join(if name == "manifest.json" { format!("manifest-{}-{}.json", manifest.kernel_version, manifest.config_version) } else { name.clone() });
         crate::output::copy_file(&from, &to).map_err(|e| KernelError::Io { context: format!("cannot publish {name}"), source: std::io::Error::other(e) })?;
         files.push(to);
     }
@@ -696,7 +693,9 @@ mod tests {
             requests.extend(config::parse_fragment(&std::fs::read_to_string(path).unwrap(), &label).unwrap());
         }
         let merged = Merged::new(requests).unwrap();
-        for must in ["CONFIG_VIRTIO_VSOCKETS", "CONFIG_VIRTIO_BLK", "CONFIG_EXT4_FS", "CONFIG_EROFS_FS", "CONFIG_OVERLAY_FS", "CONFIG_FS_DAX", "CONFIG_DM_VERITY"] {
+        for must in
+            ["CONFIG_VIRTIO_VSOCKETS", "CONFIG_VIRTIO_BLK", "CONFIG_EXT4_FS", "CONFIG_EROFS_FS", "CONFIG_OVERLAY_FS", "CONFIG_FS_DAX", "CONFIG_DM_VERITY"]
+        {
             assert!(merged.requests.contains_key(must), "{must} is requested by the default build");
         }
         for v in &versions {

@@ -48,15 +48,11 @@ impl BlobStore for ArchiveStore {
         let shown = &self.shown;
         match (&layer.digest, &layer.diff_id) {
             (Some(digest), _) => verify_location(loc, digest, layer.size, &format!("layer {index} ({name}) of docker archive {shown}"))?,
-            (None, Some(diff_id)) => verify_uncompressed(
-                loc,
-                diff_id,
-                &format!("layer {index} ({name}) of docker archive {shown}, uncompressed, against the config's diff_id"),
-            )?,
+            (None, Some(diff_id)) => {
+                verify_uncompressed(loc, diff_id, &format!("layer {index} ({name}) of docker archive {shown}, uncompressed, against the config's diff_id"))?
+            }
             (None, None) => {
-                return Err(OciError::Invalid(format!(
-                    "layer {index} ({name}) of docker archive {shown} has neither a digest in its name nor a diff_id"
-                )))
+                return Err(OciError::Invalid(format!("layer {index} ({name}) of docker archive {shown} has neither a digest in its name nor a diff_id")))
             }
         }
         Ok(loc.clone())
@@ -66,10 +62,7 @@ impl BlobStore for ArchiveStore {
 /// The digest a docker archive's member name carries, if any:
 /// `blobs/sha256/<hex>` (Docker 25+) or `<hex>.tar` / `<hex>.json` (skopeo).
 fn digest_in_name(name: &str) -> Option<Digest> {
-    let hex = name
-        .strip_prefix("blobs/sha256/")
-        .or_else(|| name.strip_suffix(".tar"))
-        .or_else(|| name.strip_suffix(".json"))?;
+    let hex = name.strip_prefix("blobs/sha256/").or_else(|| name.strip_suffix(".tar")).or_else(|| name.strip_suffix(".json"))?;
     format!("sha256:{hex}").parse().ok()
 }
 
@@ -88,9 +81,7 @@ pub(super) fn open(path: &Path, reference: Option<&str>) -> Result<Image, OciErr
         }
     }
     let read_member = |name: &str, limit: u64| -> Result<Vec<u8>, OciError> {
-        let &(offset, size) = entries
-            .get(name)
-            .ok_or_else(|| OciError::Invalid(format!("docker archive {shown} has no member {name:?}")))?;
+        let &(offset, size) = entries.get(name).ok_or_else(|| OciError::Invalid(format!("docker archive {shown} has no member {name:?}")))?;
         if size > limit {
             return Err(OciError::Invalid(format!("{name} in {shown} is {size} bytes, over the {limit}-byte limit")));
         }
@@ -99,8 +90,8 @@ pub(super) fn open(path: &Path, reference: Option<&str>) -> Result<Image, OciErr
         Ok(buf)
     };
     let manifest_bytes = read_member("manifest.json", 16 << 20)?;
-    let manifests: Vec<ArchiveManifest> = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| OciError::Invalid(format!("manifest.json of {shown} is malformed: {e}")))?;
+    let manifests: Vec<ArchiveManifest> =
+        serde_json::from_slice(&manifest_bytes).map_err(|e| OciError::Invalid(format!("manifest.json of {shown} is malformed: {e}")))?;
     let chosen = match reference {
         Some(r) => manifests
             .iter()
@@ -110,10 +101,7 @@ pub(super) fn open(path: &Path, reference: Option<&str>) -> Result<Image, OciErr
             [only] => only,
             [] => return Err(OciError::Invalid(format!("docker archive {shown} holds no images"))),
             _ => {
-                return Err(OciError::Invalid(format!(
-                    "docker archive {shown} holds {} images; name one as docker-archive:{shown}:NAME:TAG",
-                    manifests.len()
-                )))
+                return Err(OciError::Invalid(format!("docker archive {shown} holds {} images; name one as docker-archive:{shown}:NAME:TAG", manifests.len())))
             }
         },
     };
@@ -136,15 +124,8 @@ pub(super) fn open(path: &Path, reference: Option<&str>) -> Result<Image, OciErr
     let mut layers = Vec::new();
     let mut locations = Vec::new();
     for (i, name) in chosen.layers.iter().enumerate() {
-        let &(offset, size) = entries
-            .get(name.as_str())
-            .ok_or_else(|| OciError::Invalid(format!("docker archive {shown} has no layer member {name:?}")))?;
-        layers.push(LayerInfo {
-            digest: digest_in_name(name),
-            media_type: String::new(),
-            size,
-            diff_id: config.rootfs.diff_ids.get(i).cloned(),
-        });
+        let &(offset, size) = entries.get(name.as_str()).ok_or_else(|| OciError::Invalid(format!("docker archive {shown} has no layer member {name:?}")))?;
+        layers.push(LayerInfo { digest: digest_in_name(name), media_type: String::new(), size, diff_id: config.rootfs.diff_ids.get(i).cloned() });
         locations.push((BlobLocation { file: Arc::clone(&file), offset, len: size }, name.clone()));
     }
     Ok(Image {

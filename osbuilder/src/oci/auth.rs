@@ -34,17 +34,16 @@ pub fn resolve(registry: &str, cli: Option<&str>) -> Result<(RegistryAuth, AuthS
 /// [`resolve`] with the environment given as a lookup (tests).
 fn resolve_with(registry: &str, cli: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Result<(RegistryAuth, AuthSource), OciError> {
     if let Some(creds) = cli {
-        let (user, pass) = creds
-            .split_once(':')
-            .ok_or_else(|| OciError::Invalid("--creds must be USER:PASSWORD".into()))?;
+        let (user, pass) = creds.split_once(':').ok_or_else(|| OciError::Invalid("--creds must be USER:PASSWORD".into()))?;
         return Ok((RegistryAuth::Basic(user.into(), pass.into()), AuthSource::CommandLine));
     }
     let env = |k: &str| env(k).filter(|v| !v.is_empty());
     if let Some(scoped) = env("OSBUILDER_REGISTRY_TOKEN") {
         // Host names hold no `=`; the first one ends the host.
-        let (host, token) = scoped.split_once('=').filter(|(h, t)| !h.is_empty() && !t.is_empty()).ok_or_else(|| {
-            OciError::Invalid("OSBUILDER_REGISTRY_TOKEN must be HOST[:PORT]=TOKEN, naming the registry the token is for".into())
-        })?;
+        let (host, token) = scoped
+            .split_once('=')
+            .filter(|(h, t)| !h.is_empty() && !t.is_empty())
+            .ok_or_else(|| OciError::Invalid("OSBUILDER_REGISTRY_TOKEN must be HOST[:PORT]=TOKEN, naming the registry the token is for".into()))?;
         if host == registry {
             return Ok((RegistryAuth::Bearer(token.to_string()), AuthSource::Environment));
         }
@@ -101,9 +100,7 @@ pub fn from_auth_file(bytes: &[u8], registry: &str) -> Result<Option<RegistryAut
         return Ok(Some(RegistryAuth::Basic(u.clone(), p.clone())));
     }
     let Some(encoded) = &entry.auth else { return Ok(None) };
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .map_err(|e| format!("the auth entry for {registry} is not base64: {e}"))?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|e| format!("the auth entry for {registry} is not base64: {e}"))?;
     let decoded = String::from_utf8(decoded).map_err(|_| format!("the auth entry for {registry} is not UTF-8"))?;
     let (u, p) = decoded.split_once(':').ok_or_else(|| format!("the auth entry for {registry} is not USER:PASSWORD"))?;
     Ok(Some(RegistryAuth::Basic(u.into(), p.into())))

@@ -75,12 +75,7 @@ pub(super) fn open(dir: &Path, reference: Option<&str>, platform: &Platform) -> 
             }
             ManifestDoc::Image(manifest) => {
                 let config_what = format!("config {}", manifest.config.digest);
-                let config_bytes = read_verified(
-                    &blob_path(dir, &manifest.config.digest),
-                    &manifest.config.digest,
-                    Some(manifest.config.size),
-                    &config_what,
-                )?;
+                let config_bytes = read_verified(&blob_path(dir, &manifest.config.digest), &manifest.config.digest, Some(manifest.config.size), &config_what)?;
                 let config = ImageConfig::parse(&config_bytes, &config_what)?;
                 let layers = layer_infos(&manifest.layers, &config)?;
                 return Ok(Image {
@@ -104,12 +99,7 @@ pub(super) fn layer_infos(layers: &[Descriptor], config: &ImageConfig) -> Result
         .enumerate()
         .map(|(i, d)| {
             check_layer_media_type(&d.media_type, &format!("layer {i} ({})", d.digest))?;
-            Ok(LayerInfo {
-                digest: Some(d.digest.clone()),
-                media_type: d.media_type.clone(),
-                size: d.size,
-                diff_id: config.rootfs.diff_ids.get(i).cloned(),
-            })
+            Ok(LayerInfo { digest: Some(d.digest.clone()), media_type: d.media_type.clone(), size: d.size, diff_id: config.rootfs.diff_ids.get(i).cloned() })
         })
         .collect()
 }

@@ -71,9 +71,7 @@ impl FromStr for ImageRef {
         }
         let name = s.strip_prefix("docker://").unwrap_or(s);
         if name.is_empty() || name.contains("://") {
-            return Err(format!(
-                "image reference {s:?} is not one of docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF], docker-archive:FILE"
-            ));
+            return Err(format!("image reference {s:?} is not one of docker://HOST/REPO:TAG, HOST/REPO:TAG, oci:DIR[:REF], docker-archive:FILE"));
         }
         oci_client::Reference::from_str(name).map_err(|e| format!("image reference {s:?}: {e}"))?;
         Ok(ImageRef::Registry(name.to_string()))
@@ -254,10 +252,7 @@ impl Image {
             || (!got.architecture.is_empty() && got.architecture != wanted.architecture)
             || (got.variant.is_some() && wanted.variant.is_some() && got.variant != wanted.variant);
         if mismatch {
-            return Err(OciError::Platform(format!(
-                "{} is a {got} image, not {wanted}; pass --platform {got} to use it anyway",
-                self.reference
-            )));
+            return Err(OciError::Platform(format!("{} is a {got} image, not {wanted}; pass --platform {got} to use it anyway", self.reference)));
         }
         Ok(())
     }
@@ -269,13 +264,7 @@ impl Image {
     /// Applies every layer to `tree` in order, fetching up to
     /// `fetch_jobs` layers ahead, within `intake`'s limits (file data
     /// spooled into its directory).
-    pub fn apply_layers(
-        &self,
-        tree: &mut Tree,
-        intake: &Intake,
-        fetch_jobs: usize,
-        progress: &Progress,
-    ) -> Result<Vec<LayerStats>, OciError> {
+    pub fn apply_layers(&self, tree: &mut Tree, intake: &Intake, fetch_jobs: usize, progress: &Progress) -> Result<Vec<LayerStats>, OciError> {
         if !self.config.rootfs.diff_ids.is_empty() && self.config.rootfs.diff_ids.len() != self.layers.len() {
             return Err(OciError::Invalid(format!(
                 "the image config lists {} diff_ids but the manifest has {} layers",
@@ -350,14 +339,7 @@ impl Image {
         })
     }
 
-    fn apply_one(
-        &self,
-        tree: &mut Tree,
-        index: usize,
-        location: &BlobLocation,
-        intake: &Intake,
-        progress: &Progress,
-    ) -> Result<LayerStats, OciError> {
+    fn apply_one(&self, tree: &mut Tree, index: usize, location: &BlobLocation, intake: &Intake, progress: &Progress) -> Result<LayerStats, OciError> {
         let layer = &self.layers[index];
         let label = layer.label(index);
         let bar = progress.bytes(format!("apply {}", short(&label)), location.len);
@@ -366,18 +348,12 @@ impl Image {
         let decoded = decompress(raw).map_err(io_err(format!("cannot read layer {label}")))?;
         let bounded = RatioGuard { inner: decoded, compressed, uncompressed: 0, max_ratio: intake.limits.max_ratio };
         let mut hashing = HashingReader::new(bounded);
-        let stats = tree
-            .apply_layer(&mut hashing, index as u32, intake)
-            .map_err(|source| OciError::Layer { index, digest: label.clone(), source })?;
+        let stats = tree.apply_layer(&mut hashing, index as u32, intake).map_err(|source| OciError::Layer { index, digest: label.clone(), source })?;
         let (diff_id, _) = hashing.finish().map_err(io_err(format!("cannot read layer {label}")))?;
         bar.finish_and_clear();
         if let Some(expected) = self.config.rootfs.diff_ids.get(index) {
             if *expected != diff_id {
-                return Err(OciError::DigestMismatch {
-                    what: format!("uncompressed layer {label} (diff_id)"),
-                    expected: expected.clone(),
-                    actual: diff_id,
-                });
+                return Err(OciError::DigestMismatch { what: format!("uncompressed layer {label} (diff_id)"), expected: expected.clone(), actual: diff_id });
             }
         }
         Ok(stats)
@@ -464,9 +440,7 @@ pub(crate) fn check_layer_media_type(media_type: &str, what: &str) -> Result<(),
     if KNOWN.contains(&media_type) {
         Ok(())
     } else {
-        Err(OciError::Invalid(format!(
-            "{what} has media type {media_type:?}, which is not an image layer (tar, tar+gzip or tar+zstd)"
-        )))
+        Err(OciError::Invalid(format!("{what} has media type {media_type:?}, which is not an image layer (tar, tar+gzip or tar+zstd)")))
     }
 }
 
@@ -551,7 +525,10 @@ mod tests {
     #[test]
     fn image_refs() {
         check("docker://127.0.0.1:5000/library/debian:bookworm", Ok(ImageRef::Registry("127.0.0.1:5000/library/debian:bookworm".into())));
-        check("127.0.0.1:5000/debian@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", Ok(ImageRef::Registry("127.0.0.1:5000/debian@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into())));
+        check(
+            "127.0.0.1:5000/debian@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            Ok(ImageRef::Registry("127.0.0.1:5000/debian@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into())),
+        );
         check("oci:/tmp/layout:bookworm", Ok(ImageRef::Layout { dir: "/tmp/layout".into(), reference: Some("bookworm".into()) }));
         check("oci:/tmp/layout", Ok(ImageRef::Layout { dir: "/tmp/layout".into(), reference: None }));
         check("docker-archive:/tmp/a.tar", Ok(ImageRef::DockerArchive { path: "/tmp/a.tar".into(), reference: None }));
@@ -659,9 +636,7 @@ mod tests {
                 let result = image.apply_layers(&mut tree, &Intake::default(), 2, &Progress::hidden()).map(|_| ());
                 let _ = tx.send(result.map_err(|e| e.to_string()));
             });
-            let result = rx
-                .recv_timeout(std::time::Duration::from_secs(30))
-                .expect("apply_layers must return when a fetcher panics, not wait forever");
+            let result = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("apply_layers must return when a fetcher panics, not wait forever");
             let err = result.expect_err("a panicked fetch is an error");
             assert!(err.contains(&format!("layer {panic_at} (#{panic_at})")) && err.contains("panicked") && err.contains("injected fetcher panic"), "{err}");
         }

@@ -92,9 +92,7 @@ impl Wire {
     fn classify(&self, e: OciDistributionError) -> Failure {
         let retry = match &e {
             OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429 || *code == 408,
-            OciDistributionError::RegistryError { envelope, .. } => {
-                envelope.errors.iter().any(|e| e.code == OciErrorCode::Toomanyrequests)
-            }
+            OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| e.code == OciErrorCode::Toomanyrequests),
             OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => true,
             _ => false,
         };
@@ -266,11 +264,8 @@ pub(super) fn open(name: &str, opts: &PullOptions, progress: &Progress) -> Resul
         ..Default::default()
     });
     let (auth, _source) = auth::resolve(reference.registry(), opts.credentials.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(super::io_err("cannot start the async runtime"))?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(super::io_err("cannot start the async runtime"))?;
 
     let spinner = progress.spinner(format!("resolve {reference}"));
     let (manifest_digest, manifest, reference) = runtime.block_on(resolve_manifest(&client, &auth, &reference, opts, wire))?;
@@ -285,13 +280,10 @@ pub(super) fn open(name: &str, opts: &PullOptions, progress: &Progress) -> Resul
     if manifest.config.size > 16 << 20 {
         return Err(OciError::Invalid(format!("{config_what} is {} bytes, over the 16 MiB limit", manifest.config.size)));
     }
-    let config_file = store
-        .runtime
-        .block_on(store.fetch_blob(&config_desc, &manifest.config.digest, manifest.config.size, &config_what, progress))?;
+    let config_file = store.runtime.block_on(store.fetch_blob(&config_desc, &manifest.config.digest, manifest.config.size, &config_what, progress))?;
     // Checked again in memory: the bytes parsed are the bytes hashed.
     let mut config_bytes = vec![0; manifest.config.size as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&config_file, &mut config_bytes, 0)
-        .map_err(super::io_err(format!("cannot read {config_what}")))?;
+    std::os::unix::fs::FileExt::read_exact_at(&config_file, &mut config_bytes, 0).map_err(super::io_err(format!("cannot read {config_what}")))?;
     verify_bytes(&config_bytes, &manifest.config.digest, Some(manifest.config.size), &config_what)?;
     let config = ImageConfig::parse(&config_bytes, &config_what)?;
     let layers = layer_infos(&manifest.layers, &config)?;

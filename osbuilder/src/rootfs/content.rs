@@ -45,8 +45,7 @@ impl Spools {
     /// Starts a new spool file in `dir` ([`default_spool_dir`] when `None`).
     pub(crate) fn create(&mut self, dir: Option<&Path>) -> io::Result<SpoolWriter> {
         let dir = dir.map_or_else(default_spool_dir, Path::to_path_buf);
-        let file = tempfile::tempfile_in(&dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("in {}: {e}", dir.display())))?;
+        let file = tempfile::tempfile_in(&dir).map_err(|e| io::Error::new(e.kind(), format!("in {}: {e}", dir.display())))?;
         let read_handle = Arc::new(file.try_clone()?);
         let index = u32::try_from(self.files.len()).expect("spool count fits u32");
         self.files.push(read_handle);
@@ -63,15 +62,11 @@ impl Spools {
         Ok(match content {
             Content::Inline(bytes) => ContentReader::Inline { bytes: bytes.clone(), pos: 0 },
             Content::Extent { file, offset, len } => {
-                let file = self.files.get(*file as usize).cloned().ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, format!("no spool file #{file}"))
-                })?;
+                let file = self.files.get(*file as usize).cloned().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no spool file #{file}")))?;
                 ContentReader::Extent { file, start: *offset, pos: *offset, end: offset + len }
             }
             Content::Host { path, len } => {
-                let file = File::open(path).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
-                })?;
+                let file = File::open(path).map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
                 ContentReader::Extent { file: Arc::new(file), start: 0, pos: 0, end: *len }
             }
         })
@@ -89,11 +84,7 @@ fn choose_spool_dir(tmpdir: Option<PathBuf>, candidates: &[&Path], is_tmpfs: imp
     if let Some(dir) = tmpdir {
         return dir;
     }
-    candidates
-        .iter()
-        .find(|d| d.is_dir() && !is_tmpfs(d))
-        .or(candidates.first())
-        .map_or_else(std::env::temp_dir, |d| d.to_path_buf())
+    candidates.iter().find(|d| d.is_dir() && !is_tmpfs(d)).or(candidates.first()).map_or_else(std::env::temp_dir, |d| d.to_path_buf())
 }
 
 /// Whether `dir` is on a tmpfs (memory); `false` when that cannot be told.
@@ -191,10 +182,7 @@ impl SpoolWriter {
     pub fn append(&mut self, data: &mut dyn Read, len: u64) -> io::Result<Content> {
         let copied = io::copy(&mut data.take(len), &mut self.out)?;
         if copied != len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("expected {len} bytes of file data, got {copied}"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("expected {len} bytes of file data, got {copied}")));
         }
         let content = Content::Extent { file: self.index, offset: self.offset, len };
         self.offset += len;
@@ -213,10 +201,7 @@ impl SpoolWriter {
             self.out.seek(SeekFrom::Start(start + offset))?;
             let copied = io::copy(&mut data.take(len), &mut self.out)?;
             if copied != len {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("expected {len} bytes of sparse file data, got {copied}"),
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("expected {len} bytes of sparse file data, got {copied}")));
             }
         }
         self.out.seek(SeekFrom::Start(end))?;
@@ -240,9 +225,17 @@ impl SpoolWriter {
 
 /// A reader over one file's content.
 pub enum ContentReader {
-    Inline { bytes: Arc<[u8]>, pos: usize },
+    Inline {
+        bytes: Arc<[u8]>,
+        pos: usize,
+    },
     /// A byte range of a spool file, or of a host file (from 0 to its length).
-    Extent { file: Arc<File>, start: u64, pos: u64, end: u64 },
+    Extent {
+        file: Arc<File>,
+        start: u64,
+        pos: u64,
+        end: u64,
+    },
 }
 
 impl ContentReader {

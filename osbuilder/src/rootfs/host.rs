@@ -36,9 +36,7 @@ impl Tree {
     pub fn add_host_path(&mut self, src: &Path, dest: &RelPath, mode: Option<u32>, mtime: i64) -> Result<(), HostAddError> {
         let (parent, name) = dest.split_last().ok_or(HostAddError::Root)?;
         let shown = dest.to_string();
-        let dir = self
-            .resolve_dir(&parent, &shown, HOST_LAYER)
-            .map_err(|source| HostAddError::Dest { dest: shown.clone(), source })?;
+        let dir = self.resolve_dir(&parent, &shown, HOST_LAYER).map_err(|source| HostAddError::Dest { dest: shown.clone(), source })?;
         self.add_host_entry(src, dir, name, mode, mtime)
     }
 
@@ -56,11 +54,7 @@ impl Tree {
         } else if ft.is_dir() {
             self.put(dir, name, meta, Body::Dir(Default::default()), HOST_LAYER);
             let idx = self.dir_entries(dir).and_then(|e| e.get(name)).expect("just added").inode;
-            let mut children: Vec<_> = fs::read_dir(src)
-                .map_err(read_err)?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<Result<_, _>>()
-                .map_err(read_err)?;
+            let mut children: Vec<_> = fs::read_dir(src).map_err(read_err)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>().map_err(read_err)?;
             children.sort();
             for child in children {
                 let child_name = std::os::unix::ffi::OsStrExt::as_bytes(child.as_os_str()).to_vec();
@@ -83,9 +77,7 @@ impl Tree {
     pub fn add_bytes(&mut self, dest: &RelPath, data: Vec<u8>, mode: u32, mtime: i64) -> Result<(), HostAddError> {
         let (parent, name) = dest.split_last().ok_or(HostAddError::Root)?;
         let shown = dest.to_string();
-        let dir = self
-            .resolve_dir(&parent, &shown, HOST_LAYER)
-            .map_err(|source| HostAddError::Dest { dest: shown.clone(), source })?;
+        let dir = self.resolve_dir(&parent, &shown, HOST_LAYER).map_err(|source| HostAddError::Dest { dest: shown.clone(), source })?;
         self.put(dir, name, Metadata::new(mode, 0, 0, mtime), Body::File(Content::Inline(Arc::from(data))), HOST_LAYER);
         Ok(())
     }

@@ -176,8 +176,7 @@ impl Tree {
                 return Err(LayerError::TooMuchMetadata { path: shown, limit: self.usage.limits.max_metadata_bytes });
             }
             let header = parse_header(&entry, &shown)?;
-            let path = RelPath::parse_layer(&entry.path)
-                .map_err(|source| LayerError::Path { path: shown.clone(), source })?;
+            let path = RelPath::parse_layer(&entry.path).map_err(|source| LayerError::Path { path: shown.clone(), source })?;
             self.check_depth(path.len(), &shown)?;
             stats.entries += 1;
 
@@ -200,10 +199,7 @@ impl Tree {
                     // `hidden` is part of an already validated name (no `/`,
                     // no NUL, short); only the dot names remain to refuse.
                     if hidden == b"." || hidden == b".." || hidden.is_empty() {
-                        return Err(LayerError::Path {
-                            path: shown.clone(),
-                            source: PathError::DotDot(shown.clone()),
-                        });
+                        return Err(LayerError::Path { path: shown.clone(), source: PathError::DotDot(shown.clone()) });
                     }
                     // Nothing to hide under a parent that is not there
                     // (umoci does not make one either).
@@ -243,17 +239,14 @@ impl Tree {
                 }
                 EntryType::Link => {
                     let target = entry.link.clone().ok_or_else(|| LayerError::HardLinkNoTarget { path: shown.clone() })?;
-                    let target_path = RelPath::parse_layer(&target)
-                        .map_err(|source| LayerError::Path { path: shown.clone(), source })?;
+                    let target_path = RelPath::parse_layer(&target).map_err(|source| LayerError::Path { path: shown.clone(), source })?;
                     let inode = self.resolve_hard_link(&target_path, &shown, layer)?;
                     if path.is_root() {
                         return Err(LayerError::HardLinkToDir { path: shown, target: excerpt(target_path.to_string().as_bytes()) });
                     }
                     let (parent, name) = path.split_last().expect("not root");
                     let dir = self.resolve_parent(&parent, &shown, layer)?;
-                    self.dir_entries_mut(dir)
-                        .expect("resolved a directory")
-                        .insert(name.to_vec(), Dentry { inode, layer });
+                    self.dir_entries_mut(dir).expect("resolved a directory").insert(name.to_vec(), Dentry { inode, layer });
                     continue;
                 }
                 EntryType::Char | EntryType::Block => {
@@ -269,11 +262,7 @@ impl Tree {
                 other => return Err(LayerError::UnsupportedType { path: shown, kind: other }),
             };
             if path.is_root() {
-                return Err(LayerError::ParentNotDir {
-                    path: shown,
-                    parent: "/".into(),
-                    kind: body.kind_name(),
-                });
+                return Err(LayerError::ParentNotDir { path: shown, parent: "/".into(), kind: body.kind_name() });
             }
             let (parent, name) = path.split_last().expect("not root");
             let dir = self.resolve_parent(&parent, &shown, layer)?;
@@ -321,9 +310,7 @@ impl Tree {
         if let (Some(old), Body::Dir(_)) = (existing, &body) {
             if matches!(self.inode(old.inode).body, Body::Dir(_)) {
                 self.inode_mut(old.inode).meta = meta;
-                self.dir_entries_mut(dir)
-                    .expect("directory")
-                    .insert(name.to_vec(), Dentry { inode: old.inode, layer });
+                self.dir_entries_mut(dir).expect("directory").insert(name.to_vec(), Dentry { inode: old.inode, layer });
                 return;
             }
         }
@@ -407,10 +394,7 @@ impl Tree {
             match existing {
                 None => {
                     self.check_depth(stack.len() + 1, shown)?;
-                    let inode = self.push_inode(Inode {
-                        meta: Metadata::implicit_dir(),
-                        body: Body::Dir(BTreeMap::new()),
-                    });
+                    let inode = self.push_inode(Inode { meta: Metadata::implicit_dir(), body: Body::Dir(BTreeMap::new()) });
                     self.dir_entries_mut(cur).expect("directory").insert(name.to_vec(), Dentry { inode, layer });
                     stack.push(cur);
                     cur = inode;
@@ -428,13 +412,7 @@ impl Tree {
                         let target = target.clone();
                         cur = self.follow_symlink(cur, stack, &target, shown, layer, hops)?;
                     }
-                    other => {
-                        return Err(LayerError::ParentNotDir {
-                            path: shown.to_string(),
-                            parent: excerpt(name),
-                            kind: other.kind_name(),
-                        })
-                    }
+                    other => return Err(LayerError::ParentNotDir { path: shown.to_string(), parent: excerpt(name), kind: other.kind_name() }),
                 },
             }
         }
@@ -472,10 +450,7 @@ impl Tree {
     /// the root), the last component is taken as is and must exist.
     fn resolve_hard_link(&mut self, target: &RelPath, shown: &str, layer: u32) -> Result<InodeIdx, LayerError> {
         let missing = || LayerError::HardLinkMissing { path: shown.to_string(), target: excerpt(target.to_string().as_bytes()) };
-        let (parent, name) = target.split_last().ok_or_else(|| LayerError::HardLinkToDir {
-            path: shown.to_string(),
-            target: "/".into(),
-        })?;
+        let (parent, name) = target.split_last().ok_or_else(|| LayerError::HardLinkToDir { path: shown.to_string(), target: "/".into() })?;
         // Look the parent up without creating anything: a link to a missing
         // path must not leave invented directories behind.
         if self.lookup_following(&parent).is_none() {
@@ -699,14 +674,8 @@ mod tests {
     #[test]
     fn whiteouts_delete_lower_entries_only() {
         let mut tree = Tree::new();
-        apply(&mut tree, 0, LayerBuilder::new().file("a", "1").dir("d").file("d/x", "x").file("keep", "k").build())
-            .unwrap();
-        let stats = apply(
-            &mut tree,
-            1,
-            LayerBuilder::new().file(".wh.a", "").file("./.wh.d", "").file("b", "new").file(".wh.b", "").build(),
-        )
-        .unwrap();
+        apply(&mut tree, 0, LayerBuilder::new().file("a", "1").dir("d").file("d/x", "x").file("keep", "k").build()).unwrap();
+        let stats = apply(&mut tree, 1, LayerBuilder::new().file(".wh.a", "").file("./.wh.d", "").file("b", "new").file(".wh.b", "").build()).unwrap();
         assert_eq!(stats.whiteouts, 3);
         // `b` came from this same layer, so its whiteout does not hide it.
         assert_eq!(listing(&tree), ["b=new", "keep=k"]);
@@ -715,14 +684,8 @@ mod tests {
     #[test]
     fn opaque_dir_hides_lower_but_keeps_same_layer() {
         let mut tree = Tree::new();
-        apply(&mut tree, 0, LayerBuilder::new().file("d/old", "o").file("d/sub/deep", "x").file("other", "y").build())
-            .unwrap();
-        apply(
-            &mut tree,
-            1,
-            LayerBuilder::new().file("d/new", "n").dir("d/sub").file("d/sub/fresh", "f").file("d/.wh..wh..opq", "").build(),
-        )
-        .unwrap();
+        apply(&mut tree, 0, LayerBuilder::new().file("d/old", "o").file("d/sub/deep", "x").file("other", "y").build()).unwrap();
+        apply(&mut tree, 1, LayerBuilder::new().file("d/new", "n").dir("d/sub").file("d/sub/fresh", "f").file("d/.wh..wh..opq", "").build()).unwrap();
         assert_eq!(listing(&tree), ["d/", "d/new=n", "d/sub/", "d/sub/fresh=f", "other=y"]);
     }
 
@@ -768,9 +731,7 @@ mod tests {
 
     #[test]
     fn whiteouts_under_a_missing_parent_invent_nothing() {
-        let tree = over_lower(
-            LayerBuilder::new().file("no/such/.wh.x", "").file("nodir/.wh..wh..opq", "").file("top/.wh.x", ""),
-        );
+        let tree = over_lower(LayerBuilder::new().file("no/such/.wh.x", "").file("nodir/.wh..wh..opq", "").file("top/.wh.x", ""));
         assert_eq!(listing(&tree), ["d/", "d/keep=k", "d/sub/", "d/sub/old=o", "top=t"]);
     }
 
@@ -778,8 +739,7 @@ mod tests {
     fn symlinks_climbing_past_the_root_stop_at_the_root() {
         // As the kernel and containerd resolve them (umoci puts `lnk/x` at `/etc/x`).
         let mut tree = Tree::new();
-        apply(&mut tree, 0, LayerBuilder::new().symlink("lnk", "../../../../etc").symlink("abs", "/../../srv").build())
-            .unwrap();
+        apply(&mut tree, 0, LayerBuilder::new().symlink("lnk", "../../../../etc").symlink("abs", "/../../srv").build()).unwrap();
         apply(&mut tree, 1, LayerBuilder::new().file("lnk/x", "x").file("abs/y", "y").build()).unwrap();
         assert_eq!(listing(&tree), ["abs->/../../srv", "etc/", "etc/x=x", "lnk->../../../../etc", "srv/", "srv/y=y"]);
         // A hard link's target and a whiteout's parent resolve the same way.
@@ -815,8 +775,7 @@ mod tests {
     #[test]
     fn parents_through_symlinks_stay_inside() {
         let mut tree = Tree::new();
-        apply(&mut tree, 0, LayerBuilder::new().dir("usr/lib").symlink("lib", "usr/lib").symlink("abs", "/usr").build())
-            .unwrap();
+        apply(&mut tree, 0, LayerBuilder::new().dir("usr/lib").symlink("lib", "usr/lib").symlink("abs", "/usr").build()).unwrap();
         apply(&mut tree, 1, LayerBuilder::new().file("lib/x.so", "so").file("abs/y", "y").build()).unwrap();
         assert_eq!(listing(&tree), ["abs->/usr", "lib->usr/lib", "usr/", "usr/lib/", "usr/lib/x.so=so", "usr/y=y"]);
     }
@@ -858,10 +817,7 @@ mod tests {
         let mut tar = LayerBuilder::new().file("f", "abc").build();
         tar.truncate(512 + 1);
         let err = apply(&mut Tree::new(), 0, tar).unwrap_err();
-        assert!(
-            matches!(&err, LayerError::Spool { path, source } if path == "f" && source.kind() == std::io::ErrorKind::UnexpectedEof),
-            "{err:?}"
-        );
+        assert!(matches!(&err, LayerError::Spool { path, source } if path == "f" && source.kind() == std::io::ErrorKind::UnexpectedEof), "{err:?}");
         assert_eq!(err.to_string(), "cannot spool file data of \"f\": expected 3 bytes of file data, got 1");
         // A stream that ends inside a header block.
         let mut tar = LayerBuilder::new().file("f", "abc").build();

@@ -79,9 +79,7 @@ impl RelPath {
             match comp {
                 b"" | b"." => continue,
                 b".." => return Err(PathError::DotDot(shown())),
-                name if name.len() > NAME_MAX => {
-                    return Err(PathError::NameTooLong { path: shown(), len: name.len() })
-                }
+                name if name.len() > NAME_MAX => return Err(PathError::NameTooLong { path: shown(), len: name.len() }),
                 name => parts.push(name.to_vec()),
             }
         }

@@ -135,12 +135,7 @@ pub fn encode_superblock(f: &SuperblockFields) -> [u8; 1024] {
     put32(
         &mut b,
         0x64,
-        RO_COMPAT_SPARSE_SUPER
-            | RO_COMPAT_LARGE_FILE
-            | RO_COMPAT_HUGE_FILE
-            | RO_COMPAT_DIR_NLINK
-            | RO_COMPAT_EXTRA_ISIZE
-            | RO_COMPAT_METADATA_CSUM,
+        RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_HUGE_FILE | RO_COMPAT_DIR_NLINK | RO_COMPAT_EXTRA_ISIZE | RO_COMPAT_METADATA_CSUM,
     );
     b[0x68..0x78].copy_from_slice(&f.uuid);
     b[0x78..0x88].copy_from_slice(&f.label);
