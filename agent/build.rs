@@ -2,12 +2,7 @@
 //! no protoc).
 
 fn main() {
-    let protos = [
-        "proto/agent.proto",
-        "proto/health.proto",
-        "proto/oci.proto",
-        "proto/types.proto",
-    ];
+    let protos = ["proto/agent.proto", "proto/health.proto", "proto/oci.proto", "proto/types.proto"];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }
@@ -18,30 +13,15 @@ fn main() {
         .inputs(protos)
         .include("proto")
         .rust_protobuf()
-        .customize(ttrpc_codegen::Customize {
-            async_all: false,
-            gen_mod: false,
-            ..Default::default()
-        })
-        .rust_protobuf_customize(
-            ttrpc_codegen::ProtobufCustomize::default()
-                .gen_mod_rs(false)
-                .lite_runtime(true),
-        )
+        .customize(ttrpc_codegen::Customize { async_all: false, gen_mod: false, ..Default::default() })
+        .rust_protobuf_customize(ttrpc_codegen::ProtobufCustomize::default().gen_mod_rs(false).lite_runtime(true))
         .run()
         .expect("generating the agent protocol from proto/*.proto failed");
 
     // The generated files are `include!`d into modules of src/proto.rs, where inner
     // attributes and inner doc comments are not allowed: drop them (proto.rs carries
     // the lint allowances instead).
-    for name in [
-        "agent",
-        "agent_ttrpc",
-        "health",
-        "health_ttrpc",
-        "oci",
-        "types",
-    ] {
+    for name in ["agent", "agent_ttrpc", "health", "health_ttrpc", "oci", "types"] {
         let path = std::path::Path::new(&out_dir).join(format!("{name}.rs"));
         let text = std::fs::read_to_string(&path).expect("generated file is readable");
         let kept: Vec<&str> = text

@@ -24,11 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::proto::agent::{
-    CloseStdinRequest, CopyFileRequest, DestroySandboxRequest, ExecProcessRequest,
-    GetMetricsRequest, GuestDetailsRequest, ListInterfacesRequest, ListRoutesRequest,
-    OnlineCPUMemRequest, ReadStreamRequest, SetGuestDateTimeRequest, SignalProcessRequest,
-    TtyWinResizeRequest, UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest,
-    WriteStreamRequest,
+    CloseStdinRequest, CopyFileRequest, DestroySandboxRequest, ExecProcessRequest, GetMetricsRequest, GuestDetailsRequest, ListInterfacesRequest,
+    ListRoutesRequest, OnlineCPUMemRequest, ReadStreamRequest, SetGuestDateTimeRequest, SignalProcessRequest, TtyWinResizeRequest, UpdateInterfaceRequest,
+    UpdateRoutesRequest, WaitProcessRequest, WriteStreamRequest,
 };
 use crate::proto::agent_ttrpc::AgentServiceClient;
 use crate::proto::health::{health_check_response::ServingStatus, CheckRequest};
@@ -64,37 +62,20 @@ impl FromStr for Endpoint {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Endpoint, String> {
-        let port_of = |p: &str| {
-            p.parse::<u32>()
-                .map_err(|_| format!("bad port {p:?} in {s:?}"))
-        };
+        let port_of = |p: &str| p.parse::<u32>().map_err(|_| format!("bad port {p:?} in {s:?}"));
         if let Some(path) = s.strip_prefix("unix://") {
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
         if let Some(rest) = s.strip_prefix("hvsock://") {
-            let (path, port) = rest
-                .rsplit_once(':')
-                .ok_or_else(|| format!("{s:?} lacks the port: hvsock:///path/to/socket:PORT"))?;
-            return Ok(Endpoint::HybridVsock {
-                path: PathBuf::from(path),
-                port: port_of(port)?,
-            });
+            let (path, port) = rest.rsplit_once(':').ok_or_else(|| format!("{s:?} lacks the port: hvsock:///path/to/socket:PORT"))?;
+            return Ok(Endpoint::HybridVsock { path: PathBuf::from(path), port: port_of(port)? });
         }
         if let Some(rest) = s.strip_prefix("vsock://") {
-            let (cid, port) = rest
-                .split_once(':')
-                .ok_or_else(|| format!("{s:?} lacks the port: vsock://CID:PORT"))?;
-            let cid = cid
-                .parse::<u32>()
-                .map_err(|_| format!("bad CID {cid:?} in {s:?}"))?;
-            return Ok(Endpoint::Vsock {
-                cid,
-                port: port_of(port)?,
-            });
+            let (cid, port) = rest.split_once(':').ok_or_else(|| format!("{s:?} lacks the port: vsock://CID:PORT"))?;
+            let cid = cid.parse::<u32>().map_err(|_| format!("bad CID {cid:?} in {s:?}"))?;
+            return Ok(Endpoint::Vsock { cid, port: port_of(port)? });
         }
-        Err(format!(
-            "unknown agent address {s:?}: use unix:///PATH, hvsock:///PATH:PORT or vsock://CID:PORT"
-        ))
+        Err(format!("unknown agent address {s:?}: use unix:///PATH, hvsock:///PATH:PORT or vsock://CID:PORT"))
     }
 }
 
@@ -112,10 +93,7 @@ impl fmt::Display for Endpoint {
 #[derive(Debug)]
 pub enum Error {
     /// Could not reach the agent's socket.
-    Connect {
-        endpoint: String,
-        source: std::io::Error,
-    },
+    Connect { endpoint: String, source: std::io::Error },
     /// The hybrid-vsock handshake failed (the VMM did not answer `OK`).
     Handshake { endpoint: String, reply: String },
     /// The agent answered a ttrpc error status.
@@ -148,10 +126,9 @@ impl fmt::Display for Error {
             Error::Connect { endpoint, source } => {
                 write!(f, "connect to the agent at {endpoint}: {source}")
             }
-            Error::Handshake { endpoint, reply } => write!(
-                f,
-                "hybrid vsock handshake with {endpoint} failed (reply {reply:?}): is the guest up and the agent listening on that port?"
-            ),
+            Error::Handshake { endpoint, reply } => {
+                write!(f, "hybrid vsock handshake with {endpoint} failed (reply {reply:?}): is the guest up and the agent listening on that port?")
+            }
             Error::Status { code, message } => write!(f, "agent answered {code:?}: {message}"),
             Error::Timeout(msg) => write!(f, "no answer from the agent in time: {msg}"),
             Error::Transport(msg) => write!(f, "ttrpc transport: {msg}"),
@@ -174,10 +151,7 @@ impl std::error::Error for Error {
 impl From<ttrpc::Error> for Error {
     fn from(e: ttrpc::Error) -> Error {
         match e {
-            ttrpc::Error::RpcStatus(status) => Error::Status {
-                code: status.code(),
-                message: status.message,
-            },
+            ttrpc::Error::RpcStatus(status) => Error::Status { code: status.code(), message: status.message },
             // The sync client reports its local deadline this way.
             ttrpc::Error::Others(msg) if msg.contains("timeout") => Error::Timeout(msg),
             other => Error::Transport(other.to_string()),
@@ -195,23 +169,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Opens a stream to the agent (before ttrpc starts on it).
 pub fn connect_stream(endpoint: &Endpoint, timeout: Duration) -> Result<OwnedFd> {
-    let connect_err = |source| Error::Connect {
-        endpoint: endpoint.to_string(),
-        source,
-    };
+    let connect_err = |source| Error::Connect { endpoint: endpoint.to_string(), source };
     match endpoint {
         Endpoint::Unix(path) => Ok(UnixStream::connect(path).map_err(connect_err)?.into()),
         Endpoint::HybridVsock { path, port } => {
             let mut stream = UnixStream::connect(path).map_err(connect_err)?;
-            stream
-                .set_read_timeout(Some(timeout))
-                .map_err(connect_err)?;
-            stream
-                .set_write_timeout(Some(timeout))
-                .map_err(connect_err)?;
-            stream
-                .write_all(format!("CONNECT {port}\n").as_bytes())
-                .map_err(connect_err)?;
+            stream.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+            stream.set_write_timeout(Some(timeout)).map_err(connect_err)?;
+            stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(connect_err)?;
             // Byte by byte: whatever follows the newline belongs to ttrpc.
             let mut line = Vec::new();
             let mut byte = [0u8; 1];
@@ -226,10 +191,7 @@ pub fn connect_stream(endpoint: &Endpoint, timeout: Duration) -> Result<OwnedFd>
             }
             let reply = String::from_utf8_lossy(&line).into_owned();
             if !reply.starts_with("OK") {
-                return Err(Error::Handshake {
-                    endpoint: endpoint.to_string(),
-                    reply,
-                });
+                return Err(Error::Handshake { endpoint: endpoint.to_string(), reply });
             }
             stream.set_read_timeout(None).map_err(connect_err)?;
             stream.set_write_timeout(None).map_err(connect_err)?;
@@ -306,10 +268,7 @@ pub struct ExecSpec {
 impl ExecSpec {
     /// A spec running `args` as root in `/`.
     pub fn new<S: Into<String>>(args: impl IntoIterator<Item = S>) -> ExecSpec {
-        ExecSpec {
-            args: args.into_iter().map(Into::into).collect(),
-            ..ExecSpec::default()
-        }
+        ExecSpec { args: args.into_iter().map(Into::into).collect(), ..ExecSpec::default() }
     }
 }
 
@@ -370,11 +329,7 @@ impl Client {
 
     /// Retries [`Client::connect`] plus a health check until they succeed or
     /// `total` has passed (for a guest that is still booting).
-    pub fn connect_retry(
-        endpoint: &Endpoint,
-        timeout: Duration,
-        total: Duration,
-    ) -> Result<Client> {
+    pub fn connect_retry(endpoint: &Endpoint, timeout: Duration, total: Duration) -> Result<Client> {
         let start = Instant::now();
         loop {
             let attempt = Client::connect(endpoint, timeout).and_then(|client| {
@@ -398,12 +353,7 @@ impl Client {
             drop(unsafe { OwnedFd::from_raw_fd(raw_fd) });
             Error::from(e)
         })?;
-        Ok(Client {
-            agent: AgentServiceClient::new(raw.clone()),
-            health: HealthClient::new(raw.clone()),
-            raw,
-            timeout,
-        })
+        Ok(Client { agent: AgentServiceClient::new(raw.clone()), health: HealthClient::new(raw.clone()), raw, timeout })
     }
 
     /// Changes the timeout of unary calls.
@@ -438,19 +388,12 @@ impl Client {
     /// `grpc.Health/Version`.
     pub fn version(&self) -> Result<Version> {
         let res = self.health.version(self.ctx(), &CheckRequest::new())?;
-        Ok(Version {
-            grpc_version: res.grpc_version,
-            agent_version: res.agent_version,
-        })
+        Ok(Version { grpc_version: res.grpc_version, agent_version: res.agent_version })
     }
 
     /// `GetGuestDetails` (asks for the memory block size and hotplug probe support).
     pub fn guest_details(&self) -> Result<GuestDetails> {
-        let req = GuestDetailsRequest {
-            mem_block_size: true,
-            mem_hotplug_probe: true,
-            ..Default::default()
-        };
+        let req = GuestDetailsRequest { mem_block_size: true, mem_hotplug_probe: true, ..Default::default() };
         let res = self.agent.get_guest_details(self.ctx(), &req)?;
         let details = res.agent_details.clone().unwrap_or_default();
         Ok(GuestDetails {
@@ -466,10 +409,7 @@ impl Client {
 
     /// `GetMetrics`: the guest resource report as Prometheus text.
     pub fn metrics(&self) -> Result<String> {
-        Ok(self
-            .agent
-            .get_metrics(self.ctx(), &GetMetricsRequest::new())?
-            .metrics)
+        Ok(self.agent.get_metrics(self.ctx(), &GetMetricsRequest::new())?.metrics)
     }
 
     /// The guest resource report, parsed.
@@ -480,17 +420,9 @@ impl Client {
     /// `ExecProcess`: starts `spec` and returns its ids (stdin stays open).
     pub fn start(&self, spec: &ExecSpec) -> Result<ProcessId> {
         let id = ProcessId {
-            container_id: if spec.container_id.is_empty() {
-                "osb".to_string()
-            } else {
-                spec.container_id.clone()
-            },
+            container_id: if spec.container_id.is_empty() { "osb".to_string() } else { spec.container_id.clone() },
             exec_id: if spec.exec_id.is_empty() {
-                format!(
-                    "exec-{}-{}",
-                    std::process::id(),
-                    NEXT_EXEC.fetch_add(1, Ordering::Relaxed)
-                )
+                format!("exec-{}-{}", std::process::id(), NEXT_EXEC.fetch_add(1, Ordering::Relaxed))
             } else {
                 spec.exec_id.clone()
             },
@@ -499,11 +431,7 @@ impl Client {
             Terminal: spec.tty,
             Args: spec.args.clone(),
             Env: spec.env.clone(),
-            Cwd: if spec.cwd.is_empty() {
-                "/".to_string()
-            } else {
-                spec.cwd.clone()
-            },
+            Cwd: if spec.cwd.is_empty() { "/".to_string() } else { spec.cwd.clone() },
             ..Default::default()
         };
         process.User = protobuf::MessageField::some(oci::User {
@@ -514,11 +442,7 @@ impl Client {
             ..Default::default()
         });
         if let Some((rows, cols)) = spec.tty_size {
-            process.ConsoleSize = protobuf::MessageField::some(oci::Box {
-                Height: u32::from(rows),
-                Width: u32::from(cols),
-                ..Default::default()
-            });
+            process.ConsoleSize = protobuf::MessageField::some(oci::Box { Height: u32::from(rows), Width: u32::from(cols), ..Default::default() });
         }
         let req = ExecProcessRequest {
             container_id: id.container_id.clone(),
@@ -535,17 +459,8 @@ impl Client {
     pub fn exec(&self, spec: &ExecSpec, stdin: &[u8]) -> Result<ExecOutput> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
-        let code = self.exec_streaming(
-            spec,
-            std::io::Cursor::new(stdin.to_vec()),
-            &mut stdout,
-            &mut stderr,
-        )?;
-        Ok(ExecOutput {
-            code,
-            stdout,
-            stderr,
-        })
+        let code = self.exec_streaming(spec, std::io::Cursor::new(stdin.to_vec()), &mut stdout, &mut stderr)?;
+        Ok(ExecOutput { code, stdout, stderr })
     }
 
     /// Runs `spec`, copying `stdin` to the process (closing its stdin at EOF) and its
@@ -553,22 +468,14 @@ impl Client {
     ///
     /// `stdin` is copied on a thread of its own that is not waited for: a source that
     /// blocks (a terminal) does not hold up the return once the process has ended.
-    pub fn exec_streaming<R, W, E>(
-        &self,
-        spec: &ExecSpec,
-        stdin: R,
-        stdout: W,
-        stderr: E,
-    ) -> Result<i32>
+    pub fn exec_streaming<R, W, E>(&self, spec: &ExecSpec, stdin: R, stdout: W, stderr: E) -> Result<i32>
     where
         R: Read + Send + 'static,
         W: Write + Send,
         E: Write + Send,
     {
         let id = self.start(spec)?;
-        let watchdog = spec
-            .timeout
-            .map(|limit| Watchdog::start(self.clone(), id.clone(), limit));
+        let watchdog = spec.timeout.map(|limit| Watchdog::start(self.clone(), id.clone(), limit));
         {
             let client = self.clone();
             let id = id.clone();
@@ -584,9 +491,7 @@ impl Client {
                 }
             });
             let out = self.copy_output(&id, true, stdout);
-            let err = err
-                .join()
-                .unwrap_or_else(|_| Err(Error::Protocol("stderr reader panicked".into())));
+            let err = err.join().unwrap_or_else(|_| Err(Error::Protocol("stderr reader panicked".into())));
             let code = self.wait(&id);
             out?;
             err?;
@@ -607,10 +512,7 @@ impl Client {
                 }
                 Ok(None) => return Ok(()),
                 // The process entry is gone: nothing more to read.
-                Err(Error::Status {
-                    code: Code::NOT_FOUND,
-                    ..
-                }) => return Ok(()),
+                Err(Error::Status { code: Code::NOT_FOUND, .. }) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
@@ -633,17 +535,8 @@ impl Client {
     /// One `ReadStdout` (`stdout` true) or `ReadStderr` call of at most `len` bytes;
     /// `None` at end of stream. Blocks until data or EOF.
     pub fn read_stream(&self, id: &ProcessId, stdout: bool, len: u32) -> Result<Option<Vec<u8>>> {
-        let req = ReadStreamRequest {
-            container_id: id.container_id.clone(),
-            exec_id: id.exec_id.clone(),
-            len,
-            ..Default::default()
-        };
-        let res = if stdout {
-            self.agent.read_stdout(Self::ctx_unbounded(), &req)
-        } else {
-            self.agent.read_stderr(Self::ctx_unbounded(), &req)
-        };
+        let req = ReadStreamRequest { container_id: id.container_id.clone(), exec_id: id.exec_id.clone(), len, ..Default::default() };
+        let res = if stdout { self.agent.read_stdout(Self::ctx_unbounded(), &req) } else { self.agent.read_stderr(Self::ctx_unbounded(), &req) };
         match res {
             Ok(res) if res.data.is_empty() => Ok(None),
             Ok(res) => Ok(Some(res.data)),
@@ -662,12 +555,7 @@ impl Client {
     pub fn write_stdin(&self, id: &ProcessId, data: &[u8]) -> Result<usize> {
         let mut written = 0;
         for chunk in data.chunks(WRITE_CHUNK) {
-            let req = WriteStreamRequest {
-                container_id: id.container_id.clone(),
-                exec_id: id.exec_id.clone(),
-                data: chunk.to_vec(),
-                ..Default::default()
-            };
+            let req = WriteStreamRequest { container_id: id.container_id.clone(), exec_id: id.exec_id.clone(), data: chunk.to_vec(), ..Default::default() };
             let res = self.agent.write_stdin(Self::ctx_unbounded(), &req)?;
             written += res.len as usize;
             if (res.len as usize) < chunk.len() {
@@ -679,11 +567,7 @@ impl Client {
 
     /// `CloseStdin`.
     pub fn close_stdin(&self, id: &ProcessId) -> Result<()> {
-        let req = CloseStdinRequest {
-            container_id: id.container_id.clone(),
-            exec_id: id.exec_id.clone(),
-            ..Default::default()
-        };
+        let req = CloseStdinRequest { container_id: id.container_id.clone(), exec_id: id.exec_id.clone(), ..Default::default() };
         self.agent.close_stdin(self.ctx(), &req)?;
         Ok(())
     }
@@ -699,11 +583,7 @@ impl Client {
     }
 
     fn wait_with(&self, id: &ProcessId, ctx: ttrpc::context::Context) -> Result<i32> {
-        let req = WaitProcessRequest {
-            container_id: id.container_id.clone(),
-            exec_id: id.exec_id.clone(),
-            ..Default::default()
-        };
+        let req = WaitProcessRequest { container_id: id.container_id.clone(), exec_id: id.exec_id.clone(), ..Default::default() };
         Ok(self.agent.wait_process(ctx, &req)?.status)
     }
 
@@ -712,8 +592,7 @@ impl Client {
         let req = SignalProcessRequest {
             container_id: id.container_id.clone(),
             exec_id: id.exec_id.clone(),
-            signal: u32::try_from(signal)
-                .map_err(|_| Error::Protocol(format!("bad signal {signal}")))?,
+            signal: u32::try_from(signal).map_err(|_| Error::Protocol(format!("bad signal {signal}")))?,
             ..Default::default()
         };
         self.agent.signal_process(self.ctx(), &req)?;
@@ -744,37 +623,14 @@ impl Client {
     }
 
     /// Copies `data` to `guest_path` with permission bits `mode`.
-    pub fn copy_bytes(
-        &self,
-        data: &[u8],
-        guest_path: &str,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-    ) -> Result<()> {
-        self.copy_from(
-            &mut &data[..],
-            data.len() as u64,
-            guest_path,
-            mode,
-            uid,
-            gid,
-        )
+    pub fn copy_bytes(&self, data: &[u8], guest_path: &str, mode: u32, uid: u32, gid: u32) -> Result<()> {
+        self.copy_from(&mut &data[..], data.len() as u64, guest_path, mode, uid, gid)
     }
 
     /// `CopyFile` of `size` bytes from `source`, in chunks; the agent writes a
     /// temporary file and renames it into place after the last chunk.
-    pub fn copy_from<R: Read>(
-        &self,
-        source: &mut R,
-        size: u64,
-        guest_path: &str,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-    ) -> Result<()> {
-        let file_size =
-            i64::try_from(size).map_err(|_| Error::Protocol("file too large".into()))?;
+    pub fn copy_from<R: Read>(&self, source: &mut R, size: u64, guest_path: &str, mode: u32, uid: u32, gid: u32) -> Result<()> {
+        let file_size = i64::try_from(size).map_err(|_| Error::Protocol("file too large".into()))?;
         let mut offset: u64 = 0;
         let mut buf = vec![0u8; WRITE_CHUNK.min(size as usize).max(1)];
         loop {
@@ -814,14 +670,8 @@ impl Client {
 
     /// `SetGuestDateTime` to `time`.
     pub fn set_time(&self, time: SystemTime) -> Result<()> {
-        let since = time
-            .duration_since(UNIX_EPOCH)
-            .map_err(|_| Error::Protocol("time before 1970".into()))?;
-        let req = SetGuestDateTimeRequest {
-            Sec: since.as_secs() as i64,
-            Usec: i64::from(since.subsec_micros()),
-            ..Default::default()
-        };
+        let since = time.duration_since(UNIX_EPOCH).map_err(|_| Error::Protocol("time before 1970".into()))?;
+        let req = SetGuestDateTimeRequest { Sec: since.as_secs() as i64, Usec: i64::from(since.subsec_micros()), ..Default::default() };
         self.agent.set_guest_date_time(self.ctx(), &req)?;
         Ok(())
     }
@@ -829,55 +679,37 @@ impl Client {
     /// `OnlineCPUMem`: online CPUs until `nb_cpus` are online (0: leave CPUs), and
     /// every offline memory block unless `cpu_only`.
     pub fn online_cpu_mem(&self, nb_cpus: u32, cpu_only: bool, wait: bool) -> Result<()> {
-        let req = OnlineCPUMemRequest {
-            wait,
-            nb_cpus,
-            cpu_only,
-            ..Default::default()
-        };
+        let req = OnlineCPUMemRequest { wait, nb_cpus, cpu_only, ..Default::default() };
         self.agent.online_cpu_mem(self.ctx(), &req)?;
         Ok(())
     }
 
     /// `DestroySandbox`: kills every exec'd process and powers the guest off.
     pub fn destroy_sandbox(&self) -> Result<()> {
-        self.agent
-            .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())?;
+        self.agent.destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())?;
         Ok(())
     }
 
     /// `ListInterfaces`.
     pub fn list_interfaces(&self) -> Result<Vec<types::Interface>> {
-        Ok(self
-            .agent
-            .list_interfaces(self.ctx(), &ListInterfacesRequest::new())?
-            .Interfaces)
+        Ok(self.agent.list_interfaces(self.ctx(), &ListInterfacesRequest::new())?.Interfaces)
     }
 
     /// `UpdateInterface`: the interface as the agent left it.
     pub fn update_interface(&self, interface: types::Interface) -> Result<types::Interface> {
-        let req = UpdateInterfaceRequest {
-            interface: protobuf::MessageField::some(interface),
-            ..Default::default()
-        };
+        let req = UpdateInterfaceRequest { interface: protobuf::MessageField::some(interface), ..Default::default() };
         Ok(self.agent.update_interface(self.ctx(), &req)?)
     }
 
     /// `ListRoutes`.
     pub fn list_routes(&self) -> Result<Vec<types::Route>> {
-        Ok(self
-            .agent
-            .list_routes(self.ctx(), &ListRoutesRequest::new())?
-            .Routes)
+        Ok(self.agent.list_routes(self.ctx(), &ListRoutesRequest::new())?.Routes)
     }
 
     /// `UpdateRoutes`: the routing table as the agent left it.
     pub fn update_routes(&self, routes: Vec<types::Route>) -> Result<Vec<types::Route>> {
         let req = UpdateRoutesRequest {
-            routes: protobuf::MessageField::some(crate::proto::agent::Routes {
-                Routes: routes,
-                ..Default::default()
-            }),
+            routes: protobuf::MessageField::some(crate::proto::agent::Routes { Routes: routes, ..Default::default() }),
             ..Default::default()
         };
         Ok(self.agent.update_routes(self.ctx(), &req)?.Routes)
@@ -888,9 +720,7 @@ impl Client {
 /// status whose message says "eof" ("read meet eof", "eof").
 fn is_eof(e: &Error) -> bool {
     match e {
-        Error::Status { code, message } => {
-            *code == Code::INTERNAL && message.to_ascii_lowercase().contains("eof")
-        }
+        Error::Status { code, message } => *code == Code::INTERNAL && message.to_ascii_lowercase().contains("eof"),
         _ => false,
     }
 }
@@ -926,13 +756,7 @@ mod tests {
     fn endpoints_parse_and_print() {
         for (text, endpoint) in [
             ("unix:///run/a.sock", Endpoint::Unix("/run/a.sock".into())),
-            (
-                "hvsock:///tmp/hv.sock:1024",
-                Endpoint::HybridVsock {
-                    path: "/tmp/hv.sock".into(),
-                    port: 1024,
-                },
-            ),
+            ("hvsock:///tmp/hv.sock:1024", Endpoint::HybridVsock { path: "/tmp/hv.sock".into(), port: 1024 }),
             ("vsock://3:1024", Endpoint::Vsock { cid: 3, port: 1024 }),
         ] {
             assert_eq!(text.parse::<Endpoint>().unwrap(), endpoint);
@@ -945,10 +769,7 @@ mod tests {
 
     #[test]
     fn eof_statuses() {
-        let status = |code, message: &str| Error::Status {
-            code,
-            message: message.into(),
-        };
+        let status = |code, message: &str| Error::Status { code, message: message.into() };
         assert!(is_eof(&status(Code::INTERNAL, "read meet eof")));
         assert!(is_eof(&status(Code::INTERNAL, "\"eof\"")));
         assert!(!is_eof(&status(Code::NOT_FOUND, "no such process")));

@@ -92,17 +92,12 @@ impl std::error::Error for NetError {}
 /// The errno behind an error of this module (EINVAL for rejected input, ENODEV for an unknown
 /// interface), or of any OS error.
 pub fn errno(e: &io::Error) -> Option<i32> {
-    e.raw_os_error()
-        .or_else(|| e.get_ref()?.downcast_ref::<NetError>().map(|n| n.errno))
+    e.raw_os_error().or_else(|| e.get_ref()?.downcast_ref::<NetError>().map(|n| n.errno))
 }
 
 fn os_err(errno: i32, context: &str, kernel_msg: Option<&str>) -> io::Error {
     let os = io::Error::from_raw_os_error(errno);
-    let kind = if errno == libc::ENODEV {
-        io::ErrorKind::NotFound
-    } else {
-        os.kind()
-    };
+    let kind = if errno == libc::ENODEV { io::ErrorKind::NotFound } else { os.kind() };
     let mut message = format!("{context}: {os}");
     if let Some(m) = kernel_msg.filter(|m| !m.is_empty()) {
         message.push_str(" (kernel: ");
@@ -113,33 +108,15 @@ fn os_err(errno: i32, context: &str, kernel_msg: Option<&str>) -> io::Error {
 }
 
 fn last_os_err(context: &str) -> io::Error {
-    os_err(
-        io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO),
-        context,
-        None,
-    )
+    os_err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO), context, None)
 }
 
 fn invalid(message: String) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        NetError {
-            errno: libc::EINVAL,
-            message,
-        },
-    )
+    io::Error::new(io::ErrorKind::InvalidInput, NetError { errno: libc::EINVAL, message })
 }
 
 fn not_found(message: String) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        NetError {
-            errno: libc::ENODEV,
-            message,
-        },
-    )
+    io::Error::new(io::ErrorKind::NotFound, NetError { errno: libc::ENODEV, message })
 }
 
 // ---- protocol constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, ...) ----
@@ -313,11 +290,7 @@ impl Sock {
     fn open() -> io::Result<Sock> {
         // SAFETY: plain syscalls on a descriptor we own; the pointers passed are to live locals.
         unsafe {
-            let fd = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            );
+            let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
             if fd < 0 {
                 return Err(last_os_err("open rtnetlink socket"));
             }
@@ -335,19 +308,12 @@ impl Sock {
             }
             let mut sa: libc::sockaddr_nl = std::mem::zeroed();
             sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-            if libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            ) < 0
+            if libc::bind(fd.as_raw_fd(), &sa as *const libc::sockaddr_nl as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t)
+                < 0
             {
                 return Err(last_os_err("bind rtnetlink socket"));
             }
-            Ok(Sock {
-                fd,
-                seq: 0,
-                buf: vec![0; 32 * 1024],
-            })
+            Ok(Sock { fd, seq: 0, buf: vec![0; 32 * 1024] })
         }
     }
 
@@ -388,14 +354,7 @@ impl Sock {
     fn recv(&mut self, what: &str) -> io::Result<usize> {
         loop {
             // SAFETY: recv into our own buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr() as *mut libc::c_void,
-                    self.buf.len(),
-                    libc::MSG_PEEK | libc::MSG_TRUNC,
-                )
-            };
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), self.buf.as_mut_ptr() as *mut libc::c_void, self.buf.len(), libc::MSG_PEEK | libc::MSG_TRUNC) };
             if n < 0 {
                 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -406,14 +365,7 @@ impl Sock {
                 self.buf.resize(n as usize, 0);
             }
             // SAFETY: as above.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr() as *mut libc::c_void,
-                    self.buf.len(),
-                    0,
-                )
-            };
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), self.buf.as_mut_ptr() as *mut libc::c_void, self.buf.len(), 0) };
             if n < 0 {
                 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -427,13 +379,7 @@ impl Sock {
     /// Sends a request and reads its replies until the ack (no NLM_F_DUMP in `flags`) or
     /// NLMSG_DONE (a dump). Returns the reply messages and whether the kernel marked the
     /// dump interrupted.
-    fn request(
-        &mut self,
-        ty: u16,
-        flags: u16,
-        body: &[u8],
-        what: &str,
-    ) -> io::Result<(Vec<Msg>, bool)> {
+    fn request(&mut self, ty: u16, flags: u16, body: &[u8], what: &str) -> io::Result<(Vec<Msg>, bool)> {
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let flags = flags | NLM_F_REQUEST | if dump { 0 } else { NLM_F_ACK };
         let seq = self.send(ty, flags, body, what)?;
@@ -446,11 +392,7 @@ impl Sock {
             while off + NLMSG_HDRLEN <= n {
                 let len = u32_at(data, off) as usize;
                 if len < NLMSG_HDRLEN || off + len > n {
-                    return Err(os_err(
-                        libc::EBADMSG,
-                        &format!("{what}: malformed netlink reply"),
-                        None,
-                    ));
+                    return Err(os_err(libc::EBADMSG, &format!("{what}: malformed netlink reply"), None));
                 }
                 let mty = u16_at(data, off + 4);
                 let mflags = u16_at(data, off + 6);
@@ -464,11 +406,7 @@ impl Sock {
                     NLMSG_NOOP => {}
                     NLMSG_ERROR => {
                         if payload.len() < 4 {
-                            return Err(os_err(
-                                libc::EBADMSG,
-                                &format!("{what}: short netlink error"),
-                                None,
-                            ));
+                            return Err(os_err(libc::EBADMSG, &format!("{what}: short netlink error"), None));
                         }
                         let err = u32_at(payload, 0) as i32;
                         if err == 0 {
@@ -480,20 +418,12 @@ impl Sock {
                     NLMSG_DONE => {
                         if payload.len() >= 4 && (u32_at(payload, 0) as i32) < 0 {
                             let err = -(u32_at(payload, 0) as i32);
-                            return Err(os_err(
-                                err,
-                                what,
-                                ext_ack_msg_done(payload, mflags).as_deref(),
-                            ));
+                            return Err(os_err(err, what, ext_ack_msg_done(payload, mflags).as_deref()));
                         }
                         return Ok((out, intr));
                     }
                     NLMSG_OVERRUN => {
-                        return Err(os_err(
-                            libc::ENOBUFS,
-                            &format!("{what}: netlink overrun"),
-                            None,
-                        ));
+                        return Err(os_err(libc::ENOBUFS, &format!("{what}: netlink overrun"), None));
                     }
                     _ => {
                         intr |= mflags & NLM_F_DUMP_INTR != 0;
@@ -533,9 +463,7 @@ fn ext_ack_msg(payload: &[u8], flags: u16) -> Option<String> {
         off = 4 + align4(u32_at(payload, 4) as usize);
     }
     let tlvs = payload.get(off..)?;
-    Attrs(tlvs)
-        .find(|(t, _)| *t == NLMSGERR_ATTR_MSG)
-        .map(|(_, d)| cstr(d))
+    Attrs(tlvs).find(|(t, _)| *t == NLMSGERR_ATTR_MSG).map(|(_, d)| cstr(d))
 }
 
 /// The same for an NLMSG_DONE carrying an error: error, then TLVs.
@@ -543,9 +471,7 @@ fn ext_ack_msg_done(payload: &[u8], flags: u16) -> Option<String> {
     if flags & NLM_F_ACK_TLVS == 0 {
         return None;
     }
-    Attrs(payload.get(4..)?)
-        .find(|(t, _)| *t == NLMSGERR_ATTR_MSG)
-        .map(|(_, d)| cstr(d))
+    Attrs(payload.get(4..)?).find(|(t, _)| *t == NLMSGERR_ATTR_MSG).map(|(_, d)| cstr(d))
 }
 
 // ---- messages ----
@@ -570,14 +496,7 @@ fn list_ifaces(s: &mut Sock) -> io::Result<Vec<Iface>> {
         if ty != RTM_NEWLINK || m.len() < 16 {
             continue;
         }
-        let mut i = Iface {
-            name: String::new(),
-            index: u32_at(&m, 4),
-            mtu: 0,
-            mac: String::new(),
-            up: u32_at(&m, 8) & IFF_UP != 0,
-            addrs: Vec::new(),
-        };
+        let mut i = Iface { name: String::new(), index: u32_at(&m, 4), mtu: 0, mac: String::new(), up: u32_at(&m, 8) & IFF_UP != 0, addrs: Vec::new() };
         for (t, d) in Attrs(&m[16..]) {
             match t {
                 IFLA_IFNAME => i.name = cstr(d),
@@ -603,15 +522,10 @@ fn list_ifaces(s: &mut Sock) -> io::Result<Vec<Iface>> {
         }
         // IFA_LOCAL is the interface's own address; IFA_ADDRESS the peer's on point-to-point
         // links (IPv6 without a peer reports IFA_ADDRESS only).
-        let (Some(ip), Some(i)) = (local.or(address), out.iter_mut().find(|i| i.index == index))
-        else {
+        let (Some(ip), Some(i)) = (local.or(address), out.iter_mut().find(|i| i.index == index)) else {
             continue;
         };
-        i.addrs.push(Addr {
-            family: family_of(&ip),
-            address: ip.to_string(),
-            prefix_len,
-        });
+        i.addrs.push(Addr { family: family_of(&ip), address: ip.to_string(), prefix_len });
     }
     Ok(out)
 }
@@ -622,23 +536,12 @@ pub fn list_interfaces() -> io::Result<Vec<Iface>> {
 }
 
 fn parse_addr(a: &Addr, ifname: &str) -> io::Result<(IpAddr, u8)> {
-    let ip: IpAddr = a.address.trim().parse().map_err(|_| {
-        invalid(format!(
-            "interface {ifname:?}: invalid IP address {:?}",
-            a.address
-        ))
-    })?;
+    let ip: IpAddr = a.address.trim().parse().map_err(|_| invalid(format!("interface {ifname:?}: invalid IP address {:?}", a.address)))?;
     if family_of(&ip) != a.family {
-        return Err(invalid(format!(
-            "interface {ifname:?}: address {ip} is not of family {:?}",
-            a.family
-        )));
+        return Err(invalid(format!("interface {ifname:?}: address {ip} is not of family {:?}", a.family)));
     }
     if a.prefix_len > max_prefix(a.family) {
-        return Err(invalid(format!(
-            "interface {ifname:?}: invalid prefix length /{} for {ip}",
-            a.prefix_len
-        )));
+        return Err(invalid(format!("interface {ifname:?}: invalid prefix length /{} for {ip}", a.prefix_len)));
     }
     Ok((ip, a.prefix_len))
 }
@@ -648,50 +551,28 @@ fn is_v6_link_local(ip: &IpAddr) -> bool {
 }
 
 fn addrs_of(i: &Iface) -> Vec<(IpAddr, u8)> {
-    i.addrs
-        .iter()
-        .filter_map(|a| Some((a.address.parse().ok()?, a.prefix_len)))
-        .collect()
+    i.addrs.iter().filter_map(|a| Some((a.address.parse().ok()?, a.prefix_len))).collect()
 }
 
 /// Configures one interface (Kata's UpdateInterface): optional rename (when found by MAC),
 /// MTU, the exact set of addresses, link up or down. Returns the interface afterwards.
 pub fn update_interface(want: &IfaceUpdate) -> io::Result<Iface> {
-    let label = if want.mac.is_empty() {
-        format!("{:?}", want.name)
-    } else {
-        format!("with MAC {}", want.mac)
-    };
+    let label = if want.mac.is_empty() { format!("{:?}", want.name) } else { format!("with MAC {}", want.mac) };
     if want.name.is_empty() && want.mac.is_empty() {
-        return Err(invalid(
-            "interface update names neither an interface nor a MAC".into(),
-        ));
+        return Err(invalid("interface update names neither an interface nor a MAC".into()));
     }
     if want.name.len() >= IFNAMSIZ || want.name.contains(['/', ' ', '\0']) {
         return Err(invalid(format!("invalid interface name {:?}", want.name)));
     }
     let mut wanted = Vec::new();
     for a in &want.addrs {
-        wanted.push(parse_addr(
-            a,
-            if want.name.is_empty() {
-                &want.mac
-            } else {
-                &want.name
-            },
-        )?);
+        wanted.push(parse_addr(a, if want.name.is_empty() { &want.mac } else { &want.name })?);
     }
 
     let mut s = Sock::open()?;
     let cur = list_ifaces(&mut s)?
         .into_iter()
-        .find(|i| {
-            if want.mac.is_empty() {
-                i.name == want.name
-            } else {
-                i.mac.eq_ignore_ascii_case(want.mac.trim())
-            }
-        })
+        .find(|i| if want.mac.is_empty() { i.name == want.name } else { i.mac.eq_ignore_ascii_case(want.mac.trim()) })
         .ok_or_else(|| not_found(format!("interface {label} not found")))?;
     let index = cur.index;
     let mut name = cur.name.clone();
@@ -699,23 +580,13 @@ pub fn update_interface(want: &IfaceUpdate) -> io::Result<Iface> {
     if !want.mac.is_empty() && !want.name.is_empty() && want.name != cur.name {
         // The kernel refuses to rename a running interface: take it down first.
         if cur.up {
-            s.change(
-                RTM_NEWLINK,
-                0,
-                &ifinfomsg(index, 0, IFF_UP),
-                &format!("set interface {name:?} down"),
-            )?;
+            s.change(RTM_NEWLINK, 0, &ifinfomsg(index, 0, IFF_UP), &format!("set interface {name:?} down"))?;
         }
         let mut m = ifinfomsg(index, 0, 0);
         let mut n = want.name.as_bytes().to_vec();
         n.push(0);
         put_attr(&mut m, IFLA_IFNAME, &n);
-        s.change(
-            RTM_NEWLINK,
-            0,
-            &m,
-            &format!("rename interface {name:?} to {:?}", want.name),
-        )?;
+        s.change(RTM_NEWLINK, 0, &m, &format!("rename interface {name:?} to {:?}", want.name))?;
         name = want.name.clone();
     }
 
@@ -723,12 +594,7 @@ pub fn update_interface(want: &IfaceUpdate) -> io::Result<Iface> {
     if let Some(mtu) = want.mtu.filter(|&m| m != cur.mtu) {
         let mut m = ifinfomsg(index, 0, 0);
         put_attr(&mut m, IFLA_MTU, &mtu.to_ne_bytes());
-        s.change(
-            RTM_NEWLINK,
-            0,
-            &m,
-            &format!("set MTU {mtu} on interface {name:?}"),
-        )?;
+        s.change(RTM_NEWLINK, 0, &m, &format!("set MTU {mtu} on interface {name:?}"))?;
     }
 
     for (ip, len) in addrs_of(&cur) {
@@ -737,12 +603,7 @@ pub fn update_interface(want: &IfaceUpdate) -> io::Result<Iface> {
         }
         let mut m = ifaddrmsg(af(family_of(&ip)), len, 0, index);
         put_ip(&mut m, IFA_LOCAL, ip);
-        match s.change(
-            RTM_DELADDR,
-            0,
-            &m,
-            &format!("delete address {ip}/{len} from interface {name:?}"),
-        ) {
+        match s.change(RTM_DELADDR, 0, &m, &format!("delete address {ip}/{len} from interface {name:?}")) {
             // Already gone (deleting a primary IPv4 address can take its secondaries along).
             Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
             r => r?,
@@ -750,11 +611,7 @@ pub fn update_interface(want: &IfaceUpdate) -> io::Result<Iface> {
     }
 
     // Re-read: deletions may have removed more than was asked.
-    let present = list_ifaces(&mut s)?
-        .into_iter()
-        .find(|i| i.index == index)
-        .map(|i| addrs_of(&i))
-        .unwrap_or_default();
+    let present = list_ifaces(&mut s)?.into_iter().find(|i| i.index == index).map(|i| addrs_of(&i)).unwrap_or_default();
     for &(ip, len) in &wanted {
         if present.contains(&(ip, len)) {
             continue;
@@ -771,27 +628,14 @@ pub fn update_interface(want: &IfaceUpdate) -> io::Result<Iface> {
                 put_attr(&mut m, IFA_BROADCAST, &brd.to_be_bytes());
             }
         }
-        s.change(
-            RTM_NEWADDR,
-            NLM_F_CREATE | NLM_F_REPLACE,
-            &m,
-            &format!("add address {ip}/{len} to interface {name:?}"),
-        )?;
+        s.change(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, &m, &format!("add address {ip}/{len} to interface {name:?}"))?;
     }
 
     let flags = if want.up { IFF_UP } else { 0 };
     let state = if want.up { "up" } else { "down" };
-    s.change(
-        RTM_NEWLINK,
-        0,
-        &ifinfomsg(index, flags, IFF_UP),
-        &format!("set interface {name:?} {state}"),
-    )?;
+    s.change(RTM_NEWLINK, 0, &ifinfomsg(index, flags, IFF_UP), &format!("set interface {name:?} {state}"))?;
 
-    list_ifaces(&mut s)?
-        .into_iter()
-        .find(|i| i.index == index)
-        .ok_or_else(|| not_found(format!("interface {name:?} vanished during its update")))
+    list_ifaces(&mut s)?.into_iter().find(|i| i.index == index).ok_or_else(|| not_found(format!("interface {name:?} vanished during its update")))
 }
 
 // ---- routes ----
@@ -810,8 +654,7 @@ fn dump_routes(s: &mut Sock, ifaces: &[Iface]) -> io::Result<Vec<RawRoute>> {
         if ty != RTM_NEWROUTE || m.len() < 12 {
             continue;
         }
-        let (fam, dst_len, mut table, protocol, scope, rtype) =
-            (m[0], m[1], m[4] as u32, m[5], m[6], m[7]);
+        let (fam, dst_len, mut table, protocol, scope, rtype) = (m[0], m[1], m[4] as u32, m[5], m[6], m[7]);
         let family = match fam {
             AF_INET => Family::V4,
             AF_INET6 => Family::V6,
@@ -840,24 +683,8 @@ fn dump_routes(s: &mut Sock, ifaces: &[Iface]) -> io::Result<Vec<RawRoute>> {
             (_, None) => continue,
         };
         let show = |ip: Option<IpAddr>| ip.map(|i| i.to_string()).unwrap_or_default();
-        let device = ifaces
-            .iter()
-            .find(|i| i.index == oif)
-            .map(|i| i.name.clone())
-            .unwrap_or_default();
-        out.push(RawRoute {
-            entry: RouteEntry {
-                dest,
-                gateway: show(gw),
-                device,
-                source: show(src),
-                scope,
-                family,
-            },
-            oif,
-            protocol,
-            msg: m,
-        });
+        let device = ifaces.iter().find(|i| i.index == oif).map(|i| i.name.clone()).unwrap_or_default();
+        out.push(RawRoute { entry: RouteEntry { dest, gateway: show(gw), device, source: show(src), scope, family }, oif, protocol, msg: m });
     }
     Ok(out)
 }
@@ -866,19 +693,12 @@ fn dump_routes(s: &mut Sock, ifaces: &[Iface]) -> io::Result<Vec<RawRoute>> {
 pub fn list_routes() -> io::Result<Vec<RouteEntry>> {
     let mut s = Sock::open()?;
     let ifaces = list_ifaces(&mut s)?;
-    Ok(dump_routes(&mut s, &ifaces)?
-        .into_iter()
-        .map(|r| r.entry)
-        .collect())
+    Ok(dump_routes(&mut s, &ifaces)?.into_iter().map(|r| r.entry).collect())
 }
 
 /// "default via 10.0.0.1 dev eth0", as `ip route` shows it, for messages.
 fn describe(r: &RouteEntry) -> String {
-    let mut s = if r.dest.is_empty() || r.dest == "default" {
-        "default".to_string()
-    } else {
-        r.dest.clone()
-    };
+    let mut s = if r.dest.is_empty() || r.dest == "default" { "default".to_string() } else { r.dest.clone() };
     if !r.gateway.is_empty() {
         s += &format!(" via {}", r.gateway);
     }
@@ -903,14 +723,9 @@ fn parse_ip_of(s: &str, f: Family, what: &str, route: &str) -> io::Result<Option
     if s.trim().is_empty() {
         return Ok(None);
     }
-    let ip: IpAddr = s
-        .trim()
-        .parse()
-        .map_err(|_| invalid(format!("route {route}: invalid {what} address {s:?}")))?;
+    let ip: IpAddr = s.trim().parse().map_err(|_| invalid(format!("route {route}: invalid {what} address {s:?}")))?;
     if family_of(&ip) != f {
-        return Err(invalid(format!(
-            "route {route}: {what} {ip} is not of family {f:?}"
-        )));
+        return Err(invalid(format!("route {route}: {what} {ip} is not of family {f:?}")));
     }
     Ok(Some(ip))
 }
@@ -920,11 +735,8 @@ fn parse_route(r: &RouteEntry, ifaces: &[Iface]) -> io::Result<Want> {
     if r.device.is_empty() {
         return Err(invalid(format!("route {route}: no device given")));
     }
-    let oif = ifaces
-        .iter()
-        .find(|i| i.name == r.device)
-        .map(|i| i.index)
-        .ok_or_else(|| not_found(format!("route {route}: interface {:?} not found", r.device)))?;
+    let oif =
+        ifaces.iter().find(|i| i.name == r.device).map(|i| i.index).ok_or_else(|| not_found(format!("route {route}: interface {:?} not found", r.device)))?;
     let dest = r.dest.trim();
     let dst = if dest.is_empty() || dest == "default" {
         None
@@ -933,17 +745,14 @@ fn parse_route(r: &RouteEntry, ifaces: &[Iface]) -> io::Result<Want> {
             Some((a, l)) => (a, Some(l)),
             None => (dest, None),
         };
-        let ip = parse_ip_of(a, r.family, "destination", &route)?
-            .ok_or_else(|| invalid(format!("route {route}: invalid destination {dest:?}")))?;
+        let ip = parse_ip_of(a, r.family, "destination", &route)?.ok_or_else(|| invalid(format!("route {route}: invalid destination {dest:?}")))?;
         let len = match len {
             None => max_prefix(r.family),
             Some(l) => l
                 .parse::<u8>()
                 .ok()
                 .filter(|&l| l <= max_prefix(r.family))
-                .ok_or_else(|| {
-                    invalid(format!("route {route}: invalid prefix length in {dest:?}"))
-                })?,
+                .ok_or_else(|| invalid(format!("route {route}: invalid prefix length in {dest:?}")))?,
         };
         if len == 0 {
             None
@@ -962,13 +771,7 @@ fn parse_route(r: &RouteEntry, ifaces: &[Iface]) -> io::Result<Want> {
         scope: r.scope,
         family: r.family,
     };
-    Ok(Want {
-        entry,
-        dst,
-        gw,
-        src,
-        oif,
-    })
+    Ok(Want { entry, dst, gw, src, oif })
 }
 
 /// Route identity for comparing wanted with present routes: the kernel reports every IPv6
@@ -997,18 +800,10 @@ pub fn update_routes(routes: &[RouteEntry]) -> io::Result<Vec<RouteEntry>> {
     let present = dump_routes(&mut s, &ifaces)?;
 
     for p in &present {
-        if !devices.contains(&p.oif)
-            || p.protocol == RTPROT_KERNEL
-            || wants.iter().any(|w| same_route(&w.entry, &p.entry))
-        {
+        if !devices.contains(&p.oif) || p.protocol == RTPROT_KERNEL || wants.iter().any(|w| same_route(&w.entry, &p.entry)) {
             continue;
         }
-        match s.change(
-            RTM_DELROUTE,
-            0,
-            &p.msg,
-            &format!("delete route {}", describe(&p.entry)),
-        ) {
+        match s.change(RTM_DELROUTE, 0, &p.msg, &format!("delete route {}", describe(&p.entry))) {
             Err(e) if errno(&e) == Some(libc::ESRCH) => {} // already gone
             r => r?,
         }
@@ -1023,16 +818,7 @@ pub fn update_routes(routes: &[RouteEntry]) -> io::Result<Vec<RouteEntry>> {
         }
         let fam = af(w.entry.family);
         let (dst_len, dst) = w.dst.map_or((0, None), |(ip, l)| (l, Some(ip)));
-        let mut m = vec![
-            fam,
-            dst_len,
-            0,
-            0,
-            RT_TABLE_MAIN,
-            RTPROT_BOOT,
-            w.entry.scope,
-            RTN_UNICAST,
-        ];
+        let mut m = vec![fam, dst_len, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, w.entry.scope, RTN_UNICAST];
         m.extend_from_slice(&0u32.to_ne_bytes());
         if let Some(d) = dst {
             put_ip(&mut m, RTA_DST, d);
@@ -1044,19 +830,11 @@ pub fn update_routes(routes: &[RouteEntry]) -> io::Result<Vec<RouteEntry>> {
             put_ip(&mut m, RTA_PREFSRC, src);
         }
         put_attr(&mut m, RTA_OIF, &w.oif.to_ne_bytes());
-        s.change(
-            RTM_NEWROUTE,
-            NLM_F_CREATE | NLM_F_REPLACE,
-            &m,
-            &format!("add route {}", describe(&w.entry)),
-        )?;
+        s.change(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, &m, &format!("add route {}", describe(&w.entry)))?;
     }
 
     let ifaces = list_ifaces(&mut s)?;
-    Ok(dump_routes(&mut s, &ifaces)?
-        .into_iter()
-        .map(|r| r.entry)
-        .collect())
+    Ok(dump_routes(&mut s, &ifaces)?.into_iter().map(|r| r.entry).collect())
 }
 
 #[cfg(test)]
@@ -1070,10 +848,7 @@ mod tests {
         put_attr(&mut b, 4, &1500u32.to_ne_bytes());
         assert_eq!(b.len(), 12 + 8);
         let v: Vec<_> = Attrs(&b).collect();
-        assert_eq!(
-            v,
-            vec![(3, &b"eth0\0"[..]), (4, &1500u32.to_ne_bytes()[..])]
-        );
+        assert_eq!(v, vec![(3, &b"eth0\0"[..]), (4, &1500u32.to_ne_bytes()[..])]);
         // A truncated attribute ends the walk instead of panicking.
         assert_eq!(Attrs(&b[..10]).count(), 1);
     }
@@ -1084,23 +859,13 @@ mod tests {
         let mut p = (-22i32).to_ne_bytes().to_vec();
         p.extend_from_slice(&[0u8; 16]);
         put_attr(&mut p, NLMSGERR_ATTR_MSG, b"Nexthop has invalid gateway\0");
-        assert_eq!(
-            ext_ack_msg(&p, NLM_F_CAPPED | NLM_F_ACK_TLVS).as_deref(),
-            Some("Nexthop has invalid gateway")
-        );
+        assert_eq!(ext_ack_msg(&p, NLM_F_CAPPED | NLM_F_ACK_TLVS).as_deref(), Some("Nexthop has invalid gateway"));
         assert_eq!(ext_ack_msg(&p, NLM_F_CAPPED), None);
     }
 
     #[test]
     fn route_input_is_normalised() {
-        let ifaces = vec![Iface {
-            name: "eth0".into(),
-            index: 2,
-            mtu: 1500,
-            mac: String::new(),
-            up: true,
-            addrs: vec![],
-        }];
+        let ifaces = vec![Iface { name: "eth0".into(), index: 2, mtu: 1500, mac: String::new(), up: true, addrs: vec![] }];
         let r = |dest: &str, gw: &str, fam| RouteEntry {
             dest: dest.into(),
             gateway: gw.into(),
@@ -1118,13 +883,9 @@ mod tests {
         assert_eq!(w.entry.dest, "2001:db8::/64");
         let w = parse_route(&r("10.1.2.3", "", Family::V4), &ifaces).unwrap();
         assert_eq!(w.entry.dest, "10.1.2.3/32");
-        let e = parse_route(&r("10.0.0.0/33", "", Family::V4), &ifaces)
-            .err()
-            .unwrap();
+        let e = parse_route(&r("10.0.0.0/33", "", Family::V4), &ifaces).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
-        let e = parse_route(&r("", "fe80::1", Family::V4), &ifaces)
-            .err()
-            .unwrap();
+        let e = parse_route(&r("", "fe80::1", Family::V4), &ifaces).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         let mut bad = r("", "10.0.0.1", Family::V4);
         bad.device = "eth9".into();

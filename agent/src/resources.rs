@@ -41,10 +41,7 @@ impl Resources {
     /// Reads the report with `root` standing for `/` (for /proc and /sys/devices) and
     /// `cgroup_root` for the cgroup v2 mount.
     pub fn collect_from(root: &Path, cgroup_root: &Path) -> Resources {
-        let mut res = Resources {
-            cpus_online: online_cpus(root),
-            ..Resources::default()
-        };
+        let mut res = Resources { cpus_online: online_cpus(root), ..Resources::default() };
         if let Ok(meminfo) = std::fs::read_to_string(root.join("proc/meminfo")) {
             res.mem_total_bytes = meminfo_bytes(&meminfo, "MemTotal").unwrap_or(0);
             res.mem_available_bytes = meminfo_bytes(&meminfo, "MemAvailable").unwrap_or(0);
@@ -89,24 +86,9 @@ impl Resources {
             let _ = writeln!(out, "# TYPE {name} gauge");
             let _ = writeln!(out, "{name}{labels} {value}");
         };
-        gauge(
-            "osb_guest_cpus_online",
-            "CPUs online in the guest.",
-            "",
-            self.cpus_online.to_string(),
-        );
-        gauge(
-            "osb_guest_memory_total_bytes",
-            "MemTotal of the guest.",
-            "",
-            self.mem_total_bytes.to_string(),
-        );
-        gauge(
-            "osb_guest_memory_available_bytes",
-            "MemAvailable of the guest.",
-            "",
-            self.mem_available_bytes.to_string(),
-        );
+        gauge("osb_guest_cpus_online", "CPUs online in the guest.", "", self.cpus_online.to_string());
+        gauge("osb_guest_memory_total_bytes", "MemTotal of the guest.", "", self.mem_total_bytes.to_string());
+        gauge("osb_guest_memory_available_bytes", "MemAvailable of the guest.", "", self.mem_available_bytes.to_string());
         let labels = format!("{{cgroup=\"{cg}\"}}");
         gauge(
             "osb_guest_cgroup_memory_max_bytes",
@@ -124,16 +106,9 @@ impl Resources {
             "osb_guest_cgroup_cpu_period_microseconds",
             "Period of that cpu.max (0: no quota).",
             &labels,
-            self.cgroup_cpu_max
-                .map_or(0, |(_, period)| period)
-                .to_string(),
+            self.cgroup_cpu_max.map_or(0, |(_, period)| period).to_string(),
         );
-        gauge(
-            "osb_guest_effective_cpus",
-            "CPUs a workload can keep busy: online CPUs capped by the cgroup quota.",
-            "",
-            self.effective_cpus().to_string(),
-        );
+        gauge("osb_guest_effective_cpus", "CPUs a workload can keep busy: online CPUs capped by the cgroup quota.", "", self.effective_cpus().to_string());
         gauge(
             "osb_guest_effective_memory_bytes",
             "Memory a workload can use: MemTotal capped by the cgroup limit.",
@@ -154,9 +129,7 @@ impl Resources {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (series, value) = line
-                .rsplit_once(' ')
-                .ok_or_else(|| format!("metrics line without a value: {line:?}"))?;
+            let (series, value) = line.rsplit_once(' ').ok_or_else(|| format!("metrics line without a value: {line:?}"))?;
             let (name, labels) = match series.find('{') {
                 Some(i) => (&series[..i], &series[i..]),
                 None => (series, ""),
@@ -168,9 +141,7 @@ impl Resources {
                     seen_cpus = true;
                 }
                 "osb_guest_memory_total_bytes" => res.mem_total_bytes = number()?.unwrap_or(0),
-                "osb_guest_memory_available_bytes" => {
-                    res.mem_available_bytes = number()?.unwrap_or(0)
-                }
+                "osb_guest_memory_available_bytes" => res.mem_available_bytes = number()?.unwrap_or(0),
                 "osb_guest_cgroup_memory_max_bytes" => {
                     res.cgroup = label_value(labels, "cgroup").unwrap_or_default();
                     res.cgroup_memory_max_bytes = number()?;
@@ -196,23 +167,12 @@ fn option_value(v: Option<u64>) -> String {
 fn parse_value(s: &str) -> Option<Option<u64>> {
     match s {
         "+Inf" | "Inf" => Some(None),
-        _ => s
-            .parse::<u64>()
-            .ok()
-            .or_else(|| {
-                s.parse::<f64>()
-                    .ok()
-                    .filter(|f| *f >= 0.0)
-                    .map(|f| f as u64)
-            })
-            .map(Some),
+        _ => s.parse::<u64>().ok().or_else(|| s.parse::<f64>().ok().filter(|f| *f >= 0.0).map(|f| f as u64)).map(Some),
     }
 }
 
 fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn label_value(labels: &str, key: &str) -> Option<String> {
@@ -274,10 +234,7 @@ pub fn meminfo_bytes(meminfo: &str, key: &str) -> Option<u64> {
 
 /// The unified-hierarchy (`0::`) path in a `/proc/<pid>/cgroup` file.
 pub fn own_cgroup_v2(proc_cgroup: &str) -> Option<String> {
-    proc_cgroup
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .map(|path| path.trim().to_string())
+    proc_cgroup.lines().find_map(|line| line.strip_prefix("0::")).map(|path| path.trim().to_string())
 }
 
 /// The tightest `memory.max` and `cpu.max` from `cgroup` up to the root of the
@@ -287,11 +244,7 @@ pub fn cgroup_limits(cgroup_root: &Path, cgroup: &str) -> (Option<u64>, Option<(
     let mut cpu: Option<(u64, u64)> = None;
     let mut path = cgroup.trim_matches('/').to_string();
     loop {
-        let dir = if path.is_empty() {
-            cgroup_root.to_path_buf()
-        } else {
-            cgroup_root.join(&path)
-        };
+        let dir = if path.is_empty() { cgroup_root.to_path_buf() } else { cgroup_root.join(&path) };
         if let Ok(text) = std::fs::read_to_string(dir.join("memory.max")) {
             if let Ok(limit) = text.trim().parse::<u64>() {
                 memory = Some(memory.map_or(limit, |m| m.min(limit)));
@@ -303,9 +256,7 @@ pub fn cgroup_limits(cgroup_root: &Path, cgroup: &str) -> (Option<u64>, Option<(
                 if let (Ok(quota), Ok(period)) = (quota.parse::<u64>(), period.parse::<u64>()) {
                     let tighter = match cpu {
                         // quota/period < q/p  <=>  quota*p < q*period
-                        Some((q, p)) => {
-                            u128::from(quota) * u128::from(p) < u128::from(q) * u128::from(period)
-                        }
+                        Some((q, p)) => u128::from(quota) * u128::from(p) < u128::from(q) * u128::from(period),
                         None => true,
                     };
                     if period > 0 && tighter {
@@ -346,14 +297,8 @@ mod tests {
 
     #[test]
     fn own_cgroup() {
-        assert_eq!(
-            own_cgroup_v2("0::/init.scope\n").as_deref(),
-            Some("/init.scope")
-        );
-        assert_eq!(
-            own_cgroup_v2("1:name=systemd:/x\n0::/\n").as_deref(),
-            Some("/")
-        );
+        assert_eq!(own_cgroup_v2("0::/init.scope\n").as_deref(), Some("/init.scope"));
+        assert_eq!(own_cgroup_v2("1:name=systemd:/x\n0::/\n").as_deref(), Some("/"));
         assert_eq!(own_cgroup_v2("1:cpu:/x\n"), None);
     }
 
@@ -366,10 +311,7 @@ mod tests {
         std::fs::write(leaf.join("memory.max"), "max\n").unwrap();
         std::fs::write(dir.join("a/cpu.max"), "max 100000\n").unwrap();
         std::fs::write(leaf.join("cpu.max"), "150000 100000\n").unwrap();
-        assert_eq!(
-            cgroup_limits(&dir, "/a/b"),
-            (Some(1 << 30), Some((150000, 100000)))
-        );
+        assert_eq!(cgroup_limits(&dir, "/a/b"), (Some(1 << 30), Some((150000, 100000))));
         assert_eq!(cgroup_limits(&dir, "/"), (None, None));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -38,18 +38,14 @@ pub struct AgentCommand {
 }
 
 impl AgentCommand {
-    /// The agent linked into this binary, listening on vsock `port`.
-    pub fn linked(port: u32) -> AgentCommand {
-        AgentCommand {
-            program: "/proc/self/exe".into(),
-            argv0: "osb-agent".into(),
-            args: vec![
-                "--port".into(),
-                port.to_string(),
-                "--workload-fd".into(),
-                EVENTS_FD.to_string(),
-            ],
+    /// The agent linked into this binary, listening on vsock `port` for the peer
+    /// `allow_cid` (a CID or `any`; None: the agent's default, the host).
+    pub fn linked(port: u32, allow_cid: Option<&str>) -> AgentCommand {
+        let mut args = vec!["--port".into(), port.to_string(), "--workload-fd".into(), EVENTS_FD.to_string()];
+        if let Some(cid) = allow_cid {
+            args.extend(["--allow-cid".into(), cid.to_string()]);
         }
+        AgentCommand { program: "/proc/self/exe".into(), argv0: "osb-agent".into(), args }
     }
 }
 
@@ -65,14 +61,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(command: AgentCommand) -> Agent {
-        Agent {
-            command,
-            pid: None,
-            events: None,
-            started_at: Instant::now(),
-            backoff: MIN_BACKOFF,
-            restart_at: None,
-        }
+        Agent { command, pid: None, events: None, started_at: Instant::now(), backoff: MIN_BACKOFF, restart_at: None }
     }
 
     pub fn pid(&self) -> Option<i32> {
@@ -104,10 +93,7 @@ impl Agent {
         let (read, write) = proc::event_pipe()?;
         let read_fd = read.as_raw_fd();
         let mut command = Command::new(&self.command.program);
-        command
-            .arg0(&self.command.argv0)
-            .args(&self.command.args)
-            .stdin(Stdio::null());
+        command.arg0(&self.command.argv0).args(&self.command.args).stdin(Stdio::null());
         // SAFETY: the closure runs between fork and exec in a single-threaded
         // child and only makes async-signal-safe syscalls on fd numbers;
         // `read` stays open in the parent until spawn returns.
@@ -140,11 +126,7 @@ impl Agent {
         if self.started_at.elapsed() >= HEALTHY_RUN {
             self.backoff = MIN_BACKOFF;
         }
-        say!(
-            "agent exited with code {}; restarting in {:?}",
-            sys::exit_code(status),
-            self.backoff
-        );
+        say!("agent exited with code {}; restarting in {:?}", sys::exit_code(status), self.backoff);
         self.schedule_restart();
     }
 
@@ -155,8 +137,7 @@ impl Agent {
 
     /// How long until a restart is due (`None`: none pending).
     pub fn time_to_restart(&self) -> Option<Duration> {
-        self.restart_at
-            .map(|t| t.saturating_duration_since(Instant::now()))
+        self.restart_at.map(|t| t.saturating_duration_since(Instant::now()))
     }
 
     pub fn restart_due(&self) -> bool {
@@ -175,38 +156,27 @@ mod tests {
         let exited = exited_event(42, 143);
         assert!(exited.ends_with('\n') && exited.matches('\n').count() == 1);
         let exited: serde_json::Value = serde_json::from_str(&exited).unwrap();
-        assert_eq!(
-            exited,
-            serde_json::json!({"event": "exited", "pid": 42, "code": 143})
-        );
+        assert_eq!(exited, serde_json::json!({"event": "exited", "pid": 42, "code": 143}));
     }
 
     #[test]
     fn the_linked_agent_command() {
-        let c = AgentCommand::linked(1024);
-        assert_eq!(
-            (c.program.to_str().unwrap(), c.argv0.as_str()),
-            ("/proc/self/exe", "osb-agent")
-        );
+        let c = AgentCommand::linked(1024, None);
+        assert_eq!((c.program.to_str().unwrap(), c.argv0.as_str()), ("/proc/self/exe", "osb-agent"));
         assert_eq!(c.args, ["--port", "1024", "--workload-fd", "3"]);
+        let c = AgentCommand::linked(1024, Some("any"));
+        assert_eq!(c.args, ["--port", "1024", "--workload-fd", "3", "--allow-cid", "any"]);
     }
 
     #[test]
     fn backoff_doubles_up_to_a_limit() {
-        let mut agent = Agent::new(AgentCommand {
-            program: "/nonexistent".into(),
-            argv0: "x".into(),
-            args: vec![],
-        });
+        let mut agent = Agent::new(AgentCommand { program: "/nonexistent".into(), argv0: "x".into(), args: vec![] });
         let mut delays = Vec::new();
         for _ in 0..9 {
             delays.push(agent.backoff);
             agent.schedule_restart();
         }
-        assert_eq!(
-            delays.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
-            [100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000]
-        );
+        assert_eq!(delays.iter().map(|d| d.as_millis()).collect::<Vec<_>>(), [100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000]);
         assert!(agent.time_to_restart().unwrap() <= MAX_BACKOFF);
     }
 }

@@ -62,10 +62,7 @@ pub fn split(cmdline: &str) -> Vec<(String, Option<String>)> {
                     }
                     end = strip_closing(end).max(value_start);
                 }
-                (
-                    &cmdline[start..eq],
-                    Some(cmdline[value_start..end].to_owned()),
-                )
+                (&cmdline[start..eq], Some(cmdline[value_start..end].to_owned()))
             }
         };
         if key == "--" && value.is_none() {
@@ -117,6 +114,9 @@ pub struct Options {
     pub on_exit: OnExit,
     pub agent: bool,
     pub agent_port: u32,
+    /// The vsock peer the agent serves (`osb.agent.allow_cid=CID|any`); None: its
+    /// default, the host (CID 2).
+    pub agent_allow_cid: Option<String>,
     pub shutdown_timeout: Duration,
     pub debug: bool,
     pub entropy: Option<Vec<u8>>,
@@ -140,6 +140,7 @@ impl Default for Options {
             on_exit: OnExit::PowerOff,
             agent: true,
             agent_port: 1024,
+            agent_allow_cid: None,
             shutdown_timeout: Duration::from_secs(3),
             debug: false,
             entropy: None,
@@ -156,11 +157,7 @@ pub struct OptionError {
 
 impl fmt::Display for OptionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "kernel command line option {}: {}",
-            self.key, self.message
-        )
+        write!(f, "kernel command line option {}: {}", self.key, self.message)
     }
 }
 
@@ -208,25 +205,18 @@ fn parse_root(value: &str) -> Result<RootSource, String> {
     } else if value.starts_with("/dev/") {
         Ok(RootSource::Block(value.to_owned()))
     } else {
-        Err(format!(
-            "{value:?} is not none, /dev/..., virtiofs:TAG or 9p:TAG"
-        ))
+        Err(format!("{value:?} is not none, /dev/..., virtiofs:TAG or 9p:TAG"))
     }
 }
 
 fn parse_hex(value: &str) -> Result<Vec<u8>, String> {
     let digits = value.as_bytes();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err("odd number of hex digits".into());
     }
     digits
         .chunks(2)
-        .map(|pair| {
-            std::str::from_utf8(pair)
-                .ok()
-                .and_then(|s| u8::from_str_radix(s, 16).ok())
-                .ok_or_else(|| format!("{value:?} is not hex"))
-        })
+        .map(|pair| std::str::from_utf8(pair).ok().and_then(|s| u8::from_str_radix(s, 16).ok()).ok_or_else(|| format!("{value:?} is not hex")))
         .collect()
 }
 
@@ -246,10 +236,7 @@ impl Options {
             let value = value.unwrap_or_default();
             let result = match name {
                 "root" => {
-                    opts.root = parse_root(&value).map_err(|message| OptionError {
-                        key: key.clone(),
-                        message,
-                    })?;
+                    opts.root = parse_root(&value).map_err(|message| OptionError { key: key.clone(), message })?;
                     Ok(())
                 }
                 "rootfstype" => set(&mut opts.rootfstype, Some(value).filter(|v| !v.is_empty())),
@@ -274,10 +261,9 @@ impl Options {
                     _ => Err(format!("{value:?} is not poweroff, reboot or stay")),
                 },
                 "agent" => parse_bool(&value).map(|b| opts.agent = b),
-                "agent.port" => value
-                    .parse()
-                    .map(|p| opts.agent_port = p)
-                    .map_err(|_| format!("{value:?} is not a port number")),
+                "agent.port" => value.parse().map(|p| opts.agent_port = p).map_err(|_| format!("{value:?} is not a port number")),
+                "agent.allow_cid" if value == "any" || value.parse::<u32>().is_ok() => set(&mut opts.agent_allow_cid, Some(value)),
+                "agent.allow_cid" => Err(format!("{value:?} is neither a vsock CID nor \"any\"")),
                 "shutdown_timeout" => value
                     .parse::<f64>()
                     .ok()
@@ -302,33 +288,18 @@ mod tests {
 
     fn check_split(cmdline: &str, expected: &[(&str, Option<&str>)]) {
         let got = split(cmdline);
-        let expected: Vec<(String, Option<String>)> = expected
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.map(str::to_owned)))
-            .collect();
+        let expected: Vec<(String, Option<String>)> = expected.iter().map(|(k, v)| (k.to_string(), v.map(str::to_owned))).collect();
         assert_eq!(got, expected, "cmdline {cmdline:?}");
     }
 
     #[test]
     fn splits_like_the_kernel() {
         check_split("", &[]);
-        check_split(
-            "  console=ttyS0   quiet\n",
-            &[("console", Some("ttyS0")), ("quiet", None)],
-        );
-        check_split(
-            r#"osb.cmd="echo hi there" x=1"#,
-            &[("osb.cmd", Some("echo hi there")), ("x", Some("1"))],
-        );
-        check_split(
-            r#""osb.hostname=a b" y"#,
-            &[("osb.hostname", Some("a b")), ("y", None)],
-        );
+        check_split("  console=ttyS0   quiet\n", &[("console", Some("ttyS0")), ("quiet", None)]);
+        check_split(r#"osb.cmd="echo hi there" x=1"#, &[("osb.cmd", Some("echo hi there")), ("x", Some("1"))]);
+        check_split(r#""osb.hostname=a b" y"#, &[("osb.hostname", Some("a b")), ("y", None)]);
         // Quotes inside a value protect spaces and are kept.
-        check_split(
-            r#"osb.cmd=["sh","-c","echo a b"] z"#,
-            &[("osb.cmd", Some(r#"["sh","-c","echo a b"]"#)), ("z", None)],
-        );
+        check_split(r#"osb.cmd=["sh","-c","echo a b"] z"#, &[("osb.cmd", Some(r#"["sh","-c","echo a b"]"#)), ("z", None)]);
         check_split("a==b", &[("a", Some("=b"))]);
         check_split("a= b", &[("a", Some("")), ("b", None)]);
         check_split(r#"a="" b"#, &[("a", Some("")), ("b", None)]);
@@ -344,7 +315,7 @@ mod tests {
             r#"console=ttyS0 osb.root=/dev/pmem0p1 osb.dax=1 osb.rootfstype=ext4 osb.overlay=1 osb.hostname=box
                osb.cmd=["/bin/sh","-c","echo a b"] osb.entrypoint="tini --" osb.env=A=1 osb.env="B=two words" osb.env=A=3
                osb.workdir=/srv osb.user=app:staff osb.on_exit=stay osb.agent.port=2048 osb.shutdown_timeout=0.5
-               osb.debug=1 osb.entropy=00ff10 osb.user=1000"#,
+               osb.agent.allow_cid=any osb.debug=1 osb.entropy=00ff10 osb.user=1000"#,
         )
         .unwrap();
         assert_eq!(errors, []);
@@ -366,6 +337,7 @@ mod tests {
                 on_exit: OnExit::Stay,
                 agent: true,
                 agent_port: 2048,
+                agent_allow_cid: Some("any".into()),
                 shutdown_timeout: Duration::from_millis(500),
                 debug: true,
                 entropy: Some(vec![0, 0xff, 0x10]),
@@ -376,61 +348,32 @@ mod tests {
 
     #[test]
     fn root_sources() {
-        let root = |v: &str| {
-            Options::parse(&format!("osb.root={v}"))
-                .map(|(o, _)| o.root)
-                .map_err(|e| e.to_string())
-        };
+        let root = |v: &str| Options::parse(&format!("osb.root={v}")).map(|(o, _)| o.root).map_err(|e| e.to_string());
         assert_eq!(root("none"), Ok(RootSource::Initramfs));
         assert_eq!(root("/dev/vda1"), Ok(RootSource::Block("/dev/vda1".into())));
-        assert_eq!(
-            root("virtiofs:myfs"),
-            Ok(RootSource::VirtioFs("myfs".into()))
-        );
+        assert_eq!(root("virtiofs:myfs"), Ok(RootSource::VirtioFs("myfs".into())));
         assert_eq!(root("9p:share"), Ok(RootSource::NineP("share".into())));
         let err = root("vda1").unwrap_err();
-        assert!(
-            err.starts_with("kernel command line option osb.root: \"vda1\" is not"),
-            "{err}"
-        );
+        assert!(err.starts_with("kernel command line option osb.root: \"vda1\" is not"), "{err}");
         assert!(root("virtiofs:").is_err());
     }
 
     #[test]
     fn bad_values_keep_defaults_and_are_reported() {
-        let (opts, errors) =
-            Options::parse("osb.on_exit=explode osb.dax=maybe osb.agent.port=x osb.frobnicate=1 osb.env=NOEQUALS osb.entropy=abc osb.cmd=[1]")
-                .unwrap();
+        let (opts, errors) = Options::parse(
+            "osb.on_exit=explode osb.dax=maybe osb.agent.port=x osb.frobnicate=1 osb.env=NOEQUALS osb.entropy=abc osb.cmd=[1] osb.agent.allow_cid=host",
+        )
+        .unwrap();
         assert_eq!(opts, Options::default());
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(
-            keys,
-            [
-                "osb.on_exit",
-                "osb.dax",
-                "osb.agent.port",
-                "osb.frobnicate",
-                "osb.env",
-                "osb.entropy",
-                "osb.cmd"
-            ]
-        );
-        assert_eq!(
-            errors[3].to_string(),
-            "kernel command line option osb.frobnicate: unknown option"
-        );
+        assert_eq!(keys, ["osb.on_exit", "osb.dax", "osb.agent.port", "osb.frobnicate", "osb.env", "osb.entropy", "osb.cmd", "osb.agent.allow_cid"]);
+        assert_eq!(errors[3].to_string(), "kernel command line option osb.frobnicate: unknown option");
     }
 
     #[test]
     fn lists_are_json_or_words() {
-        assert_eq!(
-            parse_list("a  b c"),
-            Ok(vec!["a".to_owned(), "b".into(), "c".into()])
-        );
-        assert_eq!(
-            parse_list(r#"["a b", "c"]"#),
-            Ok(vec!["a b".to_owned(), "c".into()])
-        );
+        assert_eq!(parse_list("a  b c"), Ok(vec!["a".to_owned(), "b".into(), "c".into()]));
+        assert_eq!(parse_list(r#"["a b", "c"]"#), Ok(vec!["a b".to_owned(), "c".into()]));
         assert_eq!(parse_list("[]"), Ok(vec![]));
         assert!(parse_list("[\"a\"").is_err());
     }

@@ -39,40 +39,23 @@ impl std::error::Error for ConfigError {}
 
 /// A JSON array of strings, or `None`.
 pub(crate) fn string_list(value: &Value) -> Option<Vec<String>> {
-    value
-        .as_array()?
-        .iter()
-        .map(|v| v.as_str().map(str::to_owned))
-        .collect()
+    value.as_array()?.iter().map(|v| v.as_str().map(str::to_owned)).collect()
 }
 
 impl RunConfig {
     /// Parses the file's text. `null` fields count as absent; unknown fields
     /// are ignored (newer osbuilders may add some); wrong types are errors.
     pub fn parse(text: &str) -> Result<RunConfig, ConfigError> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| ConfigError(format!("not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| ConfigError(format!("not valid JSON: {e}")))?;
         let Value::Object(map) = value else {
             return Err(ConfigError("not a JSON object".into()));
         };
         let field = |name: &str| map.get(name).filter(|v| !v.is_null());
         let list = |name: &str| -> Result<Option<Vec<String>>, ConfigError> {
-            field(name)
-                .map(|v| {
-                    string_list(v).ok_or_else(|| {
-                        ConfigError(format!("\"{name}\" must be an array of strings"))
-                    })
-                })
-                .transpose()
+            field(name).map(|v| string_list(v).ok_or_else(|| ConfigError(format!("\"{name}\" must be an array of strings")))).transpose()
         };
         let string = |name: &str| -> Result<Option<String>, ConfigError> {
-            field(name)
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| ConfigError(format!("\"{name}\" must be a string")))
-                })
-                .transpose()
+            field(name).map(|v| v.as_str().map(str::to_owned).ok_or_else(|| ConfigError(format!("\"{name}\" must be a string")))).transpose()
         };
         Ok(RunConfig {
             entrypoint: list("entrypoint")?,
@@ -120,8 +103,7 @@ fn set_env(env: &mut Vec<String>, entry: &str) {
 
 /// Looks up `key` in `K=V` strings.
 pub fn env_get<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
-    env.iter()
-        .find_map(|e| e.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v))
+    env.iter().find_map(|e| e.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v))
 }
 
 /// Merges the run config with the command line, Docker's way: `osb.cmd`
@@ -130,12 +112,7 @@ pub fn env_get<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
 /// override or add variables; workdir and user replace. `None` when neither
 /// gives a command: no workload, init stays up for the agent.
 pub fn merge(run: &RunConfig, opts: &Options) -> Option<Workload> {
-    let entrypoint = opts
-        .entrypoint
-        .as_ref()
-        .or(run.entrypoint.as_ref())
-        .cloned()
-        .unwrap_or_default();
+    let entrypoint = opts.entrypoint.as_ref().or(run.entrypoint.as_ref()).cloned().unwrap_or_default();
     let cmd = match (&opts.cmd, &opts.entrypoint) {
         (Some(cmd), _) => cmd.clone(),
         (None, Some(_)) => Vec::new(),
@@ -155,25 +132,9 @@ pub fn merge(run: &RunConfig, opts: &Options) -> Option<Workload> {
     if env_get(&env, "PATH").is_none() {
         env.push(format!("PATH={DEFAULT_PATH}"));
     }
-    let working_dir = opts
-        .workdir
-        .as_ref()
-        .or(run.working_dir.as_ref())
-        .filter(|w| !w.is_empty())
-        .cloned()
-        .unwrap_or_else(|| "/".into());
-    let user = opts
-        .user
-        .as_ref()
-        .or(run.user.as_ref())
-        .cloned()
-        .unwrap_or_default();
-    Some(Workload {
-        argv,
-        env,
-        working_dir,
-        user,
-    })
+    let working_dir = opts.workdir.as_ref().or(run.working_dir.as_ref()).filter(|w| !w.is_empty()).cloned().unwrap_or_else(|| "/".into());
+    let user = opts.user.as_ref().or(run.user.as_ref()).cloned().unwrap_or_default();
+    Some(Workload { argv, env, working_dir, user })
 }
 
 #[cfg(test)]
@@ -209,17 +170,11 @@ mod tests {
     fn rejects_bad_run_json() {
         let check = |text: &str, message: &str| {
             let err = RunConfig::parse(text).unwrap_err().to_string();
-            assert!(
-                err.starts_with("/etc/osb/run.json: ") && err.contains(message),
-                "{text}: {err}"
-            );
+            assert!(err.starts_with("/etc/osb/run.json: ") && err.contains(message), "{text}: {err}");
         };
         check("{", "not valid JSON");
         check("[]", "not a JSON object");
-        check(
-            r#"{"cmd":"sh -c x"}"#,
-            "\"cmd\" must be an array of strings",
-        );
+        check(r#"{"cmd":"sh -c x"}"#, "\"cmd\" must be an array of strings");
         check(r#"{"env":[1]}"#, "\"env\" must be an array of strings");
         check(r#"{"user":1000}"#, "\"user\" must be a string");
     }
@@ -253,51 +208,21 @@ mod tests {
             ..Options::default()
         };
         let w = merge(&image(), &opts).unwrap();
-        assert_eq!(
-            w.argv,
-            strings(&["/entry", "sh"]),
-            "osb.cmd keeps the entrypoint"
-        );
-        assert_eq!(
-            w.env,
-            strings(&["PATH=/usr/bin:/bin", "LANG=C.UTF-8", "A=cmdline", "NEW=1"])
-        );
+        assert_eq!(w.argv, strings(&["/entry", "sh"]), "osb.cmd keeps the entrypoint");
+        assert_eq!(w.env, strings(&["PATH=/usr/bin:/bin", "LANG=C.UTF-8", "A=cmdline", "NEW=1"]));
         assert_eq!((w.working_dir.as_str(), w.user.as_str()), ("/tmp", "0:0"));
 
-        let opts = Options {
-            entrypoint: Some(strings(&["/bin/true"])),
-            ..Options::default()
-        };
-        assert_eq!(
-            merge(&image(), &opts).unwrap().argv,
-            strings(&["/bin/true"]),
-            "osb.entrypoint drops the image's cmd"
-        );
+        let opts = Options { entrypoint: Some(strings(&["/bin/true"])), ..Options::default() };
+        assert_eq!(merge(&image(), &opts).unwrap().argv, strings(&["/bin/true"]), "osb.entrypoint drops the image's cmd");
 
-        let opts = Options {
-            entrypoint: Some(vec![]),
-            cmd: Some(strings(&["ls", "/"])),
-            ..Options::default()
-        };
-        assert_eq!(
-            merge(&image(), &opts).unwrap().argv,
-            strings(&["ls", "/"]),
-            "an empty entrypoint clears it"
-        );
+        let opts = Options { entrypoint: Some(vec![]), cmd: Some(strings(&["ls", "/"])), ..Options::default() };
+        assert_eq!(merge(&image(), &opts).unwrap().argv, strings(&["ls", "/"]), "an empty entrypoint clears it");
     }
 
     #[test]
     fn defaults_and_no_workload() {
-        assert_eq!(
-            merge(&RunConfig::default(), &Options::default()),
-            None,
-            "nothing to run: agent-only guest"
-        );
-        let run = RunConfig {
-            cmd: Some(strings(&["sh"])),
-            env: strings(&["A=1", "A=2"]),
-            ..RunConfig::default()
-        };
+        assert_eq!(merge(&RunConfig::default(), &Options::default()), None, "nothing to run: agent-only guest");
+        let run = RunConfig { cmd: Some(strings(&["sh"])), env: strings(&["A=1", "A=2"]), ..RunConfig::default() };
         let w = merge(&run, &Options::default()).unwrap();
         assert_eq!(w.env, strings(&["A=2", &format!("PATH={DEFAULT_PATH}")]));
         assert_eq!((w.working_dir.as_str(), w.user.as_str()), ("/", ""));

@@ -20,10 +20,7 @@ fn agent_main(_args: Vec<OsString>) -> i32 {
 
 fn main() {
     let mut args: Vec<OsString> = std::env::args_os().collect();
-    let argv0 = args
-        .first()
-        .map(|a| Path::new(a).file_name().unwrap_or_default().to_owned())
-        .unwrap_or_default();
+    let argv0 = args.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_owned()).unwrap_or_default();
     if argv0 == "osb-agent" {
         std::process::exit(agent_main(args));
     }

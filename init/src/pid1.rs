@@ -48,24 +48,14 @@ impl From<ConfigError> for Fatal {
 /// as `/proc/self/exe` with argv[0] `osb-agent`), so init starts it.
 pub fn main(agent_linked: bool) -> ! {
     if proc::getpid() != 1 {
-        eprintln!(
-            "osb-init: this is a guest's PID 1 and does nothing as pid {}",
-            proc::getpid()
-        );
+        eprintln!("osb-init: this is a guest's PID 1 and does nothing as pid {}", proc::getpid());
         std::process::exit(2);
     }
     panic::set_hook(Box::new(|info| say!("panic: {info}")));
     let error = panic::catch_unwind(AssertUnwindSafe(|| run(agent_linked))).unwrap_or_else(|_| {
         // The panic hook has printed it; still end cleanly.
-        panic::catch_unwind(|| {
-            shutdown::shutdown(
-                &mut Linux,
-                Power::Off,
-                DEFAULT_SHUTDOWN_TIMEOUT,
-                &mut |_| {},
-            )
-        })
-        .unwrap_or_else(|_| io::Error::other("panic during shutdown"))
+        panic::catch_unwind(|| shutdown::shutdown(&mut Linux, Power::Off, DEFAULT_SHUTDOWN_TIMEOUT, &mut |_| {}))
+            .unwrap_or_else(|_| io::Error::other("panic during shutdown"))
     });
     say!("reboot: {error}; halting here");
     proc::park()
@@ -100,32 +90,20 @@ fn boot_and_supervise(sys: &mut Linux, agent_linked: bool) -> Result<io::Error, 
     let opts = boot::early_boot(sys)?;
     // After the console is on fds 0-2 (they may be closed before), and
     // before any child exists.
-    let signals =
-        SignalFd::new(&HANDLED_SIGNALS).map_err(|e| Fatal(format!("open a signalfd: {e}")))?;
+    let signals = SignalFd::new(&HANDLED_SIGNALS).map_err(|e| Fatal(format!("open a signalfd: {e}")))?;
     boot::switch_root(sys, &opts)?;
     let run_config = read_run_config(sys)?;
 
-    let hostname = opts
-        .hostname
-        .as_deref()
-        .or(run_config.hostname.as_deref())
-        .unwrap_or(DEFAULT_HOSTNAME);
+    let hostname = opts.hostname.as_deref().or(run_config.hostname.as_deref()).unwrap_or(DEFAULT_HOSTNAME);
     if let Err(e) = sys.sethostname(hostname) {
         say!("warning: set hostname {hostname:?}: {e}");
     }
 
     let mut supervisor = Supervisor::new(Linux, signals, opts.on_exit, opts.shutdown_timeout);
     if opts.agent && agent_linked {
-        supervisor.start_agent(AgentCommand::linked(opts.agent_port));
+        supervisor.start_agent(AgentCommand::linked(opts.agent_port, opts.agent_allow_cid.as_deref()));
     } else {
-        debug!(
-            "no agent ({})",
-            if opts.agent {
-                "not linked into this binary"
-            } else {
-                "osb.agent=0"
-            }
-        );
+        debug!("no agent ({})", if opts.agent { "not linked into this binary" } else { "osb.agent=0" });
     }
     match config::merge(&run_config, &opts) {
         Some(w) => {
@@ -146,22 +124,11 @@ mod tests {
     #[test]
     fn run_config_is_optional_but_must_be_valid() {
         let mut sys = Recorder::new();
-        assert_eq!(
-            read_run_config(&mut sys).unwrap(),
-            RunConfig::default(),
-            "no file: no config"
-        );
-        sys.files
-            .insert(RUN_CONFIG_PATH.into(), r#"{"cmd":["true"]}"#.into());
-        assert_eq!(
-            read_run_config(&mut sys).unwrap().cmd,
-            Some(vec!["true".to_owned()])
-        );
+        assert_eq!(read_run_config(&mut sys).unwrap(), RunConfig::default(), "no file: no config");
+        sys.files.insert(RUN_CONFIG_PATH.into(), r#"{"cmd":["true"]}"#.into());
+        assert_eq!(read_run_config(&mut sys).unwrap().cmd, Some(vec!["true".to_owned()]));
         sys.files.insert(RUN_CONFIG_PATH.into(), "{".into());
         let err = read_run_config(&mut sys).unwrap_err().to_string();
-        assert!(
-            err.starts_with("/etc/osb/run.json: not valid JSON"),
-            "{err}"
-        );
+        assert!(err.starts_with("/etc/osb/run.json: not valid JSON"), "{err}");
     }
 }

@@ -41,14 +41,8 @@ const VOLATILE_FS: &[&str] = &[
 /// `(mount point, fstype)` from /proc/mounts, in mount order.
 pub fn parse_mounts(proc_mounts: &str) -> Vec<(String, String)> {
     let points = crate::boot::mount_points(proc_mounts);
-    let types = proc_mounts
-        .lines()
-        .filter_map(|line| line.split(' ').nth(2));
-    points
-        .into_iter()
-        .zip(types)
-        .map(|(p, t)| (p, t.to_owned()))
-        .collect()
+    let types = proc_mounts.lines().filter_map(|line| line.split(' ').nth(2));
+    points.into_iter().zip(types).map(|(p, t)| (p, t.to_owned())).collect()
 }
 
 /// Reaps until no child is left (true) or `limit` has passed (false).
@@ -70,10 +64,7 @@ fn reap_until_gone(sys: &mut dyn Sys, limit: Duration, on_reaped: &mut dyn FnMut
 /// Unmounts, newest first, every filesystem that holds data (a failed
 /// unmount is retried lazily), then remounts `/` read-only.
 fn unmount_all(sys: &mut dyn Sys) {
-    let mounts = sys
-        .read_file("/proc/mounts")
-        .map(|m| parse_mounts(&m))
-        .unwrap_or_default();
+    let mounts = sys.read_file("/proc/mounts").map(|m| parse_mounts(&m)).unwrap_or_default();
     for (target, fstype) in mounts.iter().rev() {
         if target == "/" || VOLATILE_FS.contains(&fstype.as_str()) {
             continue;
@@ -83,13 +74,7 @@ fn unmount_all(sys: &mut dyn Sys) {
             let _ = sys.umount(target, true);
         }
     }
-    let remount = Mount {
-        source: "",
-        target: "/",
-        fstype: "",
-        flags: flags::REMOUNT | flags::RDONLY,
-        data: "",
-    };
+    let remount = Mount { source: "", target: "/", fstype: "", flags: flags::REMOUNT | flags::RDONLY, data: "" };
     if let Err(e) = sys.mount(&remount) {
         debug!("remount / read-only: {e}");
     }
@@ -102,12 +87,7 @@ fn unmount_all(sys: &mut dyn Sys) {
 /// Without ACPI (`acpi=off`, Firecracker) the kernel cannot power off and
 /// would halt with the VM still running; a reboot ends such VMs (QEMU
 /// `-no-reboot`, Firecracker), so a power-off becomes a reboot there.
-pub fn shutdown(
-    sys: &mut dyn Sys,
-    how: Power,
-    timeout: Duration,
-    on_reaped: &mut dyn FnMut(Reaped),
-) -> io::Error {
+pub fn shutdown(sys: &mut dyn Sys, how: Power, timeout: Duration, on_reaped: &mut dyn FnMut(Reaped)) -> io::Error {
     if let Err(e) = sys.kill_all(sys::SIGTERM) {
         debug!("kill -TERM -1: {e}");
     }
@@ -152,19 +132,11 @@ mod tests {
         sys
     }
 
-    const TAIL: [&str; 5] = [
-        "sync",
-        "umount /data/share",
-        "umount /data",
-        "mount - / - ro,remount",
-        "sync",
-    ];
+    const TAIL: [&str; 5] = ["sync", "umount /data/share", "umount /data", "mount - / - ro,remount", "sync"];
 
     fn run(sys: &mut Recorder, how: Power) -> Vec<i32> {
         let mut reaped = Vec::new();
-        let err = shutdown(sys, how, Duration::from_secs(3), &mut |r| {
-            reaped.push(r.pid)
-        });
+        let err = shutdown(sys, how, Duration::from_secs(3), &mut |r| reaped.push(r.pid));
         assert_eq!(err.to_string(), "reboot(2) returned");
         reaped
     }
@@ -172,12 +144,7 @@ mod tests {
     #[test]
     fn everyone_ends_in_time() {
         let mut sys = machine();
-        sys.reaps = [
-            Some(Reaped { pid: 7, status: 0 }),
-            None,
-            Some(Reaped { pid: 9, status: 15 }),
-        ]
-        .into();
+        sys.reaps = [Some(Reaped { pid: 7, status: 0 }), None, Some(Reaped { pid: 9, status: 15 })].into();
         assert_eq!(run(&mut sys, Power::Off), [7, 9]);
         let mut expected = vec!["kill -1 TERM"];
         expected.extend(TAIL);
@@ -190,9 +157,7 @@ mod tests {
     fn stragglers_get_sigkill_after_the_timeout() {
         let mut sys = machine();
         let ticks = (Duration::from_secs(3).as_millis() / TICK.as_millis()) as usize;
-        sys.reaps = std::iter::repeat_n(None, ticks + 1)
-            .chain([Some(Reaped { pid: 5, status: 9 })])
-            .collect();
+        sys.reaps = std::iter::repeat_n(None, ticks + 1).chain([Some(Reaped { pid: 5, status: 9 })]).collect();
         assert_eq!(run(&mut sys, Power::Reboot), [5]);
         let mut expected = vec!["kill -1 TERM", "kill -1 KILL"];
         expected.extend(TAIL);

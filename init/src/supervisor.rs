@@ -16,15 +16,7 @@ use crate::sys::{self, exit_code, Power, Reaped, Sys};
 use crate::workload::{self, Prepared, StartError};
 
 /// The signals the loop handles; blocked and read from its signalfd.
-pub const HANDLED_SIGNALS: [i32; 7] = [
-    libc::SIGCHLD,
-    libc::SIGTERM,
-    libc::SIGINT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGPWR,
-    libc::SIGHUP,
-];
+pub const HANDLED_SIGNALS: [i32; 7] = [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGPWR, libc::SIGHUP];
 
 fn signal_name(signal: i32) -> String {
     match signal {
@@ -56,16 +48,7 @@ impl<S: Sys> Supervisor<S> {
     /// `signals` must already be blocking [`HANDLED_SIGNALS`] (create it
     /// before starting any child, so none is missed).
     pub fn new(sys: S, signals: SignalFd, on_exit: OnExit, shutdown_timeout: Duration) -> Self {
-        Supervisor {
-            sys,
-            signals,
-            on_exit,
-            shutdown_timeout,
-            workload: None,
-            history: Vec::new(),
-            agent: None,
-            pending: None,
-        }
+        Supervisor { sys, signals, on_exit, shutdown_timeout, workload: None, history: Vec::new(), agent: None, pending: None }
     }
 
     pub fn start_agent(&mut self, command: AgentCommand) {
@@ -150,10 +133,7 @@ impl<S: Sys> Supervisor<S> {
                 self.pending = Some(Power::Reboot);
             }
             libc::SIGUSR2 | libc::SIGPWR => {
-                say!(
-                    "power-off requested ({} from pid {sender})",
-                    signal_name(signal)
-                );
+                say!("power-off requested ({} from pid {sender})", signal_name(signal));
                 self.pending = Some(Power::Off);
             }
             other => debug!("ignoring {}", signal_name(other)),

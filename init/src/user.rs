@@ -26,14 +26,8 @@ pub enum UserError {
 impl fmt::Display for UserError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            UserError::UnknownUser(name) => write!(
-                f,
-                "no user {name:?} in /etc/passwd; use a name from it or a numeric uid"
-            ),
-            UserError::UnknownGroup(name) => write!(
-                f,
-                "no group {name:?} in /etc/group; use a name from it or a numeric gid"
-            ),
+            UserError::UnknownUser(name) => write!(f, "no user {name:?} in /etc/passwd; use a name from it or a numeric uid"),
+            UserError::UnknownGroup(name) => write!(f, "no group {name:?} in /etc/group; use a name from it or a numeric gid"),
         }
     }
 }
@@ -60,12 +54,7 @@ fn passwd_entries(passwd: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
         if fields.len() < 7 || line.starts_with('#') {
             return None;
         }
-        Some(PasswdEntry {
-            name: fields[0],
-            uid: fields[2].parse().ok()?,
-            gid: fields[3].parse().ok()?,
-            home: fields[5],
-        })
+        Some(PasswdEntry { name: fields[0], uid: fields[2].parse().ok()?, gid: fields[3].parse().ok()?, home: fields[5] })
     })
 }
 
@@ -76,16 +65,8 @@ fn group_entries(group: &str) -> impl Iterator<Item = GroupEntry<'_>> {
         if fields.len() < 4 || line.starts_with('#') {
             return None;
         }
-        let members = fields[3]
-            .split(',')
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .collect();
-        Some(GroupEntry {
-            name: fields[0],
-            gid: fields[2].parse().ok()?,
-            members,
-        })
+        let members = fields[3].split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+        Some(GroupEntry { name: fields[0], gid: fields[2].parse().ok()?, members })
     })
 }
 
@@ -101,11 +82,7 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserEr
 
     let entry = match user_part.parse::<u32>() {
         Ok(uid) => passwd_entries(passwd).find(|e| e.uid == uid),
-        Err(_) => Some(
-            passwd_entries(passwd)
-                .find(|e| e.name == user_part)
-                .ok_or_else(|| UserError::UnknownUser(user_part.to_owned()))?,
-        ),
+        Err(_) => Some(passwd_entries(passwd).find(|e| e.name == user_part).ok_or_else(|| UserError::UnknownUser(user_part.to_owned()))?),
     };
     let (uid, mut gid, home, name) = match &entry {
         Some(e) => (e.uid, e.gid, e.home, Some(e.name)),
@@ -116,10 +93,7 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserEr
     if let Some(g) = group_part.filter(|g| !g.is_empty()) {
         gid = match g.parse::<u32>() {
             Ok(gid) => gid,
-            Err(_) => group_entries(group)
-                .find(|e| e.name == g)
-                .map(|e| e.gid)
-                .ok_or_else(|| UserError::UnknownGroup(g.to_owned()))?,
+            Err(_) => group_entries(group).find(|e| e.name == g).map(|e| e.gid).ok_or_else(|| UserError::UnknownGroup(g.to_owned()))?,
         };
     }
 
@@ -132,12 +106,7 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserEr
         }
     }
     let home = if home.is_empty() { "/" } else { home };
-    Ok(Identity {
-        uid,
-        gid,
-        groups,
-        home: home.to_owned(),
-    })
+    Ok(Identity { uid, gid, groups, home: home.to_owned() })
 }
 
 #[cfg(test)]
@@ -183,18 +152,9 @@ mod tests {
     #[test]
     fn unknown_names_are_errors() {
         check("nobody", Err(UserError::UnknownUser("nobody".into())));
-        check(
-            "app:nogroup",
-            Err(UserError::UnknownGroup("nogroup".into())),
-        );
-        check(
-            "1000:nogroup",
-            Err(UserError::UnknownGroup("nogroup".into())),
-        );
-        assert!(
-            resolve("app", "", "").is_err(),
-            "no passwd file: names cannot resolve"
-        );
+        check("app:nogroup", Err(UserError::UnknownGroup("nogroup".into())));
+        check("1000:nogroup", Err(UserError::UnknownGroup("nogroup".into())));
+        assert!(resolve("app", "", "").is_err(), "no passwd file: names cannot resolve");
         assert_eq!(resolve("0:0", "", "").unwrap().home, "/");
         let msg = UserError::UnknownUser("nobody".into()).to_string();
         assert!(msg.contains("/etc/passwd"), "{msg}");

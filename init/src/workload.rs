@@ -66,32 +66,16 @@ pub fn file_kind(path: &Path) -> FileKind {
 /// (relative to `working_dir`); otherwise each PATH entry is tried in order
 /// (an empty entry is the working directory). The error distinguishes "not
 /// found" (127) from "found only non-executable files" (126).
-pub fn find_program(
-    name: &str,
-    path_var: &str,
-    working_dir: &str,
-    kind: impl Fn(&Path) -> FileKind,
-) -> Result<PathBuf, StartError> {
+pub fn find_program(name: &str, path_var: &str, working_dir: &str, kind: impl Fn(&Path) -> FileKind) -> Result<PathBuf, StartError> {
     // Joined and without `.` components (`/srv/./tool` is `/srv/tool`).
-    let absolute = |p: &Path| {
-        Path::new(working_dir)
-            .join(p)
-            .components()
-            .collect::<PathBuf>()
-    };
+    let absolute = |p: &Path| Path::new(working_dir).join(p).components().collect::<PathBuf>();
     if name.is_empty() {
-        return Err(StartError {
-            message: "the command is an empty string".into(),
-            code: CODE_NOT_FOUND,
-        });
+        return Err(StartError { message: "the command is an empty string".into(), code: CODE_NOT_FOUND });
     }
     let candidates: Vec<PathBuf> = if name.contains('/') {
         vec![absolute(Path::new(name))]
     } else {
-        path_var
-            .split(':')
-            .map(|dir| absolute(&Path::new(if dir.is_empty() { "." } else { dir }).join(name)))
-            .collect()
+        path_var.split(':').map(|dir| absolute(&Path::new(if dir.is_empty() { "." } else { dir }).join(name))).collect()
     };
     let mut saw_non_executable = false;
     for candidate in candidates {
@@ -102,51 +86,27 @@ pub fn find_program(
         }
     }
     Err(if saw_non_executable {
-        StartError {
-            message: format!("{name:?} is not an executable file"),
-            code: CODE_CANNOT_EXECUTE,
-        }
+        StartError { message: format!("{name:?} is not an executable file"), code: CODE_CANNOT_EXECUTE }
     } else if name.contains('/') {
-        StartError {
-            message: format!("{name:?} does not exist"),
-            code: CODE_NOT_FOUND,
-        }
+        StartError { message: format!("{name:?} does not exist"), code: CODE_NOT_FOUND }
     } else {
-        StartError {
-            message: format!("{name:?} not found in PATH={path_var}"),
-            code: CODE_NOT_FOUND,
-        }
+        StartError { message: format!("{name:?} not found in PATH={path_var}"), code: CODE_NOT_FOUND }
     })
 }
 
 /// Resolves the user (from the guest's /etc/passwd and /etc/group, read
 /// with `read`), adds HOME when the environment lacks it, and finds the
 /// program.
-pub fn prepare(
-    w: &Workload,
-    read: impl Fn(&str) -> String,
-    kind: impl Fn(&Path) -> FileKind,
-) -> Result<Prepared, StartError> {
-    let identity =
-        user::resolve(&w.user, &read("/etc/passwd"), &read("/etc/group")).map_err(|e| {
-            StartError {
-                message: format!("user {:?}: {e}", w.user),
-                code: CODE_SETUP_FAILED,
-            }
-        })?;
+pub fn prepare(w: &Workload, read: impl Fn(&str) -> String, kind: impl Fn(&Path) -> FileKind) -> Result<Prepared, StartError> {
+    let identity = user::resolve(&w.user, &read("/etc/passwd"), &read("/etc/group"))
+        .map_err(|e| StartError { message: format!("user {:?}: {e}", w.user), code: CODE_SETUP_FAILED })?;
     let mut env = w.env.clone();
     if env_get(&env, "HOME").is_none() {
         env.push(format!("HOME={}", identity.home));
     }
     let path_var = env_get(&env, "PATH").unwrap_or(crate::config::DEFAULT_PATH);
     let program = find_program(&w.argv[0], path_var, &w.working_dir, kind)?;
-    Ok(Prepared {
-        program,
-        argv: w.argv.clone(),
-        env,
-        working_dir: w.working_dir.clone(),
-        identity,
-    })
+    Ok(Prepared { program, argv: w.argv.clone(), env, working_dir: w.working_dir.clone(), identity })
 }
 
 /// Maps a failed spawn (exec's errno, or a failing pre-exec step) to the
@@ -157,10 +117,7 @@ fn spawn_error(p: &Prepared, e: io::Error) -> StartError {
         Some(libc::EACCES) | Some(libc::ENOEXEC) | Some(libc::ETXTBSY) => CODE_CANNOT_EXECUTE,
         _ => CODE_SETUP_FAILED,
     };
-    StartError {
-        message: format!("exec {}: {e}", p.program.display()),
-        code,
-    }
+    StartError { message: format!("exec {}: {e}", p.program.display()), code }
 }
 
 /// Starts the workload as a child: its own session (the console, fd 0, as
@@ -171,25 +128,16 @@ fn spawn_error(p: &Prepared, e: io::Error) -> StartError {
 pub fn spawn(p: &Prepared) -> Result<i32, StartError> {
     if !Path::new(&p.working_dir).is_dir() {
         if let Err(e) = std::fs::create_dir_all(&p.working_dir) {
-            return Err(StartError {
-                message: format!("working directory {}: {e}", p.working_dir),
-                code: CODE_SETUP_FAILED,
-            });
+            return Err(StartError { message: format!("working directory {}: {e}", p.working_dir), code: CODE_SETUP_FAILED });
         }
     }
     let mut command = Command::new(&p.program);
-    command
-        .arg0(&p.argv[0])
-        .args(&p.argv[1..])
-        .env_clear()
-        .current_dir(&p.working_dir);
+    command.arg0(&p.argv[0]).args(&p.argv[1..]).env_clear().current_dir(&p.working_dir);
     for entry in &p.env {
         let (key, value) = entry.split_once('=').unwrap_or((entry, ""));
         command.env(key, value);
     }
-    let Identity {
-        uid, gid, groups, ..
-    } = p.identity.clone();
+    let Identity { uid, gid, groups, .. } = p.identity.clone();
     let change_ids = proc::is_root();
     // SAFETY: the closure runs between fork and exec in a single-threaded
     // child and only makes async-signal-safe syscalls (no allocation: the
@@ -224,9 +172,7 @@ mod tests {
     }
 
     fn check(name: &str, path: &str, expected: Result<&str, i32>) {
-        let got = find_program(name, path, "/srv", fake_fs)
-            .map(|p| p.to_str().unwrap().to_owned())
-            .map_err(|e| e.code);
+        let got = find_program(name, path, "/srv", fake_fs).map(|p| p.to_str().unwrap().to_owned()).map_err(|e| e.code);
         assert_eq!(got, expected.map(str::to_owned), "{name:?} in {path:?}");
     }
 
@@ -247,19 +193,12 @@ mod tests {
     }
 
     fn workload(argv: &[&str], user: &str) -> Workload {
-        Workload {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            env: vec!["PATH=/usr/bin:/bin".into()],
-            working_dir: "/srv".into(),
-            user: user.into(),
-        }
+        Workload { argv: argv.iter().map(|s| s.to_string()).collect(), env: vec!["PATH=/usr/bin:/bin".into()], working_dir: "/srv".into(), user: user.into() }
     }
 
     fn files(path: &str) -> String {
         match path {
-            "/etc/passwd" => {
-                "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n".into()
-            }
+            "/etc/passwd" => "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n".into(),
             "/etc/group" => "root:x:0:\nwheel:x:10:app\n".into(),
             _ => String::new(),
         }
@@ -267,43 +206,20 @@ mod tests {
 
     #[test]
     fn prepares_user_home_and_program() {
-        let p = prepare(
-            &workload(&["python3", "-m", "http.server"], "app"),
-            files,
-            fake_fs,
-        )
-        .unwrap();
+        let p = prepare(&workload(&["python3", "-m", "http.server"], "app"), files, fake_fs).unwrap();
         assert_eq!(p.program, Path::new("/usr/bin/python3"));
         assert_eq!(p.argv, ["python3", "-m", "http.server"]);
         assert_eq!(p.env, ["PATH=/usr/bin:/bin", "HOME=/home/app"]);
-        assert_eq!(
-            (p.identity.uid, p.identity.gid, p.identity.groups.as_slice()),
-            (1000, 1000, &[1000, 10][..])
-        );
+        assert_eq!((p.identity.uid, p.identity.gid, p.identity.groups.as_slice()), (1000, 1000, &[1000, 10][..]));
 
         let mut w = workload(&["sh"], "");
         w.env.push("HOME=/custom".into());
         let p = prepare(&w, files, fake_fs).unwrap();
-        assert_eq!(
-            p.env,
-            ["PATH=/usr/bin:/bin", "HOME=/custom"],
-            "HOME from the config wins"
-        );
+        assert_eq!(p.env, ["PATH=/usr/bin:/bin", "HOME=/custom"], "HOME from the config wins");
 
         let err = prepare(&workload(&["sh"], "ghost"), files, fake_fs).unwrap_err();
-        assert_eq!(
-            (
-                err.code,
-                err.to_string().starts_with("user \"ghost\": no user")
-            ),
-            (CODE_SETUP_FAILED, true)
-        );
-        assert_eq!(
-            prepare(&workload(&["nope"], ""), files, fake_fs)
-                .unwrap_err()
-                .code,
-            CODE_NOT_FOUND
-        );
+        assert_eq!((err.code, err.to_string().starts_with("user \"ghost\": no user")), (CODE_SETUP_FAILED, true));
+        assert_eq!(prepare(&workload(&["nope"], ""), files, fake_fs).unwrap_err().code, CODE_NOT_FOUND);
     }
 
     /// Spawns for real on the host and waits for that one pid.
@@ -321,12 +237,7 @@ mod tests {
         };
         let mut p = prepare(&w, |_| String::new(), file_kind).unwrap();
         // Run as whoever runs the tests (setgroups needs root).
-        p.identity = Identity {
-            uid: proc::uid(),
-            gid: proc::gid(),
-            groups: vec![proc::gid()],
-            home: "/".into(),
-        };
+        p.identity = Identity { uid: proc::uid(), gid: proc::gid(), groups: vec![proc::gid()], home: "/".into() };
         p
     }
 
@@ -345,15 +256,8 @@ mod tests {
         let text = std::fs::read_to_string(&out).unwrap();
         // sh adds PWD (and maybe SHLVL/_) to what it was given: PATH, GREETING, HOME.
         let fields: Vec<&str> = text.trim().split('|').collect();
-        assert_eq!(
-            &fields[..4],
-            ["sh", "hi", "/", work.to_str().unwrap()],
-            "{text}"
-        );
-        assert!(
-            fields[4].trim().parse::<u32>().unwrap() <= 6,
-            "a clean environment: {text}"
-        );
+        assert_eq!(&fields[..4], ["sh", "hi", "/", work.to_str().unwrap()], "{text}");
+        assert!(fields[4].trim().parse::<u32>().unwrap() <= 6, "a clean environment: {text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

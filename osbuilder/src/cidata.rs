@@ -218,9 +218,7 @@ impl Geometry {
             let t2 = sectors_per_cluster * SECTOR * 8 / fat.bits() + FATS;
             let sectors_per_fat = t1.div_ceil(t2);
             let clusters = t0.checked_sub(FATS * sectors_per_fat)? / sectors_per_cluster;
-            fat.clusters_allowed()
-                .contains(&clusters)
-                .then_some(Geometry { total_sectors, sectors_per_cluster, fat, sectors_per_fat, clusters })
+            fat.clusters_allowed().contains(&clusters).then_some(Geometry { total_sectors, sectors_per_cluster, fat, sectors_per_fat, clusters })
         })
     }
 
@@ -328,9 +326,7 @@ impl Plan {
                 let data: u64 = lengths.iter().sum();
                 let min_free = (data / 4).max(MIN_FREE);
                 // The largest seed with less free space still beats refusing.
-                smallest_geometry(&lengths, min_free)
-                    .or_else(|| smallest_geometry(&lengths, 0))
-                    .ok_or_else(|| too_large(&names, &lengths))?
+                smallest_geometry(&lengths, min_free).or_else(|| smallest_geometry(&lengths, 0)).ok_or_else(|| too_large(&names, &lengths))?
             }
             SeedSize::Fixed(size) => fixed_geometry(size, &names, &lengths)?,
         };
@@ -363,7 +359,12 @@ fn largest<'a>(names: &[&'a str], lengths: &[u64]) -> (&'a str, u64) {
 
 fn too_large(names: &[&'static str], lengths: &[u64]) -> CidataError {
     let (largest, largest_bytes) = largest(names, lengths);
-    CidataError::TooLarge { total: lengths.iter().sum(), largest, largest_bytes, max: Geometry::for_sectors(max_seed_bytes() / SECTOR).map_or(0, |g| g.capacity()) }
+    CidataError::TooLarge {
+        total: lengths.iter().sum(),
+        largest,
+        largest_bytes,
+        max: Geometry::for_sectors(max_seed_bytes() / SECTOR).map_or(0, |g| g.capacity()),
+    }
 }
 
 fn too_large_for_any_seed(names: &[&'static str], lengths: &[u64]) -> Result<(), CidataError> {
@@ -375,7 +376,7 @@ fn too_large_for_any_seed(names: &[&'static str], lengths: &[u64]) -> Result<(),
 }
 
 fn fixed_geometry(size: u64, names: &[&'static str], lengths: &[u64]) -> Result<Geometry, CidataError> {
-    if size % SECTOR != 0 {
+    if !size.is_multiple_of(SECTOR) {
         return Err(CidataError::SizeUnaligned { size });
     }
     if size > max_seed_bytes() {
@@ -570,10 +571,8 @@ mod tests {
             // Sparse: the largest is 2 GiB of nothing.
             let file = tempfile::tempfile().unwrap();
             file.set_len(total * SECTOR).unwrap();
-            let opts = fatfs::FormatVolumeOptions::new()
-                .total_sectors(total as u32)
-                .bytes_per_cluster(g.cluster_bytes() as u32)
-                .max_root_dir_entries(ROOT_ENTRIES);
+            let opts =
+                fatfs::FormatVolumeOptions::new().total_sectors(total as u32).bytes_per_cluster(g.cluster_bytes() as u32).max_root_dir_entries(ROOT_ENTRIES);
             fatfs::format_volume(&file, opts).unwrap_or_else(|e| panic!("{total} sectors ({g:?}): {e}"));
             let fs = fatfs::FileSystem::new(&file, fatfs::FsOptions::new()).unwrap();
             let stats = fs.stats().unwrap();
@@ -586,7 +585,10 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 200, "only {checked} sizes had a layout");
-        assert_eq!(Geometry::for_sectors(max_seed_bytes() / SECTOR).map(|g| (g.fat, g.clusters, g.sectors_per_cluster)), Some((FatKind::Fat16, FAT16_MAX_CLUSTERS, 64)));
+        assert_eq!(
+            Geometry::for_sectors(max_seed_bytes() / SECTOR).map(|g| (g.fat, g.clusters, g.sectors_per_cluster)),
+            Some((FatKind::Fat16, FAT16_MAX_CLUSTERS, 64))
+        );
         assert_eq!(Geometry::for_sectors(max_seed_bytes() / SECTOR + 64), None, "nothing larger than the largest seed");
         assert_eq!(Geometry::for_sectors(RESERVED_SECTORS + ROOT_SECTORS + MIN_FAT_AND_DATA_SECTORS), None, "fatfs's smallest volume");
     }
@@ -672,10 +674,8 @@ mod tests {
         // Every file entry carries the epoch: 2023-11-14 22:13:20 as DOS date/time.
         let dos_date = ((2023 - 1980) << 9) | (11 << 5) | 14u16;
         let dos_time = (22 << 11) | (13 << 5) | (20 / 2u16);
-        let files: Vec<&[u8]> = image[root..root + ROOT_SECTORS as usize * 512]
-            .chunks(32)
-            .filter(|e| e[0] != 0 && e[11] & 0x0f != 0x0f && e[11] & 0x08 == 0)
-            .collect();
+        let files: Vec<&[u8]> =
+            image[root..root + ROOT_SECTORS as usize * 512].chunks(32).filter(|e| e[0] != 0 && e[11] & 0x0f != 0x0f && e[11] & 0x08 == 0).collect();
         assert_eq!(files.len(), 3, "three short-name entries");
         for e in files {
             let word = |at: usize| u16::from_le_bytes([e[at], e[at + 1]]);

@@ -272,7 +272,9 @@ fn containerdisk(a: ContainerDiskArgs, progress: &Progress) -> anyhow::Result<()
     let mut inputs = Vec::new();
     for d in disks {
         let input = match d.split_once('=') {
-            Some((platform, path)) if platform.contains('/') => DiskInput { platform: Platform::parse(platform).map_err(anyhow::Error::msg)?, path: path.into(), expect_sha256: None },
+            Some((platform, path)) if platform.contains('/') => {
+                DiskInput { platform: Platform::parse(platform).map_err(anyhow::Error::msg)?, path: path.into(), expect_sha256: None }
+            }
             _ => DiskInput { platform: Platform::linux_amd64(), path: d.into(), expect_sha256: None },
         };
         inputs.push(input);

@@ -295,9 +295,7 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         cfg.append = if cfg.append.is_empty() { root } else { format!("{root} {}", cfg.append) };
         cfg.disk = Some(DiskAttach { path: disk.clone(), via });
     }
-    let (mut vm, client) = Vm::start_with_agent(&cfg, args.port, Duration::from_secs(args.timeout), &mut |why| {
-        eprintln!("osbuilder: warning: {why}")
-    })?;
+    let (mut vm, client) = Vm::start_with_agent(&cfg, args.port, Duration::from_secs(args.timeout), &mut |why| eprintln!("osbuilder: warning: {why}"))?;
     let endpoint = Endpoint::HybridVsock { path: vm.vsock_socket.clone(), port: args.port };
     let health_seconds = vm.started.elapsed().as_secs_f64();
     if args.json {
@@ -324,11 +322,7 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         args.machine,
         vm.console.display()
     );
-    let code = if !args.process.command.is_empty() {
-        exec(&client, &args.process)?
-    } else {
-        ExitCode::SUCCESS
-    };
+    let code = if !args.process.command.is_empty() { exec(&client, &args.process)? } else { ExitCode::SUCCESS };
     if args.keep {
         eprintln!("osbuilder: guest running; `osbuilder vm exec --agent {endpoint} -- CMD`; Ctrl-C stops it");
         vm.wait_exit(Duration::from_secs(u64::MAX / 4))?;

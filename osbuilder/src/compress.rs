@@ -137,11 +137,7 @@ pub struct CompressOptions {
 impl CompressOptions {
     /// Returns options for `kind` with the default level on all cores.
     pub fn new(kind: Compression) -> Self {
-        Self {
-            kind,
-            level: None,
-            threads: 0,
-        }
+        Self { kind, level: None, threads: 0 }
     }
 
     /// Returns the level to use, after applying the default.
@@ -224,12 +220,7 @@ impl<W: Write> Encoder<W> {
         let level = opts.effective_level();
         let levels = kind.levels();
         if !levels.contains(&level) {
-            return Err(CompressError::InvalidLevel {
-                kind,
-                level,
-                min: *levels.start(),
-                max: *levels.end(),
-            });
+            return Err(CompressError::InvalidLevel { kind, level, min: *levels.start(), max: *levels.end() });
         }
         let threads = opts.effective_threads();
         match kind {
@@ -320,24 +311,14 @@ struct Block {
 /// output depend on which thread compressed which block. A fresh compressor
 /// costs about 400 KiB of zeroed memory, which is negligible next to
 /// deflating 128 KiB.
-fn deflate_block(
-    level: u32,
-    dict: &[u8],
-    input: &[u8],
-    last: bool,
-    output: &mut Vec<u8>,
-) -> io::Result<()> {
+fn deflate_block(level: u32, dict: &[u8], input: &[u8], last: bool, output: &mut Vec<u8>) -> io::Result<()> {
     use flate2::{FlushCompress, Status};
 
     let mut compress = flate2::Compress::new(flate2::Compression::new(level), false);
     if !dict.is_empty() {
         compress.set_dictionary(dict).map_err(io::Error::other)?;
     }
-    let flush = if last {
-        FlushCompress::Finish
-    } else {
-        FlushCompress::Sync
-    };
+    let flush = if last { FlushCompress::Finish } else { FlushCompress::Sync };
     output.clear();
     // Enough for incompressible input in most cases; the loop grows it otherwise.
     output.reserve(input.len() + input.len() / 64 + 64);
@@ -347,9 +328,7 @@ fn deflate_block(
         }
         let before = (compress.total_in(), compress.total_out());
         let consumed = compress.total_in() as usize;
-        let status = compress
-            .compress_vec(&input[consumed..], output, flush)
-            .map_err(io::Error::other)?;
+        let status = compress.compress_vec(&input[consumed..], output, flush).map_err(io::Error::other)?;
         let consumed = compress.total_in() as usize;
         let has_room = output.len() < output.capacity();
         match status {
@@ -371,11 +350,7 @@ fn run_job(level: u32, job: &mut Job) -> io::Result<Block> {
     deflate_block(level, &job.dict, &job.input, job.last, &mut output)?;
     let mut crc = flate2::Crc::new();
     crc.update(&job.input);
-    Ok(Block {
-        input: std::mem::take(&mut job.input),
-        output,
-        crc,
-    })
+    Ok(Block { input: std::mem::take(&mut job.input), output, crc })
 }
 
 /// A pool of threads that compress gzip blocks.
@@ -406,10 +381,7 @@ impl Pool {
                 })
             })
             .collect();
-        Self {
-            jobs: Some(tx),
-            workers,
-        }
+        Self { jobs: Some(tx), workers }
     }
 }
 
@@ -506,30 +478,20 @@ impl<W: Write> ParGzEncoder<W> {
 
     /// Sends the current block to be compressed.
     fn dispatch(&mut self, last: bool) -> io::Result<()> {
-        let fresh = self
-            .free_inputs
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(GZIP_BLOCK_LEN));
+        let fresh = self.free_inputs.pop().unwrap_or_else(|| Vec::with_capacity(GZIP_BLOCK_LEN));
         let input = std::mem::replace(&mut self.buf, fresh);
         // The next block's dictionary is the last 32 KiB of input so far.
         let dict = self.dict.clone();
         if input.len() >= GZIP_DICT_LEN {
             self.dict.clear();
-            self.dict
-                .extend_from_slice(&input[input.len() - GZIP_DICT_LEN..]);
+            self.dict.extend_from_slice(&input[input.len() - GZIP_DICT_LEN..]);
         } else {
             self.dict.extend_from_slice(&input);
             let excess = self.dict.len().saturating_sub(GZIP_DICT_LEN);
             self.dict.drain(..excess);
         }
         let (reply, result) = mpsc::sync_channel(1);
-        let mut job = Job {
-            input,
-            dict,
-            output: self.free_outputs.pop().unwrap_or_default(),
-            last,
-            reply,
-        };
+        let mut job = Job { input, dict, output: self.free_outputs.pop().unwrap_or_default(), last, reply };
         if self.pool.is_none() {
             let block = run_job(self.level, &mut job)?;
             return self.write_block(block);
@@ -537,11 +499,7 @@ impl<W: Write> ParGzEncoder<W> {
         while self.pending.len() >= self.max_pending {
             self.write_oldest()?;
         }
-        let jobs = self
-            .pool
-            .as_ref()
-            .and_then(|pool| pool.jobs.as_ref())
-            .expect("the pool is running");
+        let jobs = self.pool.as_ref().and_then(|pool| pool.jobs.as_ref()).expect("the pool is running");
         jobs.send(job).map_err(|_| worker_gone())?;
         self.pending.push_back(result);
         Ok(())
@@ -608,8 +566,8 @@ mod tests {
     /// runs with repeats at varying distances, and some incompressible noise.
     fn sample_data() -> Vec<u8> {
         let words: Vec<&[u8]> = [
-            "kernel", "initrd", "rootfs", "layer", "digest", "sha256", "manifest", "usr", "lib",
-            "bin", "etc", "the", "of", "and", "cpio", "newc", "gzip", "zstd", "\n", " ", "/",
+            "kernel", "initrd", "rootfs", "layer", "digest", "sha256", "manifest", "usr", "lib", "bin", "etc", "the", "of", "and", "cpio", "newc", "gzip",
+            "zstd", "\n", " ", "/",
         ]
         .iter()
         .map(|w| w.as_bytes())
@@ -671,28 +629,16 @@ mod tests {
         });
         let output = child.wait_with_output().unwrap();
         feeder.join().unwrap();
-        assert!(
-            output.status.success(),
-            "{cmd} {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
         output
     }
 
     fn gzip_opts(level: Option<u32>, threads: usize) -> CompressOptions {
-        CompressOptions {
-            kind: Compression::Gzip,
-            level,
-            threads,
-        }
+        CompressOptions { kind: Compression::Gzip, level, threads }
     }
 
     fn zstd_opts(level: Option<u32>, threads: usize) -> CompressOptions {
-        CompressOptions {
-            kind: Compression::Zstd,
-            level,
-            threads,
-        }
+        CompressOptions { kind: Compression::Zstd, level, threads }
     }
 
     #[test]
@@ -701,19 +647,13 @@ mod tests {
             assert_eq!(kind.to_string().parse::<Compression>().unwrap(), kind);
         }
         let err = "xz".parse::<Compression>().unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "unknown compression \"xz\", expected one of \"none\", \"gzip\", \"zstd\""
-        );
+        assert_eq!(err.to_string(), "unknown compression \"xz\", expected one of \"none\", \"gzip\", \"zstd\"");
     }
 
     #[test]
     fn invalid_levels_are_rejected() {
         let err = encoder(&gzip_opts(Some(10), 1), Vec::new()).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "invalid gzip compression level 10, expected 1 to 9"
-        );
+        assert_eq!(err.to_string(), "invalid gzip compression level 10, expected 1 to 9");
         assert!(encoder(&zstd_opts(Some(20), 1), Vec::new()).is_err());
         assert!(encoder(&zstd_opts(Some(0), 1), Vec::new()).is_err());
         let none = CompressOptions::new(Compression::None);
@@ -732,11 +672,7 @@ mod tests {
         let data = sample_data();
         let out = compress(&gzip_opts(None, 4), &data, 100_000);
         assert_eq!(&out[..4], [0x1f, 0x8b, 8, 0]);
-        assert!(
-            out.len() < data.len() / 2,
-            "compressed to {} bytes",
-            out.len()
-        );
+        assert!(out.len() < data.len() / 2, "compressed to {} bytes", out.len());
         run("gzip", &["-t"], &out);
         assert!(run("gzip", &["-dc"], &out).stdout == data);
         // flate2's own decoder must see a single member with the whole input.
@@ -750,13 +686,7 @@ mod tests {
     fn gzip_output_does_not_depend_on_threads_or_writes() {
         let data = sample_data();
         let reference = compress(&gzip_opts(None, 1), &data, 1 << 20);
-        for (threads, chunk) in [
-            (1, 4096),
-            (2, 65_536),
-            (3, 1 << 20),
-            (8, 1_000_003),
-            (8, 1 << 20),
-        ] {
+        for (threads, chunk) in [(1, 4096), (2, 65_536), (3, 1 << 20), (8, 1_000_003), (8, 1 << 20)] {
             let out = compress(&gzip_opts(None, threads), &data, chunk);
             assert!(out == reference, "{threads} threads, {chunk}-byte writes");
         }
@@ -798,16 +728,8 @@ mod tests {
     #[test]
     fn gzip_block_boundaries() {
         // Sizes around the block and dictionary sizes.
-        for len in [
-            1,
-            GZIP_DICT_LEN - 1,
-            GZIP_BLOCK_LEN,
-            GZIP_BLOCK_LEN + 1,
-            3 * GZIP_BLOCK_LEN,
-        ] {
-            let data: Vec<u8> = (0..len)
-                .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
-                .collect();
+        for len in [1, GZIP_DICT_LEN - 1, GZIP_BLOCK_LEN, GZIP_BLOCK_LEN + 1, 3 * GZIP_BLOCK_LEN] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect();
             let out = compress(&gzip_opts(None, 3), &data, 10_000);
             assert!(run("gzip", &["-dc"], &out).stdout == data, "length {len}");
         }
@@ -822,21 +744,14 @@ mod tests {
         assert!(run("gzip", &["-dc"], &one).stdout.is_empty());
         // Header (XFL 2: maximum compression, the default level 9), an
         // empty final fixed block, CRC 0 and length 0.
-        assert_eq!(
-            one,
-            [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-        );
+        assert_eq!(one, [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     }
 
     #[test]
     fn zstd_round_trips_through_zstd() {
         let data = sample_data();
         let out = compress(&zstd_opts(None, 4), &data, 100_000);
-        assert!(
-            out.len() < data.len() / 2,
-            "compressed to {} bytes",
-            out.len()
-        );
+        assert!(out.len() < data.len() / 2, "compressed to {} bytes", out.len());
         run("zstd", &["-t", "-q"], &out);
         assert!(run("zstd", &["-dc"], &out).stdout == data);
     }

@@ -7,17 +7,17 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use osbuilder::compress::{CompressOptions, Compression};
+use osbuilder::disk::erofs::Compression as ErofsCompression;
+use osbuilder::disk::ext4::{Ext4Size, Headroom};
+use osbuilder::disk::image::{DiskFormat, FsKind};
+use osbuilder::disk::layout::TableKind;
 use osbuilder::initrd::InitrdOptions;
 use osbuilder::oci::cache::BlobCache;
 use osbuilder::oci::manifest::Platform;
 use osbuilder::oci::{Image, ImageRef, PullOptions};
-use osbuilder::disk::ext4::{Ext4Size, Headroom};
-use osbuilder::disk::erofs::Compression as ErofsCompression;
-use osbuilder::disk::image::{DiskFormat, FsKind};
-use osbuilder::disk::layout::TableKind;
-use osbuilder::pipeline::{self, AddSpec, DiskJob, ImageSummary, InitrdJob, TreeJob};
+use osbuilder::pipeline::{self, AddSpec, DiskJob, ImageSummary, InitrdJob, RemoveSpec, TreeJob};
 use osbuilder::progress::Progress;
-use osbuilder::rootfs::RelPath;
+use osbuilder::rootfs::{Intake, Limits, RelPath};
 
 mod cli_push;
 mod cli_vm;
@@ -68,6 +68,14 @@ struct PullArgs {
     platform: Platform,
     #[command(flatten)]
     registry: RegistryArgs,
+    /// Retries of a failed registry request or blob transfer (a transfer
+    /// cut short resumes at the byte it reached).
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    /// Seconds a registry may leave a request without an answer or a
+    /// transfer without a byte.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 /// How to reach a registry and where blobs are kept: pulls and pushes alike.
@@ -97,6 +105,8 @@ impl PullArgs {
             cache: self.registry.cache(),
             credentials: self.registry.creds.clone(),
             insecure: self.registry.insecure,
+            retries: self.retries,
+            timeout: std::time::Duration::from_secs(self.timeout.max(1)),
             ..PullOptions::default()
         }
     }
@@ -139,7 +149,8 @@ struct InitrdArgs {
     #[arg(long, required_unless_present = "agent_only")]
     image: Option<ImageRef>,
     /// The guest init (a static `osb-init`): placed at /init, with the
-    /// image's Entrypoint/Cmd/Env/WorkingDir/User at /etc/osb/run.json.
+    /// image's Entrypoint/Cmd/Env/WorkingDir/User at /etc/osb/run.json and
+    /// /.osb/initrd-complete as the archive's last entry (init checks it).
     #[arg(long, value_name = "PATH")]
     init: Option<PathBuf>,
     /// No image: an initrd holding only --init (the agent-only guest).
@@ -157,7 +168,8 @@ struct InitrdArgs {
     /// Compression threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Memory of the target guest (e.g. 512M, 2G): warn when the initrd is large for it.
+    /// Memory of the target guest (e.g. 512M, 2G): warn when the unpacked tree
+    /// does not fit its rootfs (a tmpfs of half the RAM the kernel leaves).
     #[arg(long, default_value = "2G", value_parser = pipeline::parse_mem_size)]
     guest_mem: u64,
     #[command(flatten)]
@@ -269,9 +281,14 @@ struct TreeArgs {
     /// Add a host file or directory: SRC:DEST[:MODE] (repeatable).
     #[arg(long, value_name = "SRC:DEST[:MODE]")]
     add: Vec<AddSpec>,
-    /// Remove a path from the image (repeatable).
+    /// Remove a path from the image (repeatable); symlinked parents are
+    /// followed inside the image (/bin/ls is /usr/bin/ls when /bin -> usr/bin).
+    /// A path that is not there is an error.
     #[arg(long, value_name = "PATH", value_parser = |s: &str| RelPath::parse_user(s).map_err(|e| e.to_string()))]
     remove: Vec<RelPath>,
+    /// Like --remove, but a path that is not there is only a warning (repeatable).
+    #[arg(long, value_name = "PATH", value_parser = |s: &str| RelPath::parse_user(s).map_err(|e| e.to_string()))]
+    remove_if_present: Vec<RelPath>,
     /// Clamp every mtime to this (default: the image's `created`, else 0).
     #[arg(long, env = "SOURCE_DATE_EPOCH")]
     source_date_epoch: Option<i64>,
@@ -280,6 +297,51 @@ struct TreeArgs {
     report: Option<PathBuf>,
     #[command(flatten)]
     pull: PullArgs,
+    #[command(flatten)]
+    intake: IntakeArgs,
+}
+
+/// Limits on what an image's layers may make the build hold, and where
+/// their file data is spooled. A layer over a limit is refused naming it.
+#[derive(Args)]
+struct IntakeArgs {
+    /// Most file data all layers may hold together (sparse files at their full size).
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = pipeline::parse_disk_size)]
+    max_spool_bytes: u64,
+    /// Most entries all layers may hold together.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries)]
+    max_entries: u64,
+    /// Most bytes of names, link targets and PAX records (xattrs) all layers may hold together.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = pipeline::parse_disk_size)]
+    max_metadata_bytes: u64,
+    /// Most directories above an entry.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_path_depth)]
+    max_path_depth: usize,
+    /// Largest header record (PAX header, GNU long name or link, sparse map).
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = pipeline::parse_disk_size)]
+    max_header_bytes: u64,
+    /// Most uncompressed bytes per compressed byte of a layer (past its first 64 MiB).
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_ratio, value_parser = clap::value_parser!(u64).range(1..))]
+    max_ratio: u64,
+    /// Where layer file data is spooled [default: $TMPDIR, else /tmp unless it is a tmpfs, else /var/tmp].
+    #[arg(long, value_name = "DIR", env = "OSBUILDER_TMP_DIR")]
+    tmp_dir: Option<PathBuf>,
+}
+
+impl IntakeArgs {
+    fn intake(&self) -> Intake {
+        Intake {
+            limits: Limits {
+                max_spool_bytes: self.max_spool_bytes,
+                max_entries: self.max_entries,
+                max_metadata_bytes: self.max_metadata_bytes,
+                max_path_depth: self.max_path_depth,
+                max_header_bytes: self.max_header_bytes,
+                max_ratio: self.max_ratio,
+            },
+            spool_dir: self.tmp_dir.clone(),
+        }
+    }
 }
 
 impl TreeArgs {
@@ -289,8 +351,10 @@ impl TreeArgs {
             pull: self.pull.options(),
             source_date_epoch: self.source_date_epoch,
             adds: self.add.clone(),
-            removes: self.remove.clone(),
-            spool_dir: None,
+            removes: (self.remove.iter().map(|path| RemoveSpec { path: path.clone(), if_present: false }))
+                .chain(self.remove_if_present.iter().map(|path| RemoveSpec { path: path.clone(), if_present: true }))
+                .collect(),
+            intake: self.intake.intake(),
             init,
         }
     }
@@ -358,6 +422,8 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
         compression: CompressOptions { kind: args.compress, level: args.level, threads: args.threads },
         source_date_epoch: 0,
         guest_mem: Some(args.guest_mem),
+        // Set by the pipeline when the initrd holds our init.
+        completion_marker: false,
     };
     let Some(image) = args.image else {
         // --agent-only (clap requires --init with it and --image without it).
@@ -376,7 +442,7 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
     };
     let job = InitrdJob { tree: args.tree.job(image, args.init), output: args.output, initrd: options };
     let report = pipeline::build_initrd(&job, progress).with_context(|| format!("building an initrd from {}", job.tree.image))?;
-    for w in &report.initrd.warnings {
+    for w in report.build.warnings.iter().chain(&report.initrd.warnings) {
         eprintln!("osbuilder: warning: {w}");
     }
     if report.initrd.dropped_xattrs > 0 {
@@ -429,11 +495,7 @@ fn check_report_path(report: Option<&std::path::Path>, output: &std::path::Path)
 fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
     check_report_path(args.tree.report.as_deref(), &args.output)?;
     if args.fs == FsKind::Erofs {
-        let ext4_only = [
-            (args.headroom.is_some(), "--headroom"),
-            (args.reserved_percent != 0.0, "--reserved-percent"),
-            (args.no_journal, "--no-journal"),
-        ];
+        let ext4_only = [(args.headroom.is_some(), "--headroom"), (args.reserved_percent != 0.0, "--reserved-percent"), (args.no_journal, "--no-journal")];
         if let Some((_, flag)) = ext4_only.iter().find(|(given, _)| *given) {
             anyhow::bail!("{flag} is for ext4; erofs is read-only, sized to its content, and has no journal");
         }
@@ -468,6 +530,9 @@ fn disk(args: DiskArgs, progress: &Progress) -> anyhow::Result<()> {
         verity: args.verity,
     };
     let report = pipeline::build_disk(&job, progress).with_context(|| format!("building a disk from {}", job.tree.image))?;
+    for w in &report.build.warnings {
+        eprintln!("osbuilder: warning: {w}");
+    }
     let d = &report.disk;
     eprintln!(
         "osbuilder: wrote {} ({} {} bytes{}, {} {}{}{}, filesystem at byte {} size {}, {} inodes, sha256 {}) in {:.2}s",

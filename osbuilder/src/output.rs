@@ -5,8 +5,9 @@
 //! where a good one is expected: the temporary file is removed when the
 //! [`Staged`] value is dropped without [`Staged::commit`] (an error, a
 //! panic), and a SIGINT, SIGTERM or SIGHUP removes every file still staged
-//! before the process dies as the signal would have it. The rename replaces
-//! an existing output only once the new one is complete and on disk.
+//! before the process dies as the signal would have it (and every blob still
+//! being written into the cache, through [`SignalCleanup`]). The rename
+//! replaces an existing output only once the new one is complete and on disk.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -122,6 +123,25 @@ impl Drop for Staged {
             unregister(tmp.path());
             // NamedTempFile's own drop removes the file.
         }
+    }
+}
+
+/// Another temporary file (a blob on its way into the cache) that a signal
+/// must not leave behind: registered while this value lives.
+#[derive(Debug)]
+pub(crate) struct SignalCleanup(PathBuf);
+
+impl SignalCleanup {
+    pub(crate) fn new(path: &Path) -> SignalCleanup {
+        watch_signals();
+        STAGED.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
+        SignalCleanup(path.to_path_buf())
+    }
+}
+
+impl Drop for SignalCleanup {
+    fn drop(&mut self) {
+        unregister(&self.0);
     }
 }
 

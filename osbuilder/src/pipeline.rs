@@ -7,12 +7,18 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::disk::{self, erofs::Compression, ext4::Ext4Size, image::{Cmdline, DiskFormat, DiskOptions, DiskReport, FsKind, ImageError}, layout::TableKind};
+use crate::disk::{
+    self,
+    erofs::Compression,
+    ext4::Ext4Size,
+    image::{Cmdline, DiskFormat, DiskOptions, DiskReport, FsKind, ImageError},
+    layout::TableKind,
+};
 use crate::initrd::{self, InitrdError, InitrdOptions, InitrdReport};
 use crate::oci::digest::Digest;
 use crate::oci::{Image, ImageRef, LayerInfo, OciError, PullOptions};
 use crate::progress::Progress;
-use crate::rootfs::{HostAddError, LayerStats, PathError, Plan, RelPath, Tree, TreeStats};
+use crate::rootfs::{HostAddError, Intake, LayerStats, PathError, Plan, RelPath, Tree, TreeStats};
 use sha2::Digest as _;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +60,14 @@ impl FromStr for AddSpec {
     }
 }
 
+/// `--remove PATH` or, with `if_present`, `--remove-if-present PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoveSpec {
+    pub path: RelPath,
+    /// A path that is not in the image is a warning, not an error.
+    pub if_present: bool,
+}
+
 /// Where SOURCE_DATE_EPOCH came from, recorded in the report.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -71,9 +85,9 @@ pub struct TreeJob {
     /// `None`: use the image config's `created`, else 0.
     pub source_date_epoch: Option<i64>,
     pub adds: Vec<AddSpec>,
-    pub removes: Vec<RelPath>,
-    /// Where layer file data is spooled (default: the system temp dir).
-    pub spool_dir: Option<PathBuf>,
+    pub removes: Vec<RemoveSpec>,
+    /// The intake's limits and where layer file data is spooled.
+    pub intake: Intake,
     /// The guest init (static `osb-init`), with the image's run config at
     /// [`RUN_CONFIG_PATH`]; where it goes depends on the output kind.
     pub init: Option<PathBuf>,
@@ -151,7 +165,8 @@ pub fn build_agent_initrd(init: &Path, output: &Path, opts: &InitrdOptions, prog
     let mut tree = Tree::new();
     add_guest_init(&mut tree, init, INITRD_INIT_PATH, None, opts.source_date_epoch)?;
     let bar = progress.bytes("write", tree.stats().file_bytes);
-    let report = initrd::write_initrd(&tree, output, opts, &bar)?;
+    let opts = InitrdOptions { completion_marker: true, ..opts.clone() };
+    let report = initrd::write_initrd(&tree, output, &opts, &bar)?;
     bar.finish_and_clear();
     Ok(report)
 }
@@ -203,6 +218,10 @@ pub struct BuildSummary {
     pub layers: Vec<LayerReport>,
     pub tree: TreeStatsReport,
     pub output: PathBuf,
+    /// What the build let pass but the user should know (`--remove-if-present`
+    /// paths that were not there).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl BuildSummary {
@@ -214,6 +233,7 @@ impl BuildSummary {
             layers: stats.into_iter().map(Into::into).collect(),
             tree: tree.into(),
             output: output.to_path_buf(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -261,8 +281,15 @@ pub struct Timings {
 }
 
 /// Resolves the image and builds the guest tree (layers, then removals, then
-/// additions), returning it with what the build needs to report.
-pub fn build_tree(job: &TreeJob, init_path: &str, progress: &Progress, timings: &mut Timings) -> Result<(Image, Tree, Vec<LayerStats>, i64, EpochSource), BuildError> {
+/// additions), returning it with what the build needs to report (the last
+/// element: warnings).
+#[allow(clippy::type_complexity)]
+pub fn build_tree(
+    job: &TreeJob,
+    init_path: &str,
+    progress: &Progress,
+    timings: &mut Timings,
+) -> Result<(Image, Tree, Vec<LayerStats>, i64, EpochSource, Vec<String>), BuildError> {
     let t = Instant::now();
     let image = Image::open(&job.image, &job.pull, progress)?;
     timings.resolve = t.elapsed().as_secs_f64();
@@ -273,10 +300,8 @@ pub fn build_tree(job: &TreeJob, init_path: &str, progress: &Progress, timings: 
     };
     let t = Instant::now();
     let mut tree = Tree::new();
-    let stats = image.apply_layers(&mut tree, job.spool_dir.as_deref(), job.pull.fetch_jobs, progress)?;
-    for path in &job.removes {
-        tree.remove(path);
-    }
+    let stats = image.apply_layers(&mut tree, &job.intake, job.pull.fetch_jobs, progress)?;
+    let warnings = remove_paths(&mut tree, &job.removes)?;
     if let Some(init) = &job.init {
         add_guest_init(&mut tree, init, init_path, Some(&GuestRunConfig::of(&image.config.config)), epoch)?;
     }
@@ -284,7 +309,24 @@ pub fn build_tree(job: &TreeJob, init_path: &str, progress: &Progress, timings: 
         tree.add_host_path(&add.src, &add.dest, add.mode, epoch)?;
     }
     timings.layers = t.elapsed().as_secs_f64();
-    Ok((image, tree, stats, epoch, epoch_source))
+    Ok((image, tree, stats, epoch, epoch_source, warnings))
+}
+
+/// `--remove` and `--remove-if-present`: a `--remove` path that is not in
+/// the image is an error (a typo or a path under a symlink the user did not
+/// expect would otherwise leave the file in silently); a
+/// `--remove-if-present` one is a warning, returned.
+fn remove_paths(tree: &mut Tree, removes: &[RemoveSpec]) -> Result<Vec<String>, BuildError> {
+    let paths: Vec<&RelPath> = removes.iter().map(|r| &r.path).collect();
+    let found = tree.remove_all(&paths);
+    let mut warnings = Vec::new();
+    for (remove, _) in removes.iter().zip(found).filter(|(_, found)| !found) {
+        if !remove.if_present {
+            return Err(BuildError::Usage(format!("--remove {}: not in the image; use --remove-if-present for a path that may be missing", remove.path)));
+        }
+        warnings.push(format!("--remove-if-present {}: not in the image, nothing removed", remove.path));
+    }
+    Ok(warnings)
 }
 
 /// The whole `osbuilder initrd` job.
@@ -293,9 +335,10 @@ pub fn build_initrd(job: &InitrdJob, progress: &Progress) -> Result<InitrdBuildR
         return Err(BuildError::Usage(format!("output {} is a directory; give a file name", job.output.display())));
     }
     let mut timings = Timings::default();
-    let (image, tree, stats, epoch, epoch_source) = build_tree(&job.tree, INITRD_INIT_PATH, progress, &mut timings)?;
+    let (image, tree, stats, epoch, epoch_source, warnings) = build_tree(&job.tree, INITRD_INIT_PATH, progress, &mut timings)?;
     let t = Instant::now();
-    let opts = InitrdOptions { source_date_epoch: epoch, ..job.initrd.clone() };
+    // Our init checks the marker; an initrd for another init goes without.
+    let opts = InitrdOptions { source_date_epoch: epoch, completion_marker: job.tree.init.is_some(), ..job.initrd.clone() };
     // newc adds a 110-byte header plus the name and padding per entry.
     let tree_stats = tree.stats();
     let estimate = tree_stats.file_bytes + tree_stats.entries * 192;
@@ -304,7 +347,7 @@ pub fn build_initrd(job: &InitrdJob, progress: &Progress) -> Result<InitrdBuildR
     bar.finish_and_clear();
     timings.write = t.elapsed().as_secs_f64();
     Ok(InitrdBuildReport {
-        build: BuildSummary::new(&image, stats, tree_stats, epoch, epoch_source, &job.output),
+        build: BuildSummary { warnings, ..BuildSummary::new(&image, stats, tree_stats, epoch, epoch_source, &job.output) },
         compression: format!("{:?}", job.initrd.compression.kind).to_lowercase(),
         initrd: report,
         seconds: timings,
@@ -365,7 +408,7 @@ fn disk_seed(job: &DiskJob, image: &Image, epoch: i64) -> [u8; 32] {
         field(&std::fs::metadata(&add.src).map(|m| m.len()).unwrap_or(0).to_le_bytes());
     }
     for remove in &job.tree.removes {
-        field(&remove.to_bytes());
+        field(&remove.path.to_bytes());
     }
     field(format!("{:?} {:?} {} {:?} {} {:?} {}", job.fs, job.table, job.dax, job.size, job.reserved_percent, job.label, job.journal).as_bytes());
     if job.compression != Compression::None {
@@ -385,16 +428,14 @@ pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport,
         return Err(BuildError::Usage("--qcow2-compress needs --format qcow2".into()));
     }
     if job.dax && job.format == DiskFormat::Qcow2 {
-        return Err(BuildError::Usage(
-            "--dax makes a disk for an NVDIMM, which maps the file as it is: it must be raw (--format raw), not qcow2".into(),
-        ));
+        return Err(BuildError::Usage("--dax makes a disk for an NVDIMM, which maps the file as it is: it must be raw (--format raw), not qcow2".into()));
     }
     check_output_dir(&job.output)?;
     if job.output.is_dir() {
         return Err(BuildError::Usage(format!("output {} is a directory; give a file name", job.output.display())));
     }
     let mut timings = Timings::default();
-    let (image, tree, stats, epoch, epoch_source) = build_tree(&job.tree, DISK_INIT_PATH, progress, &mut timings)?;
+    let (image, tree, stats, epoch, epoch_source, warnings) = build_tree(&job.tree, DISK_INIT_PATH, progress, &mut timings)?;
     let t = Instant::now();
     let plan = Plan::new(&tree).map_err(|e| BuildError::Disk(e.into()))?;
     let opts = DiskOptions {
@@ -416,7 +457,7 @@ pub fn build_disk(job: &DiskJob, progress: &Progress) -> Result<DiskBuildReport,
     let disk = disk::image::write_disk(&plan, &opts, &job.output)?;
     timings.write = t.elapsed().as_secs_f64();
     Ok(DiskBuildReport {
-        build: BuildSummary::new(&image, stats, tree.stats(), epoch, epoch_source, &job.output),
+        build: BuildSummary { warnings, ..BuildSummary::new(&image, stats, tree.stats(), epoch, epoch_source, &job.output) },
         cmdline: disk.cmdline.clone(),
         disk,
         seconds: timings,

@@ -100,11 +100,16 @@ impl DiskAttach {
                 if format != "raw" {
                     return Err(VmError::Io {
                         context: format!("{path} cannot back an NVDIMM"),
-                        source: io::Error::other("an NVDIMM maps the file as it is, so it must be a raw image, not qcow2; boot it through virtio-blk or virtio-scsi"),
+                        source: io::Error::other(
+                            "an NVDIMM maps the file as it is, so it must be a raw image, not qcow2; boot it through virtio-blk or virtio-scsi",
+                        ),
                     });
                 }
                 if mmio {
-                    return Err(VmError::Io { context: "pmem needs an NVDIMM".into(), source: io::Error::other("QEMU's microvm has no NVDIMM: use --machine q35") });
+                    return Err(VmError::Io {
+                        context: "pmem needs an NVDIMM".into(),
+                        source: io::Error::other("QEMU's microvm has no NVDIMM: use --machine q35"),
+                    });
                 }
                 let size = std::fs::metadata(&self.path).map_err(|source| VmError::Io { context: format!("cannot read {path}"), source })?.len();
                 vec![
@@ -114,7 +119,9 @@ impl DiskAttach {
                     "nvdimm,id=nv0,memdev=mem0,unarmed=on".into(),
                 ]
             }
-            Via::VirtioBlk => vec!["-drive".into(), drive, "-device".into(), if mmio { "virtio-blk-device,drive=disk0" } else { "virtio-blk-pci,drive=disk0" }.into()],
+            Via::VirtioBlk => {
+                vec!["-drive".into(), drive, "-device".into(), if mmio { "virtio-blk-device,drive=disk0" } else { "virtio-blk-pci,drive=disk0" }.into()]
+            }
             Via::VirtioScsi => vec![
                 "-device".into(),
                 if mmio { "virtio-scsi-device,id=scsi0" } else { "virtio-scsi-pci,id=scsi0" }.into(),
@@ -253,10 +260,13 @@ fn spawn_qemu(cfg: &VmConfig, accel: &str, vu: &Path, console: &Path, qemu_log: 
     q.args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"]);
     q.arg("-serial").arg(format!("file:{}", console.display()));
     q.arg("-chardev").arg(format!("socket,id=vsock0,path={}", vu.display()));
-    q.args(["-device", match cfg.machine {
-        Machine::Microvm => "vhost-user-vsock-device,chardev=vsock0",
-        Machine::Q35 => "vhost-user-vsock-pci,chardev=vsock0",
-    }]);
+    q.args([
+        "-device",
+        match cfg.machine {
+            Machine::Microvm => "vhost-user-vsock-device,chardev=vsock0",
+            Machine::Q35 => "vhost-user-vsock-pci,chardev=vsock0",
+        },
+    ]);
     q.arg("-kernel").arg(&cfg.kernel);
     if let Some(initrd) = &cfg.initrd {
         q.arg("-initrd").arg(initrd);
@@ -366,7 +376,9 @@ impl Vm {
     pub fn check_running(&mut self, what: &str) -> Result<(), VmError> {
         self.kvm_fallback()?;
         match self.exited() {
-            Some(status) => Err(VmError::Exited { what: what.to_string(), status: status.to_string(), console: self.console.clone(), tail: self.console_tail() }),
+            Some(status) => {
+                Err(VmError::Exited { what: what.to_string(), status: status.to_string(), console: self.console.clone(), tail: self.console_tail() })
+            }
             None => Ok(()),
         }
     }
@@ -379,7 +391,11 @@ impl Vm {
             }
             self.check_running(&format!("{needle:?} showed on the console"))?;
             if self.started.elapsed() > limit {
-                return Err(VmError::Timeout { what: format!("{needle:?} on the console"), secs: limit.as_secs(), detail: format!("; console:\n{}", self.console_tail()) });
+                return Err(VmError::Timeout {
+                    what: format!("{needle:?} on the console"),
+                    secs: limit.as_secs(),
+                    detail: format!("; console:\n{}", self.console_tail()),
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -420,7 +436,11 @@ impl Vm {
                 }
             }
             if start.elapsed() > limit {
-                return Err(VmError::Timeout { what: format!("the agent at {endpoint}"), secs: limit.as_secs(), detail: format!("; console:\n{}", self.console_tail()) });
+                return Err(VmError::Timeout {
+                    what: format!("the agent at {endpoint}"),
+                    secs: limit.as_secs(),
+                    detail: format!("; console:\n{}", self.console_tail()),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -432,12 +452,7 @@ impl Vm {
     /// vhost-device-vsock 0.3, on q35 and microvm; the guest is fine, the
     /// host side never connects; not understood yet) gets exactly one fresh
     /// start, reported through `on_retry`; any other failure is returned.
-    pub fn start_with_agent(
-        cfg: &VmConfig,
-        port: u32,
-        limit: Duration,
-        on_retry: &mut dyn FnMut(&str),
-    ) -> Result<(Vm, osb_agent::client::Client), VmError> {
+    pub fn start_with_agent(cfg: &VmConfig, port: u32, limit: Duration, on_retry: &mut dyn FnMut(&str)) -> Result<(Vm, osb_agent::client::Client), VmError> {
         let mut vm = Vm::start(cfg)?;
         match vm.wait_for_agent(port, limit) {
             Ok(client) => Ok((vm, client)),

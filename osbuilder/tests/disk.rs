@@ -22,8 +22,19 @@ use common::*;
 const MIB: u64 = 1 << 20;
 const GPT_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const EXT4_FEATURES: &[&str] = &[
-    "has_journal", "ext_attr", "dir_index", "filetype", "extent", "64bit", "flex_bg", "sparse_super", "large_file",
-    "huge_file", "dir_nlink", "extra_isize", "metadata_csum",
+    "has_journal",
+    "ext_attr",
+    "dir_index",
+    "filetype",
+    "extent",
+    "64bit",
+    "flex_bg",
+    "sparse_super",
+    "large_file",
+    "huge_file",
+    "dir_nlink",
+    "extra_isize",
+    "metadata_csum",
 ];
 
 // ---------------------------------------------------------------------------
@@ -66,7 +77,6 @@ fn build_disk(image: &str, dir: &Path, name: &str, extra: &[&str], cache: &Path)
     Disk { img, report }
 }
 
-
 // ---------------------------------------------------------------------------
 // Oracles
 // ---------------------------------------------------------------------------
@@ -83,10 +93,7 @@ fn assert_e2fsck_clean(fs_image: &Path) -> String {
 /// `dumpe2fs -h`, as "Field name" -> value.
 fn dumpe2fs(fs_image: &Path) -> BTreeMap<String, String> {
     let out = run_stdout(tool("dumpe2fs").arg("-h").arg(fs_image));
-    out.lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
+    out.lines().filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect()
 }
 
 fn num(map: &BTreeMap<String, String>, key: &str) -> u64 {
@@ -273,12 +280,7 @@ fn drop_lost_found(ours: &mut BTreeMap<String, Entry>, theirs: &BTreeMap<String,
 /// The filesystem's tree (debugfs) equals umoci's unpack of the image,
 /// except for the paths in `added` (which must exist in ours and are then
 /// dropped). Returns both snapshots.
-fn assert_fs_matches_umoci(
-    fs_image: &Path,
-    layout: &Path,
-    tag: &str,
-    added: &[&str],
-) -> (BTreeMap<String, Entry>, BTreeMap<String, Entry>, Scratch) {
+fn assert_fs_matches_umoci(fs_image: &Path, layout: &Path, tag: &str, added: &[&str]) -> (BTreeMap<String, Entry>, BTreeMap<String, Entry>, Scratch) {
     let (mut ours, _) = debugfs_tree(fs_image);
     let unpacked = umoci_unpack(layout, tag);
     let theirs = tree_snapshot(&unpacked);
@@ -408,13 +410,8 @@ fn gpt_disk_has_the_discoverable_root_partition() {
     let verify = run_stdout(tool("sgdisk").arg("-v").arg(&disk.img));
     assert!(verify.contains("No problems found"), "sgdisk -v:\n{verify}");
     let info = run_stdout(tool("sgdisk").args(["-i", "1"]).arg(&disk.img));
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_else(|| panic!("sgdisk -i 1 has no {name:?}:\n{info}"))
-            .trim()
-            .to_string()
-    };
+    let field =
+        |name: &str| info.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_else(|| panic!("sgdisk -i 1 has no {name:?}:\n{info}")).trim().to_string();
     assert!(field("Partition GUID code:").starts_with(GPT_ROOT_X86_64), "{info}");
     let first_sector: u64 = field("First sector:").split_whitespace().next().unwrap().parse().unwrap();
     let last_sector: u64 = field("Last sector:").split_whitespace().next().unwrap().parse().unwrap();
@@ -472,10 +469,7 @@ fn dax_disk_has_the_pfn_block_and_the_filesystem_at_3_mib() {
     assert_eq!(inner[0].start, 2048, "from 2 MiB on, partition 1 starts at sector 2048: {inner:?}");
 
     assert_e2fsck_clean(&disk.extract_fs(&tmp.path().join("p1")));
-    assert_eq!(
-        disk.report["cmdline"]["pmem"],
-        "root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4 init=/.osb/init"
-    );
+    assert_eq!(disk.report["cmdline"]["pmem"], "root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4 init=/.osb/init");
     for (via, line) in disk.report["cmdline"].as_object().unwrap() {
         assert!(line.as_str().unwrap().ends_with(" init=/.osb/init"), "{via}: {line}");
     }
@@ -514,14 +508,7 @@ fn guest_init_goes_beside_the_images_own_init() {
 
 /// The bytes of an xattr of a host file, read by python3's os.getxattr.
 fn host_xattr_hex(path: &Path, name: &str) -> String {
-    run_stdout(
-        tool("python3")
-            .args(["-c", "import os,sys; print(os.getxattr(sys.argv[1], sys.argv[2]).hex())"])
-            .arg(path)
-            .arg(name),
-    )
-    .trim()
-    .to_string()
+    run_stdout(tool("python3").args(["-c", "import os,sys; print(os.getxattr(sys.argv[1], sys.argv[2]).hex())"]).arg(path).arg(name)).trim().to_string()
 }
 
 #[test]
@@ -686,9 +673,7 @@ fn sigint_during_the_write_leaves_nothing_behind() {
     fs::create_dir(&dir).unwrap();
     let out = dir.join("interrupted.img");
     let mut cmd = osbuilder();
-    cmd.args(["disk", "--image", &debian_image(), "-o", path_str(&out), "--add", &format!("{}:/big", big.display())])
-        .arg("--cache-dir")
-        .arg(shared_cache());
+    cmd.args(["disk", "--image", &debian_image(), "-o", path_str(&out), "--add", &format!("{}:/big", big.display())]).arg("--cache-dir").arg(shared_cache());
     // Let it write a little, then interrupt.
     assert_sigint_leaves_nothing(cmd, &dir, Duration::from_millis(100));
 }
@@ -724,9 +709,21 @@ fn options_label_journal_reserve_epoch_add_and_remove() {
         tmp.path(),
         "opts.img",
         &[
-            "--label", "osb-root", "--no-journal", "--reserved-percent", "5", "--source-date-epoch", "86400",
-            "--add", &format!("{}:/opt/new/secret.conf:0600", host.display()),
-            "--remove", "/srv/mib", "--remove", "/links/b/two", "--remove", "/srv/sticky",
+            "--label",
+            "osb-root",
+            "--no-journal",
+            "--reserved-percent",
+            "5",
+            "--source-date-epoch",
+            "86400",
+            "--add",
+            &format!("{}:/opt/new/secret.conf:0600", host.display()),
+            "--remove",
+            "/srv/mib",
+            "--remove",
+            "/links/b/two",
+            "--remove",
+            "/srv/sticky",
         ],
         &shared_cache(),
     );
@@ -737,7 +734,7 @@ fn options_label_journal_reserve_epoch_add_and_remove() {
     assert_eq!(disk.report["disk"]["filesystem"]["label"], "osb-root");
     let features: Vec<&str> = sb["Filesystem features"].split_whitespace().collect();
     assert!(!features.contains(&"has_journal"), "--no-journal: {features:?}");
-    assert!(sb.get("Journal inode").is_none(), "--no-journal: {sb:?}");
+    assert!(!sb.contains_key("Journal inode"), "--no-journal: {sb:?}");
     let (blocks, reserved) = (num(&sb, "Block count"), num(&sb, "Reserved block count"));
     assert!(reserved.abs_diff(blocks * 5 / 100) <= 1, "5% of {blocks} blocks reserved, got {reserved}");
 

@@ -117,12 +117,8 @@ fn assert_matches_umoci(disk: &Disk, layout: &Path, tag: &str) -> usize {
     let unpacked = umoci_unpack(layout, tag);
     let theirs = tree_snapshot(&unpacked);
     assert_trees_equal(&ours, &theirs);
-    let mtimes: Vec<String> = ours
-        .iter()
-        .filter(|(k, e)| theirs[*k].mtime.min(epoch) != e.mtime)
-        .take(10)
-        .map(|(k, e)| format!("{k}: {} != {}", e.mtime, theirs[k].mtime))
-        .collect();
+    let mtimes: Vec<String> =
+        ours.iter().filter(|(k, e)| theirs[*k].mtime.min(epoch) != e.mtime).take(10).map(|(k, e)| format!("{k}: {} != {}", e.mtime, theirs[k].mtime)).collect();
     assert!(mtimes.is_empty(), "mtimes differ: {mtimes:?}");
     ours.len()
 }
@@ -189,9 +185,8 @@ fn awkward_image_keeps_every_file_type_owner_link_and_xattr_in_erofs() {
         let root = m.0.path();
         assert_eq!(file_capability(&root.join("bin/cap")).as_deref(), Some("cap_net_admin,cap_net_raw=ep"));
         let unpacked = umoci_unpack(&awkward_layout(), AWKWARD_TAG);
-        let hex = |p: &Path, n: &str| {
-            run_stdout(tool("python3").args(["-c", "import os,sys; print(os.getxattr(sys.argv[1], sys.argv[2]).hex())"]).arg(p).arg(n))
-        };
+        let hex =
+            |p: &Path, n: &str| run_stdout(tool("python3").args(["-c", "import os,sys; print(os.getxattr(sys.argv[1], sys.argv[2]).hex())"]).arg(p).arg(n));
         assert_eq!(hex(&root.join("bin/cap"), "security.capability"), hex(&unpacked.join("bin/cap"), "security.capability"));
         assert_eq!(hex(&root.join("srv/tagged"), "user.osbuilder"), hex(&unpacked.join("srv/tagged"), "user.osbuilder"));
     }

@@ -178,7 +178,14 @@ fn the_image_cmd_runs_as_the_workload_under_its_user_and_workdir() {
     run(tool("umoci")
         .args(["config", "--image", &format!("{}:{DEBIAN_TAG}", layout.display()), "--tag", "workload"])
         .args(["--config.user", "nobody", "--config.workingdir", "/var/tmp", "--clear=config.cmd"])
-        .args(["--config.cmd", "/bin/sh", "--config.cmd", "-c", "--config.cmd", "sleep 3; echo workload-ran-as $(id -un):$(id -u):$(id -g) in $(pwd); exit 7"]));
+        .args([
+            "--config.cmd",
+            "/bin/sh",
+            "--config.cmd",
+            "-c",
+            "--config.cmd",
+            "sleep 3; echo workload-ran-as $(id -un):$(id -u):$(id -g) in $(pwd); exit 7",
+        ]));
     let init = guest_init();
     let initrd = dir.path().join("workload.zst");
     osbuilder_initrd(&["--compress", "zstd", "--image", &oci_ref(&layout, "workload"), "--init", init.to_str().unwrap()], &initrd);
@@ -310,7 +317,14 @@ fn debian_disk_boots_through_pmem_with_dax() {
     let (disk, report) = debian_disk(dir.path(), "dax", &["--dax"]);
     let cmdline = report["cmdline"]["pmem"].as_str().unwrap();
     assert!(cmdline.starts_with("root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4"), "{cmdline}");
-    let cfg = disk_vm(&disk, &report, osbuilder::vm::Via::Pmem, Machine::Q35, r#"osb.cmd=["/bin/sh","-c","echo workload-ran-from-$(stat -c %D /)"] osb.on_exit=stay"#, "disk-pmem");
+    let cfg = disk_vm(
+        &disk,
+        &report,
+        osbuilder::vm::Via::Pmem,
+        Machine::Q35,
+        r#"osb.cmd=["/bin/sh","-c","echo workload-ran-from-$(stat -c %D /)"] osb.on_exit=stay"#,
+        "disk-pmem",
+    );
     let (vm, client) = boot(&cfg);
     let root = root_mount(&client);
     assert!(root.starts_with("/dev/pmem0p1 / ext4 ro,"), "{root}");
@@ -392,7 +406,14 @@ fn erofs_lz4hc_disk_boots_through_virtio_blk() {
     let dir = tempfile::tempdir().unwrap();
     let (disk, report) = debian_disk(dir.path(), "erofs-lz4hc", &["--fs", "erofs", "--compress", "lz4hc"]);
     assert_eq!(report["cmdline"]["virtio-blk"], "root=/dev/vda1 rootfstype=erofs ro init=/.osb/init");
-    let cfg = disk_vm(&disk, &report, osbuilder::vm::Via::VirtioBlk, Machine::Microvm, r#"osb.cmd=["/bin/sh","-c","echo workload-ran-on-$(stat -f -c %T /)"] osb.on_exit=stay"#, "erofs-blk");
+    let cfg = disk_vm(
+        &disk,
+        &report,
+        osbuilder::vm::Via::VirtioBlk,
+        Machine::Microvm,
+        r#"osb.cmd=["/bin/sh","-c","echo workload-ran-on-$(stat -f -c %T /)"] osb.on_exit=stay"#,
+        "erofs-blk",
+    );
     let (vm, client) = boot(&cfg);
     let root = root_mount(&client);
     assert!(root.starts_with("/dev/vda1 / erofs ro,"), "{root}");
@@ -419,4 +440,62 @@ fn erofs_disk_boots_through_pmem_with_dax() {
     let host = run_stdout(tool("sha256sum").arg(debian_rootfs_file("usr/bin/bash")));
     assert_eq!(text.lines().nth(1).unwrap().split_whitespace().next(), host.split_whitespace().next(), "{text}");
     shutdown(vm, &client);
+}
+
+/// The number right after `label` in `text` (`"... label 123 MiB"` -> 123).
+fn number_after(text: &str, label: &str) -> Option<u64> {
+    let rest = &text[text.find(label)? + label.len()..];
+    rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// An initrd whose tree does not fit the kernel's rootfs (a tmpfs of half
+/// the RAM left after the kernel and the compressed initrd): the kernel
+/// stops unpacking ("Initramfs unpacking failed: write error") and still
+/// starts /init on the truncated tree. Our init misses the marker the
+/// builder writes last, says why and powers off before any workload runs;
+/// the builder warned beforehand with the limit the guest really has (init
+/// reports the rootfs size from /proc/mounts).
+#[test]
+fn an_initrd_larger_than_the_guests_rootfs_stops_in_init() {
+    let _one = one_guest_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("too-large.zst");
+    let init = guest_init();
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args([
+            "initrd",
+            "--quiet",
+            "--compress",
+            "zstd",
+            "--guest-mem",
+            "256M",
+            "--image",
+            &oci_ref(&debian_layout(), DEBIAN_TAG),
+            "--init",
+            init.to_str().unwrap(),
+            "-o",
+        ])
+        .arg(&initrd)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(r.status.success(), "{stderr}");
+
+    let cfg = vm_config(&initrd, Machine::Microvm, 256, r#"osb.cmd=["/bin/sh","-c","echo workload-ran"]"#, "too-large");
+    let mut vm = Vm::start(&cfg).unwrap();
+    let status = vm.wait_exit(BOOT_LIMIT).unwrap_or_else(|e| panic!("the guest must power off by itself: {e}"));
+    let console = vm.console_text();
+    eprintln!("guest ended: {status}; console:\n{console}");
+    assert!(console.contains("Initramfs unpacking failed"), "the kernel could not unpack it all: {console}");
+    assert!(console.contains("osb-init: initramfs incomplete: "), "init says so: {console}");
+    assert!(!console.contains("workload-ran"), "no workload on a truncated tree: {console}");
+    assert!(!console.contains("Kernel panic"), "{console}");
+
+    // The builder's limit is the guest's: within 4 MiB of the rootfs size
+    // the kernel gave (init prints /proc/mounts' size= for the rootfs).
+    let warning =
+        stderr.lines().find(|l| l.starts_with("osbuilder: warning: ") && l.contains("rootfs")).unwrap_or_else(|| panic!("no rootfs warning: {stderr}"));
+    let predicted = number_after(warning, "over the rootfs limit of about").unwrap_or_else(|| panic!("{warning}"));
+    let actual = number_after(&console, "the kernel's rootfs holds").unwrap_or_else(|| panic!("{console}"));
+    assert!(predicted.abs_diff(actual) <= 4, "builder: {predicted} MiB, guest: {actual} MiB\n{warning}");
 }

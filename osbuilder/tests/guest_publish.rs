@@ -41,7 +41,8 @@ fn an_uncompressed_containerdisk_boots_from_the_registry_blob_with_range_request
         .unwrap();
     assert!(push.status.success(), "osbuilder push: {}", String::from_utf8_lossy(&push.stderr));
     let pinned = String::from_utf8_lossy(&push.stdout).trim().to_string();
-    let manifest: serde_json::Value = serde_json::from_slice(&run(tool("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{pinned}"))).stdout).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&run(tool("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{pinned}"))).stdout).unwrap();
     let layer = &manifest["layers"][0];
     let ann = &layer["annotations"];
     let offset = ann["dev.osbuilder.disk.offset"].as_str().unwrap();

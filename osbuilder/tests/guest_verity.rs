@@ -163,29 +163,75 @@ fn a_flipped_byte_in_a_file_fails_only_that_file() {
 /// A wrong root hash on the command line, booted the initramfs way (an
 /// initrd holding only osb-init, `verity.initrd_cmdline`): dm-init still
 /// creates /dev/dm-0 (verity checks on read), mounting it fails, and init
-/// names the step and powers the VM off: no kernel panic.
+/// names the step and powers the VM off: no kernel panic. Then, with the
+/// right root hash, corrupted data that the mount itself reads: a byte
+/// flipped in the filesystem's block 0 (in the 1 KiB before ext4's
+/// superblock, which ext4 never looks at: only verity can object), and
+/// separately a byte flipped in the hash tree's top block. Both fail the
+/// same way at mount: dm-verity answers EIO for the block, so the boot
+/// stops in init with the verity hint, not later in a file read.
 #[test]
-fn a_wrong_root_hash_stops_the_boot_in_init_naming_the_step() {
+fn a_wrong_root_hash_or_corrupted_data_stops_the_boot_in_init_naming_the_step() {
     let _one = one_guest_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let (disk, report) = verity_disk(dir.path(), "wrong", &[]);
     let initrd = dir.path().join("agent-initrd.gz");
     let init = guest_init();
-    let r = tool(env!("CARGO_BIN_EXE_osbuilder")).args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "-o"]).arg(&initrd).output().unwrap();
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "-o"])
+        .arg(&initrd)
+        .output()
+        .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let root = report["disk"]["verity"]["root_hash"].as_str().unwrap();
-    let wrong: String = root.chars().enumerate().map(|(i, c)| if i == 10 { if c == '0' { '1' } else { '0' } } else { c }).collect();
+    let wrong: String = root
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 10 {
+                if c == '0' {
+                    '1'
+                } else {
+                    '0'
+                }
+            } else {
+                c
+            }
+        })
+        .collect();
     assert_ne!(wrong, root);
     let cmdline = report["disk"]["verity"]["initrd_cmdline"]["virtio-blk"].as_str().unwrap();
     assert!(cmdline.contains(root) && cmdline.contains("osb.root=/dev/dm-0"), "{cmdline}");
-    let cfg = vm(&disk, Some(initrd), cmdline.replace(root, &wrong), Via::VirtioBlk, Machine::Microvm, "verity-wrong-hash");
-    let mut vm = Vm::start(&cfg).unwrap();
-    let status = vm.wait_exit(BOOT_LIMIT).unwrap_or_else(|e| panic!("the guest must power off by itself: {e}"));
-    let console = vm.console_text();
-    assert!(console.contains("osb-init: mount root /dev/dm-0: ext4: Input/output error"), "init names the failing step: {console}");
-    assert!(console.contains("if it is dm-verity, the data does not match the root hash"), "{console}");
-    assert!(!console.contains("Kernel panic"), "{console}");
-    eprintln!("guest ended: {status}");
+    let stops_at_mount = |cmdline: String, kernel_says: &str, name: &str| {
+        let cfg = vm(&disk, Some(initrd.clone()), cmdline, Via::VirtioBlk, Machine::Microvm, name);
+        let mut vm = Vm::start(&cfg).unwrap();
+        let status = vm.wait_exit(BOOT_LIMIT).unwrap_or_else(|e| panic!("{name}: the guest must power off by itself: {e}"));
+        let console = vm.console_text();
+        assert!(console.contains("osb-init: mount root /dev/dm-0: ext4: Input/output error"), "{name}: init names the failing step: {console}");
+        assert!(console.contains("if it is dm-verity, the data does not match the root hash"), "{name}: {console}");
+        assert!(
+            console.contains("device-mapper: verity") && console.contains(kernel_says),
+            "{name}: the kernel's verity error ({kernel_says}) is on the console: {console}"
+        );
+        assert!(!console.contains("Kernel panic"), "{name}: {console}");
+        eprintln!("{name}: guest ended: {status}");
+    };
+    stops_at_mount(cmdline.replace(root, &wrong), "metadata block 0 is corrupted", "verity-wrong-hash");
+
+    let flip = |at: u64| {
+        let f = fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[!b[0]], at).unwrap();
+    };
+    let data = report["disk"]["partition"]["offset"].as_u64().unwrap();
+    let hash = report["disk"]["verity"]["hash_partition"]["offset"].as_u64().unwrap();
+    assert!(hash > data, "{}", report["disk"]);
+    flip(data + 512);
+    stops_at_mount(cmdline.to_string(), "data block 0 is corrupted", "verity-corrupt-block-0");
+    flip(data + 512);
+    flip(hash + 5);
+    stops_at_mount(cmdline.to_string(), "metadata block 0 is corrupted", "verity-corrupt-hash-tree");
 }
 
 /// Kata's DAX layout through an NVDIMM (q35): dm-verity over /dev/pmem0p1
@@ -220,7 +266,11 @@ fn vm_boot_takes_the_initramfs_arguments_from_the_report() {
     let report = dir.path().join("cli.json");
     let initrd = dir.path().join("agent-initrd.gz");
     let init = guest_init();
-    let r = tool(env!("CARGO_BIN_EXE_osbuilder")).args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "-o"]).arg(&initrd).output().unwrap();
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "-o"])
+        .arg(&initrd)
+        .output()
+        .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let k = default_kernel();
     let boot = |extra: &[&std::ffi::OsStr]| {

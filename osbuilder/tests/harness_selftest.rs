@@ -17,33 +17,21 @@ use serde_json::{json, Value};
 /// gzip and zstd layers through the matching external decompressor).
 fn layer_entries(layout: &Path, digest: &str) -> Vec<String> {
     let blob = layout_blob_path(layout, digest);
-    run_stdout(tool("tar").arg("-tf").arg(&blob))
-        .lines()
-        .map(|l| l.trim_end_matches('/').trim_start_matches("./").to_string())
-        .collect()
+    run_stdout(tool("tar").arg("-tf").arg(&blob)).lines().map(|l| l.trim_end_matches('/').trim_start_matches("./").to_string()).collect()
 }
 
 /// The direct children of `dir` in a snapshot, as full keys.
 fn children(tree: &BTreeMap<String, Entry>, dir: &str) -> Vec<String> {
     let prefix = format!("{dir}/");
-    tree.keys()
-        .filter(|k| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
-        .cloned()
-        .collect()
+    tree.keys().filter(|k| k.starts_with(&prefix) && !k[prefix.len()..].contains('/')).cloned().collect()
 }
 
 fn entry<'a>(tree: &'a BTreeMap<String, Entry>, path: &str) -> &'a Entry {
-    tree.get(path)
-        .unwrap_or_else(|| panic!("{path} missing from tree"))
+    tree.get(path).unwrap_or_else(|| panic!("{path} missing from tree"))
 }
 
 fn layer_digests(manifest: &Value) -> Vec<String> {
-    manifest["layers"]
-        .as_array()
-        .expect("manifest has layers")
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_string())
-        .collect()
+    manifest["layers"].as_array().expect("manifest has layers").iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -64,13 +52,7 @@ fn anonymous_registry_accepts_every_fixture_format() {
     assert_eq!(info["Architecture"], "amd64");
     assert_eq!(info["Os"], "linux");
     assert_eq!(info["Layers"].as_array().unwrap().len(), 2);
-    assert!(
-        info["Env"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("GREETING=hello world")),
-        "{info}"
-    );
+    assert!(info["Env"].as_array().unwrap().contains(&json!("GREETING=hello world")), "{info}");
     let raw = skopeo_inspect(&reg, "test/layered:v2", &["--raw"]);
     assert_eq!(raw["config"]["mediaType"], MT_OCI_CONFIG);
     for l in raw["layers"].as_array().unwrap() {
@@ -78,12 +60,7 @@ fn anonymous_registry_accepts_every_fixture_format() {
     }
 
     // Docker v2 schema 2, converted by skopeo.
-    push(
-        &oci_ref(&layered, "v2"),
-        &reg,
-        "test/layered:v2s2",
-        &["--format", "v2s2"],
-    );
+    push(&oci_ref(&layered, "v2"), &reg, "test/layered:v2s2", &["--format", "v2s2"]);
     let raw = skopeo_inspect(&reg, "test/layered:v2s2", &["--raw"]);
     assert_eq!(raw["mediaType"], MT_DOCKER_MANIFEST);
     for l in raw["layers"].as_array().unwrap() {
@@ -91,12 +68,7 @@ fn anonymous_registry_accepts_every_fixture_format() {
     }
 
     // zstd layers stay zstd in the registry.
-    push(
-        &oci_ref(&zstd_layout(), "v2"),
-        &reg,
-        "test/layered:zstd",
-        &[],
-    );
+    push(&oci_ref(&zstd_layout(), "v2"), &reg, "test/layered:zstd", &[]);
     let raw = skopeo_inspect(&reg, "test/layered:zstd", &["--raw"]);
     for l in raw["layers"].as_array().unwrap() {
         assert_eq!(l["mediaType"], MT_OCI_LAYER_ZSTD);
@@ -104,12 +76,7 @@ fn anonymous_registry_accepts_every_fixture_format() {
 
     // docker-archive source.
     let archive = docker_archive();
-    push(
-        &format!("docker-archive:{}", archive.display()),
-        &reg,
-        "test/from-archive:v2",
-        &[],
-    );
+    push(&format!("docker-archive:{}", archive.display()), &reg, "test/from-archive:v2", &[]);
     let info = skopeo_inspect(&reg, "test/from-archive:v2", &[]);
     assert_eq!(info["Layers"].as_array().unwrap().len(), 2);
     assert_eq!(info["Architecture"], "amd64");
@@ -118,31 +85,14 @@ fn anonymous_registry_accepts_every_fixture_format() {
     push_multiarch(&reg, "test/multi:latest");
     let raw = skopeo_inspect(&reg, "test/multi:latest", &["--raw"]);
     assert_eq!(raw["mediaType"], MT_OCI_INDEX);
-    let archs: Vec<&str> = raw["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["platform"]["architecture"].as_str().unwrap())
-        .collect();
+    let archs: Vec<&str> = raw["manifests"].as_array().unwrap().iter().map(|m| m["platform"]["architecture"].as_str().unwrap()).collect();
     assert_eq!(archs, ["amd64", "arm64"]);
     let amd = skopeo_inspect(&reg, "test/multi:latest", &["--override-arch", "amd64"]);
     assert_eq!(amd["Architecture"], "amd64");
-    assert!(
-        amd["Env"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("ARCH_MARKER=amd64")),
-        "{amd}"
-    );
+    assert!(amd["Env"].as_array().unwrap().contains(&json!("ARCH_MARKER=amd64")), "{amd}");
     let arm = skopeo_inspect(&reg, "test/multi:latest", &["--override-arch", "arm64"]);
     assert_eq!(arm["Architecture"], "arm64");
-    assert!(
-        arm["Env"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("ARCH_MARKER=arm64")),
-        "{arm}"
-    );
+    assert!(arm["Env"].as_array().unwrap().contains(&json!("ARCH_MARKER=arm64")), "{arm}");
 
     assert_eq!(reg.get_status("/v2/test/layered/tags/list", None), 200);
 }
@@ -156,31 +106,14 @@ fn htpasswd_registry_requires_credentials() {
     assert_eq!(reg.get_status("/v2/", Some(("alice", "wrong"))), 401);
 
     let src = oci_ref(&layered_layout(), "v2");
-    let err = try_push(&src, &reg, "private/layered:v2", &[], None)
-        .expect_err("an anonymous push to an htpasswd registry must fail");
-    assert!(
-        err.contains("unauthorized") || err.contains("authentication required"),
-        "unexpected error for an anonymous push: {err}"
-    );
-    let err = try_push(
-        &src,
-        &reg,
-        "private/layered:v2",
-        &[],
-        Some(("alice", "wrong")),
-    )
-    .expect_err("a push with a wrong password must fail");
-    assert!(
-        err.contains("unauthorized") || err.contains("authentication required"),
-        "{err}"
-    );
+    let err = try_push(&src, &reg, "private/layered:v2", &[], None).expect_err("an anonymous push to an htpasswd registry must fail");
+    assert!(err.contains("unauthorized") || err.contains("authentication required"), "unexpected error for an anonymous push: {err}");
+    let err = try_push(&src, &reg, "private/layered:v2", &[], Some(("alice", "wrong"))).expect_err("a push with a wrong password must fail");
+    assert!(err.contains("unauthorized") || err.contains("authentication required"), "{err}");
 
     push(&src, &reg, "private/layered:v2", &[]);
     let info = skopeo_inspect(&reg, "private/layered:v2", &[]);
-    assert_eq!(
-        info["Digest"],
-        layout_descriptor(&layered_layout(), "v2")["digest"]
-    );
+    assert_eq!(info["Digest"], layout_descriptor(&layered_layout(), "v2")["digest"]);
     assert!(try_skopeo_inspect(&reg, "private/layered:v2", &[], None).is_err());
 }
 
@@ -193,11 +126,7 @@ fn registries_use_distinct_ports_and_die_with_their_value() {
     assert!(pid_alive(pid));
     drop(a);
     assert!(!pid_alive(pid), "registry pid {pid} survived drop");
-    assert_eq!(
-        http_status(&addr, "/v2/", None),
-        None,
-        "something still answers on {addr}"
-    );
+    assert_eq!(http_status(&addr, "/v2/", None), None, "something still answers on {addr}");
     assert_eq!(b.get_status("/v2/", None), 200);
 
     // A panicking test unwinds through Drop too.
@@ -225,13 +154,7 @@ fn debian_layout_is_a_faithful_debootstrap_image() {
     assert_eq!(cfg["config"]["Cmd"], json!(["/bin/bash"]));
     assert_eq!(cfg["config"]["WorkingDir"], "/root");
     assert_eq!(cfg["config"]["User"], "root");
-    assert!(
-        cfg["config"]["Env"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("LANG=C.UTF-8")),
-        "{cfg}"
-    );
+    assert!(cfg["config"]["Env"].as_array().unwrap().contains(&json!("LANG=C.UTF-8")), "{cfg}");
 
     let rootfs = umoci_unpack(&layout, DEBIAN_TAG);
     let version = fs::read_to_string(rootfs.join("etc/debian_version")).unwrap();
@@ -244,18 +167,12 @@ fn debian_layout_is_a_faithful_debootstrap_image() {
     assert_eq!(entry(&tree, "usr/bin/bash").mode, 0o755);
     assert_eq!(entry(&tree, "usr/bin/su").mode & 0o4000, 0o4000);
     assert_eq!(entry(&tree, "dev/null").rdev, Some((1, 3)));
-    assert!(!tree
-        .keys()
-        .any(|k| k.starts_with("var/cache/apt/archives/") && k.ends_with(".deb")));
+    assert!(!tree.keys().any(|k| k.starts_with("var/cache/apt/archives/") && k.ends_with(".deb")));
 
     // umoci's round trip of the rootfs tarball is exact.
     let tar = debian_rootfs_tar();
     let extracted = tempfile::tempdir().unwrap();
-    run(tool("tar")
-        .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"])
-        .arg(&tar)
-        .arg("-C")
-        .arg(extracted.path()));
+    run(tool("tar").args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"]).arg(&tar).arg("-C").arg(extracted.path()));
     assert_trees_equal(&tree_snapshot(extracted.path()), &tree);
 }
 
@@ -275,19 +192,10 @@ fn layered_v2_applies_deletions_and_keeps_special_files() {
     }
     assert_eq!(children(&v2, "opt/replace"), ["opt/replace/new"]);
     assert_eq!(children(&v2, "usr/share/doc"), Vec::<String>::new());
-    assert_eq!(
-        entry(&v2, "etc/data").link_group.as_deref(),
-        Some("etc/data")
-    );
-    assert_eq!(
-        entry(&v2, "etc/data-link").link_group.as_deref(),
-        Some("etc/data")
-    );
+    assert_eq!(entry(&v2, "etc/data").link_group.as_deref(), Some("etc/data"));
+    assert_eq!(entry(&v2, "etc/data-link").link_group.as_deref(), Some("etc/data"));
     assert_eq!(entry(&v2, "etc/data").nlink, 2);
-    assert_eq!(
-        entry(&v2, "bin/hello-link").target.as_deref(),
-        Some("../etc/hello.txt")
-    );
+    assert_eq!(entry(&v2, "bin/hello-link").target.as_deref(), Some("../etc/hello.txt"));
     assert_eq!(entry(&v2, "bin/suid").mode, 0o4755);
     assert_eq!(entry(&v2, "bin/sgid").mode, 0o2755);
     assert_eq!(entry(&v2, "tmp").mode, 0o1777);
@@ -297,10 +205,7 @@ fn layered_v2_applies_deletions_and_keeps_special_files() {
     assert_eq!(entry(&v2, "tmp/fifo").kind, Kind::Fifo);
     assert_eq!(entry(&v2, "dev/testnull").kind, Kind::CharDev);
     assert_eq!(entry(&v2, "dev/testnull").rdev, Some((1, 3)));
-    assert_eq!(
-        file_capability(&v2_root.join("bin/ping")).as_deref(),
-        Some("cap_net_raw=ep")
-    );
+    assert_eq!(file_capability(&v2_root.join("bin/ping")).as_deref(), Some("cap_net_raw=ep"));
     assert_eq!(file_capability(&v2_root.join("bin/suid")), None);
 
     // The second layer carries real `.wh.` whiteouts, written by umoci.
@@ -308,16 +213,8 @@ fn layered_v2_applies_deletions_and_keeps_special_files() {
     let layers = layer_digests(&m);
     assert_eq!(layers.len(), 2);
     let entries = layer_entries(&layout, &layers[1]);
-    for wh in [
-        "etc/.wh.remove-me",
-        "usr/share/doc/.wh.pkg",
-        "opt/replace/.wh.old1",
-        "opt/replace/.wh.old2",
-    ] {
-        assert!(
-            entries.iter().any(|e| e == wh),
-            "layer 2 lacks {wh}: {entries:?}"
-        );
+    for wh in ["etc/.wh.remove-me", "usr/share/doc/.wh.pkg", "opt/replace/.wh.old1", "opt/replace/.wh.old2"] {
+        assert!(entries.iter().any(|e| e == wh), "layer 2 lacks {wh}: {entries:?}");
     }
 
     let cfg = layout_config(&layout, "v2");
@@ -331,9 +228,7 @@ fn layered_v2_applies_deletions_and_keeps_special_files() {
     let layers3 = layer_digests(&m3);
     assert_eq!(layers3.len(), 3);
     assert_eq!(layers3[..2], layers[..]);
-    assert!(layer_entries(&layout, &layers3[2])
-        .iter()
-        .any(|e| e == "var/lib/opaque/.wh..wh..opq"));
+    assert!(layer_entries(&layout, &layers3[2]).iter().any(|e| e == "var/lib/opaque/.wh..wh..opq"));
     let v3 = tree_snapshot(&umoci_unpack(&layout, "v3-opaque"));
     assert_eq!(children(&v3, "var/lib/opaque"), ["var/lib/opaque/fresh"]);
     for p in LAYERED_OPAQUE_HIDDEN {
@@ -341,10 +236,7 @@ fn layered_v2_applies_deletions_and_keeps_special_files() {
     }
     // Everything outside the opaque directory is as in v2.
     let outside = |t: &BTreeMap<String, Entry>| -> BTreeMap<String, Entry> {
-        t.iter()
-            .filter(|(k, _)| !k.starts_with("var"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        t.iter().filter(|(k, _)| !k.starts_with("var")).map(|(k, v)| (k.clone(), v.clone())).collect()
     };
     assert_trees_equal(&outside(&v2), &outside(&v3));
 }
@@ -359,18 +251,11 @@ fn zstd_layout_has_zstd_layers_with_the_original_diff_ids() {
             assert_eq!(l["mediaType"], MT_OCI_LAYER_ZSTD, "{tag}");
         }
         let cfg = layout_config(&zstd, tag);
-        assert_eq!(
-            cfg["rootfs"]["diff_ids"],
-            layout_config(&gzip, tag)["rootfs"]["diff_ids"],
-            "{tag}"
-        );
+        assert_eq!(cfg["rootfs"]["diff_ids"], layout_config(&gzip, tag)["rootfs"]["diff_ids"], "{tag}");
         let diff_ids: Vec<String> = layer_digests(&m)
             .iter()
             .map(|d| {
-                let plain = run(tool("zstd")
-                    .args(["-dc", "-q"])
-                    .arg(layout_blob_path(&zstd, d)))
-                .stdout;
+                let plain = run(tool("zstd").args(["-dc", "-q"]).arg(layout_blob_path(&zstd, d))).stdout;
                 format!("sha256:{}", sha256_hex(&plain))
             })
             .collect();
@@ -381,22 +266,11 @@ fn zstd_layout_has_zstd_layers_with_the_original_diff_ids() {
 #[test]
 fn docker_archive_holds_layered_v2() {
     let archive = docker_archive();
-    let manifest: Value = serde_json::from_str(&run_stdout(
-        tool("tar").arg("-xOf").arg(&archive).arg("manifest.json"),
-    ))
-    .unwrap();
+    let manifest: Value = serde_json::from_str(&run_stdout(tool("tar").arg("-xOf").arg(&archive).arg("manifest.json"))).unwrap();
     // skopeo writes the normalized name, not the short one it was given.
-    assert_eq!(
-        manifest[0]["RepoTags"],
-        json!(["docker.io/library/layered:v2"])
-    );
+    assert_eq!(manifest[0]["RepoTags"], json!(["docker.io/library/layered:v2"]));
     assert_eq!(manifest[0]["Layers"].as_array().unwrap().len(), 2);
-    let info: Value = serde_json::from_str(&run_stdout(
-        tool("skopeo")
-            .arg("inspect")
-            .arg(format!("docker-archive:{}", archive.display())),
-    ))
-    .unwrap();
+    let info: Value = serde_json::from_str(&run_stdout(tool("skopeo").arg("inspect").arg(format!("docker-archive:{}", archive.display())))).unwrap();
     assert_eq!(info["Architecture"], "amd64");
     assert_eq!(info["Layers"].as_array().unwrap().len(), 2);
 }
@@ -420,12 +294,7 @@ fn multiarch_layout_is_an_index_of_two_platforms() {
         let cfg = layout_json(&layout, manifest["config"]["digest"].as_str().unwrap());
         assert_eq!(cfg["architecture"], arch);
         let last = layer_digests(&manifest).pop().unwrap();
-        let marker = run_stdout(
-            tool("tar")
-                .arg("-xzOf")
-                .arg(layout_blob_path(&layout, &last))
-                .arg("etc/arch"),
-        );
+        let marker = run_stdout(tool("tar").arg("-xzOf").arg(layout_blob_path(&layout, &last)).arg("etc/arch"));
         assert_eq!(marker.trim(), arch);
     }
     assert_eq!(manifests[1]["platform"]["variant"], "v8");
@@ -437,42 +306,23 @@ fn cpio_oracles_round_trip_a_tree() {
     let source = tree_snapshot(&rootfs);
     let work = tempfile::tempdir().unwrap();
     let plain = work.path().join("initrd.cpio");
-    run(tool("sh").arg("-c").arg(format!(
-        "cd '{}' && find . | sort | cpio -o -H newc --quiet > '{}'",
-        rootfs.display(),
-        plain.display()
-    )));
+    run(tool("sh").arg("-c").arg(format!("cd '{}' && find . | sort | cpio -o -H newc --quiet > '{}'", rootfs.display(), plain.display())));
     let gz = work.path().join("initrd.cpio.gz");
     let zst = work.path().join("initrd.cpio.zst");
     fs::write(&gz, run(tool("gzip").arg("-c").arg(&plain)).stdout).unwrap();
-    fs::write(
-        &zst,
-        run(tool("zstd").args(["-c", "-q"]).arg(&plain)).stdout,
-    )
-    .unwrap();
+    fs::write(&zst, run(tool("zstd").args(["-c", "-q"]).arg(&plain)).stdout).unwrap();
 
-    for (file, compression) in [
-        (&plain, Compression::None),
-        (&gz, Compression::Gzip),
-        (&zst, Compression::Zstd),
-    ] {
+    for (file, compression) in [(&plain, Compression::None), (&gz, Compression::Gzip), (&zst, Compression::Zstd)] {
         assert_eq!(detect_compression(file), compression);
         let out = cpio_extract(file);
         let tree = tree_snapshot(&out);
         assert_trees_equal(&source, &tree);
         // cpio -m restores mtimes, so clamping can be checked on extracted trees.
-        assert_eq!(
-            entry(&tree, "etc/hello.txt").mtime,
-            entry(&source, "etc/hello.txt").mtime
-        );
+        assert_eq!(entry(&tree, "etc/hello.txt").mtime, entry(&source, "etc/hello.txt").mtime);
     }
 
     let list = cpio_list(&gz);
-    assert_eq!(
-        list.len(),
-        source.len() + 1,
-        "the listing has every path plus '.'"
-    );
+    assert_eq!(list.len(), source.len() + 1, "the listing has every path plus '.'");
     let by_path: BTreeMap<&str, &CpioEntry> = list.iter().map(|e| (e.path.as_str(), e)).collect();
     assert_eq!(by_path["."].kind, Kind::Dir);
     // GNU cpio -o drops the leading "./" that find printed.
@@ -482,48 +332,22 @@ fn cpio_oracles_round_trip_a_tree() {
     assert_eq!(by_path["tmp"].mode, 0o1777);
     assert_eq!(by_path["dev/testnull"].kind, Kind::CharDev);
     assert_eq!(by_path["dev/testnull"].rdev, Some((1, 3)));
-    assert_eq!(
-        by_path["bin/hello-link"].target.as_deref(),
-        Some("../etc/hello.txt")
-    );
+    assert_eq!(by_path["bin/hello-link"].target.as_deref(), Some("../etc/hello.txt"));
     assert_eq!(by_path["tmp/fifo"].kind, Kind::Fifo);
-    assert_eq!(
-        (by_path["home/user/file"].uid, by_path["home/user/file"].gid),
-        (1000, 1000)
-    );
+    assert_eq!((by_path["home/user/file"].uid, by_path["home/user/file"].gid), (1000, 1000));
     assert_eq!(by_path["etc/data-link"].nlink, 2);
-    assert_eq!(
-        by_path["bin/busybox"].size,
-        entry(&source, "bin/busybox").size
-    );
+    assert_eq!(by_path["bin/busybox"].size, entry(&source, "bin/busybox").size);
 }
 
 #[test]
 fn cpio_line_parser_handles_devices_spaces_and_old_dates() {
-    let e =
-        parse_cpio_line("crw-r--r--   1 0        0          1,   3 Nov 22 00:03 dev/null").unwrap();
-    assert_eq!(
-        (e.kind, e.mode, e.rdev, e.path.as_str()),
-        (Kind::CharDev, 0o644, Some((1, 3)), "dev/null")
-    );
-    let e = parse_cpio_line("-rwsr-x--T   2 1000     100            5 Jan  1  1970 ./bin/a b  c")
-        .unwrap();
-    assert_eq!(
-        (e.kind, e.mode, e.uid, e.gid, e.size),
-        (Kind::File, 0o5750, 1000, 100, 5)
-    );
-    assert_eq!(
-        (e.name.as_str(), e.path.as_str()),
-        ("./bin/a b  c", "bin/a b  c")
-    );
-    let e = parse_cpio_line(
-        "lrwxrwxrwx   1 0        0              16 Nov 22 00:00 bin/x -> ../etc/y z",
-    )
-    .unwrap();
-    assert_eq!(
-        (e.path.as_str(), e.target.as_deref()),
-        ("bin/x", Some("../etc/y z"))
-    );
+    let e = parse_cpio_line("crw-r--r--   1 0        0          1,   3 Nov 22 00:03 dev/null").unwrap();
+    assert_eq!((e.kind, e.mode, e.rdev, e.path.as_str()), (Kind::CharDev, 0o644, Some((1, 3)), "dev/null"));
+    let e = parse_cpio_line("-rwsr-x--T   2 1000     100            5 Jan  1  1970 ./bin/a b  c").unwrap();
+    assert_eq!((e.kind, e.mode, e.uid, e.gid, e.size), (Kind::File, 0o5750, 1000, 100, 5));
+    assert_eq!((e.name.as_str(), e.path.as_str()), ("./bin/a b  c", "bin/a b  c"));
+    let e = parse_cpio_line("lrwxrwxrwx   1 0        0              16 Nov 22 00:00 bin/x -> ../etc/y z").unwrap();
+    assert_eq!((e.path.as_str(), e.target.as_deref()), ("bin/x", Some("../etc/y z")));
     assert!(parse_cpio_line("garbage").is_err());
 }
 
@@ -544,10 +368,7 @@ fn tree_diff_lists_each_mismatch_but_ignores_mtime() {
     let mut right = left.clone();
     right.get_mut("sub/a").unwrap().mtime += 1000;
     right.get_mut("sub/a").unwrap().nlink = 1;
-    assert!(
-        diff_trees(&left, &right).is_empty(),
-        "mtime and nlink must not be compared"
-    );
+    assert!(diff_trees(&left, &right).is_empty(), "mtime and nlink must not be compared");
 
     right.get_mut("sub/a").unwrap().mode = 0o4755;
     right.get_mut("b").unwrap().sha256 = Some("0".repeat(64));
@@ -555,50 +376,23 @@ fn tree_diff_lists_each_mismatch_but_ignores_mtime() {
     right.insert("extra".into(), left["sub"].clone());
     let diff = diff_trees(&left, &right);
     assert_eq!(diff.len(), 4, "{diff:#?}");
-    assert!(
-        diff.iter()
-            .any(|l| l.starts_with("~ sub/a: mode 0644 != 4755")),
-        "{diff:#?}"
-    );
-    assert!(
-        diff.iter().any(|l| l.starts_with("~ b: sha256")),
-        "{diff:#?}"
-    );
-    assert!(
-        diff.iter().any(|l| l.starts_with("- link: only in left")),
-        "{diff:#?}"
-    );
-    assert!(
-        diff.iter().any(|l| l.starts_with("+ extra: only in right")),
-        "{diff:#?}"
-    );
+    assert!(diff.iter().any(|l| l.starts_with("~ sub/a: mode 0644 != 4755")), "{diff:#?}");
+    assert!(diff.iter().any(|l| l.starts_with("~ b: sha256")), "{diff:#?}");
+    assert!(diff.iter().any(|l| l.starts_with("- link: only in left")), "{diff:#?}");
+    assert!(diff.iter().any(|l| l.starts_with("+ extra: only in right")), "{diff:#?}");
 
     let err = std::panic::catch_unwind(|| assert_trees_equal(&left, &right)).unwrap_err();
     let msg = err.downcast_ref::<String>().expect("panic message");
-    assert!(
-        msg.contains("trees differ in 4 place(s)") && msg.contains("~ sub/a: mode"),
-        "{msg}"
-    );
+    assert!(msg.contains("trees differ in 4 place(s)") && msg.contains("~ sub/a: mode"), "{msg}");
 }
 
 #[test]
 fn fixtures_are_cached_outside_the_repo_and_left_untouched_by_umoci() {
     let layout = layered_layout();
     let root = cache_root();
-    assert!(
-        layout.starts_with(&root),
-        "{} not under {}",
-        layout.display(),
-        root.display()
-    );
+    assert!(layout.starts_with(&root), "{} not under {}", layout.display(), root.display());
     assert!(!layout.starts_with(env!("CARGO_MANIFEST_DIR")));
-    let dir_name = layout
-        .parent()
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let dir_name = layout.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
     let key = dir_name.strip_prefix("layered-").expect("layered-KEY");
     assert_eq!(key.len(), 16);
     assert!(key.chars().all(|c| c.is_ascii_hexdigit()));
@@ -607,10 +401,7 @@ fn fixtures_are_cached_outside_the_repo_and_left_untouched_by_umoci() {
 
     // Unpacking is read-only: index.json and the blob list stay the same.
     let listing = |p: &Path| -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(p.join("blobs/sha256"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut v: Vec<String> = fs::read_dir(p.join("blobs/sha256")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v.push(fs::read_to_string(p.join("index.json")).unwrap());
         v
@@ -653,13 +444,7 @@ fn upload_uuid(url: &str) -> &str {
 
 /// Size of the data an upload session holds on the registry's disk.
 fn upload_data_len(reg: &Registry, repo: &str, uuid: &str) -> Option<u64> {
-    let p = reg
-        .storage_dir()
-        .join("docker/registry/v2/repositories")
-        .join(repo)
-        .join("_uploads")
-        .join(uuid)
-        .join("data");
+    let p = reg.storage_dir().join("docker/registry/v2/repositories").join(repo).join("_uploads").join(uuid).join("data");
     fs::metadata(p).ok().map(|m| m.len())
 }
 
@@ -711,11 +496,8 @@ fn proxy_relays_a_skopeo_push_and_pull_and_counts_their_bytes() {
     for put in uploads.iter().filter(|s| s.method == "PUT" && s.status == Some(201)) {
         let uuid = upload_uuid(&put.path);
         let digest = put.path.split("digest=").nth(1).unwrap().split('&').next().unwrap().replace("%3A", ":");
-        let bytes: u64 = uploads
-            .iter()
-            .filter(|s| (s.method == "PATCH" || s.method == "PUT") && upload_uuid(&s.path) == uuid)
-            .map(|s| s.request_body_bytes)
-            .sum();
+        let bytes: u64 =
+            uploads.iter().filter(|s| (s.method == "PATCH" || s.method == "PUT") && upload_uuid(&s.path) == uuid).map(|s| s.request_body_bytes).sum();
         sent.insert(digest, bytes);
     }
     assert_eq!(sent, sizes, "{log}");
@@ -739,12 +521,7 @@ fn proxy_relays_a_skopeo_push_and_pull_and_counts_their_bytes() {
         .arg(format!("docker://{}/test/proxied:v2", proxy.addr()))
         .arg(oci_ref(out.path(), "v2")));
     assert_eq!(layout_descriptor(out.path(), "v2")["digest"], desc["digest"]);
-    assert_eq!(
-        proxy.response_body_bytes(Some("GET"), "/v2/test/proxied/blobs/sha256:"),
-        sizes.values().sum::<u64>(),
-        "{}",
-        proxy.summary()
-    );
+    assert_eq!(proxy.response_body_bytes(Some("GET"), "/v2/test/proxied/blobs/sha256:"), sizes.values().sum::<u64>(), "{}", proxy.summary());
 }
 
 #[test]

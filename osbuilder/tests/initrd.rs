@@ -332,83 +332,24 @@ fn unusable_references_fail_clearly() {
     assert!(!out.exists());
 }
 
-/// A loopback TCP proxy in front of a registry that cuts any connection
-/// serving a GET of `blob` after `keep` bytes of the response: a registry
-/// failing mid-transfer.
-struct CuttingProxy {
-    addr: String,
-}
-
-impl CuttingProxy {
-    fn start(upstream: String, blob: String, keep: usize) -> CuttingProxy {
-        use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpListener, TcpStream};
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let upstream = upstream.clone();
-                let blob = blob.clone();
-                std::thread::spawn(move || {
-                    let server = TcpStream::connect(&upstream).unwrap();
-                    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                    let cut_writer = cut.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 8192];
-                        while let Ok(n) = c_in.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            let text = String::from_utf8_lossy(&buf[..n]);
-                            if text.starts_with("GET ") && text.contains(&blob) {
-                                cut_writer.store(true, std::sync::atomic::Ordering::SeqCst);
-                            }
-                            if s_out.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                    let (mut s_in, mut c_out) = (server, client);
-                    let mut forwarded = 0usize;
-                    let mut buf = [0u8; 8192];
-                    while let Ok(n) = s_in.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        let mut n = n;
-                        if cut.load(std::sync::atomic::Ordering::SeqCst) {
-                            n = n.min(keep.saturating_sub(forwarded));
-                        }
-                        if c_out.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        forwarded += n;
-                        if cut.load(std::sync::atomic::Ordering::SeqCst) && forwarded >= keep {
-                            let _ = c_out.shutdown(Shutdown::Both);
-                            let _ = s_in.shutdown(Shutdown::Both);
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        CuttingProxy { addr }
-    }
-}
-
 #[test]
 fn registry_failing_mid_transfer_leaves_no_partial_blob_or_output() {
     let registry = Registry::start();
     let layout = layered_layout();
     push(&oci_ref(&layout, "v1"), &registry, "flaky:v1", &[]);
     let layer = layout_manifest(&layout, "v1")["layers"][0]["digest"].as_str().unwrap().to_string();
-    let proxy = CuttingProxy::start(registry.addr(), layer.clone(), 64 * 1024);
+    // Every GET of the layer is cut after 64 KiB; one retry (resumed from
+    // the byte it reached) is cut too. tests/pull_faults.rs has the faults
+    // a pull survives.
+    let proxy = testkit::proxy::FaultProxy::start(&registry.addr());
+    let cut = proxy.add(testkit::proxy::Rule::new(Some("GET"), &format!("/blobs/{layer}"), testkit::proxy::Fault::TruncateResponse(64 * 1024)).always());
     let tmp = scratch();
     let cache = tmp.path().join("cache");
     let out = tmp.path().join("flaky.cpio.gz");
-    let err = build_err(&["initrd", "--image", &format!("docker://{}/flaky:v1", proxy.addr), "-o", path_str(&out)], &cache);
-    assert!(err.contains(&layer), "the error must name the blob: {err}");
+    let image = format!("docker://{}/flaky:v1", proxy.addr());
+    let err = build_err(&["initrd", "--image", &image, "-o", path_str(&out), "--retries", "1"], &cache);
+    assert_eq!(proxy.fired(cut), 2, "{}", proxy.summary());
+    assert!(err.contains(&layer) && err.contains("gave up after 2 attempts"), "the error must name the blob: {err}");
     assert!(!out.exists(), "no output after a failed pull");
     let hex = layer.trim_start_matches("sha256:");
     assert!(!cache.join("blobs/sha256").join(hex).exists(), "a partial blob must not land in the cache");
@@ -512,33 +453,33 @@ fn hostile_layers_are_refused_naming_the_entry() {
     use tar::EntryType::*;
     let tmp = scratch();
     let cases: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
-        ("dotdot", vec![{
-            let mut b = tar::Builder::new(Vec::new());
-            raw_entry(&mut b, Regular, "../../etc/evil", "", b"x");
-            b.into_inner().unwrap()
-        }], "../../etc/evil"),
-        ("absolute", vec![{
-            let mut b = tar::Builder::new(Vec::new());
-            raw_entry(&mut b, Regular, "/etc/passwd", "", b"x");
-            b.into_inner().unwrap()
-        }], "/etc/passwd"),
-        ("symlink-escape", vec![
-            {
+        (
+            "dotdot",
+            vec![{
                 let mut b = tar::Builder::new(Vec::new());
-                raw_entry(&mut b, Symlink, "up", "../../../..", b"");
+                raw_entry(&mut b, Regular, "../../etc/evil", "", b"x");
                 b.into_inner().unwrap()
-            },
-            {
+            }],
+            "../../etc/evil",
+        ),
+        (
+            "absolute",
+            vec![{
                 let mut b = tar::Builder::new(Vec::new());
-                raw_entry(&mut b, Regular, "up/etc/cron.d/evil", "", b"x");
+                raw_entry(&mut b, Regular, "/etc/passwd", "", b"x");
                 b.into_inner().unwrap()
-            },
-        ], "up/etc/cron.d/evil"),
-        ("hardlink-missing", vec![{
-            let mut b = tar::Builder::new(Vec::new());
-            raw_entry(&mut b, Link, "shadow", "etc/shadow", b"");
-            b.into_inner().unwrap()
-        }], "etc/shadow"),
+            }],
+            "/etc/passwd",
+        ),
+        (
+            "hardlink-missing",
+            vec![{
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, Link, "shadow", "etc/shadow", b"");
+                b.into_inner().unwrap()
+            }],
+            "etc/shadow",
+        ),
     ];
     for (name, layers, expected) in cases {
         let layout = layout_with_layers(&tmp.path().join(name), &layers);
@@ -548,15 +489,223 @@ fn hostile_layers_are_refused_naming_the_entry() {
         assert!(!out.exists(), "{name}: no output for a hostile image");
     }
     // The same machinery accepts an honest hand-made layout (the test is not vacuous).
-    let honest = layout_with_layers(&tmp.path().join("honest"), &[{
-        let mut b = tar::Builder::new(Vec::new());
-        raw_entry(&mut b, Directory, "etc/", "", b"");
-        raw_entry(&mut b, Regular, "etc/ok", "", b"fine");
-        raw_entry(&mut b, Link, "etc/ok2", "etc/ok", b"");
-        b.into_inner().unwrap()
-    }]);
+    let honest = layout_with_layers(
+        &tmp.path().join("honest"),
+        &[{
+            let mut b = tar::Builder::new(Vec::new());
+            raw_entry(&mut b, Directory, "etc/", "", b"");
+            raw_entry(&mut b, Regular, "etc/ok", "", b"fine");
+            raw_entry(&mut b, Link, "etc/ok2", "etc/ok", b"");
+            b.into_inner().unwrap()
+        }],
+    );
     let out = tmp.path().join("honest.cpio");
     build_ok(&["initrd", "--image", &oci_ref(&honest, "evil"), "-o", path_str(&out), "--compress", "none"], &tmp.path().join("cache"));
     let extracted = cpio_extract(&out);
     assert_eq!(fs::read(extracted.join("etc/ok2")).unwrap(), b"fine");
+}
+
+/// One tar layer from `(kind, name, data or link target, mode)` rows.
+fn tar_layer(rows: &[(tar::EntryType, &str, &str, u32)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for &(kind, name, arg, mode) in rows {
+        let (data, link) = if kind == tar::EntryType::Regular { (arg.as_bytes(), "") } else { (&b""[..], arg) };
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1);
+        h.set_uid(0);
+        h.set_gid(0);
+        {
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Whiteouts, opaque markers and symlinks that climb past the root, in the
+/// shapes where entry order or a missing parent used to change the result:
+/// our initrd of each image equals `umoci unpack` of the same layout.
+#[test]
+fn whiteout_opaque_and_symlink_edge_cases_match_umoci() {
+    use tar::EntryType::{Directory as D, Regular as F, Symlink as L};
+    let tmp = scratch();
+    // `d` 0700 and `d/sub` 0711 so that a kept or re-created directory shows.
+    let lower = tar_layer(&[(D, "d/", "", 0o700), (D, "d/sub/", "", 0o711), (F, "d/sub/old", "o", 0o644), (F, "d/keep", "k", 0o644), (F, "top", "t", 0o644)]);
+    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("opaque-after-new", vec![lower.clone(), tar_layer(&[(F, "d/sub/new", "n", 0o644), (F, "d/.wh..wh..opq", "", 0o644)])]),
+        ("opaque-before-new", vec![lower.clone(), tar_layer(&[(F, "d/.wh..wh..opq", "", 0o644), (F, "d/sub/new", "n", 0o644)])]),
+        ("whiteout-after-new", vec![lower.clone(), tar_layer(&[(F, "d/sub/new", "n", 0o644), (F, "d/.wh.sub", "", 0o644)])]),
+        ("whiteout-before-new", vec![lower.clone(), tar_layer(&[(F, "d/.wh.sub", "", 0o644), (F, "d/sub/new", "n", 0o644)])]),
+        ("whiteout-redeclared", vec![lower.clone(), tar_layer(&[(D, "d/sub/", "", 0o750), (F, "d/.wh.sub", "", 0o644)])]),
+        ("symlink-clamp", vec![tar_layer(&[(L, "lnk", "../../../../etc", 0o777)]), tar_layer(&[(F, "lnk/x", "x", 0o644)])]),
+        ("symlink-clamp-cron", vec![tar_layer(&[(L, "up", "../../../..", 0o777)]), tar_layer(&[(F, "up/etc/cron.d/job", "x", 0o644)])]),
+        ("whiteout-missing-parent", vec![lower.clone(), tar_layer(&[(F, "no/such/.wh.x", "", 0o644), (F, "nodir/.wh..wh..opq", "", 0o644)])]),
+        ("whiteout-file-parent", vec![lower.clone(), tar_layer(&[(F, "top/.wh.x", "", 0o644)])]),
+    ];
+    let mut failures = Vec::new();
+    for (name, layers) in cases {
+        let layout = layout_with_layers(&tmp.path().join(name), &layers);
+        let out = tmp.path().join(format!("{name}.cpio"));
+        let result = run_osbuilder(&["initrd", "--image", &oci_ref(&layout, "evil"), "-o", path_str(&out), "--compress", "none"], &tmp.path().join("cache"));
+        if !result.status.success() {
+            failures.push(format!("{name}: osbuilder failed: {}", String::from_utf8_lossy(&result.stderr).trim()));
+            continue;
+        }
+        let theirs = tree_snapshot(&umoci_unpack(&layout, "evil"));
+        assert!(!theirs.is_empty(), "{name}: umoci unpacked nothing");
+        let diff = diff_trees(&tree_snapshot(&cpio_extract(&out)), &theirs);
+        if !diff.is_empty() {
+            failures.push(format!("{name}: ours (left) and umoci's (right) differ:\n  {}", diff.join("\n  ")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `--remove` resolves parents inside the image as `--add` does (Debian's
+/// `/bin -> usr/bin`), and a path that is not there is an error unless it
+/// is given with `--remove-if-present`.
+#[test]
+fn remove_follows_symlinked_parents_and_refuses_missing_paths() {
+    use tar::EntryType::{Directory as D, Regular as F, Symlink as L};
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let layout = layout_with_layers(
+        &tmp.path().join("merged-usr"),
+        &[tar_layer(&[
+            (D, "usr/", "", 0o755),
+            (D, "usr/bin/", "", 0o755),
+            (F, "usr/bin/ls", "ls", 0o755),
+            (F, "usr/bin/cat", "cat", 0o755),
+            (L, "bin", "usr/bin", 0o777),
+        ])],
+    );
+    let image = oci_ref(&layout, "evil");
+    let out = tmp.path().join("removed.cpio");
+    build_ok(&["initrd", "--image", &image, "-o", path_str(&out), "--compress", "none", "--remove", "/bin/ls"], &cache);
+    let names: Vec<String> = cpio_list(&out).into_iter().map(|e| e.path).collect();
+    assert!(!names.iter().any(|n| n == "usr/bin/ls"), "--remove /bin/ls must remove /usr/bin/ls: {names:?}");
+    assert!(names.iter().any(|n| n == "usr/bin/cat") && names.iter().any(|n| n == "bin"), "{names:?}");
+
+    let missing = tmp.path().join("missing.cpio");
+    let err = build_err(&["initrd", "--image", &image, "-o", path_str(&missing), "--remove", "/nonexistent"], &cache);
+    assert!(err.contains("--remove /nonexistent") && err.contains("not in the image") && err.contains("--remove-if-present"), "{err}");
+    assert!(!missing.exists(), "no output when a --remove path is missing");
+
+    let result = build_ok(
+        &[
+            "initrd",
+            "--image",
+            &image,
+            "-o",
+            path_str(&missing),
+            "--compress",
+            "none",
+            "--remove-if-present",
+            "/nonexistent",
+            "--remove-if-present",
+            "/bin/cat",
+        ],
+        &cache,
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("warning") && stderr.contains("/nonexistent") && !stderr.contains("/bin/cat"), "{stderr}");
+    let names: Vec<String> = cpio_list(&missing).into_iter().map(|e| e.path).collect();
+    assert!(!names.iter().any(|n| n == "usr/bin/cat") && names.iter().any(|n| n == "usr/bin/ls"), "{names:?}");
+}
+
+/// The docker-archive fixture rewritten the way `docker save` wrote archives
+/// before Docker 25: layer `i` at `<sha256 of "legacy layer i">/layer.tar`
+/// (an id, not its digest),
+/// the config at `config_name` (default: skopeo's `<sha256 hex>.json`).
+/// `tamper` may change any member's bytes (given its new name).
+fn legacy_docker_archive(dest: &Path, config_name: Option<&str>, tamper: impl Fn(&str, &mut Vec<u8>)) -> PathBuf {
+    use std::io::Read as _;
+    let mut members = std::collections::HashMap::new();
+    let mut archive = tar::Archive::new(fs::File::open(docker_archive()).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.header().entry_type().is_file() {
+            let name = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+            members.insert(name, bytes);
+        }
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&members["manifest.json"]).unwrap();
+    let old_config = manifest[0]["Config"].as_str().unwrap().to_string();
+    let config = config_name.unwrap_or(&old_config).to_string();
+    let mut out = vec![(config.clone(), members[&old_config].clone())];
+    let mut layer_names = Vec::new();
+    for (i, layer) in manifest[0]["Layers"].as_array().unwrap().iter().enumerate() {
+        let name = format!("{}/layer.tar", sha256_hex(format!("legacy layer {i}").as_bytes()));
+        out.push((name.clone(), members[layer.as_str().unwrap()].clone()));
+        layer_names.push(name);
+    }
+    let legacy = serde_json::json!([{"Config": config, "RepoTags": manifest[0]["RepoTags"], "Layers": layer_names}]);
+    out.push(("manifest.json".into(), legacy.to_string().into_bytes()));
+    let mut builder = tar::Builder::new(fs::File::create(dest).unwrap());
+    for (name, mut bytes) in out {
+        tamper(&name, &mut bytes);
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o444);
+        h.set_size(bytes.len() as u64);
+        builder.append_data(&mut h, &name, &bytes[..]).unwrap();
+    }
+    builder.finish().unwrap();
+    dest.to_path_buf()
+}
+
+/// Layers of an old `docker save` archive carry no digest in their names and
+/// are checked against the config's diff_ids before the tar parser reads
+/// them; the config is checked against the digest its name carries, and one
+/// whose name carries none is refused.
+#[test]
+fn docker_archives_without_digest_names_are_verified_before_use() {
+    let tmp = scratch();
+    let cache = tmp.path().join("cache");
+    let build = |archive: &Path, name: &str| {
+        let out = tmp.path().join(format!("{name}.cpio"));
+        let result =
+            run_osbuilder(&["initrd", "--image", &format!("docker-archive:{}", archive.display()), "-o", path_str(&out), "--compress", "none"], &cache);
+        (result, out)
+    };
+    let honest = legacy_docker_archive(&tmp.path().join("legacy.tar"), None, |_, _| {});
+    let (result, out) = build(&honest, "honest");
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert_matches_umoci(&out, &layered_layout(), "v2");
+
+    // A broken tar header in layer 1: the digest check must speak, not the parser.
+    let target = format!("{}/layer.tar", sha256_hex(b"legacy layer 1"));
+    let bad_layer = legacy_docker_archive(&tmp.path().join("bad-layer.tar"), None, |name, bytes| {
+        if name == target {
+            bytes[0] ^= 0x01;
+        }
+    });
+    let (result, out) = build(&bad_layer, "bad-layer");
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && !out.exists(), "a tampered layer must fail: {err}");
+    assert!(err.contains("digest mismatch") && err.contains(&target) && err.contains("diff_id"), "the error must be the digest check naming {target}: {err}");
+
+    // A config whose name carries no digest cannot be checked: refused.
+    let anonymous = legacy_docker_archive(&tmp.path().join("anonymous.tar"), Some("config.json"), |_, _| {});
+    let (result, out) = build(&anonymous, "anonymous");
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && !out.exists(), "an unverifiable config must fail: {err}");
+    assert!(err.contains("config.json") && err.contains("no digest"), "{err}");
+
+    // A config changed under its digest name.
+    let bad_config = legacy_docker_archive(&tmp.path().join("bad-config.tar"), None, |name, bytes| {
+        if name.ends_with(".json") && name != "manifest.json" {
+            bytes.push(b' ');
+        }
+    });
+    let (result, _) = build(&bad_config, "bad-config");
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && err.contains("digest mismatch") && err.contains("config"), "{err}");
 }

@@ -71,12 +71,14 @@ fn default_kernel_has_the_guest_options_built_in_and_kata_names() {
     assert_eq!(&fs::read(&k.vmlinux).unwrap()[..4], b"\x7fELF");
     assert_eq!(&fs::read(&k.bzimage).unwrap()[0x202..0x206], b"HdrS");
     let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(fs::read_dir(&k.out).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "json")).unwrap()).unwrap(),
+        &fs::read(fs::read_dir(&k.out).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "json")).unwrap())
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(manifest["source"]["kind"], "debian-package");
     assert_eq!(manifest["source"]["sha256"].as_str().unwrap().len(), 64);
-    let vmlinux_digest = manifest["outputs"].as_array().unwrap().iter().find(|o| o["name"].as_str().unwrap().starts_with("vmlinux-")).unwrap()["sha256"].clone();
+    let vmlinux_digest =
+        manifest["outputs"].as_array().unwrap().iter().find(|o| o["name"].as_str().unwrap().starts_with("vmlinux-")).unwrap()["sha256"].clone();
     assert_eq!(vmlinux_digest.as_str().unwrap(), sha256_file(&k.vmlinux));
 }
 
@@ -178,11 +180,7 @@ fn a_dropped_option_fails_the_build_naming_it_and_its_fragment() {
     let tmp = tempfile::tempdir().unwrap();
     let config_dir = tmp.path().join("kernel-config");
     run(tool("cp").arg("-a").arg(project_root().join("kernel-config")).arg(&config_dir));
-    fs::write(
-        config_dir.join("fragments/features/trap.conf"),
-        "# FS_DAX without ZONE_DEVICE.\nCONFIG_FS_DAX=y\n",
-    )
-    .unwrap();
+    fs::write(config_dir.join("fragments/features/trap.conf"), "# FS_DAX without ZONE_DEVICE.\nCONFIG_FS_DAX=y\n").unwrap();
     let out = tmp.path().join("out");
     let result = osbuilder_kernel(&["--features", "trap"], &config_dir, &out);
     let stderr = String::from_utf8_lossy(&result.stderr);
@@ -249,7 +247,8 @@ fn a_pinned_url_source_is_verified_and_cached() {
 
     // A wrong pin, in a scratch cache: the download is refused and not kept.
     let wrong = "0".repeat(64);
-    fs::write(config_dir.join("versions.toml"), format!("{versions}\n[[kernel.tarball]]\nversion = \"6.12\"\nurl = \"{url}\"\nsha256 = \"{wrong}\"\n")).unwrap();
+    fs::write(config_dir.join("versions.toml"), format!("{versions}\n[[kernel.tarball]]\nversion = \"6.12\"\nurl = \"{url}\"\nsha256 = \"{wrong}\"\n"))
+        .unwrap();
     let scratch_cache = tmp.path().join("cache");
     let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
         .args(["kernel", "--source", &url, "--cache-dir"])
@@ -278,7 +277,8 @@ fn a_pinned_url_source_is_verified_and_cached() {
     assert!(stderr.contains(" cached in "), "same source bytes as the default build: a cache hit: {stderr}");
     assert_eq!(server.gets() - before, 1, "one download");
     assert_eq!(sha256_file(&cached_source), pin);
-    let find = |prefix: &str| fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).unwrap();
+    let find =
+        |prefix: &str| fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&fs::read_to_string(find("manifest")).unwrap()).unwrap();
     let built = fs::read(&k.vmlinux).unwrap();
     let vmlinux = find("vmlinux-");
@@ -329,4 +329,184 @@ impl Drop for HttpServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A stand-in kernel tree for the builder's own logic (lock, work directory,
+/// cache key), since a real build takes many minutes: its Makefile answers
+/// the targets the builder runs, and `make bzImage` records that it started
+/// (`started.<pid>` in `$OSB_FAKE_KERNEL_DIR`), waits for a `gate` file
+/// there, and fails if its work directory was replaced meanwhile. With a
+/// config dir (series 0.0, one fragment) and a patches dir of its own.
+struct FakeKernel {
+    dir: tempfile::TempDir,
+}
+
+const FAKE_MAKEFILE: &str = r#"# Stand-in for a kernel tree: only the targets osbuilder's kernel builder runs.
+O ?= .
+allnoconfig:
+	@true
+olddefconfig:
+	cp $(KCONFIG_ALLCONFIG) $(O)/.config
+kernelrelease:
+	@echo 0.0.1-fake
+bzImage:
+	sh $(CURDIR)/build.sh $(O)
+vmlinux: bzImage
+"#;
+
+const FAKE_BUILD: &str = r#"set -e
+o=$1
+token=$$
+echo "$token" > "$o/owner"
+touch "$OSB_FAKE_KERNEL_DIR/started.$token"
+while [ ! -e "$OSB_FAKE_KERNEL_DIR/gate" ]; do sleep 0.02; done
+owner=$(cat "$o/owner" 2>/dev/null || echo nothing)
+if [ "$owner" != "$token" ]; then echo "work directory clobbered: $o/owner holds $owner, not $token" >&2; exit 1; fi
+mkdir -p "$o/arch/x86/boot"
+echo "vmlinux of $token" > "$o/vmlinux"
+echo "bzImage of $token" > "$o/arch/x86/boot/bzImage"
+echo "map of $token" > "$o/System.map"
+"#;
+
+impl FakeKernel {
+    fn new() -> FakeKernel {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for d in
+            ["src", "kernel-config/fragments/common", "kernel-config/fragments/x86_64", "kernel-config/fragments/features", "patches/0.0.x", "cache", "state"]
+        {
+            fs::create_dir_all(p.join(d)).unwrap();
+        }
+        fs::write(p.join("src/Makefile"), FAKE_MAKEFILE).unwrap();
+        fs::write(p.join("src/build.sh"), FAKE_BUILD).unwrap();
+        fs::write(p.join("kernel-config/versions.toml"), "[[kernel]]\nseries = \"0.0\"\nconfig_version = 1\n").unwrap();
+        fs::write(p.join("kernel-config/default-features"), "").unwrap();
+        fs::write(p.join("kernel-config/fragments/common/base.conf"), "CONFIG_FAKE=y\n").unwrap();
+        fs::write(p.join("patches/0.0.x/series"), "").unwrap();
+        FakeKernel { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `osbuilder kernel` of the fake tree into `out`, in the scratch cache.
+    fn command(&self, out: &str) -> std::process::Command {
+        let mut c = tool(env!("CARGO_BIN_EXE_osbuilder"));
+        c.args(["kernel", "--jobs", "1", "--source"])
+            .arg(self.path("src"))
+            .arg("--config-dir")
+            .arg(self.path("kernel-config"))
+            .arg("--patches-dir")
+            .arg(self.path("patches"))
+            .arg("--cache-dir")
+            .arg(self.path("cache"))
+            .arg("-o")
+            .arg(self.path(out))
+            .env("OSB_FAKE_KERNEL_DIR", self.path("state"))
+            .env_remove("SOURCE_DATE_EPOCH");
+        c
+    }
+
+    fn open_gate(&self) {
+        fs::write(self.path("state/gate"), "").unwrap();
+    }
+
+    fn makes_started(&self) -> usize {
+        fs::read_dir(self.path("state")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("started.")).count()
+    }
+
+    fn manifest(&self, out: &str) -> serde_json::Value {
+        let path = self.path(out).join("manifest-0.0.1-fake-1.json");
+        serde_json::from_slice(&fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    }
+}
+
+/// A child's stderr, line by line, on a channel (and all of it at the end).
+fn stderr_lines(child: &mut std::process::Child) -> (std::sync::mpsc::Receiver<String>, std::thread::JoinHandle<String>) {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
+    });
+    (rx, reader)
+}
+
+/// Two builds of one cache key at once (two `osbuilder kernel` processes,
+/// real make, the real lock): the second waits for the first instead of
+/// clearing its work directory under it, then takes the first's result
+/// from the cache. One make runs; both succeed with the same artifacts.
+#[test]
+fn two_builds_of_one_key_wait_for_each_other() {
+    let fake = FakeKernel::new();
+    let spawn = |out: &str| fake.command(out).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut first = spawn("out1");
+    let (_first_lines, first_err) = stderr_lines(&mut first);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while fake.makes_started() == 0 {
+        assert!(first.try_wait().unwrap().is_none(), "the first build ended before make started: {}", first_err.join().unwrap());
+        assert!(Instant::now() < deadline, "the first build's make never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The second build: it either waits for the lock (and says so) or, with
+    // no lock, clears the work directory and starts a make of its own.
+    let mut second = spawn("out2");
+    let (second_lines, second_err) = stderr_lines(&mut second);
+    let mut said_waiting = false;
+    while !said_waiting && fake.makes_started() < 2 {
+        assert!(second.try_wait().unwrap().is_none(), "the second build ended early: {}", second_err.join().unwrap());
+        assert!(Instant::now() < deadline, "the second build neither waited nor built");
+        said_waiting = second_lines.try_iter().any(|l| l.contains("waiting for"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fake.open_gate();
+    let (s1, s2) = (first.wait().unwrap(), second.wait().unwrap());
+    let (e1, e2) = (first_err.join().unwrap(), second_err.join().unwrap());
+    assert!(s1.success(), "the first build failed: {e1}");
+    assert!(s2.success(), "the second build failed: {e2}");
+    assert_eq!(fake.makes_started(), 1, "one make for one key\nfirst: {e1}\nsecond: {e2}");
+    assert!(said_waiting, "the second build says it waits: {e2}");
+    assert!(e1.contains(" built in ") && e2.contains(" cached in "), "first: {e1}\nsecond: {e2}");
+    assert_eq!(fs::read(fake.path("out1/vmlinux-0.0.1-fake-1")).unwrap(), fs::read(fake.path("out2/vmlinux-0.0.1-fake-1")).unwrap());
+    let kernel_dir = fake.path("cache/kernel");
+    let mut left: Vec<String> = fs::read_dir(&kernel_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert!(left.iter().all(|n| !n.starts_with("work-") || n.ends_with(".lock")), "no work directory left: {left:?}");
+}
+
+/// The cache key covers binutils, which the kernel build runs as `ld` and
+/// `as` from PATH: the same inputs with gold as `ld` are another key (a
+/// rebuild, not a cache hit), and the manifest names both linkers' versions.
+#[test]
+fn another_linker_is_another_cache_key() {
+    let fake = FakeKernel::new();
+    fake.open_gate();
+    let run = |cmd: &mut std::process::Command| {
+        let r = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+        assert!(r.status.success(), "{stderr}");
+        stderr
+    };
+    let stderr = run(&mut fake.command("bfd"));
+    assert!(stderr.contains(" built in "), "{stderr}");
+    let bfd = fake.manifest("bfd");
+
+    let gold_dir = fake.path("gold");
+    fs::create_dir(&gold_dir).unwrap();
+    std::os::unix::fs::symlink(run_stdout(tool("sh").args(["-c", "command -v ld.gold"])).trim(), gold_dir.join("ld")).unwrap();
+    let path = format!("{}:{}", gold_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let stderr = run(fake.command("gold").env("PATH", format!("{}:/usr/local/bin:/usr/bin:/bin", path)));
+    assert!(stderr.contains(" built in "), "another ld must not be a cache hit: {stderr}");
+    let gold = fake.manifest("gold");
+    assert_ne!(bfd["cache_key"], gold["cache_key"]);
+    let toolchain = |m: &serde_json::Value| m["toolchain"].as_str().unwrap().to_owned();
+    assert!(toolchain(&bfd).contains("GNU ld ") && toolchain(&gold).contains("GNU gold"), "{}\n{}", toolchain(&bfd), toolchain(&gold));
+    assert!(toolchain(&bfd).contains("GNU assembler"), "{}", toolchain(&bfd));
 }

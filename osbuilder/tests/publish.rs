@@ -165,10 +165,7 @@ fn containerdisk_is_a_plain_image_with_one_disk_owned_by_qemu() {
 
     // umoci: exactly disk/disk.qcow2, 0555/0444, 107:107, the same bytes.
     let rootfs = unpack(&pinned, tmp.path());
-    assert_eq!(
-        listing(rootfs.path()),
-        vec![("disk".to_string(), 0o555, 107, 107), ("disk/disk.qcow2".to_string(), 0o444, 107, 107)]
-    );
+    assert_eq!(listing(rootfs.path()), vec![("disk".to_string(), 0o555, 107, 107), ("disk/disk.qcow2".to_string(), 0o444, 107, 107)]);
     let unpacked = rootfs.path().join("disk/disk.qcow2");
     assert_eq!(sha256_file(&unpacked), sha256_file(disk));
     let check = run(tool("qemu-img").args(["check", "-f", "qcow2"]).arg(&unpacked));
@@ -273,12 +270,14 @@ fn docker_v2s2_and_a_raw_disk_converted_to_qcow2() {
     assert!(fs::metadata(&qcow2).unwrap().len() < 2 << 20, "the hole is not stored");
 
     // Raw on request: the raw disk itself.
-    let pinned = push_ok(&["containerdisk", path_str(&raw), &registry.image_ref("v2/raw:v1"), "--disk-format", "raw", "--layer-compression", "gzip"], tmp.path());
+    let pinned =
+        push_ok(&["containerdisk", path_str(&raw), &registry.image_ref("v2/raw:v1"), "--disk-format", "raw", "--layer-compression", "gzip"], tmp.path());
     let rootfs = unpack(&pinned, &tmp.path().join("raw"));
     assert_eq!(sha256_file(&rootfs.path().join("disk/disk.img")), sha256_file(&raw));
 
     // Refusals, each naming the problem.
-    let err = push_err(&["containerdisk", path_str(&raw), &registry.image_ref("v2/x:v1"), "--manifest-format", "v2s2", "--layer-compression", "zstd"], tmp.path());
+    let err =
+        push_err(&["containerdisk", path_str(&raw), &registry.image_ref("v2/x:v1"), "--manifest-format", "v2s2", "--layer-compression", "zstd"], tmp.path());
     assert!(err.contains("no zstd layers"), "{err}");
     let backed = tmp.path().join("backed.qcow2");
     run(tool("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&raw).arg(&backed));
@@ -298,12 +297,23 @@ fn several_platforms_give_an_index() {
     let other = tmp.path().join("arm.qcow2");
     run(tool("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&other).arg("16M"));
     let pinned = push_ok(
-        &["containerdisk", &format!("linux/amd64={}", path_str(disk)), &format!("linux/arm64={}", path_str(&other)), &registry.image_ref("multi/disk:v1"), "--verify"],
+        &[
+            "containerdisk",
+            &format!("linux/amd64={}", path_str(disk)),
+            &format!("linux/arm64={}", path_str(&other)),
+            &registry.image_ref("multi/disk:v1"),
+            "--verify",
+        ],
         tmp.path(),
     );
     let (_, index) = raw_manifest(&pinned);
     assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
-    let platforms: Vec<String> = index["manifests"].as_array().unwrap().iter().map(|m| format!("{}/{}", m["platform"]["os"].as_str().unwrap(), m["platform"]["architecture"].as_str().unwrap())).collect();
+    let platforms: Vec<String> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| format!("{}/{}", m["platform"]["os"].as_str().unwrap(), m["platform"]["architecture"].as_str().unwrap()))
+        .collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
     let arm = run(tool("skopeo").args(["inspect", "--tls-verify=false", "--override-arch", "arm64"]).arg(registry.docker_ref("multi/disk:v1")));
     let arm: Value = serde_json::from_slice(&arm.stdout).unwrap();
@@ -321,7 +331,8 @@ fn kernel_boot_image_and_containerdisk_with_kernel() {
     let initrd = tmp.path().join("initrd.img");
     fs::write(&kernel, b"MZ not really a kernel, but bytes to carry").unwrap();
     fs::write(&initrd, vec![7u8; 300_000]).unwrap();
-    let pinned = push_ok(&["kernel-boot", &registry.image_ref("boot/k:v1"), "--kernel", path_str(&kernel), "--initrd", path_str(&initrd), "--verify"], tmp.path());
+    let pinned =
+        push_ok(&["kernel-boot", &registry.image_ref("boot/k:v1"), "--kernel", path_str(&kernel), "--initrd", path_str(&initrd), "--verify"], tmp.path());
     let rootfs = unpack(&pinned, tmp.path());
     assert_eq!(
         listing(rootfs.path()),
@@ -333,7 +344,10 @@ fn kernel_boot_image_and_containerdisk_with_kernel() {
     assert_eq!(manifest["annotations"]["dev.osbuilder.kernel.sha256"].as_str().unwrap(), format!("sha256:{}", sha256_file(&kernel)));
 
     let (disk, _) = debian_qcow2();
-    let pinned = push_ok(&["containerdisk", path_str(disk), &registry.image_ref("boot/all:v1"), "--kernel", path_str(&kernel), "--initrd", path_str(&initrd)], tmp.path());
+    let pinned = push_ok(
+        &["containerdisk", path_str(disk), &registry.image_ref("boot/all:v1"), "--kernel", path_str(&kernel), "--initrd", path_str(&initrd)],
+        tmp.path(),
+    );
     let rootfs = unpack(&pinned, &tmp.path().join("all"));
     let names: Vec<String> = listing(rootfs.path()).into_iter().map(|e| e.0).collect();
     assert_eq!(names, ["boot", "boot/initrd.img", "boot/vmlinuz", "disk", "disk/disk.qcow2"]);
@@ -349,13 +363,17 @@ fn a_bundle_is_an_artifact_with_one_titled_layer_per_file() {
     let notes = tmp.path().join("NOTES.txt");
     fs::write(&notes, b"hello").unwrap();
     let notes_arg = format!("{}=text/plain", path_str(&notes));
-    let pinned = push_ok(&["bundle", &registry.image_ref("bundle/debian:v1"), "--report", path_str(report), "--kernel", path_str(&kernel), "--file", &notes_arg, "--verify"], tmp.path());
+    let pinned = push_ok(
+        &["bundle", &registry.image_ref("bundle/debian:v1"), "--report", path_str(report), "--kernel", path_str(&kernel), "--file", &notes_arg, "--verify"],
+        tmp.path(),
+    );
     let (_, manifest) = raw_manifest(&pinned);
     assert_eq!(manifest["artifactType"], "application/vnd.osbuilder.guest.v1");
     assert_eq!(manifest["config"]["mediaType"], "application/vnd.oci.empty.v1+json");
     assert_eq!(manifest["config"]["size"], 2);
     let layers = manifest["layers"].as_array().unwrap();
-    let titles: Vec<(&str, &str)> = layers.iter().map(|l| (l["annotations"]["org.opencontainers.image.title"].as_str().unwrap(), l["mediaType"].as_str().unwrap())).collect();
+    let titles: Vec<(&str, &str)> =
+        layers.iter().map(|l| (l["annotations"]["org.opencontainers.image.title"].as_str().unwrap(), l["mediaType"].as_str().unwrap())).collect();
     assert_eq!(
         titles,
         [
@@ -417,7 +435,15 @@ fn credentials_basic_and_bearer_and_clear_refusals() {
 #[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
 fn push_measured(args: &[&str], cache: &Path) -> (bool, String, u64) {
     use std::os::unix::process::ExitStatusExt;
-    let child = osbuilder().arg("push").args(args).arg("--cache-dir").arg(cache).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = osbuilder()
+        .arg("push")
+        .args(args)
+        .arg("--cache-dir")
+        .arg(cache)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = child.id() as libc::pid_t;
     let mut stderr = child.stderr.unwrap();
     let reader = std::thread::spawn(move || {
@@ -449,7 +475,9 @@ fn a_3_gib_sparse_disk_pushes_with_bounded_memory() {
     drop(f);
     let raw_sha = sha256_file(&raw);
     let mut peaks = Vec::new();
-    for (name, extra) in [("qcow2", &["--layer-compression", "none"][..]), ("raw", &["--disk-format", "raw", "--layer-compression", "none", "--chunk-mib", "32"][..])] {
+    for (name, extra) in
+        [("qcow2", &["--layer-compression", "none"][..]), ("raw", &["--disk-format", "raw", "--layer-compression", "none", "--chunk-mib", "32"][..])]
+    {
         let target = registry.image_ref(&format!("big/{name}:v1"));
         let mut args = vec!["containerdisk", path_str(&raw), &target];
         args.extend_from_slice(extra);
@@ -482,7 +510,8 @@ fn push_through(proxy: &FaultProxy, repo_tag: &str, extra: &[&str], cache: &Path
     let (disk, _) = debian_qcow2();
     let report = cache.join(format!("{}.push.json", repo_tag.replace(['/', ':'], "_")));
     let target = format!("{}/{repo_tag}", proxy.addr());
-    let mut args = vec!["containerdisk", path_str(disk), &target, "--layer-compression", "none", "--chunk-mib", "8", "--verify", "--push-report", path_str(&report)];
+    let mut args =
+        vec!["containerdisk", path_str(disk), &target, "--layer-compression", "none", "--chunk-mib", "8", "--verify", "--push-report", path_str(&report)];
     args.extend_from_slice(extra);
     let out = push_cmd(&args, cache);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -580,7 +609,10 @@ fn a_registry_that_never_answers_gives_a_clear_error_and_no_manifest() {
     proxy.add(Rule::new(Some("PATCH"), "/blobs/uploads/", Fault::StallForever).always());
     let (disk, _) = debian_qcow2();
     let target = format!("{}/fault/dead:v1", proxy.addr());
-    let err = push_err(&["containerdisk", path_str(disk), &target, "--layer-compression", "none", "--chunk-mib", "8", "--timeout", "1", "--retries", "1"], tmp.path());
+    let err = push_err(
+        &["containerdisk", path_str(disk), &target, "--layer-compression", "none", "--chunk-mib", "8", "--timeout", "1", "--retries", "1"],
+        tmp.path(),
+    );
     assert!(err.contains(&format!("registry {}", proxy.addr())) && err.contains("gave up after 2 attempts"), "{err}");
     assert_eq!(proxy.count(Some("PUT"), "/manifests/"), 0, "no manifest may name a blob that is not there:\n{}", proxy.summary());
     assert_eq!(registry.get_status("/v2/fault/dead/manifests/v1", None), 404);

@@ -62,7 +62,6 @@ fn build(dir: &Path, name: &str, extra: &[&str]) -> Disk {
     Disk { img, report, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
 }
 
-
 fn veritysetup(args: &[&str]) -> std::process::Output {
     tool("veritysetup").args(args).output().expect("run veritysetup (cryptsetup-bin)")
 }
@@ -170,11 +169,20 @@ fn mbr_verity_disk_is_accepted_by_veritysetup() {
 
     let (root, salt, blocks) = (disk.root_hash(), disk.salt(), disk.verity()["data_blocks"].as_u64().unwrap());
     let dm = |data: &str, hash: &str| {
-        format!("dm-mod.create=\"dm-verity,,,ro,0 {} verity 1 {data} {hash} 4096 4096 {blocks} 0 sha256 {root} {salt}\" dm-mod.waitfor={data},{hash}", blocks * 8)
+        format!(
+            "dm-mod.create=\"dm-verity,,,ro,0 {} verity 1 {data} {hash} 4096 4096 {blocks} 0 sha256 {root} {salt}\" dm-mod.waitfor={data},{hash}",
+            blocks * 8
+        )
     };
     let c = &disk.report["cmdline"];
-    assert_eq!(c["virtio-blk"].as_str().unwrap(), format!("{} root=/dev/dm-0 rootfstype=ext4 rootflags=data=ordered,errors=remount-ro ro", dm("/dev/vda1", "/dev/vda2")));
-    assert_eq!(c["virtio-scsi"].as_str().unwrap(), format!("{} root=/dev/dm-0 rootfstype=ext4 rootflags=data=ordered,errors=remount-ro ro", dm("/dev/sda1", "/dev/sda2")));
+    assert_eq!(
+        c["virtio-blk"].as_str().unwrap(),
+        format!("{} root=/dev/dm-0 rootfstype=ext4 rootflags=data=ordered,errors=remount-ro ro", dm("/dev/vda1", "/dev/vda2"))
+    );
+    assert_eq!(
+        c["virtio-scsi"].as_str().unwrap(),
+        format!("{} root=/dev/dm-0 rootfstype=ext4 rootflags=data=ordered,errors=remount-ro ro", dm("/dev/sda1", "/dev/sda2"))
+    );
     assert!(c.get("pmem").is_none(), "no pmem entry without the DAX layout: {c}");
     assert_eq!(disk.report["cmdline"], disk.report["disk"]["cmdline"]);
     let i = &disk.verity()["initrd_cmdline"];

@@ -56,6 +56,10 @@
 //! - `TruncateResponse(n)`: relays the response head and the first `n` body
 //!   bytes, then closes the client connection (the head, with its
 //!   `Content-Length`, is unchanged, so the client sees a short body).
+//! - `StallResponseAfter(n)`: relays the response head and the first `n`
+//!   body bytes, then sends nothing more and keeps the connection open until
+//!   the client closes it (or the proxy is dropped): a transfer that hangs
+//!   midway, with part of the body already received.
 //! - `FlipResponseByte(i)`: inverts (XOR 0xff) the response body byte at
 //!   payload offset `i`.
 //!
@@ -159,17 +163,15 @@ pub enum Fault {
     /// relaying the response.
     DropResponse,
     /// Answer this instead of forwarding.
-    Respond {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: String,
-    },
+    Respond { status: u16, headers: Vec<(String, String)>, body: String },
     /// Hold the request this long, then forward it.
     Stall(Duration),
     /// Never forward or answer; wait for the client to give up.
     StallForever,
     /// Relay only the first N response body bytes, then close.
     TruncateResponse(u64),
+    /// Relay only the first N response body bytes, then hang.
+    StallResponseAfter(u64),
     /// Invert the response body byte at this offset.
     FlipResponseByte(u64),
 }
@@ -177,23 +179,15 @@ pub enum Fault {
 impl Fault {
     /// `Respond` with `status`, no extra headers and an empty body.
     pub fn status(status: u16) -> Fault {
-        Fault::Respond {
-            status,
-            headers: Vec::new(),
-            body: String::new(),
-        }
+        Fault::Respond { status, headers: Vec::new(), body: String::new() }
     }
 
     /// `Respond` 429 with `Retry-After: SECS` and a registry-style error body.
     pub fn too_many_requests(retry_after_secs: u32) -> Fault {
         Fault::Respond {
             status: 429,
-            headers: vec![
-                ("Retry-After".into(), retry_after_secs.to_string()),
-                ("Content-Type".into(), "application/json".into()),
-            ],
-            body: r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"injected by FaultProxy"}]}"#
-                .into(),
+            headers: vec![("Retry-After".into(), retry_after_secs.to_string()), ("Content-Type".into(), "application/json".into())],
+            body: r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"injected by FaultProxy"}]}"#.into(),
         }
     }
 }
@@ -220,13 +214,7 @@ impl Rule {
     /// A rule applying `fault` to the first request matching `method` and
     /// `path_contains`.
     pub fn new(method: Option<&str>, path_contains: &str, fault: Fault) -> Rule {
-        Rule {
-            method: method.map(str::to_string),
-            path_contains: path_contains.to_string(),
-            nth: 1,
-            times: 1,
-            fault,
-        }
+        Rule { method: method.map(str::to_string), path_contains: path_contains.to_string(), nth: 1, times: 1, fault }
     }
 
     /// Applies from the `n`th matching request (1-based) instead of the first.
@@ -252,8 +240,7 @@ impl Rule {
     }
 
     fn applies_to(&self, occurrence: u32) -> bool {
-        occurrence >= self.nth
-            && u64::from(occurrence) < u64::from(self.nth) + u64::from(self.times)
+        occurrence >= self.nth && u64::from(occurrence) < u64::from(self.nth) + u64::from(self.times)
     }
 }
 
@@ -304,11 +291,7 @@ impl Seen {
 impl fmt::Display for Seen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let status = self.status.map_or("-".to_string(), |s| s.to_string());
-        write!(
-            f,
-            "{} {} -> {status} (request body {} B, response body {} B)",
-            self.method, self.path, self.request_body_bytes, self.response_body_bytes
-        )?;
+        write!(f, "{} {} -> {status} (request body {} B, response body {} B)", self.method, self.path, self.request_body_bytes, self.response_body_bytes)?;
         if let Some(fault) = &self.fault {
             write!(f, " [{fault:?}]")?;
         }
@@ -340,8 +323,7 @@ struct State {
 impl State {
     /// Request number `idx`, unless it was cleared from the log.
     fn entry(&mut self, idx: usize) -> Option<&mut Seen> {
-        idx.checked_sub(self.cleared)
-            .and_then(|i| self.seen.get_mut(i))
+        idx.checked_sub(self.cleared).and_then(|i| self.seen.get_mut(i))
     }
 }
 
@@ -374,11 +356,7 @@ impl Shared {
             if now >= deadline {
                 return true;
             }
-            st = self
-                .wake
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.wake.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -398,12 +376,7 @@ impl Shared {
     }
 
     /// Logs a new request and picks the fault to apply, if any.
-    fn begin(
-        &self,
-        method: &str,
-        target: &str,
-        headers: &[(String, String)],
-    ) -> (usize, Option<(RuleId, Fault)>) {
+    fn begin(&self, method: &str, target: &str, headers: &[(String, String)]) -> (usize, Option<(RuleId, Fault)>) {
         let mut st = self.lock();
         let mut chosen = None;
         for (i, r) in st.rules.iter_mut().enumerate() {
@@ -414,12 +387,7 @@ impl Shared {
                 }
             }
         }
-        st.seen.push(Seen {
-            method: method.to_string(),
-            path: target.to_string(),
-            request_headers: headers.to_vec(),
-            ..Seen::default()
-        });
+        st.seen.push(Seen { method: method.to_string(), path: target.to_string(), request_headers: headers.to_vec(), ..Seen::default() });
         (st.cleared + st.seen.len() - 1, chosen)
     }
 
@@ -452,19 +420,10 @@ impl FaultProxy {
     /// Starts a proxy on a free 127.0.0.1 port forwarding to `upstream`
     /// ("127.0.0.1:PORT").
     pub fn start(upstream: &str) -> FaultProxy {
-        let upstream = upstream
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .unwrap_or_else(|| panic!("FaultProxy: bad upstream address {upstream:?}"));
+        let upstream = upstream.to_socket_addrs().ok().and_then(|mut a| a.next()).unwrap_or_else(|| panic!("FaultProxy: bad upstream address {upstream:?}"));
         let listener = TcpListener::bind("127.0.0.1:0").expect("FaultProxy: bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
-        let shared = Arc::new(Shared {
-            upstream,
-            stop: AtomicBool::new(false),
-            state: Mutex::new(State::default()),
-            wake: Condvar::new(),
-        });
+        let shared = Arc::new(Shared { upstream, stop: AtomicBool::new(false), state: Mutex::new(State::default()), wake: Condvar::new() });
         let sh = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("fault-proxy-listener".into())
@@ -484,23 +443,17 @@ impl FaultProxy {
                     };
                     sh.track(id, &client);
                     let sh2 = Arc::clone(&sh);
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("fault-proxy-conn-{id}"))
-                        .spawn(move || {
-                            serve_connection(&sh2, id, client);
-                            sh2.untrack(id);
-                        });
+                    let spawned = std::thread::Builder::new().name(format!("fault-proxy-conn-{id}")).spawn(move || {
+                        serve_connection(&sh2, id, client);
+                        sh2.untrack(id);
+                    });
                     if spawned.is_err() {
                         sh.untrack(id);
                     }
                 }
             })
             .expect("FaultProxy: spawn listener thread");
-        FaultProxy {
-            addr,
-            shared,
-            listener: Some(handle),
-        }
+        FaultProxy { addr, shared, listener: Some(handle) }
     }
 
     /// "127.0.0.1:PORT", where clients connect.
@@ -511,11 +464,7 @@ impl FaultProxy {
     /// Adds a rule; later requests are matched against it.
     pub fn add(&self, rule: Rule) -> RuleId {
         let mut st = self.shared.lock();
-        st.rules.push(RuleState {
-            rule,
-            matched: 0,
-            fired: 0,
-        });
+        st.rules.push(RuleState { rule, matched: 0, fired: 0 });
         RuleId(st.rules.len() - 1)
     }
 
@@ -544,13 +493,7 @@ impl FaultProxy {
     /// The logged requests with this method (`None`: any) whose target
     /// contains `path_contains`.
     pub fn matching(&self, method: Option<&str>, path_contains: &str) -> Vec<Seen> {
-        self.shared
-            .lock()
-            .seen
-            .iter()
-            .filter(|s| method.is_none_or(|m| m == s.method) && s.path.contains(path_contains))
-            .cloned()
-            .collect()
+        self.shared.lock().seen.iter().filter(|s| method.is_none_or(|m| m == s.method) && s.path.contains(path_contains)).cloned().collect()
     }
 
     /// How many logged requests match.
@@ -560,18 +503,12 @@ impl FaultProxy {
 
     /// Request body bytes forwarded upstream by the matching requests.
     pub fn request_body_bytes(&self, method: Option<&str>, path_contains: &str) -> u64 {
-        self.matching(method, path_contains)
-            .iter()
-            .map(|s| s.request_body_bytes)
-            .sum()
+        self.matching(method, path_contains).iter().map(|s| s.request_body_bytes).sum()
     }
 
     /// Response body bytes written to clients by the matching requests.
     pub fn response_body_bytes(&self, method: Option<&str>, path_contains: &str) -> u64 {
-        self.matching(method, path_contains)
-            .iter()
-            .map(|s| s.response_body_bytes)
-            .sum()
+        self.matching(method, path_contains).iter().map(|s| s.response_body_bytes).sum()
     }
 
     /// The log, one request a line, for assertion messages.
@@ -613,19 +550,12 @@ struct Head {
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 /// Whether a comma-separated header (Connection, Transfer-Encoding) lists `token`.
 fn has_token(headers: &[(String, String)], name: &str, token: &str) -> bool {
-    headers
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-        .flat_map(|(_, v)| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).flat_map(|(_, v)| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -638,10 +568,7 @@ fn read_line_limited(r: &mut dyn BufRead, limit: usize) -> io::Result<Vec<u8>> {
     loop {
         let buf = r.fill_buf()?;
         if buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed in a message",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in a message"));
         }
         let (take, done) = match buf.iter().position(|&b| b == b'\n') {
             Some(i) => (i + 1, true),
@@ -686,9 +613,7 @@ fn read_head(r: &mut dyn BufRead) -> io::Result<Option<Head>> {
     let start = lines.next().unwrap_or_default();
     let mut headers = Vec::new();
     for line in lines {
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| invalid(format!("bad header line {line:?}")))?;
+        let (k, v) = line.split_once(':').ok_or_else(|| invalid(format!("bad header line {line:?}")))?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
     Ok(Some(Head { start, headers }))
@@ -703,25 +628,13 @@ enum Framing {
 }
 
 fn content_length(headers: &[(String, String)]) -> io::Result<Option<u64>> {
-    header(headers, "content-length")
-        .map(|v| {
-            v.trim()
-                .parse()
-                .map_err(|_| invalid(format!("bad Content-Length {v:?}")))
-        })
-        .transpose()
+    header(headers, "content-length").map(|v| v.trim().parse().map_err(|_| invalid(format!("bad Content-Length {v:?}")))).transpose()
 }
 
 fn is_chunked(headers: &[(String, String)]) -> io::Result<bool> {
     match header(headers, "transfer-encoding") {
         None => Ok(false),
-        Some(v)
-            if v.rsplit(',')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked")) =>
-        {
-            Ok(true)
-        }
+        Some(v) if v.rsplit(',').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked")) => Ok(true),
         Some(v) => Err(invalid(format!("unsupported Transfer-Encoding {v:?}"))),
     }
 }
@@ -736,11 +649,7 @@ fn request_framing(headers: &[(String, String)]) -> io::Result<Framing> {
     })
 }
 
-fn response_framing(
-    method: &str,
-    status: u16,
-    headers: &[(String, String)],
-) -> io::Result<Framing> {
+fn response_framing(method: &str, status: u16, headers: &[(String, String)]) -> io::Result<Framing> {
     if method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(Framing::Empty);
     }
@@ -755,11 +664,7 @@ fn response_framing(
 }
 
 fn status_of(start: &str) -> io::Result<u16> {
-    start
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| invalid(format!("bad status line {start:?}")))
+    start.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| invalid(format!("bad status line {start:?}")))
 }
 
 /// Which side of a copy failed.
@@ -805,23 +710,13 @@ struct CopyOpts {
 /// Copies one message body from `src` to `dst`, chunk framing as is (or
 /// dropped with `decode`), calling `progress` with each payload piece's
 /// length and whether it holds the flipped byte.
-fn copy_body(
-    src: &mut dyn BufRead,
-    dst: &mut dyn Write,
-    framing: Framing,
-    opts: &CopyOpts,
-    progress: &mut dyn FnMut(u64, bool),
-) -> Result<Copied, CopyError> {
+fn copy_body(src: &mut dyn BufRead, dst: &mut dyn Write, framing: Framing, opts: &CopyOpts, progress: &mut dyn FnMut(u64, bool)) -> Result<Copied, CopyError> {
     let mut out = Copied::default();
     let mut buf = vec![0u8; BUF];
     let at_limit = |copied: u64| opts.limit.is_some_and(|l| copied >= l);
     // Copies `len` payload bytes (None: until end of stream); false if
     // stopped at the limit.
-    let mut payload = |src: &mut dyn BufRead,
-                       dst: &mut dyn Write,
-                       len: Option<u64>,
-                       out: &mut Copied|
-     -> Result<bool, CopyError> {
+    let mut payload = |src: &mut dyn BufRead, dst: &mut dyn Write, len: Option<u64>, out: &mut Copied| -> Result<bool, CopyError> {
         let mut left = len;
         loop {
             if left == Some(0) {
@@ -842,17 +737,12 @@ fn copy_body(
                 }
                 want = want.min(l - out.payload);
             }
-            let n = src
-                .read(&mut buf[..want as usize])
-                .map_err(CopyError::Read)?;
+            let n = src.read(&mut buf[..want as usize]).map_err(CopyError::Read)?;
             if n == 0 {
                 if len.is_none() {
                     return Ok(true);
                 }
-                return Err(CopyError::Read(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed in a body",
-                )));
+                return Err(CopyError::Read(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in a body")));
             }
             let mut flipped = false;
             if let Some(f) = opts.flip {
@@ -886,8 +776,7 @@ fn copy_body(
             let line = read_line_limited(src, 4096).map_err(CopyError::Read)?;
             let text = String::from_utf8_lossy(&line);
             let size_hex = text.trim_end().split(';').next().unwrap_or("").trim();
-            let size = u64::from_str_radix(size_hex, 16)
-                .map_err(|_| CopyError::Read(invalid(format!("bad chunk size line {text:?}"))))?;
+            let size = u64::from_str_radix(size_hex, 16).map_err(|_| CopyError::Read(invalid(format!("bad chunk size line {text:?}"))))?;
             if !opts.decode {
                 dst.write_all(&line).map_err(CopyError::Write)?;
             }
@@ -942,12 +831,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn write_head(
-    w: &mut dyn Write,
-    start: &str,
-    headers: &[(String, String)],
-    close: bool,
-) -> io::Result<()> {
+fn write_head(w: &mut dyn Write, start: &str, headers: &[(String, String)], close: bool) -> io::Result<()> {
     let mut head = format!("{start}\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -963,11 +847,7 @@ fn write_head(
 const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "expect"];
 
 fn end_to_end(headers: &[(String, String)]) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter(|(k, _)| !HOP_BY_HOP.iter().any(|h| k.eq_ignore_ascii_case(h)))
-        .cloned()
-        .collect()
+    headers.iter().filter(|(k, _)| !HOP_BY_HOP.iter().any(|h| k.eq_ignore_ascii_case(h))).cloned().collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -1015,22 +895,12 @@ fn bad_gateway(sh: &Shared, idx: usize, client_out: &mut TcpStream, note: String
 }
 
 /// Handles one request; true if the client connection stays open.
-fn exchange(
-    sh: &Shared,
-    conn: u64,
-    client_in: &mut BufReader<TcpStream>,
-    client_out: &mut TcpStream,
-    head: Head,
-) -> io::Result<bool> {
+fn exchange(sh: &Shared, conn: u64, client_in: &mut BufReader<TcpStream>, client_out: &mut TcpStream, head: Head) -> io::Result<bool> {
     let mut parts = head.start.split_whitespace();
     let (method, target, version) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v)) if v.starts_with("HTTP/1.") => {
-            (m.to_string(), t.to_string(), v.to_string())
-        }
+        (Some(m), Some(t), Some(v)) if v.starts_with("HTTP/1.") => (m.to_string(), t.to_string(), v.to_string()),
         _ => {
-            let _ = client_out.write_all(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
+            let _ = client_out.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             return Ok(false);
         }
     };
@@ -1042,40 +912,28 @@ fn exchange(
                 s.status = Some(400);
                 s.add_note(format!("bad request framing: {e}"));
             });
-            let _ = client_out.write_all(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
+            let _ = client_out.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             return Ok(false);
         }
     };
     let client_keep = version == "HTTP/1.1" && !has_token(&head.headers, "connection", "close");
-    let expects_continue = framing != Framing::Empty
-        && header(&head.headers, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    let expects_continue = framing != Framing::Empty && header(&head.headers, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
 
     // Faults that decide before anything is forwarded.
     let mut drop_after = None;
     let mut drop_response = false;
     let mut truncate = None;
+    let mut stall_after_truncate = false;
     let mut flip = None;
     if let Some((rule, f)) = &fault {
         match f {
-            Fault::Respond {
-                status,
-                headers,
-                body,
-            } => {
+            Fault::Respond { status, headers, body } => {
                 sh.fire(idx, *rule, f);
                 let mut keep = client_keep;
                 if expects_continue {
                     keep = false;
                 } else if framing != Framing::Empty {
-                    let drained = copy_body(
-                        client_in,
-                        &mut io::sink(),
-                        framing,
-                        &CopyOpts::default(),
-                        &mut |_, _| {},
-                    );
+                    let drained = copy_body(client_in, &mut io::sink(), framing, &CopyOpts::default(), &mut |_, _| {});
                     if let Err(e) = drained {
                         sh.update(idx, |s| s.add_note(format!("client body {e}")));
                         return Ok(false);
@@ -1085,23 +943,14 @@ fn exchange(
                 if header(&hs, "content-length").is_none() {
                     hs.push(("Content-Length".into(), body.len().to_string()));
                 }
-                let body_bytes = if method == "HEAD" {
-                    &[][..]
-                } else {
-                    body.as_bytes()
-                };
+                let body_bytes = if method == "HEAD" { &[][..] } else { body.as_bytes() };
                 sh.update(idx, |s| {
                     s.status = Some(*status);
                     s.response_headers = hs.clone();
                     s.response_body_bytes = body_bytes.len() as u64;
                     s.add_note("answered by the proxy");
                 });
-                write_head(
-                    client_out,
-                    &format!("HTTP/1.1 {status} {}", reason(*status)),
-                    &hs,
-                    !keep,
-                )?;
+                write_head(client_out, &format!("HTTP/1.1 {status} {}", reason(*status)), &hs, !keep)?;
                 client_out.write_all(body_bytes)?;
                 client_out.flush()?;
                 return Ok(keep);
@@ -1118,11 +967,7 @@ fn exchange(
                     }
                 }
                 let secs = started.elapsed().as_secs_f64();
-                sh.update(idx, |s| {
-                    s.add_note(format!(
-                        "stalled forever; the client closed after {secs:.1} s"
-                    ))
-                });
+                sh.update(idx, |s| s.add_note(format!("stalled forever; the client closed after {secs:.1} s")));
                 return Ok(false);
             }
             Fault::Stall(d) => {
@@ -1134,6 +979,10 @@ fn exchange(
             Fault::DropAfterRequestBytes(n) => drop_after = Some(*n),
             Fault::DropResponse => drop_response = true,
             Fault::TruncateResponse(n) => truncate = Some(*n),
+            Fault::StallResponseAfter(n) => {
+                truncate = Some(*n);
+                stall_after_truncate = true;
+            }
             Fault::FlipResponseByte(i) => flip = Some(*i),
         }
     }
@@ -1160,13 +1009,8 @@ fn exchange(
         sh.update(idx, |s| s.add_note(format!("upstream request head: {e}")));
         upstream_broken = true;
     } else if framing != Framing::Empty {
-        let opts = CopyOpts {
-            limit: drop_after,
-            ..CopyOpts::default()
-        };
-        let result = copy_body(client_in, &mut up_out, framing, &opts, &mut |n, _| {
-            sh.update(idx, |s| s.request_body_bytes += n)
-        });
+        let opts = CopyOpts { limit: drop_after, ..CopyOpts::default() };
+        let result = copy_body(client_in, &mut up_out, framing, &opts, &mut |n, _| sh.update(idx, |s| s.request_body_bytes += n));
         match result {
             Ok(c) if c.complete => body_done = true,
             Ok(c) => {
@@ -1177,25 +1021,14 @@ fn exchange(
                 let _ = up_in.get_ref().set_read_timeout(Some(DROP_WAIT));
                 let reaction = match read_head(&mut up_in) {
                     Ok(Some(h)) => {
-                        let _ = copy_body(
-                            &mut up_in,
-                            &mut io::sink(),
-                            Framing::UntilClose,
-                            &CopyOpts::default(),
-                            &mut |_, _| {},
-                        );
+                        let _ = copy_body(&mut up_in, &mut io::sink(), Framing::UntilClose, &CopyOpts::default(), &mut |_, _| {});
                         format!("upstream then answered {:?}", h.start)
                     }
                     Ok(None) => "upstream closed without answering".to_string(),
                     Err(e) => format!("upstream: {e}"),
                 };
                 let _ = up_out.shutdown(Shutdown::Both);
-                sh.update(idx, |s| {
-                    s.add_note(format!(
-                        "dropped after {} request body bytes; {reaction}",
-                        c.payload
-                    ))
-                });
+                sh.update(idx, |s| s.add_note(format!("dropped after {} request body bytes; {reaction}", c.payload)));
                 return Ok(false);
             }
             Err(CopyError::Read(e)) => {
@@ -1211,9 +1044,7 @@ fn exchange(
         }
     }
     if let (Some(n), true) = (drop_after, body_done) {
-        sh.update(idx, |s| {
-            s.add_note(format!("not dropped: the body ended within {n} bytes"))
-        });
+        sh.update(idx, |s| s.add_note(format!("not dropped: the body ended within {n} bytes")));
     }
 
     // Response head (1xx interim responses skipped: Expect was not forwarded).
@@ -1224,42 +1055,26 @@ fn exchange(
                 Ok(s) => break Ok((h, s)),
                 Err(e) => break Err(e),
             },
-            Ok(None) => {
-                break Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "upstream closed without answering",
-                ))
-            }
+            Ok(None) => break Err(io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed without answering")),
             Err(e) => break Err(e),
         }
     };
     let (rhead, status) = match resp {
         Ok(r) => r,
         Err(e) => {
-            let why = if upstream_broken {
-                "upstream failed"
-            } else {
-                "bad upstream response"
-            };
+            let why = if upstream_broken { "upstream failed" } else { "bad upstream response" };
             sh.update(idx, |s| {
                 s.status = Some(502);
                 s.add_note(format!("{why}: {e}"));
             });
-            write_head(
-                client_out,
-                "HTTP/1.1 502 Bad Gateway",
-                &[("Content-Length".into(), "0".into())],
-                true,
-            )?;
+            write_head(client_out, "HTTP/1.1 502 Bad Gateway", &[("Content-Length".into(), "0".into())], true)?;
             return Ok(false);
         }
     };
     if drop_response {
         let (rule, f) = fault.as_ref().expect("drop_response comes from a rule");
         sh.fire(idx, *rule, f);
-        sh.update(idx, |s| {
-            s.add_note(format!("upstream answered {:?}; not relayed", rhead.start))
-        });
+        sh.update(idx, |s| s.add_note(format!("upstream answered {:?}; not relayed", rhead.start)));
         let _ = up_out.shutdown(Shutdown::Both);
         let _ = client_out.shutdown(Shutdown::Both);
         return Ok(false);
@@ -1277,38 +1092,34 @@ fn exchange(
     write_head(client_out, &rhead.start, &rheaders, close)?;
 
     // Response body.
-    let opts = CopyOpts {
-        limit: truncate,
-        flip,
-        count_first: true,
-        ..CopyOpts::default()
-    };
+    let opts = CopyOpts { limit: truncate, flip, count_first: true, ..CopyOpts::default() };
     // A flip is recorded before the piece holding it goes out.
-    let result = copy_body(
-        &mut up_in,
-        client_out,
-        rframing,
-        &opts,
-        &mut |n, flipped| {
-            sh.update(idx, |s| s.response_body_bytes += n);
-            if let (true, Some((rule, f))) = (flipped, &fault) {
-                sh.fire(idx, *rule, f);
-                sh.update(idx, |s| {
-                    s.add_note(format!(
-                        "response byte {} inverted",
-                        flip.unwrap_or_default()
-                    ))
-                });
-            }
-        },
-    );
+    let result = copy_body(&mut up_in, client_out, rframing, &opts, &mut |n, flipped| {
+        sh.update(idx, |s| s.response_body_bytes += n);
+        if let (true, Some((rule, f))) = (flipped, &fault) {
+            sh.fire(idx, *rule, f);
+            sh.update(idx, |s| s.add_note(format!("response byte {} inverted", flip.unwrap_or_default())));
+        }
+    });
     match result {
         Ok(c) if !c.complete => {
             let (rule, f) = fault.as_ref().expect("a limit comes from a truncate rule");
             sh.fire(idx, *rule, f);
-            sh.update(idx, |s| {
-                s.add_note(format!("response truncated after {} bytes", c.payload))
-            });
+            if stall_after_truncate {
+                client_out.flush()?;
+                let _ = up_out.shutdown(Shutdown::Both);
+                let started = Instant::now();
+                let mut sink = [0u8; BUF];
+                while let Ok(n) = client_in.read(&mut sink) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let secs = started.elapsed().as_secs_f64();
+                sh.update(idx, |s| s.add_note(format!("stalled after {} response bytes; the client closed after {secs:.1} s", c.payload)));
+                return Ok(false);
+            }
+            sh.update(idx, |s| s.add_note(format!("response truncated after {} bytes", c.payload)));
             let _ = client_out.shutdown(Shutdown::Both);
             Ok(false)
         }
@@ -1317,20 +1128,10 @@ fn exchange(
                 match f {
                     Fault::FlipResponseByte(_) if c.flipped => {}
                     Fault::FlipResponseByte(i) => {
-                        sh.update(idx, |s| {
-                            s.add_note(format!(
-                                "not flipped: the body has {} bytes, offset {i}",
-                                c.payload
-                            ))
-                        });
+                        sh.update(idx, |s| s.add_note(format!("not flipped: the body has {} bytes, offset {i}", c.payload)));
                     }
-                    Fault::TruncateResponse(n) => {
-                        sh.update(idx, |s| {
-                            s.add_note(format!(
-                                "not truncated: the body has {} bytes, limit {n}",
-                                c.payload
-                            ))
-                        });
+                    Fault::TruncateResponse(n) | Fault::StallResponseAfter(n) => {
+                        sh.update(idx, |s| s.add_note(format!("not truncated: the body has {} bytes, limit {n}", c.payload)));
                     }
                     _ => {}
                 }
@@ -1370,8 +1171,7 @@ impl HttpResponse {
 /// A body cut short gives `complete: false`, not an error.
 pub fn read_response(r: &mut dyn BufRead, method: &str) -> io::Result<HttpResponse> {
     let (head, status) = loop {
-        let head = read_head(r)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no response"))?;
+        let head = read_head(r)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no response"))?;
         let status = status_of(&head.start)?;
         if !(100..200).contains(&status) {
             break (head, status);
@@ -1379,28 +1179,18 @@ pub fn read_response(r: &mut dyn BufRead, method: &str) -> io::Result<HttpRespon
     };
     let framing = response_framing(method, status, &head.headers)?;
     let mut body = Vec::new();
-    let opts = CopyOpts {
-        decode: true,
-        ..CopyOpts::default()
-    };
+    let opts = CopyOpts { decode: true, ..CopyOpts::default() };
     let complete = match copy_body(r, &mut body, framing, &opts, &mut |_, _| {}) {
         Ok(c) => c.complete,
         Err(CopyError::Read(_)) => false,
         Err(CopyError::Write(e)) => return Err(e),
     };
-    Ok(HttpResponse {
-        status,
-        headers: head.headers,
-        body,
-        complete,
-    })
+    Ok(HttpResponse { status, headers: head.headers, body, complete })
 }
 
 /// Splits "http://HOST:PORT/path?query" into ("HOST:PORT", "/path?query").
 pub fn split_url(url: &str) -> (&str, &str) {
-    let rest = url
-        .strip_prefix("http://")
-        .unwrap_or_else(|| panic!("not an http:// URL: {url:?}"));
+    let rest = url.strip_prefix("http://").unwrap_or_else(|| panic!("not an http:// URL: {url:?}"));
     match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -1413,12 +1203,7 @@ pub fn split_url(url: &str) -> (&str, &str) {
 /// `Transfer-Encoding`, in which case `body` must already be framed), and a
 /// 30 s read timeout. Errors when the connection fails before a response head
 /// arrives.
-pub fn http(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> io::Result<HttpResponse> {
+pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<HttpResponse> {
     let (host, target) = split_url(url);
     let mut s = TcpStream::connect(host)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -1426,9 +1211,7 @@ pub fn http(
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
-    let framed = headers.iter().any(|(k, _)| {
-        k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding")
-    });
+    let framed = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding"));
     if !framed && (!body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH")) {
         req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }

@@ -43,11 +43,7 @@ pub fn record(test: &str, reason: &str) {
         return;
     };
     let line = format!("{test}\t{reason}\n");
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .and_then(|mut f| f.write_all(line.as_bytes()));
+    let written = std::fs::OpenOptions::new().create(true).append(true).open(&log).and_then(|mut f| f.write_all(line.as_bytes()));
     if let Err(e) = written {
         eprintln!("SKIP: cannot record the skip in {}: {e}", Path::new(&log).display());
     }
@@ -106,10 +102,7 @@ mod tests {
         let text = std::fs::read_to_string(&log).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(text, "testkit::skip::tests::second\tneeds root\nagent::first\tno `ip` found\n");
-        assert_eq!(
-            summary(&parse(&text)),
-            "2 test(s) skipped:\n  agent::first: no `ip` found\n  testkit::skip::tests::second: needs root\n"
-        );
+        assert_eq!(summary(&parse(&text)), "2 test(s) skipped:\n  agent::first: no `ip` found\n  testkit::skip::tests::second: needs root\n");
     }
 
     #[test]

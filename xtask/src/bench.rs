@@ -48,6 +48,9 @@ pub enum Section {
     /// The Debian disk as a containerDisk to a loopback registry, ours vs
     /// umoci + skopeo copy; bytes re-sent after a dropped upload.
     Publish,
+    /// The agent under load in a guest: 32 clients' health checks and
+    /// exec/wait round trips, 1 GiB through `cat`, the agent's RSS.
+    Load,
 }
 
 /// A docker-registry on a free loopback port, killed on drop.
@@ -168,6 +171,9 @@ impl Bench {
         if wants(Section::Publish) {
             crate::bench_publish::run(&osbuilder, self.runs)?;
         }
+        if wants(Section::Load) {
+            crate::bench_load::run()?;
+        }
         Ok(())
     }
 
@@ -216,11 +222,7 @@ impl Bench {
             // Ours, warm cache: the second build of the same image pulls nothing.
             let out = work.join(format!("warm-{run}.gz"));
             ours_warm.push(timed(
-                Cmd::new(osbuilder)
-                    .args(["initrd", "--quiet", "--image", &format!("docker://{image}"), "-o"])
-                    .arg(&out)
-                    .arg("--cache-dir")
-                    .arg(&warm_cache),
+                Cmd::new(osbuilder).args(["initrd", "--quiet", "--image", &format!("docker://{image}"), "-o"]).arg(&out).arg("--cache-dir").arg(&warm_cache),
                 &out,
             )?);
             std::fs::remove_file(&out)?;
@@ -233,14 +235,7 @@ impl Bench {
         println!("{:<44} {:>8} {:>8} {:>12} {:>10}", "pipeline", "median", "speedup", "bytes", "identical");
         let row = |name: &str, s: &[Sample]| {
             let m = median(s);
-            println!(
-                "{:<44} {:>8.2} {:>7.2}x {:>12} {:>10}",
-                name,
-                m,
-                a / m,
-                s.last().map_or(0, |x| x.bytes),
-                if identical(s) { "yes" } else { "no" }
-            );
+            println!("{:<44} {:>8.2} {:>7.2}x {:>12} {:>10}", name, m, a / m, s.last().map_or(0, |x| x.bytes), if identical(s) { "yes" } else { "no" });
         };
         row("anchor: skopeo+umoci+cpio+gzip -9", &anchor);
         row("osbuilder gzip -9, default (cold cache)", &ours_gz);

@@ -81,9 +81,7 @@ struct FsInfo {
 fn fs_info(img: &Path) -> Option<FsInfo> {
     let out = Command::new("dumpe2fs").arg("-h").arg(img).stderr(Stdio::null()).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| -> Option<u64> {
-        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().parse().ok()))?
-    };
+    let field = |name: &str| -> Option<u64> { text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().parse().ok()))? };
     let (blocks, free, bs) = (field("Block count")?, field("Free blocks")?, field("Block size")?);
     Some(FsInfo { bytes: blocks * bs, used: (blocks - free) * bs, inodes: field("Inode count")? })
 }
@@ -262,11 +260,7 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
         };
         let fs = r.fs.as_ref();
         let num = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-        let clean = if r.clean.is_empty() {
-            "-".to_string()
-        } else {
-            format!("{}/{} ok", r.clean.iter().filter(|c| **c).count(), r.clean.len())
-        };
+        let clean = if r.clean.is_empty() { "-".to_string() } else { format!("{}/{} ok", r.clean.iter().filter(|c| **c).count(), r.clean.len()) };
         println!(
             "{:<46} {:>8.2} {:>11} {:>11} {:>11} {:>8} {:>9} {:>9}",
             name,
@@ -301,11 +295,8 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
     println!("(anchor and rival are made at our filesystem's size, {size} bytes; ours auto-sizes: content + metadata + 10% headroom)");
 
     let split = |k: &str| {
-        let v: Vec<Sample> = ours_reports
-            .iter()
-            .filter_map(|r| r["seconds"][k].as_f64())
-            .map(|seconds| Sample { seconds, bytes: 0, sha256: String::new() })
-            .collect();
+        let v: Vec<Sample> =
+            ours_reports.iter().filter_map(|r| r["seconds"][k].as_f64()).map(|seconds| Sample { seconds, bytes: 0, sha256: String::new() }).collect();
         if v.is_empty() {
             "-".to_string()
         } else {
@@ -370,7 +361,10 @@ impl Qcow2Row {
 /// Returns the table and, per variant, (name, our median, the median of
 /// `qemu-img convert` alone) for the end-to-end comparison with the ext4
 /// anchor.
-pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> anyhow::Result<(String, Vec<(String, Option<f64>, Option<f64>)>)> {
+/// A row of the end-to-end comparison: its name, seconds and bytes (when measured).
+pub type EndToEndRow = (String, Option<f64>, Option<f64>);
+
+pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> anyhow::Result<(String, Vec<EndToEndRow>)> {
     use std::fmt::Write as _;
     let mut rows: Vec<(String, Qcow2Row)> = Vec::new();
     let variants: [(&str, bool); 2] = [("qcow2", false), ("qcow2 -c", true)];
@@ -379,12 +373,7 @@ pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> any
         rows.push((format!("anchor: osbuilder raw + qemu-img convert -O {name}"), Qcow2Row::default()));
     }
     let disk = |cache: &Path, out: &Path, extra: &[&str]| {
-        Cmd::new(osbuilder)
-            .args(["disk", "--quiet", "--image", &format!("docker://{image}"), "-o"])
-            .arg(out)
-            .args(extra)
-            .arg("--cache-dir")
-            .arg(cache)
+        Cmd::new(osbuilder).args(["disk", "--quiet", "--image", &format!("docker://{image}"), "-o"]).arg(out).args(extra).arg("--cache-dir").arg(cache)
     };
     for run in 0..runs {
         for (v, (_, compress)) in variants.iter().enumerate() {
@@ -452,7 +441,13 @@ pub fn run_qcow2(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> any
             raw_step,
             r.samples.last().map_or(0, |s| s.bytes),
             format!("{}/{} ok", r.clean.iter().filter(|c| **c).count(), r.clean.len()),
-            if r.samples.len() < 2 { "n/a" } else if identical(&r.samples) { "yes" } else { "no" }
+            if r.samples.len() < 2 {
+                "n/a"
+            } else if identical(&r.samples) {
+                "yes"
+            } else {
+                "no"
+            }
         )?;
         if let Some(note) = &r.note {
             writeln!(text, "{:<52} not clean: {note}", "")?;

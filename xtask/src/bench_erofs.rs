@@ -113,7 +113,13 @@ pub fn run(osbuilder: &Path, runs: usize) -> anyhow::Result<()> {
                 m,
                 r.bytes().map_or("-".into(), |b| b.to_string()),
                 format!("{}/{} ok", r.fsck_ok, r.samples.len()),
-                if r.samples.len() < 2 { "n/a" } else if identical(&r.samples) { "yes" } else { "no" }
+                if r.samples.len() < 2 {
+                    "n/a"
+                } else if identical(&r.samples) {
+                    "yes"
+                } else {
+                    "no"
+                }
             );
             if let Some(n) = &r.fsck_note {
                 println!("{:<52} not clean: {n}", "");

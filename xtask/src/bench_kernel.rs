@@ -15,14 +15,7 @@ use crate::util::{cache_root, project_root, sha256_file, Cmd};
 /// `osbuilder kernel` with the project's config and patches.
 pub fn kernel_cmd(osbuilder: &Path, out: &Path) -> Cmd {
     let root = project_root();
-    Cmd::new(osbuilder)
-        .arg("kernel")
-        .arg("--config-dir")
-        .arg(root.join("kernel-config"))
-        .arg("--patches-dir")
-        .arg(root.join("patches"))
-        .arg("-o")
-        .arg(out)
+    Cmd::new(osbuilder).arg("kernel").arg("--config-dir").arg(root.join("kernel-config")).arg("--patches-dir").arg(root.join("patches")).arg("-o").arg(out)
 }
 
 pub struct KernelArtifacts {

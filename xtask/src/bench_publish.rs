@@ -257,7 +257,11 @@ fn resume(osbuilder: &Path, disk: &Path, registry: &Registry, work: &Path) -> an
     for (name, resent, of, restarts) in rows {
         println!("{name:<64} {resent:>14} {:>8.1}% {restarts:>10}", 100.0 * resent as f64 / of as f64);
     }
-    let pct = anchor_row.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).map_or(String::from("-"), |n| format!("{:.1}%", 100.0 * n as f64 / layer as f64));
+    let pct = anchor_row
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<u64>().ok())
+        .map_or(String::from("-"), |n| format!("{:.1}%", 100.0 * n as f64 / layer as f64));
     println!("{:<64} {:>14} {:>9} {:>10}", "skopeo copy --retry-times 1, cut at 50% of its one PATCH", anchor_row, pct, "1");
     println!("(docker-registry 2.8 cancels an upload session that received part of a cut PATCH, so a mid-chunk cut starts over there)");
     std::fs::remove_dir_all(&d)?;
@@ -275,7 +279,8 @@ fn pull_costs(registry: &Registry, runs: usize, variants: &[&str]) -> anyhow::Re
     for c in variants {
         let repo = format!("bench/ours-{c}-0");
         let url = format!("http://{}/v2/{repo}/manifests/v1", registry.addr);
-        let manifest: serde_json::Value = serde_json::from_str(&Cmd::new("curl").args(["-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json", &url]).quiet().read()?)?;
+        let manifest: serde_json::Value =
+            serde_json::from_str(&Cmd::new("curl").args(["-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json", &url]).quiet().read()?)?;
         let layer = &manifest["layers"][0];
         let (digest, bytes) = (layer["digest"].as_str().context("layer digest")?, layer["size"].as_u64().context("layer size")?);
         let decompress = match *c {

@@ -129,7 +129,15 @@ pub fn run(osbuilder: &Path, image: &str, work: &Path, runs: usize) -> anyhow::R
     println!("dm-verity: registry image -> MBR disk with the hash tree on partition 2, {runs} runs each (median wall seconds)");
     println!("filesystem {fs_bytes} bytes ({} blocks of 4 KiB), hash partition {hash_bytes} bytes", fs_bytes / 4096);
     println!("{:<58} {:>8} {:>11}", "pipeline", "median", "identical");
-    let ident = |v: &[Sample]| if v.len() < 2 { "n/a" } else if identical(v) { "yes" } else { "no" };
+    let ident = |v: &[Sample]| {
+        if v.len() < 2 {
+            "n/a"
+        } else if identical(v) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
     println!("{:<58} {:>8} {:>11}", "ours: osbuilder disk --verity (cold cache)", secs(o), ident(&ours));
     println!("{:<58} {:>8} {:>11}", "ours without --verity (cold cache)", secs(p), ident(&plain));
     println!("{:<58} {:>8} {:>11}", "anchor: skopeo+umoci+mke2fs -d + veritysetup format", secs(a), "-");

@@ -64,11 +64,8 @@ impl BuildImage {
         let output = self.output.unwrap_or_else(|| target_dir().join(format!("guest/initrd-debian-bookworm.cpio{ext}")));
         std::fs::create_dir_all(output.parent().expect("has a parent"))?;
         let report = output.with_extension("report.json");
-        let mut cmd = Cmd::new(osbuilder_binary()?)
-            .args(["initrd", "--image", &image, "--compress", &self.compress, "-o"])
-            .arg(&output)
-            .arg("--report")
-            .arg(&report);
+        let mut cmd =
+            Cmd::new(osbuilder_binary()?).args(["initrd", "--image", &image, "--compress", &self.compress, "-o"]).arg(&output).arg("--report").arg(&report);
         if !self.no_init {
             cmd = cmd.arg("--init").arg(crate::util::guest_init_binary()?);
         }

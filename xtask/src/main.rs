@@ -9,6 +9,7 @@ mod bench_disk;
 mod bench_erofs;
 mod bench_guest;
 mod bench_kernel;
+mod bench_load;
 mod bench_publish;
 mod bench_verity;
 mod boot;

@@ -34,6 +34,8 @@ pub struct Test {
 
 impl Test {
     pub fn run(self) -> anyhow::Result<()> {
+        // Formatting and lints first: they take a minute, the suite many.
+        lint()?;
         // The Debian base image is shared by xtask and the tests: build it
         // once here so its log is visible, not inside a test's output.
         let base = image::base_image()?;
@@ -88,6 +90,15 @@ impl Test {
         }
         Ok(())
     }
+}
+
+/// `cargo fmt --check` and `cargo clippy -D warnings` over the workspace,
+/// every target (tests, benches, xtask itself).
+fn lint() -> anyhow::Result<()> {
+    let root = util::project_root();
+    util::Cmd::new("cargo").args(["fmt", "--all", "--check"]).cwd(&root).run()?;
+    util::Cmd::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).cwd(&root).run()?;
+    Ok(())
 }
 
 fn read_skips(path: &Path) -> anyhow::Result<Vec<Skip>> {

@@ -89,11 +89,7 @@ impl Cmd {
         if !self.quiet {
             eprintln!("$ {}", self.line());
         }
-        let out = self
-            .command()
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run {}", self.line()))?;
+        let out = self.command().stdin(Stdio::null()).output().with_context(|| format!("cannot run {}", self.line()))?;
         if !out.status.success() {
             bail!("`{}` failed ({}):\n{}", self.line(), out.status, String::from_utf8_lossy(&out.stderr));
         }

@@ -38,19 +38,13 @@ pub struct Call<'a> {
 
 impl<'a> Call<'a> {
     pub fn new(ctx: &'a TtrpcContext) -> Call<'a> {
-        let deadline = u64::try_from(ctx.timeout_nano)
-            .ok()
-            .filter(|n| *n > 0)
-            .and_then(|n| Instant::now().checked_add(Duration::from_nanos(n)));
+        let deadline = u64::try_from(ctx.timeout_nano).ok().filter(|n| *n > 0).and_then(|n| Instant::now().checked_add(Duration::from_nanos(n)));
         Call { ctx, deadline }
     }
 
     /// The client closed its connection.
     pub fn client_gone(&self) -> bool {
-        matches!(
-            self.ctx.cancel_rx.try_recv(),
-            Err(crossbeam_channel::TryRecvError::Disconnected)
-        )
+        matches!(self.ctx.cancel_rx.try_recv(), Err(crossbeam_channel::TryRecvError::Disconnected))
     }
 
     /// CANCELLED when the client is gone, DEADLINE_EXCEEDED past the deadline.
@@ -78,17 +72,9 @@ impl<'a> Call<'a> {
     /// or the deadline passes; Ok means "try the I/O again".
     pub fn wait_fd(&self, fd: BorrowedFd<'_>, events: libc::c_short) -> ttrpc::Result<()> {
         let mut fds = [
-            libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events,
-                revents: 0,
-            },
+            libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 },
             // The connection itself: POLLRDHUP/POLLHUP as soon as the peer closes.
-            libc::pollfd {
-                fd: self.ctx.fd,
-                events: libc::POLLRDHUP,
-                revents: 0,
-            },
+            libc::pollfd { fd: self.ctx.fd, events: libc::POLLRDHUP, revents: 0 },
         ];
         sys::poll(&mut fds, Some(self.tick())).map_err(|e| io_status("poll", &e))?;
         if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {

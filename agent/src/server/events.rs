@@ -20,9 +20,7 @@ pub enum Value {
 
 /// Parses a flat JSON object (string, number, bool and null values).
 pub fn parse_flat_object(text: &str) -> Option<HashMap<String, Value>> {
-    let mut p = Parser {
-        chars: text.trim().chars().peekable(),
-    };
+    let mut p = Parser { chars: text.trim().chars().peekable() };
     let mut out = HashMap::new();
     p.expect('{')?;
     p.skip_ws();
@@ -90,10 +88,7 @@ impl Parser<'_> {
                     'f' => s.push('\u{c}'),
                     'u' => {
                         let hex: String = (0..4).filter_map(|_| self.next()).collect();
-                        s.push(
-                            char::from_u32(u32::from_str_radix(&hex, 16).ok()?)
-                                .unwrap_or('\u{fffd}'),
-                        );
+                        s.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('\u{fffd}'));
                     }
                     c => s.push(c),
                 },
@@ -132,43 +127,33 @@ pub enum Event {
 pub fn parse_event(line: &str) -> Option<Event> {
     let obj = parse_flat_object(line)?;
     let int = |key: &str| match obj.get(key) {
-        Some(Value::Num(n))
-            if n.fract() == 0.0 && *n >= f64::from(i32::MIN) && *n <= f64::from(i32::MAX) =>
-        {
-            Some(*n as i32)
-        }
+        Some(Value::Num(n)) if n.fract() == 0.0 && *n >= f64::from(i32::MIN) && *n <= f64::from(i32::MAX) => Some(*n as i32),
         _ => None,
     };
     match obj.get("event") {
         Some(Value::Str(e)) if e == "started" => Some(Event::Started { pid: int("pid")? }),
-        Some(Value::Str(e)) if e == "exited" => Some(Event::Exited {
-            pid: int("pid")?,
-            code: int("code")?,
-        }),
+        Some(Value::Str(e)) if e == "exited" => Some(Event::Exited { pid: int("pid")?, code: int("code")? }),
         _ => None,
     }
 }
 
 /// Reads events from `fd` until it closes, feeding `workload`.
 pub fn spawn_reader(fd: OwnedFd, workload: Arc<Workload>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("osb-events".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let reader = std::io::BufReader::new(std::fs::File::from(fd));
-            for line in reader.split(b'\n') {
-                let Ok(line) = line else { break };
-                let line = String::from_utf8_lossy(&line);
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match parse_event(&line) {
-                    Some(Event::Started { pid }) => workload.started(pid),
-                    Some(Event::Exited { pid, code }) => workload.exited(pid, code),
-                    None => eprintln!("osb-agent: ignoring workload event {:?}", line.trim()),
-                }
+    std::thread::Builder::new().name("osb-events".into()).stack_size(64 * 1024).spawn(move || {
+        let reader = std::io::BufReader::new(std::fs::File::from(fd));
+        for line in reader.split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line);
+            if line.trim().is_empty() {
+                continue;
             }
-        })?;
+            match parse_event(&line) {
+                Some(Event::Started { pid }) => workload.started(pid),
+                Some(Event::Exited { pid, code }) => workload.exited(pid, code),
+                None => eprintln!("osb-agent: ignoring workload event {:?}", line.trim()),
+            }
+        }
+    })?;
     Ok(())
 }
 
@@ -179,22 +164,13 @@ mod tests {
     #[test]
     fn events() {
         for (line, event) in [
-            (
-                r#"{"event":"started","pid":123}"#,
-                Some(Event::Started { pid: 123 }),
-            ),
-            (
-                r#" { "pid" : 7, "event" : "exited", "code" : 137 } "#,
-                Some(Event::Exited { pid: 7, code: 137 }),
-            ),
+            (r#"{"event":"started","pid":123}"#, Some(Event::Started { pid: 123 })),
+            (r#" { "pid" : 7, "event" : "exited", "code" : 137 } "#, Some(Event::Exited { pid: 7, code: 137 })),
             (r#"{"event":"exited","pid":7}"#, None),
             (r#"{"event":"paused","pid":7}"#, None),
             (r#"{"event":"started","pid":1.5}"#, None),
             (r#"{"event":"started","pid":1,"extra":[1]}"#, None),
-            (
-                r#"{"event":"started","pid":1,"x":null,"y":true,"z":"a\"b\u0041"}"#,
-                Some(Event::Started { pid: 1 }),
-            ),
+            (r#"{"event":"started","pid":1,"x":null,"y":true,"z":"a\"b\u0041"}"#, Some(Event::Started { pid: 1 })),
             ("not json", None),
             (r#"{"event":"started","pid":1} trailing"#, None),
         ] {

@@ -16,9 +16,7 @@ pub struct Sysfs {
 
 impl Default for Sysfs {
     fn default() -> Sysfs {
-        Sysfs {
-            root: PathBuf::from("/sys"),
-        }
+        Sysfs { root: PathBuf::from("/sys") }
     }
 }
 
@@ -38,14 +36,8 @@ impl Sysfs {
     /// memory hotplug.
     pub fn mem_block_size(&self) -> ttrpc::Result<u64> {
         match std::fs::read_to_string(self.memory().join("block_size_bytes")) {
-            Ok(text) => {
-                u64::from_str_radix(text.trim().trim_start_matches("0x"), 16).map_err(|_| {
-                    status(
-                        Code::INTERNAL,
-                        format!("bad memory block size {:?}", text.trim()),
-                    )
-                })
-            }
+            Ok(text) => u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)
+                .map_err(|_| status(Code::INTERNAL, format!("bad memory block size {:?}", text.trim()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(io_status("read block_size_bytes", &e)),
         }
@@ -77,10 +69,7 @@ impl Sysfs {
     }
 
     pub fn online_cpu_count(&self) -> u32 {
-        Self::online_files(&self.cpu(), "cpu")
-            .iter()
-            .filter(|(_, f)| Self::is_online(f))
-            .count() as u32
+        Self::online_files(&self.cpu(), "cpu").iter().filter(|(_, f)| Self::is_online(f)).count() as u32
     }
 
     /// Onlines offline CPUs until `target` are online (as Kata's agent: retrying,
@@ -104,21 +93,14 @@ impl Sysfs {
             }
             std::thread::sleep(ONLINE_RETRY_DELAY);
         }
-        Err(status(
-            Code::INTERNAL,
-            format!(
-                "only {} of {target} CPUs could be onlined",
-                self.online_cpu_count()
-            ),
-        ))
+        Err(status(Code::INTERNAL, format!("only {} of {target} CPUs could be onlined", self.online_cpu_count())))
     }
 
     /// Onlines every offline memory block.
     pub fn online_memory(&self) -> ttrpc::Result<()> {
         for (_, file) in Self::online_files(&self.memory(), "memory") {
             if file.exists() && !Self::is_online(&file) {
-                std::fs::write(&file, "1")
-                    .map_err(|e| io_status(&format!("online {}", file.display()), &e))?;
+                std::fs::write(&file, "1").map_err(|e| io_status(&format!("online {}", file.display()), &e))?;
             }
         }
         Ok(())
@@ -128,16 +110,10 @@ impl Sysfs {
 /// SetGuestDateTime: seconds and microseconds since the epoch.
 pub fn set_date_time(sec: i64, usec: i64) -> ttrpc::Result<()> {
     if !(0..1_000_000).contains(&usec) {
-        return Err(status(
-            Code::INVALID_ARGUMENT,
-            format!("Usec {usec} is not in 0..1000000"),
-        ));
+        return Err(status(Code::INVALID_ARGUMENT, format!("Usec {usec} is not in 0..1000000")));
     }
     if sec < 0 {
-        return Err(status(
-            Code::INVALID_ARGUMENT,
-            format!("Sec {sec} is before 1970"),
-        ));
+        return Err(status(Code::INVALID_ARGUMENT, format!("Sec {sec} is before 1970")));
     }
     sys::set_realtime(sec, usec * 1000).map_err(|e| io_status("clock_settime", &e))
 }
@@ -147,11 +123,7 @@ mod tests {
     use super::*;
 
     fn tree() -> Sysfs {
-        let root = std::env::temp_dir().join(format!(
-            "osb-agent-sysfs-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
+        let root = std::env::temp_dir().join(format!("osb-agent-sysfs-{}-{:?}", std::process::id(), std::thread::current().id()));
         let _ = std::fs::remove_dir_all(&root);
         let cpu = root.join("devices/system/cpu");
         let mem = root.join("devices/system/memory");
@@ -181,10 +153,7 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&cpu3).unwrap(), "0");
         sys.online_cpus(2).unwrap(); // already there
         sys.online_memory().unwrap();
-        assert_eq!(
-            std::fs::read_to_string(sys.memory().join("memory1/online")).unwrap(),
-            "1"
-        );
+        assert_eq!(std::fs::read_to_string(sys.memory().join("memory1/online")).unwrap(), "1");
         std::fs::remove_dir_all(&sys.root).unwrap();
     }
 

@@ -2,12 +2,15 @@
 //!
 //! `osb-init` starts it as `/proc/self/exe` with argv[0] `osb-agent` and calls
 //! [`main`]. It listens on AF_VSOCK (any CID) and serves `grpc.AgentService` and
-//! `grpc.Health` over ttrpc (see [`rpc`] for the transport and its limits).
+//! `grpc.Health` over ttrpc (see [`rpc`] for the transport and its limits),
+//! to the host (CID 2) only unless `--allow-cid` says otherwise.
 //!
 //! Options:
 //! - `--port N`: vsock port (default 1024);
 //! - `--listen unix:///path` or `--listen vsock://CID:PORT` (CID -1: any): listen
 //!   there instead (the host tests use a Unix socket);
+//! - `--allow-cid CID|any`: the vsock peer served (default 2, the host; a Unix
+//!   socket serves anyone who can open it);
 //! - `--workload-fd N`: read init's workload events (JSON lines) from fd N;
 //! - `--init-pid N`: the pid DestroySandbox sends SIGUSR2 to (default 1; 0: none).
 
@@ -48,24 +51,18 @@ pub enum ListenAddr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     pub listen: ListenAddr,
+    pub peers: rpc::Peers,
     pub workload_fd: Option<i32>,
     pub init_pid: i32,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options {
-            listen: ListenAddr::Vsock {
-                cid: libc::VMADDR_CID_ANY,
-                port: DEFAULT_PORT,
-            },
-            workload_fd: None,
-            init_pid: 1,
-        }
+        Options { listen: ListenAddr::Vsock { cid: libc::VMADDR_CID_ANY, port: DEFAULT_PORT }, peers: rpc::Peers::default(), workload_fd: None, init_pid: 1 }
     }
 }
 
-const USAGE: &str = "usage: osb-agent [--port N | --listen unix:///PATH | --listen vsock://CID:PORT] [--workload-fd N] [--init-pid N]";
+const USAGE: &str = "usage: osb-agent [--port N | --listen unix:///PATH | --listen vsock://CID:PORT] [--allow-cid CID|any] [--workload-fd N] [--init-pid N]";
 
 fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     if let Some(path) = s.strip_prefix("unix://") {
@@ -75,23 +72,12 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
         return Ok(ListenAddr::Unix(PathBuf::from(path)));
     }
     if let Some(rest) = s.strip_prefix("vsock://") {
-        let (cid, port) = rest
-            .split_once(':')
-            .ok_or_else(|| format!("--listen {s:?}: expected vsock://CID:PORT"))?;
-        let cid = if cid == "-1" {
-            libc::VMADDR_CID_ANY
-        } else {
-            cid.parse()
-                .map_err(|_| format!("--listen {s:?}: bad CID"))?
-        };
-        let port = port
-            .parse()
-            .map_err(|_| format!("--listen {s:?}: bad port"))?;
+        let (cid, port) = rest.split_once(':').ok_or_else(|| format!("--listen {s:?}: expected vsock://CID:PORT"))?;
+        let cid = if cid == "-1" { libc::VMADDR_CID_ANY } else { cid.parse().map_err(|_| format!("--listen {s:?}: bad CID"))? };
+        let port = port.parse().map_err(|_| format!("--listen {s:?}: bad port"))?;
         return Ok(ListenAddr::Vsock { cid, port });
     }
-    Err(format!(
-        "--listen {s:?}: use unix:///PATH or vsock://CID:PORT"
-    ))
+    Err(format!("--listen {s:?}: use unix:///PATH or vsock://CID:PORT"))
 }
 
 /// Parses the arguments after argv[0] (a leading `agent` word is skipped, for an
@@ -107,38 +93,22 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
             Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
             _ => (arg.as_str(), None),
         };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
+        let mut value = || inline.clone().or_else(|| it.next().cloned()).ok_or_else(|| format!("{flag} needs a value"));
         match flag {
             "--port" => {
                 let port = value()?;
-                let port = port
-                    .parse()
-                    .map_err(|_| format!("--port {port:?} is not a port number"))?;
-                opts.listen = ListenAddr::Vsock {
-                    cid: libc::VMADDR_CID_ANY,
-                    port,
-                };
+                let port = port.parse().map_err(|_| format!("--port {port:?} is not a port number"))?;
+                opts.listen = ListenAddr::Vsock { cid: libc::VMADDR_CID_ANY, port };
             }
             "--listen" => opts.listen = parse_listen(&value()?)?,
+            "--allow-cid" => opts.peers = rpc::Peers::parse(&value()?).map_err(|e| format!("--allow-cid {e}"))?,
             "--workload-fd" => {
                 let fd = value()?;
-                opts.workload_fd =
-                    Some(fd.parse().ok().filter(|n: &i32| *n >= 0).ok_or_else(|| {
-                        format!("--workload-fd {fd:?} is not a descriptor number")
-                    })?);
+                opts.workload_fd = Some(fd.parse().ok().filter(|n: &i32| *n >= 0).ok_or_else(|| format!("--workload-fd {fd:?} is not a descriptor number"))?);
             }
             "--init-pid" => {
                 let pid = value()?;
-                opts.init_pid = pid
-                    .parse()
-                    .ok()
-                    .filter(|n: &i32| *n >= 0)
-                    .ok_or_else(|| format!("--init-pid {pid:?} is not a pid"))?;
+                opts.init_pid = pid.parse().ok().filter(|n: &i32| *n >= 0).ok_or_else(|| format!("--init-pid {pid:?} is not a pid"))?;
             }
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -153,11 +123,7 @@ where
     I: IntoIterator<Item = S>,
     S: Into<OsString>,
 {
-    let args: Vec<String> = args
-        .into_iter()
-        .skip(1)
-        .map(|a| a.into().to_string_lossy().into_owned())
-        .collect();
+    let args: Vec<String> = args.into_iter().skip(1).map(|a| a.into().to_string_lossy().into_owned()).collect();
     let opts = match parse_args(&args) {
         Ok(opts) => opts,
         Err(msg) => {
@@ -189,6 +155,9 @@ fn adopt_fd(fd: i32) -> std::io::Result<OwnedFd> {
 /// Serves until the listener fails.
 pub fn run(opts: &Options) -> std::io::Result<()> {
     sys::ignore_sigpipe();
+    // Request frames over this are mmap'd: their memory goes back to the guest
+    // as soon as a request is done (see rpc::Limits::max_inflight_bytes).
+    sys::unmap_large_allocations(rpc::SMALL_FRAME * 8);
     let table = Arc::new(process::Table::new(MAX_PROCESSES));
     if let Some(fd) = opts.workload_fd {
         match adopt_fd(fd) {
@@ -199,17 +168,11 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
     let agent = service::Agent {
         table,
         sysfs: guest::Sysfs::default(),
-        on_destroy: if opts.init_pid > 0 {
-            service::OnDestroy::Signal(opts.init_pid)
-        } else {
-            service::OnDestroy::Nothing
-        },
+        on_destroy: if opts.init_pid > 0 { service::OnDestroy::Signal(opts.init_pid) } else { service::OnDestroy::Nothing },
         etc: PathBuf::from("/etc"),
+        copies: copy::Copies::default(),
     };
-    let dispatcher = rpc::Dispatcher::new([
-        agent_ttrpc::create_agent_service(Arc::new(agent)),
-        health_ttrpc::create_health(Arc::new(service::Health)),
-    ]);
+    let dispatcher = rpc::Dispatcher::new([agent_ttrpc::create_agent_service(Arc::new(agent)), health_ttrpc::create_health(Arc::new(service::Health))]);
     let listener = match &opts.listen {
         ListenAddr::Unix(path) => {
             // A socket file left by an earlier run would make bind fail.
@@ -219,77 +182,20 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
             }) {
                 let _ = std::fs::remove_file(path);
             }
-            let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("listen on {}: {e}", path.display()))
-            })?;
+            let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| std::io::Error::new(e.kind(), format!("listen on {}: {e}", path.display())))?;
             let _ = READY_UPTIME.set(guest_uptime());
             eprintln!("osb-agent: listening on unix://{}", path.display());
             rpc::Listener::Unix(l)
         }
         ListenAddr::Vsock { cid, port } => {
-            let fd = sys::vsock_listen(*cid, *port, 128).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("listen on vsock port {port}: {e}"))
-            })?;
+            let fd = sys::vsock_listen(*cid, *port, 128).map_err(|e| std::io::Error::new(e.kind(), format!("listen on vsock port {port}: {e}")))?;
             let up = guest_uptime();
             let _ = READY_UPTIME.set(up);
-            eprintln!("osb-agent: listening on vsock port {port} (guest uptime {up:.2}s)");
-            rpc::Listener::Vsock(fd)
+            eprintln!("osb-agent: listening on vsock port {port} for {} (guest uptime {up:.2}s)", opts.peers);
+            rpc::Listener::vsock(fd, opts.peers)
         }
     };
     rpc::serve(listener, dispatcher, rpc::Limits::default())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
-    }
-
-    #[test]
-    fn command_lines() {
-        let d = Options::default();
-        assert_eq!(parse_args(&[]).unwrap(), d);
-        assert_eq!(
-            parse_args(&args("--port 2000 --workload-fd 3")).unwrap(),
-            Options {
-                listen: ListenAddr::Vsock {
-                    cid: libc::VMADDR_CID_ANY,
-                    port: 2000
-                },
-                workload_fd: Some(3),
-                ..d.clone()
-            }
-        );
-        assert_eq!(
-            parse_args(&args("agent --listen=unix:///tmp/a.sock --init-pid 0")).unwrap(),
-            Options {
-                listen: ListenAddr::Unix("/tmp/a.sock".into()),
-                init_pid: 0,
-                ..d.clone()
-            }
-        );
-        assert_eq!(
-            parse_args(&args("--listen vsock://-1:1024"))
-                .unwrap()
-                .listen,
-            ListenAddr::Vsock {
-                cid: libc::VMADDR_CID_ANY,
-                port: 1024
-            }
-        );
-        for bad in [
-            "--port",
-            "--port x",
-            "--bogus",
-            "--listen tcp://x",
-            "--workload-fd -1",
-            "--help",
-        ] {
-            assert!(parse_args(&args(bad)).is_err(), "{bad}");
-        }
-    }
 }
 
 /// The guest's uptime when this agent started listening.
@@ -313,4 +219,34 @@ pub(crate) fn agent_metrics() -> String {
          # HELP osb_agent_ready_uptime_seconds Guest uptime when the agent started listening.\n# TYPE osb_agent_ready_uptime_seconds gauge\nosb_agent_ready_uptime_seconds {ready:.3}\n",
         rss_kib * 1024
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn command_lines() {
+        let d = Options::default();
+        assert_eq!(parse_args(&[]).unwrap(), d);
+        assert_eq!(
+            parse_args(&args("--port 2000 --workload-fd 3")).unwrap(),
+            Options { listen: ListenAddr::Vsock { cid: libc::VMADDR_CID_ANY, port: 2000 }, workload_fd: Some(3), ..d.clone() }
+        );
+        assert_eq!(
+            parse_args(&args("agent --listen=unix:///tmp/a.sock --init-pid 0")).unwrap(),
+            Options { listen: ListenAddr::Unix("/tmp/a.sock".into()), init_pid: 0, ..d.clone() }
+        );
+        assert_eq!(d.peers, rpc::Peers::Cid(libc::VMADDR_CID_HOST));
+        assert_eq!(parse_args(&args("--allow-cid any")).unwrap().peers, rpc::Peers::Any);
+        assert_eq!(parse_args(&args("--allow-cid=3")).unwrap().peers, rpc::Peers::Cid(3));
+        assert_eq!(parse_args(&args("--listen vsock://-1:1024")).unwrap().listen, ListenAddr::Vsock { cid: libc::VMADDR_CID_ANY, port: 1024 });
+        for bad in ["--port", "--port x", "--bogus", "--listen tcp://x", "--workload-fd -1", "--allow-cid", "--allow-cid host", "--help"] {
+            assert!(parse_args(&args(bad)).is_err(), "{bad}");
+        }
+    }
 }

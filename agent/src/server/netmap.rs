@@ -18,10 +18,7 @@ fn family_from_proto(f: protobuf::EnumOrUnknown<IPFamily>) -> ttrpc::Result<Fami
     match f.enum_value() {
         Ok(IPFamily::v4) => Ok(Family::V4),
         Ok(IPFamily::v6) => Ok(Family::V6),
-        Err(n) => Err(status(
-            Code::INVALID_ARGUMENT,
-            format!("unknown IP family {n}"),
-        )),
+        Err(n) => Err(status(Code::INVALID_ARGUMENT, format!("unknown IP family {n}"))),
     }
 }
 
@@ -44,20 +41,11 @@ pub fn iface_to_proto(i: &Iface) -> Interface {
         IPAddresses: i
             .addrs
             .iter()
-            .map(|a| IPAddress {
-                family: family_to_proto(a.family).into(),
-                address: a.address.clone(),
-                mask: a.prefix_len.to_string(),
-                ..Default::default()
-            })
+            .map(|a| IPAddress { family: family_to_proto(a.family).into(), address: a.address.clone(), mask: a.prefix_len.to_string(), ..Default::default() })
             .collect(),
         mtu: u64::from(i.mtu),
         hwAddr: i.mac.clone(),
-        raw_flags: if i.up {
-            (libc::IFF_UP | libc::IFF_RUNNING) as u32
-        } else {
-            0
-        },
+        raw_flags: if i.up { (libc::IFF_UP | libc::IFF_RUNNING) as u32 } else { 0 },
         ..Default::default()
     }
 }
@@ -74,45 +62,24 @@ pub fn update_from_proto(i: &Interface) -> ttrpc::Result<IfaceUpdate> {
             let max = if family == Family::V4 { 32 } else { 128 };
             let prefix_len = match a.mask.trim() {
                 "" => max,
-                m => m.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
-                    status(
-                        Code::INVALID_ARGUMENT,
-                        format!("bad prefix length {m:?} for {}", a.address),
-                    )
-                })?,
+                m => m
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("bad prefix length {m:?} for {}", a.address)))?,
             };
-            Ok(Addr {
-                family,
-                address: a.address.clone(),
-                prefix_len,
-            })
+            Ok(Addr { family, address: a.address.clone(), prefix_len })
         })
         .collect::<ttrpc::Result<Vec<Addr>>>()?;
     let mtu = match i.mtu {
         0 => None,
-        m => Some(
-            u32::try_from(m)
-                .map_err(|_| status(Code::INVALID_ARGUMENT, format!("MTU {m} is too large")))?,
-        ),
+        m => Some(u32::try_from(m).map_err(|_| status(Code::INVALID_ARGUMENT, format!("MTU {m} is too large")))?),
     };
-    let name = if !i.name.is_empty() {
-        i.name.clone()
-    } else {
-        i.device.clone()
-    };
+    let name = if !i.name.is_empty() { i.name.clone() } else { i.device.clone() };
     if name.is_empty() && i.hwAddr.is_empty() {
-        return Err(status(
-            Code::INVALID_ARGUMENT,
-            "the interface has neither a name nor a hwAddr",
-        ));
+        return Err(status(Code::INVALID_ARGUMENT, "the interface has neither a name nor a hwAddr"));
     }
-    Ok(IfaceUpdate {
-        name,
-        mac: i.hwAddr.clone(),
-        mtu,
-        addrs,
-        up: true,
-    })
+    Ok(IfaceUpdate { name, mac: i.hwAddr.clone(), mtu, addrs, up: true })
 }
 
 pub fn route_to_proto(r: &RouteEntry) -> Route {
@@ -133,12 +100,7 @@ pub fn route_from_proto(r: &Route) -> ttrpc::Result<RouteEntry> {
         gateway: r.gateway.clone(),
         device: r.device.clone(),
         source: r.source.clone(),
-        scope: u8::try_from(r.scope).map_err(|_| {
-            status(
-                Code::INVALID_ARGUMENT,
-                format!("scope {} is out of range", r.scope),
-            )
-        })?,
+        scope: u8::try_from(r.scope).map_err(|_| status(Code::INVALID_ARGUMENT, format!("scope {} is out of range", r.scope)))?,
         family: family_from_proto(r.family)?,
     })
 }
@@ -150,11 +112,7 @@ pub fn list_interfaces() -> ttrpc::Result<Vec<Interface>> {
 
 pub fn update_interface(i: &Interface) -> ttrpc::Result<Interface> {
     let want = update_from_proto(i)?;
-    let what = if want.mac.is_empty() {
-        format!("update interface {}", want.name)
-    } else {
-        format!("update interface {}", want.mac)
-    };
+    let what = if want.mac.is_empty() { format!("update interface {}", want.name) } else { format!("update interface {}", want.mac) };
     let got = net::update_interface(&want).map_err(|e| net_status(&what, &e))?;
     Ok(iface_to_proto(&got))
 }
@@ -165,10 +123,7 @@ pub fn list_routes() -> ttrpc::Result<Vec<Route>> {
 }
 
 pub fn update_routes(routes: &[Route]) -> ttrpc::Result<Vec<Route>> {
-    let want = routes
-        .iter()
-        .map(route_from_proto)
-        .collect::<ttrpc::Result<Vec<_>>>()?;
+    let want = routes.iter().map(route_from_proto).collect::<ttrpc::Result<Vec<_>>>()?;
     let got = net::update_routes(&want).map_err(|e| net_status("update routes", &e))?;
     Ok(got.iter().map(route_to_proto).collect())
 }
@@ -185,11 +140,7 @@ mod tests {
             mtu: 1400,
             mac: "02:00:00:00:00:01".into(),
             up: true,
-            addrs: vec![Addr {
-                family: Family::V4,
-                address: "10.0.0.2".into(),
-                prefix_len: 24,
-            }],
+            addrs: vec![Addr { family: Family::V4, address: "10.0.0.2".into(), prefix_len: 24 }],
         };
         let proto = iface_to_proto(&iface);
         assert_eq!(proto.IPAddresses[0].mask, "24");
@@ -206,11 +157,7 @@ mod tests {
         let mut i = Interface::new();
         assert!(update_from_proto(&i).is_err()); // no name, no MAC
         i.name = "eth0".into();
-        i.IPAddresses.push(IPAddress {
-            address: "10.0.0.1".into(),
-            mask: "33".into(),
-            ..Default::default()
-        });
+        i.IPAddresses.push(IPAddress { address: "10.0.0.1".into(), mask: "33".into(), ..Default::default() });
         assert!(update_from_proto(&i).is_err());
         i.IPAddresses[0].mask = String::new(); // host address
         assert_eq!(update_from_proto(&i).unwrap().addrs[0].prefix_len, 32);
@@ -218,14 +165,7 @@ mod tests {
 
     #[test]
     fn routes() {
-        let r = RouteEntry {
-            dest: String::new(),
-            gateway: "10.0.0.1".into(),
-            device: "eth0".into(),
-            source: String::new(),
-            scope: 0,
-            family: Family::V4,
-        };
+        let r = RouteEntry { dest: String::new(), gateway: "10.0.0.1".into(), device: "eth0".into(), source: String::new(), scope: 0, family: Family::V4 };
         assert_eq!(route_from_proto(&route_to_proto(&r)).unwrap(), r);
         let mut bad = route_to_proto(&r);
         bad.scope = 300;

@@ -18,12 +18,7 @@ fn entries(passwd: &str) -> impl Iterator<Item = PasswdEntry> + '_ {
         if f.len() < 7 {
             return None;
         }
-        Some(PasswdEntry {
-            name: f[0].to_string(),
-            uid: f[2].parse().ok()?,
-            gid: f[3].parse().ok()?,
-            home: f[5].to_string(),
-        })
+        Some(PasswdEntry { name: f[0].to_string(), uid: f[2].parse().ok()?, gid: f[3].parse().ok()?, home: f[5].to_string() })
     })
 }
 

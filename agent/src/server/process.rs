@@ -10,11 +10,14 @@
 //! someone else waits for, and a signal is never sent to a pid that was reaped and
 //! reused.
 //!
+//! ExecProcess takes its id under the table lock (as "starting") and spawns
+//! without it: the fork and exec may take long, and every call needs the table.
+//!
 //! An entry leaves the table once it has exited, been waited for and had its output
 //! read to the end; an exited entry nobody waits for, or whose output nobody reads
 //! after the wait, is dropped later (see [`Table::collect_garbage`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -89,11 +92,7 @@ pub struct Proc {
 
 impl Proc {
     fn drained(&self) -> bool {
-        self.stdout.eof.load(Ordering::SeqCst)
-            && self
-                .stderr
-                .as_ref()
-                .is_none_or(|s| s.eof.load(Ordering::SeqCst))
+        self.stdout.eof.load(Ordering::SeqCst) && self.stderr.as_ref().is_none_or(|s| s.eof.load(Ordering::SeqCst))
     }
 }
 
@@ -114,22 +113,14 @@ pub struct Workload {
 impl Workload {
     pub fn started(&self, pid: i32) {
         let mut st = lock(&self.state);
-        *st = WorkloadState {
-            known: true,
-            pid: Some(pid),
-            exit: None,
-        };
+        *st = WorkloadState { known: true, pid: Some(pid), exit: None };
         self.changed.notify_all();
     }
 
     pub fn exited(&self, pid: i32, code: i32) {
         let mut st = lock(&self.state);
         if st.pid.is_none() || st.pid == Some(pid) {
-            *st = WorkloadState {
-                known: true,
-                pid: Some(pid),
-                exit: Some(code),
-            };
+            *st = WorkloadState { known: true, pid: Some(pid), exit: Some(code) };
             self.changed.notify_all();
         }
     }
@@ -159,8 +150,29 @@ impl Proc {
     }
 }
 
+/// The table proper, behind one lock.
+#[derive(Default)]
+struct Procs {
+    map: HashMap<Key, Arc<Proc>>,
+    /// Ids whose ExecProcess is spawning: taken, but not in `map` yet (the spawn
+    /// runs without the lock).
+    starting: HashSet<Key>,
+}
+
+/// An id in [`Procs::starting`]; given back on drop, whatever the spawn did.
+struct Reservation<'a> {
+    procs: &'a Mutex<Procs>,
+    key: Key,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        lock(self.procs).starting.remove(&self.key);
+    }
+}
+
 pub struct Table {
-    procs: Mutex<HashMap<Key, Arc<Proc>>>,
+    procs: Mutex<Procs>,
     workload: Arc<Workload>,
     max_processes: usize,
 }
@@ -171,10 +183,7 @@ fn eof_status() -> ttrpc::Error {
 }
 
 fn workload_stdio() -> ttrpc::Error {
-    status(
-        Code::FAILED_PRECONDITION,
-        "the workload's stdio goes to the console; exec a process to talk to",
-    )
+    status(Code::FAILED_PRECONDITION, "the workload's stdio goes to the console; exec a process to talk to")
 }
 
 fn is_workload(container_id: &str, exec_id: &str) -> bool {
@@ -183,11 +192,7 @@ fn is_workload(container_id: &str, exec_id: &str) -> bool {
 
 impl Table {
     pub fn new(max_processes: usize) -> Table {
-        Table {
-            procs: Mutex::new(HashMap::new()),
-            workload: Arc::new(Workload::default()),
-            max_processes,
-        }
+        Table { procs: Mutex::new(Procs::default()), workload: Arc::new(Workload::default()), max_processes }
     }
 
     pub fn workload(&self) -> Arc<Workload> {
@@ -200,22 +205,15 @@ impl Table {
             return Ok(Target::Workload);
         }
         let key = (container_id.to_string(), exec_id.to_string());
-        match lock(&self.procs).get(&key) {
+        match lock(&self.procs).map.get(&key) {
             Some(p) => Ok(Target::Exec(p.clone())),
-            None => Err(status(
-                Code::NOT_FOUND,
-                format!("no process with container id {container_id:?} and exec id {exec_id:?}"),
-            )),
+            None => Err(status(Code::NOT_FOUND, format!("no process with container id {container_id:?} and exec id {exec_id:?}"))),
         }
     }
 
     /// Every exec'd process of `container_id`.
     fn of_container(&self, container_id: &str) -> Vec<Arc<Proc>> {
-        lock(&self.procs)
-            .values()
-            .filter(|p| p.key.0 == container_id)
-            .cloned()
-            .collect()
+        lock(&self.procs).map.values().filter(|p| p.key.0 == container_id).cloned().collect()
     }
 
     /// Drops entries nobody will ask about any more.
@@ -224,9 +222,7 @@ impl Table {
         procs.retain(|_, p| {
             let st = lock(&p.state);
             match (st.exited_at, st.waited_at) {
-                (Some(_), Some(waited)) => {
-                    !p.drained() && now.duration_since(waited) < UNDRAINED_TTL
-                }
+                (Some(_), Some(waited)) => !p.drained() && now.duration_since(waited) < UNDRAINED_TTL,
                 (Some(exited), None) => now.duration_since(exited) < UNWAITED_TTL,
                 _ => true,
             }
@@ -237,7 +233,7 @@ impl Table {
     fn maybe_remove(&self, p: &Arc<Proc>) {
         let done = lock(&p.state).waited_at.is_some() && p.drained();
         if done {
-            let mut procs = lock(&self.procs);
+            let procs = &mut lock(&self.procs).map;
             if procs.get(&p.key).is_some_and(|q| Arc::ptr_eq(q, p)) {
                 procs.remove(&p.key);
             }
@@ -247,76 +243,57 @@ impl Table {
     /// ExecProcess.
     pub fn exec(&self, container_id: &str, exec_id: &str, spec: SpawnSpec) -> ttrpc::Result<()> {
         if container_id.is_empty() || exec_id.is_empty() {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                "container_id and exec_id must not be empty",
-            ));
+            return Err(status(Code::INVALID_ARGUMENT, "container_id and exec_id must not be empty"));
         }
         if container_id.len() > 256 || exec_id.len() > 256 {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                "container_id and exec_id are limited to 256 bytes",
-            ));
+            return Err(status(Code::INVALID_ARGUMENT, "container_id and exec_id are limited to 256 bytes"));
         }
         if spec.args.is_empty() || spec.args[0].is_empty() {
             return Err(status(Code::INVALID_ARGUMENT, "process.Args is empty"));
         }
         let key = (container_id.to_string(), exec_id.to_string());
-        // The table stays locked while the child is spawned: the key is checked and
-        // taken atomically, and a spawn is only a fork and an exec.
-        let mut procs = lock(&self.procs);
-        if procs.contains_key(&key) || (is_workload(container_id, exec_id) && self.workload.known())
-        {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!(
-                    "a process with container id {container_id:?} and exec id {exec_id:?} exists"
-                ),
-            ));
+        let reservation = self.reserve(key.clone())?;
+        // The spawn runs without the table lock: a fork and an exec can take long
+        // (a big environment, a slow filesystem, an exec held by a security module),
+        // and every other call needs the table.
+        let proc = Arc::new(spawn(key.clone(), &spec)?);
+        start_reaper(proc.clone())?;
+        lock(&self.procs).map.insert(key, proc);
+        drop(reservation);
+        Ok(())
+    }
+
+    /// Checks that `key` is free and room is left, and takes it for a spawn.
+    fn reserve(&self, key: Key) -> ttrpc::Result<Reservation<'_>> {
+        let (container_id, exec_id) = (&key.0, &key.1);
+        let mut guard = lock(&self.procs);
+        let table = &mut *guard;
+        if table.map.contains_key(&key) || table.starting.contains(&key) || (is_workload(container_id, exec_id) && self.workload.known()) {
+            return Err(status(Code::ALREADY_EXISTS, format!("a process with container id {container_id:?} and exec id {exec_id:?} exists")));
         }
-        Self::collect_garbage(&mut procs);
-        if procs.len() >= self.max_processes {
+        let procs = &mut table.map;
+        Self::collect_garbage(procs);
+        if procs.len() + table.starting.len() >= self.max_processes {
             // Make room by forgetting the oldest exited process, if any.
-            let oldest = procs
-                .iter()
-                .filter_map(|(k, p)| lock(&p.state).exited_at.map(|t| (t, k.clone())))
-                .min();
+            let oldest = procs.iter().filter_map(|(k, p)| lock(&p.state).exited_at.map(|t| (t, k.clone()))).min();
             match oldest {
                 Some((_, k)) => {
                     procs.remove(&k);
                 }
-                None => {
-                    return Err(status(
-                        Code::RESOURCE_EXHAUSTED,
-                        format!("{} processes are running; wait for some first", procs.len()),
-                    ))
-                }
+                None => return Err(status(Code::RESOURCE_EXHAUSTED, format!("{} processes are running; wait for some first", procs.len()))),
             }
         }
-        let proc = Arc::new(spawn(key.clone(), &spec)?);
-        start_reaper(proc.clone())?;
-        procs.insert(key, proc);
-        Ok(())
+        table.starting.insert(key.clone());
+        Ok(Reservation { procs: &self.procs, key })
     }
 
     /// SignalProcess; an empty exec id signals every process of the container.
     pub fn signal(&self, container_id: &str, exec_id: &str, signal: u32) -> ttrpc::Result<()> {
-        let signal = i32::try_from(signal)
-            .ok()
-            .filter(|s| *s <= 64)
-            .ok_or_else(|| {
-                status(
-                    Code::INVALID_ARGUMENT,
-                    format!("bad signal number {signal}"),
-                )
-            })?;
+        let signal = i32::try_from(signal).ok().filter(|s| *s <= 64).ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("bad signal number {signal}")))?;
         if exec_id.is_empty() && !is_workload(container_id, exec_id) {
             let procs = self.of_container(container_id);
             if procs.is_empty() {
-                return Err(status(
-                    Code::NOT_FOUND,
-                    format!("no process in container {container_id:?}"),
-                ));
+                return Err(status(Code::NOT_FOUND, format!("no process in container {container_id:?}")));
             }
             for p in procs {
                 signal_proc(&p, signal)?;
@@ -329,9 +306,7 @@ impl Table {
                 let st = lock(&self.workload.state);
                 match (st.pid, st.exit) {
                     (Some(pid), None) => match sys::kill(pid, signal) {
-                        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
-                            Err(io_status("kill the workload", &e))
-                        }
+                        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => Err(io_status("kill the workload", &e)),
                         _ => Ok(()),
                     },
                     _ => Ok(()),
@@ -350,12 +325,7 @@ impl Table {
                         return Ok(code);
                     }
                     call.check()?;
-                    st = self
-                        .workload
-                        .changed
-                        .wait_timeout(st, call.tick())
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    st = self.workload.changed.wait_timeout(st, call.tick()).unwrap_or_else(|e| e.into_inner()).0;
                 }
             }
             Target::Exec(p) => {
@@ -372,14 +342,7 @@ impl Table {
 
     /// ReadStdout (`stdout`) or ReadStderr: up to `len` bytes, blocking until there
     /// is output; at end of stream the error status Kata's agent answers.
-    pub fn read(
-        &self,
-        call: &Call<'_>,
-        container_id: &str,
-        exec_id: &str,
-        stdout: bool,
-        len: u32,
-    ) -> ttrpc::Result<Vec<u8>> {
+    pub fn read(&self, call: &Call<'_>, container_id: &str, exec_id: &str, stdout: bool, len: u32) -> ttrpc::Result<Vec<u8>> {
         let p = match self.get(container_id, exec_id)? {
             Target::Exec(p) => p,
             Target::Workload => return Err(workload_stdio()),
@@ -389,7 +352,7 @@ impl Table {
             (false, Some(stderr)) => stderr,
             (false, None) => {
                 // A terminal has no stderr: answer EOF once the process has ended.
-                p.wait_exited(call)?;
+                drop(p.wait_exited(call)?);
                 return Err(status(Code::INTERNAL, "eof"));
             }
         };
@@ -422,23 +385,14 @@ impl Table {
     }
 
     /// WriteStdin: writes all of `data`; the number of bytes written.
-    pub fn write(
-        &self,
-        call: &Call<'_>,
-        container_id: &str,
-        exec_id: &str,
-        data: &[u8],
-    ) -> ttrpc::Result<u32> {
+    pub fn write(&self, call: &Call<'_>, container_id: &str, exec_id: &str, data: &[u8]) -> ttrpc::Result<u32> {
         let p = match self.get(container_id, exec_id)? {
             Target::Exec(p) => p,
             Target::Workload => return Err(workload_stdio()),
         };
         let stdin = lock(&p.stdin);
         let Some(fd) = stdin.as_ref() else {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                "stdin of the process is closed",
-            ));
+            return Err(status(Code::FAILED_PRECONDITION, "stdin of the process is closed"));
         };
         let mut written = 0;
         while written < data.len() {
@@ -447,12 +401,7 @@ impl Table {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     call.wait_fd(fd.as_fd(), libc::POLLOUT)?;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
-                    return Err(status(
-                        Code::FAILED_PRECONDITION,
-                        "the process closed its stdin (broken pipe)",
-                    ))
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => return Err(status(Code::FAILED_PRECONDITION, "the process closed its stdin (broken pipe)")),
                 Err(e) => return Err(io_status("write to the process's stdin", &e)),
             }
         }
@@ -476,33 +425,22 @@ impl Table {
     }
 
     /// TtyWinResize.
-    pub fn resize(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        rows: u32,
-        cols: u32,
-    ) -> ttrpc::Result<()> {
+    pub fn resize(&self, container_id: &str, exec_id: &str, rows: u32, cols: u32) -> ttrpc::Result<()> {
         let p = match self.get(container_id, exec_id)? {
             Target::Exec(p) => p,
             Target::Workload => return Err(workload_stdio()),
         };
         if !p.tty {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                "the process has no terminal",
-            ));
+            return Err(status(Code::FAILED_PRECONDITION, "the process has no terminal"));
         }
-        let rows =
-            u16::try_from(rows).map_err(|_| status(Code::INVALID_ARGUMENT, "row out of range"))?;
-        let cols = u16::try_from(cols)
-            .map_err(|_| status(Code::INVALID_ARGUMENT, "column out of range"))?;
+        let rows = u16::try_from(rows).map_err(|_| status(Code::INVALID_ARGUMENT, "row out of range"))?;
+        let cols = u16::try_from(cols).map_err(|_| status(Code::INVALID_ARGUMENT, "column out of range"))?;
         sys::set_winsize(p.stdout.fd.as_fd(), rows, cols).map_err(|e| io_status("TIOCSWINSZ", &e))
     }
 
     /// Kills every exec'd process (and its process group).
     pub fn kill_all(&self) {
-        let procs: Vec<Arc<Proc>> = lock(&self.procs).values().cloned().collect();
+        let procs: Vec<Arc<Proc>> = lock(&self.procs).map.values().cloned().collect();
         for p in procs {
             let st = lock(&p.state);
             if st.exit.is_none() {
@@ -514,7 +452,7 @@ impl Table {
 
     /// Number of entries (for tests and limits).
     pub fn len(&self) -> usize {
-        lock(&self.procs).len()
+        lock(&self.procs).map.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -537,31 +475,25 @@ fn signal_proc(p: &Proc, signal: i32) -> ttrpc::Result<()> {
 fn start_reaper(p: Arc<Proc>) -> ttrpc::Result<()> {
     let pid = p.pid;
     let reaper = p.clone();
-    let spawned = std::thread::Builder::new()
-        .name("osb-reap".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let p = reaper;
-            let waited = sys::wait_exited_nowait(p.pid);
-            let mut st = lock(&p.state);
-            let code = match waited.and_then(|()| sys::reap(p.pid)) {
-                Ok(wait_status) => sys::exit_code(wait_status),
-                Err(e) => {
-                    eprintln!("osb-agent: waiting for pid {}: {e}", p.pid);
-                    LOST_STATUS
-                }
-            };
-            st.exit = Some(code);
-            st.exited_at = Some(Instant::now());
-            p.exited.notify_all();
-        });
+    let spawned = std::thread::Builder::new().name("osb-reap".into()).stack_size(64 * 1024).spawn(move || {
+        let p = reaper;
+        let waited = sys::wait_exited_nowait(p.pid);
+        let mut st = lock(&p.state);
+        let code = match waited.and_then(|()| sys::reap(p.pid)) {
+            Ok(wait_status) => sys::exit_code(wait_status),
+            Err(e) => {
+                eprintln!("osb-agent: waiting for pid {}: {e}", p.pid);
+                LOST_STATUS
+            }
+        };
+        st.exit = Some(code);
+        st.exited_at = Some(Instant::now());
+        p.exited.notify_all();
+    });
     if let Err(e) = spawned {
         let _ = sys::kill(pid, libc::SIGKILL);
         let _ = sys::reap(pid);
-        return Err(status(
-            Code::RESOURCE_EXHAUSTED,
-            format!("cannot start a reaper thread: {e}"),
-        ));
+        return Err(status(Code::RESOURCE_EXHAUSTED, format!("cannot start a reaper thread: {e}")));
     }
     Ok(())
 }
@@ -580,12 +512,7 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
                 has_path |= k == "PATH";
                 cmd.env(k, v);
             }
-            _ => {
-                return Err(status(
-                    Code::INVALID_ARGUMENT,
-                    format!("environment entry {entry:?} is not KEY=VALUE"),
-                ))
-            }
+            _ => return Err(status(Code::INVALID_ARGUMENT, format!("environment entry {entry:?} is not KEY=VALUE"))),
         }
     }
     if !has_path {
@@ -594,11 +521,9 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
     cmd.current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
 
     let pty_master = if spec.tty {
-        let (master, slave) =
-            sys::openpty().map_err(|e| io_status("open a pseudo-terminal", &e))?;
+        let (master, slave) = sys::openpty().map_err(|e| io_status("open a pseudo-terminal", &e))?;
         if let Some((rows, cols)) = spec.tty_size {
-            sys::set_winsize(master.as_fd(), rows, cols)
-                .map_err(|e| io_status("TIOCSWINSZ", &e))?;
+            sys::set_winsize(master.as_fd(), rows, cols).map_err(|e| io_status("TIOCSWINSZ", &e))?;
         }
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| io_status("dup", &e));
         cmd.stdin(Stdio::from(dup(&slave)?));
@@ -631,10 +556,7 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
                 }
                 return Ok(());
             }
-            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                || libc::setgid(gid) < 0
-                || libc::setuid(uid) < 0
-            {
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -670,11 +592,7 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
     };
     // `child` is dropped without waiting: the reaper thread owns the wait.
     drop(child);
-    for fd in stdin_fd
-        .iter()
-        .chain([&stdout_stream])
-        .chain(stderr_stream.iter())
-    {
+    for fd in stdin_fd.iter().chain([&stdout_stream]).chain(stderr_stream.iter()) {
         sys::set_nonblocking(fd.as_fd()).map_err(|e| io_status("O_NONBLOCK", &e))?;
     }
     Ok(Proc {
@@ -682,14 +600,8 @@ fn spawn(key: Key, spec: &SpawnSpec) -> ttrpc::Result<Proc> {
         pid,
         tty,
         stdin: Mutex::new(stdin_fd),
-        stdout: Stream {
-            fd: stdout_stream,
-            eof: AtomicBool::new(false),
-        },
-        stderr: stderr_stream.map(|fd| Stream {
-            fd,
-            eof: AtomicBool::new(false),
-        }),
+        stdout: Stream { fd: stdout_stream, eof: AtomicBool::new(false) },
+        stderr: stderr_stream.map(|fd| Stream { fd, eof: AtomicBool::new(false) }),
         state: Mutex::new(State::default()),
         exited: Condvar::new(),
     })

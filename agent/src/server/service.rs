@@ -12,16 +12,12 @@ use super::guest::{self, Sysfs};
 use super::process::{SpawnSpec, Table};
 use super::{copy, netmap, passwd, sys};
 use crate::proto::agent::{
-    AgentDetails, CloseStdinRequest, CopyFileRequest, DestroySandboxRequest, ExecProcessRequest,
-    GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse, Interfaces,
-    ListInterfacesRequest, ListRoutesRequest, Metrics, OnlineCPUMemRequest, ReadStreamRequest,
-    ReadStreamResponse, Routes, SetGuestDateTimeRequest, SignalProcessRequest, TtyWinResizeRequest,
-    UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
-    WriteStreamRequest, WriteStreamResponse,
+    AgentDetails, CloseStdinRequest, CopyFileRequest, DestroySandboxRequest, ExecProcessRequest, GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse,
+    Interfaces, ListInterfacesRequest, ListRoutesRequest, Metrics, OnlineCPUMemRequest, ReadStreamRequest, ReadStreamResponse, Routes, SetGuestDateTimeRequest,
+    SignalProcessRequest, TtyWinResizeRequest, UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
+    WriteStreamResponse,
 };
-use crate::proto::health::{
-    health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse,
-};
+use crate::proto::health::{health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse};
 use crate::proto::{agent_ttrpc, health_ttrpc, oci, types};
 use crate::resources::Resources;
 
@@ -44,6 +40,7 @@ pub struct Agent {
     pub sysfs: Sysfs,
     pub on_destroy: OnDestroy,
     pub etc: std::path::PathBuf,
+    pub copies: copy::Copies,
 }
 
 fn empty() -> Empty {
@@ -60,12 +57,8 @@ impl Agent {
         let (mut uid, mut gid) = (user.UID, user.GID);
         let mut groups = user.AdditionalGids.clone();
         let entry = if !user.Username.is_empty() && uid == 0 && gid == 0 {
-            let entry = passwd::user_by_name(&passwd, &user.Username).ok_or_else(|| {
-                status(
-                    Code::INVALID_ARGUMENT,
-                    format!("user {:?} is not in the guest's /etc/passwd", user.Username),
-                )
-            })?;
+            let entry = passwd::user_by_name(&passwd, &user.Username)
+                .ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("user {:?} is not in the guest's /etc/passwd", user.Username)))?;
             uid = entry.uid;
             gid = entry.gid;
             Some(entry)
@@ -88,108 +81,42 @@ impl Agent {
             .ConsoleSize
             .as_ref()
             .filter(|b| b.Height > 0 && b.Width > 0)
-            .map(|b| {
-                (
-                    b.Height.min(u32::from(u16::MAX)) as u16,
-                    b.Width.min(u32::from(u16::MAX)) as u16,
-                )
-            });
-        Ok(SpawnSpec {
-            args: process.Args.clone(),
-            env,
-            cwd: process.Cwd.clone(),
-            uid,
-            gid,
-            groups,
-            tty: process.Terminal,
-            tty_size,
-        })
+            .map(|b| (b.Height.min(u32::from(u16::MAX)) as u16, b.Width.min(u32::from(u16::MAX)) as u16));
+        Ok(SpawnSpec { args: process.Args.clone(), env, cwd: process.Cwd.clone(), uid, gid, groups, tty: process.Terminal, tty_size })
     }
 }
 
 impl agent_ttrpc::AgentService for Agent {
     fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        let process = req
-            .process
-            .as_ref()
-            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "ExecProcessRequest has no process"))?;
+        let process = req.process.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "ExecProcessRequest has no process"))?;
         let spec = self.spawn_spec(process)?;
         self.table.exec(&req.container_id, &req.exec_id, spec)?;
         Ok(empty())
     }
 
-    fn signal_process(
-        &self,
-        _ctx: &TtrpcContext,
-        req: SignalProcessRequest,
-    ) -> ttrpc::Result<Empty> {
-        self.table
-            .signal(&req.container_id, &req.exec_id, req.signal)?;
+    fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        self.table.signal(&req.container_id, &req.exec_id, req.signal)?;
         Ok(empty())
     }
 
-    fn wait_process(
-        &self,
-        ctx: &TtrpcContext,
-        req: WaitProcessRequest,
-    ) -> ttrpc::Result<WaitProcessResponse> {
-        let status = self
-            .table
-            .wait(&Call::new(ctx), &req.container_id, &req.exec_id)?;
-        Ok(WaitProcessResponse {
-            status,
-            ..Default::default()
-        })
+    fn wait_process(&self, ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        let status = self.table.wait(&Call::new(ctx), &req.container_id, &req.exec_id)?;
+        Ok(WaitProcessResponse { status, ..Default::default() })
     }
 
-    fn write_stdin(
-        &self,
-        ctx: &TtrpcContext,
-        req: WriteStreamRequest,
-    ) -> ttrpc::Result<WriteStreamResponse> {
-        let len = self
-            .table
-            .write(&Call::new(ctx), &req.container_id, &req.exec_id, &req.data)?;
-        Ok(WriteStreamResponse {
-            len,
-            ..Default::default()
-        })
+    fn write_stdin(&self, ctx: &TtrpcContext, req: WriteStreamRequest) -> ttrpc::Result<WriteStreamResponse> {
+        let len = self.table.write(&Call::new(ctx), &req.container_id, &req.exec_id, &req.data)?;
+        Ok(WriteStreamResponse { len, ..Default::default() })
     }
 
-    fn read_stdout(
-        &self,
-        ctx: &TtrpcContext,
-        req: ReadStreamRequest,
-    ) -> ttrpc::Result<ReadStreamResponse> {
-        let data = self.table.read(
-            &Call::new(ctx),
-            &req.container_id,
-            &req.exec_id,
-            true,
-            req.len,
-        )?;
-        Ok(ReadStreamResponse {
-            data,
-            ..Default::default()
-        })
+    fn read_stdout(&self, ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        let data = self.table.read(&Call::new(ctx), &req.container_id, &req.exec_id, true, req.len)?;
+        Ok(ReadStreamResponse { data, ..Default::default() })
     }
 
-    fn read_stderr(
-        &self,
-        ctx: &TtrpcContext,
-        req: ReadStreamRequest,
-    ) -> ttrpc::Result<ReadStreamResponse> {
-        let data = self.table.read(
-            &Call::new(ctx),
-            &req.container_id,
-            &req.exec_id,
-            false,
-            req.len,
-        )?;
-        Ok(ReadStreamResponse {
-            data,
-            ..Default::default()
-        })
+    fn read_stderr(&self, ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        let data = self.table.read(&Call::new(ctx), &req.container_id, &req.exec_id, false, req.len)?;
+        Ok(ReadStreamResponse { data, ..Default::default() })
     }
 
     fn close_stdin(&self, _ctx: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {
@@ -197,98 +124,51 @@ impl agent_ttrpc::AgentService for Agent {
         Ok(empty())
     }
 
-    fn tty_win_resize(
-        &self,
-        _ctx: &TtrpcContext,
-        req: TtyWinResizeRequest,
-    ) -> ttrpc::Result<Empty> {
-        self.table
-            .resize(&req.container_id, &req.exec_id, req.row, req.column)?;
+    fn tty_win_resize(&self, _ctx: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+        self.table.resize(&req.container_id, &req.exec_id, req.row, req.column)?;
         Ok(empty())
     }
 
-    fn update_interface(
-        &self,
-        _ctx: &TtrpcContext,
-        req: UpdateInterfaceRequest,
-    ) -> ttrpc::Result<types::Interface> {
-        let interface = req
-            .interface
-            .as_ref()
-            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "empty update interface request"))?;
+    fn update_interface(&self, _ctx: &TtrpcContext, req: UpdateInterfaceRequest) -> ttrpc::Result<types::Interface> {
+        let interface = req.interface.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "empty update interface request"))?;
         netmap::update_interface(interface)
     }
 
-    fn update_routes(
-        &self,
-        _ctx: &TtrpcContext,
-        req: UpdateRoutesRequest,
-    ) -> ttrpc::Result<Routes> {
-        let routes = req
-            .routes
-            .as_ref()
-            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "empty update routes request"))?;
-        Ok(Routes {
-            Routes: netmap::update_routes(&routes.Routes)?,
-            ..Default::default()
-        })
+    fn update_routes(&self, _ctx: &TtrpcContext, req: UpdateRoutesRequest) -> ttrpc::Result<Routes> {
+        let routes = req.routes.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "empty update routes request"))?;
+        Ok(Routes { Routes: netmap::update_routes(&routes.Routes)?, ..Default::default() })
     }
 
-    fn list_interfaces(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: ListInterfacesRequest,
-    ) -> ttrpc::Result<Interfaces> {
-        Ok(Interfaces {
-            Interfaces: netmap::list_interfaces()?,
-            ..Default::default()
-        })
+    fn list_interfaces(&self, _ctx: &TtrpcContext, _req: ListInterfacesRequest) -> ttrpc::Result<Interfaces> {
+        Ok(Interfaces { Interfaces: netmap::list_interfaces()?, ..Default::default() })
     }
 
     fn list_routes(&self, _ctx: &TtrpcContext, _req: ListRoutesRequest) -> ttrpc::Result<Routes> {
-        Ok(Routes {
-            Routes: netmap::list_routes()?,
-            ..Default::default()
-        })
+        Ok(Routes { Routes: netmap::list_routes()?, ..Default::default() })
     }
 
     fn get_metrics(&self, _ctx: &TtrpcContext, _req: GetMetricsRequest) -> ttrpc::Result<Metrics> {
-        Ok(Metrics {
-            metrics: Resources::collect().to_prometheus() + &super::agent_metrics(),
-            ..Default::default()
-        })
+        Ok(Metrics { metrics: Resources::collect().to_prometheus() + &super::agent_metrics(), ..Default::default() })
     }
 
-    fn destroy_sandbox(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: DestroySandboxRequest,
-    ) -> ttrpc::Result<Empty> {
+    fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: DestroySandboxRequest) -> ttrpc::Result<Empty> {
         self.table.kill_all();
         if let OnDestroy::Signal(pid) = self.on_destroy {
             // Answer first; init's shutdown then stops this agent too.
-            let spawned = std::thread::Builder::new()
-                .name("osb-poweroff".into())
-                .stack_size(64 * 1024)
-                .spawn(move || {
-                    std::thread::sleep(Duration::from_millis(100));
-                    if let Err(e) = sys::kill(pid, libc::SIGUSR2) {
-                        eprintln!("osb-agent: asking pid {pid} to power off: {e}");
-                    }
-                });
+            let spawned = std::thread::Builder::new().name("osb-poweroff".into()).stack_size(64 * 1024).spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                if let Err(e) = sys::kill(pid, libc::SIGUSR2) {
+                    eprintln!("osb-agent: asking pid {pid} to power off: {e}");
+                }
+            });
             if spawned.is_err() {
-                sys::kill(pid, libc::SIGUSR2)
-                    .map_err(|e| status(Code::INTERNAL, format!("signal init: {e}")))?;
+                sys::kill(pid, libc::SIGUSR2).map_err(|e| status(Code::INTERNAL, format!("signal init: {e}")))?;
             }
         }
         Ok(empty())
     }
 
-    fn online_cpu_mem(
-        &self,
-        _ctx: &TtrpcContext,
-        req: OnlineCPUMemRequest,
-    ) -> ttrpc::Result<Empty> {
+    fn online_cpu_mem(&self, _ctx: &TtrpcContext, req: OnlineCPUMemRequest) -> ttrpc::Result<Empty> {
         let sysfs = self.sysfs.clone();
         let work = move || -> ttrpc::Result<()> {
             if req.nb_cpus > 0 {
@@ -310,27 +190,14 @@ impl agent_ttrpc::AgentService for Agent {
                         eprintln!("osb-agent: OnlineCPUMem: {e:?}");
                     }
                 })
-                .map_err(|e| {
-                    status(
-                        Code::RESOURCE_EXHAUSTED,
-                        format!("cannot start a thread: {e}"),
-                    )
-                })?;
+                .map_err(|e| status(Code::RESOURCE_EXHAUSTED, format!("cannot start a thread: {e}")))?;
         }
         Ok(empty())
     }
 
-    fn get_guest_details(
-        &self,
-        _ctx: &TtrpcContext,
-        req: GuestDetailsRequest,
-    ) -> ttrpc::Result<GuestDetailsResponse> {
+    fn get_guest_details(&self, _ctx: &TtrpcContext, req: GuestDetailsRequest) -> ttrpc::Result<GuestDetailsResponse> {
         Ok(GuestDetailsResponse {
-            mem_block_size_bytes: if req.mem_block_size {
-                self.sysfs.mem_block_size()?
-            } else {
-                0
-            },
+            mem_block_size_bytes: if req.mem_block_size { self.sysfs.mem_block_size()? } else { 0 },
             support_mem_hotplug_probe: req.mem_hotplug_probe && self.sysfs.mem_hotplug_probe(),
             agent_details: MessageField::some(AgentDetails {
                 version: AGENT_VERSION.to_string(),
@@ -344,17 +211,13 @@ impl agent_ttrpc::AgentService for Agent {
         })
     }
 
-    fn set_guest_date_time(
-        &self,
-        _ctx: &TtrpcContext,
-        req: SetGuestDateTimeRequest,
-    ) -> ttrpc::Result<Empty> {
+    fn set_guest_date_time(&self, _ctx: &TtrpcContext, req: SetGuestDateTimeRequest) -> ttrpc::Result<Empty> {
         guest::set_date_time(req.Sec, req.Usec)?;
         Ok(empty())
     }
 
     fn copy_file(&self, _ctx: &TtrpcContext, req: CopyFileRequest) -> ttrpc::Result<Empty> {
-        copy::copy_file(&req)?;
+        self.copies.copy_file(&req)?;
         Ok(empty())
     }
 }
@@ -363,21 +226,10 @@ pub struct Health;
 
 impl health_ttrpc::Health for Health {
     fn check(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<HealthCheckResponse> {
-        Ok(HealthCheckResponse {
-            status: ServingStatus::SERVING.into(),
-            ..Default::default()
-        })
+        Ok(HealthCheckResponse { status: ServingStatus::SERVING.into(), ..Default::default() })
     }
 
-    fn version(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: CheckRequest,
-    ) -> ttrpc::Result<VersionCheckResponse> {
-        Ok(VersionCheckResponse {
-            grpc_version: API_VERSION.to_string(),
-            agent_version: AGENT_VERSION.to_string(),
-            ..Default::default()
-        })
+    fn version(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<VersionCheckResponse> {
+        Ok(VersionCheckResponse { grpc_version: API_VERSION.to_string(), agent_version: AGENT_VERSION.to_string(), ..Default::default() })
     }
 }

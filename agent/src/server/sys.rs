@@ -1,6 +1,5 @@
 //! The raw syscalls the server makes, each behind a small safe function.
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -72,8 +71,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<u
 /// A new pseudo-terminal: (master, slave), both close-on-exec.
 pub fn openpty() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: posix_openpt returns a new descriptor or -1.
-    let master =
-        check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    let master = check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
     // SAFETY: master is a fresh descriptor owned here.
     let master = unsafe { OwnedFd::from_raw_fd(master) };
     // SAFETY: grantpt/unlockpt on the pty master just opened.
@@ -90,24 +88,14 @@ pub fn openpty() -> io::Result<(OwnedFd, OwnedFd)> {
     let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_owned();
     let slave = retry(|| {
         // SAFETY: path is a valid NUL-terminated string.
-        check(unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-            )
-        })
+        check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })
     })?;
     // SAFETY: slave is a fresh descriptor owned here.
     Ok((master, unsafe { OwnedFd::from_raw_fd(slave) }))
 }
 
 pub fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads a winsize struct from the pointer.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })?;
     Ok(())
@@ -123,8 +111,7 @@ pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
 /// A listening AF_VSOCK socket on `cid` (VMADDR_CID_ANY: any) and `port`.
 pub fn vsock_listen(cid: u32, port: u32, backlog: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2).
-    let fd =
-        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd is a fresh socket owned here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
@@ -134,31 +121,29 @@ pub fn vsock_listen(cid: u32, port: u32, backlog: i32) -> io::Result<OwnedFd> {
     addr.svm_port = port;
     // SAFETY: addr is a valid sockaddr_vm of the size passed.
     check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
+        libc::bind(fd.as_raw_fd(), &addr as *const libc::sockaddr_vm as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t)
     })?;
     // SAFETY: listen on the socket just bound.
     check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
     Ok(fd)
 }
 
-/// accept4(2) with SOCK_CLOEXEC.
-pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+/// accept4(2) with SOCK_CLOEXEC on an AF_VSOCK listener: the connection and the
+/// peer's CID.
+pub fn accept_vsock(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, u32)> {
     retry(|| {
-        // SAFETY: null address pointers are allowed by accept4.
-        let fd = check(unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        })?;
+        // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: addr and len are valid for writes of the sizes given.
+        let fd =
+            check(unsafe { libc::accept4(listener.as_raw_fd(), &mut addr as *mut libc::sockaddr_vm as *mut libc::sockaddr, &mut len, libc::SOCK_CLOEXEC) })?;
         // SAFETY: accept4 returned a new descriptor owned here.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if addr.svm_family != libc::AF_VSOCK as libc::sa_family_t {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "accept on a vsock listener returned no vsock address"));
+        }
+        Ok((fd, addr.svm_cid))
     })
 }
 
@@ -195,10 +180,7 @@ pub fn shutdown(fd: RawFd) {
 
 /// SO_SNDTIMEO: a send blocked this long fails with EAGAIN.
 pub fn set_send_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
+    let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: timeout.subsec_micros() as libc::suseconds_t };
     // SAFETY: tv is a valid timeval of the size passed.
     check(unsafe {
         libc::setsockopt(
@@ -214,10 +196,7 @@ pub fn set_send_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
 
 /// clock_settime(CLOCK_REALTIME).
 pub fn set_realtime(sec: i64, nsec: i64) -> io::Result<()> {
-    let ts = libc::timespec {
-        tv_sec: sec as libc::time_t,
-        tv_nsec: nsec as libc::c_long,
-    };
+    let ts = libc::timespec { tv_sec: sec as libc::time_t, tv_nsec: nsec as libc::c_long };
     // SAFETY: ts is a valid timespec.
     check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
     Ok(())
@@ -226,16 +205,6 @@ pub fn set_realtime(sec: i64, nsec: i64) -> io::Result<()> {
 pub fn ignore_sigpipe() {
     // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-}
-
-/// lchown(2) (does not follow a final symlink).
-pub fn lchown(path: &std::path::Path, uid: u32, gid: u32) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
-    // SAFETY: path is NUL-terminated.
-    check(unsafe { libc::lchown(path.as_ptr(), uid, gid) })?;
-    Ok(())
 }
 
 /// How a reaped child ended: its exit status, or 128 + the signal that killed it.
@@ -256,14 +225,7 @@ pub fn wait_exited_nowait(pid: i32) -> io::Result<()> {
         // SAFETY: siginfo_t is plain old data; all-zero is valid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: info is a valid, writable siginfo_t.
-        check(unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        })?;
+        check(unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) })?;
         Ok(())
     })
 }
@@ -276,4 +238,76 @@ pub fn reap(pid: i32) -> io::Result<libc::c_int> {
         check(unsafe { libc::waitpid(pid, &mut status, 0) })?;
         Ok(status)
     })
+}
+
+/// openat(2) of `name` in `dir` (or, with `dir` None, an absolute `name`); the
+/// result is close-on-exec.
+pub fn openat(dir: Option<BorrowedFd<'_>>, name: &std::ffi::CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    let dir = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    let fd = retry(|| {
+        // SAFETY: name is NUL-terminated; mode is read only with O_CREAT.
+        check(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) })
+    })?;
+    // SAFETY: openat returned a new descriptor owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// mkdirat(2).
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &std::ffi::CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })?;
+    Ok(())
+}
+
+/// unlinkat(2) of a non-directory.
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })?;
+    Ok(())
+}
+
+/// renameat(2) within one directory.
+pub fn renameat(dir: BorrowedFd<'_>, from: &std::ffi::CStr, to: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated.
+    check(unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) })?;
+    Ok(())
+}
+
+/// symlinkat(2): `name` in `dir` pointing at `target`.
+pub fn symlinkat(target: &std::ffi::CStr, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: both strings are NUL-terminated.
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
+    Ok(())
+}
+
+/// fchownat(2) with AT_SYMLINK_NOFOLLOW (u32::MAX leaves an id alone).
+pub fn lchownat(dir: BorrowedFd<'_>, name: &std::ffi::CStr, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    check(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(())
+}
+
+/// fstatat(2) with AT_SYMLINK_NOFOLLOW: (file type bits, device, inode).
+pub fn lstatat(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<(u32, u64, u64)> {
+    // SAFETY: stat is plain old data; all-zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: name is NUL-terminated and st is writable.
+    check(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok((st.st_mode & libc::S_IFMT, st.st_dev, st.st_ino))
+}
+
+/// Makes glibc's malloc serve allocations of `threshold` bytes and more with mmap
+/// and give them back with munmap on free. By default the threshold grows to the
+/// largest block freed, after which multi-MiB request buffers come from per-thread
+/// arenas and their memory stays with the agent (measured: a peak three times the
+/// bytes ever in flight).
+pub fn unmap_large_allocations(threshold: usize) {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a malloc parameter; a fixed value also turns
+    // off the dynamic adjustment.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, threshold.min(i32::MAX as usize) as libc::c_int);
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = threshold;
 }

@@ -13,8 +13,7 @@ pub struct Linux;
 
 /// A path or string as a C string; an interior NUL is an invalid-input error.
 pub(crate) fn cstr(s: impl AsRef<std::ffi::OsStr>) -> io::Result<CString> {
-    CString::new(s.as_ref().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in string"))
+    CString::new(s.as_ref().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in string"))
 }
 
 /// Maps a libc return value (-1 = failure, errno set) to a result.
@@ -48,15 +47,7 @@ impl Sys for Linux {
         // SAFETY: every pointer is NULL or a NUL-terminated string that
         // outlives the call; `data` is a string, as the filesystems we mount
         // expect.
-        check(unsafe {
-            libc::mount(
-                opt_ptr(&source),
-                target.as_ptr(),
-                opt_ptr(&fstype),
-                m.flags as libc::c_ulong,
-                opt_ptr(&data) as *const libc::c_void,
-            )
-        })?;
+        check(unsafe { libc::mount(opt_ptr(&source), target.as_ptr(), opt_ptr(&fstype), m.flags as libc::c_ulong, opt_ptr(&data) as *const libc::c_void) })?;
         Ok(())
     }
 
@@ -95,6 +86,19 @@ impl Sys for Linux {
         std::fs::read_to_string(path)
     }
 
+    fn kernel_log(&mut self) -> io::Result<String> {
+        const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+        const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+        // SAFETY: SIZE_BUFFER takes no buffer (NULL, length 0).
+        let size = check(unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) })?;
+        let mut buf = vec![0u8; size.max(0) as usize];
+        // SAFETY: the pointer and length describe `buf`, which the kernel
+        // fills with at most that many bytes.
+        let n = check(unsafe { libc::klogctl(SYSLOG_ACTION_READ_ALL, buf.as_mut_ptr().cast(), buf.len() as libc::c_int) })?;
+        buf.truncate(n as usize);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
     fn open_console(&mut self, path: &str) -> io::Result<()> {
         let path = cstr(path)?;
         // SAFETY: `path` is NUL-terminated; the returned fd is ours.
@@ -121,9 +125,7 @@ impl Sys for Linux {
 
     fn loopback_up(&mut self) -> io::Result<()> {
         // SAFETY: plain socket creation; the fd is closed below.
-        let sock = check(unsafe {
-            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
-        })?;
+        let sock = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
         // SAFETY: ifreq is plain data; all-zero is a valid value.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
         for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
@@ -150,18 +152,10 @@ impl Sys for Linux {
         info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
         info.extend_from_slice(seed);
         info.resize(8 + seed.len().div_ceil(4) * 4, 0);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/urandom")?;
+        let file = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
         // SAFETY: `info` is a complete rand_pool_info: two ints then
         // buf_size bytes (padded to whole u32s), alive for the call.
-        check(unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                RNDADDENTROPY,
-                info.as_ptr(),
-            )
-        })?;
+        check(unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), RNDADDENTROPY, info.as_ptr()) })?;
         Ok(())
     }
 

@@ -97,6 +97,9 @@ pub trait Sys {
     /// Whether `path` names anything (without following a final symlink).
     fn exists(&mut self, path: &str) -> bool;
     fn read_file(&mut self, path: &str) -> io::Result<String>;
+    /// The kernel's log buffer as it stands (`klogctl` READ_ALL: nothing
+    /// consumed, nothing blocks).
+    fn kernel_log(&mut self) -> io::Result<String>;
     /// Opens `path` read-write (no controlling tty) as fds 0, 1 and 2.
     fn open_console(&mut self, path: &str) -> io::Result<()>;
     fn sethostname(&mut self, name: &str) -> io::Result<()>;
@@ -129,8 +132,7 @@ mod tests {
     #[test]
     fn exit_codes_follow_the_shell_convention() {
         // Raw wait statuses: exit code in bits 8-15, terminating signal in 0-6.
-        let check =
-            |status: i32, code: i32| assert_eq!(exit_code(status), code, "status {status:#x}");
+        let check = |status: i32, code: i32| assert_eq!(exit_code(status), code, "status {status:#x}");
         check(0, 0);
         check(3 << 8, 3);
         check(255 << 8, 255);
@@ -141,21 +143,9 @@ mod tests {
 
     #[test]
     fn mounts_name_themselves() {
-        let m = Mount {
-            source: "/dev/vda1",
-            target: "/.osb/root",
-            fstype: "ext4",
-            flags: 0,
-            data: "dax",
-        };
+        let m = Mount { source: "/dev/vda1", target: "/.osb/root", fstype: "ext4", flags: 0, data: "dax" };
         assert_eq!(m.to_string(), "mount /dev/vda1 on /.osb/root (ext4, dax)");
-        let m = Mount {
-            source: "/dev",
-            target: "/.osb/root/dev",
-            fstype: "",
-            flags: flags::MOVE,
-            data: "",
-        };
+        let m = Mount { source: "/dev", target: "/.osb/root/dev", fstype: "", flags: flags::MOVE, data: "" };
         assert_eq!(m.to_string(), "move /dev to /.osb/root/dev");
     }
 }

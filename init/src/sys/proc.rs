@@ -72,23 +72,16 @@ impl SignalFd {
     pub fn new(signals: &[i32]) -> io::Result<SignalFd> {
         let set = block_signals(signals)?;
         // SAFETY: `set` is initialised; -1 asks for a new fd, which we own.
-        let fd =
-            check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
+        let fd = check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
         // SAFETY: `fd` was just returned by signalfd and is owned by nobody else.
-        Ok(SignalFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        Ok(SignalFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
     /// Waits up to `timeout` (forever when `None`) for signals and returns
     /// those pending, with the sender's pid; empty on timeout.
     pub fn wait(&self, timeout: Option<Duration>) -> io::Result<Vec<(i32, i32)>> {
         let millis = timeout.map_or(-1, |t| t.as_millis().clamp(0, i32::MAX as u128) as i32);
-        let mut pollfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pollfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         match check(unsafe { libc::poll(&mut pollfd, 1, millis) }) {
             Ok(_) => {}
@@ -101,13 +94,7 @@ impl SignalFd {
             let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
             let size = std::mem::size_of::<libc::signalfd_siginfo>();
             // SAFETY: reads at most `size` bytes into `info`.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    (&mut info as *mut libc::signalfd_siginfo).cast(),
-                    size,
-                )
-            };
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
             if n != size as isize {
                 break; // EAGAIN: drained
             }
@@ -158,14 +145,7 @@ pub fn child_reset_signals() -> io::Result<()> {
         libc::sigemptyset(&mut set);
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
-    for signal in [
-        libc::SIGPIPE,
-        libc::SIGTERM,
-        libc::SIGINT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGCHLD,
-    ] {
+    for signal in [libc::SIGPIPE, libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCHLD] {
         // SAFETY: SIG_DFL is a valid disposition for these signals.
         unsafe { libc::signal(signal, libc::SIG_DFL) };
     }

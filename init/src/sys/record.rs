@@ -16,6 +16,8 @@ pub struct Recorder {
     pub existing: HashSet<String>,
     /// Contents for `read_file`.
     pub files: HashMap<String, String>,
+    /// What `kernel_log` returns (`None`: it fails with EPERM).
+    pub kmsg: Option<String>,
     /// `(prefix, errno)`: a call whose line starts with `prefix` fails
     /// (after being recorded).
     pub failures: Vec<(String, i32)>,
@@ -60,21 +62,11 @@ impl Recorder {
     pub fn assert_ops<S: AsRef<str>>(&self, expected: &[S]) {
         let expected: Vec<&str> = expected.iter().map(|s| s.as_ref()).collect();
         let got: Vec<&str> = self.ops.iter().map(String::as_str).collect();
-        assert_eq!(
-            got,
-            expected,
-            "\ngot:\n  {}\nexpected:\n  {}\n",
-            got.join("\n  "),
-            expected.join("\n  ")
-        );
+        assert_eq!(got, expected, "\ngot:\n  {}\nexpected:\n  {}\n", got.join("\n  "), expected.join("\n  "));
     }
 
     fn record(&mut self, op: String) -> io::Result<()> {
-        let failure = self
-            .failures
-            .iter()
-            .find(|(prefix, _)| op.starts_with(prefix.as_str()))
-            .map(|(_, errno)| *errno);
+        let failure = self.failures.iter().find(|(prefix, _)| op.starts_with(prefix.as_str())).map(|(_, errno)| *errno);
         self.ops.push(op);
         match failure {
             Some(errno) => Err(io::Error::from_raw_os_error(errno)),
@@ -95,13 +87,7 @@ impl Sys for Recorder {
                     s.to_owned()
                 }
             };
-            let mut op = format!(
-                "mount {} {} {} {}",
-                dash(m.source),
-                m.target,
-                dash(m.fstype),
-                flag_names(m.flags)
-            );
+            let mut op = format!("mount {} {} {} {}", dash(m.source), m.target, dash(m.fstype), flag_names(m.flags));
             if !m.data.is_empty() {
                 op.push(' ');
                 op.push_str(m.data);
@@ -112,10 +98,7 @@ impl Sys for Recorder {
     }
 
     fn umount(&mut self, target: &str, detach: bool) -> io::Result<()> {
-        self.record(format!(
-            "umount {}{target}",
-            if detach { "-l " } else { "" }
-        ))
+        self.record(format!("umount {}{target}", if detach { "-l " } else { "" }))
     }
 
     fn mkdir(&mut self, path: &str, _mode: u32) -> io::Result<()> {
@@ -150,10 +133,11 @@ impl Sys for Recorder {
     }
 
     fn read_file(&mut self, path: &str) -> io::Result<String> {
-        self.files
-            .get(path)
-            .cloned()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+        self.files.get(path).cloned().ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+    }
+
+    fn kernel_log(&mut self) -> io::Result<String> {
+        self.kmsg.clone().ok_or_else(|| io::Error::from_raw_os_error(libc::EPERM))
     }
 
     fn open_console(&mut self, path: &str) -> io::Result<()> {
@@ -197,13 +181,6 @@ impl Sys for Recorder {
     }
 
     fn reboot(&mut self, how: Power) -> io::Result<()> {
-        self.record(format!(
-            "reboot {}",
-            if how == Power::Off {
-                "poweroff"
-            } else {
-                "restart"
-            }
-        ))
+        self.record(format!("reboot {}", if how == Power::Off { "poweroff" } else { "restart" }))
     }
 }

@@ -54,7 +54,7 @@ pub fn encode_pfn_info() -> [u8; PFN_INFO_SIZE] {
     block[76..80].copy_from_slice(&0u32.to_le_bytes()); // start_pad
     block[80..84].copy_from_slice(&0u32.to_le_bytes()); // end_trunc
     block[84..88].copy_from_slice(&(DAX_ALIGN as u32).to_le_bytes()); // align
-    // 88..4088 padding (page_size and page_struct_size only from 1.4): zero.
+                                                                      // 88..4088 padding (page_size and page_struct_size only from 1.4): zero.
     let checksum = fletcher64(&block);
     block[CHECKSUM_OFFSET..].copy_from_slice(&checksum.to_le_bytes());
     block

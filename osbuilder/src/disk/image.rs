@@ -228,11 +228,7 @@ pub fn cmdline(table: TableKind, dax: bool, fs: FsKind, init_path: Option<&str>)
         FsKind::Ext4 => format!("root={dev} rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4{init}"),
         FsKind::Erofs => format!("root={dev} rootflags=dax ro rootfstype=erofs{init}"),
     };
-    Cmdline {
-        pmem: dax.then(|| pmem(&part("/dev/pmem0", true))),
-        virtio_blk: block("/dev/vda"),
-        virtio_scsi: block("/dev/sda"),
-    }
+    Cmdline { pmem: dax.then(|| pmem(&part("/dev/pmem0", true))), virtio_blk: block("/dev/vda"), virtio_scsi: block("/dev/sda") }
 }
 
 /// The filesystem writer chosen by [`DiskOptions::fs`], laid out.
@@ -262,9 +258,7 @@ impl FsLayout {
             }
             FsKind::Erofs => {
                 if opts.dax && opts.compression != Compression::None {
-                    return Err(ImageError::Options(
-                        "DAX maps only uncompressed erofs files; drop --compress or --dax".into(),
-                    ));
+                    return Err(ImageError::Options("DAX maps only uncompressed erofs files; drop --compress or --dax".into()));
                 }
                 FsLayout::Erofs(erofs::layout(
                     plan,
@@ -574,13 +568,7 @@ pub fn write_disk(plan: &Plan, opts: &DiskOptions, out: &Path) -> Result<DiskRep
             PartitionReport { number: p.number, offset: p.start, size: p.size, kind, guid }
         })
         .collect();
-    let partition = partitions.first().cloned().unwrap_or(PartitionReport {
-        number: 0,
-        offset: 0,
-        size: fs.size_bytes(),
-        kind: "none".into(),
-        guid: None,
-    });
+    let partition = partitions.first().cloned().unwrap_or(PartitionReport { number: 0, offset: 0, size: fs.size_bytes(), kind: "none".into(), guid: None });
     Ok(DiskReport {
         bytes: disk.total_bytes(),
         sha256,
@@ -638,7 +626,8 @@ mod tests {
     fn verity_root_arguments() {
         let tree = VerityTree { root_hash: [0xab; 32], salt: [0xcd; 32], data_blocks: 1000, hash_area: Vec::new(), hash_time: std::time::Duration::ZERO };
         let (root, salt) = ("ab".repeat(32), "cd".repeat(32));
-        let dm = |d: &str, h: &str| format!("dm-mod.create=\"dm-verity,,,ro,0 8000 verity 1 {d} {h} 4096 4096 1000 0 sha256 {root} {salt}\" dm-mod.waitfor={d},{h}");
+        let dm =
+            |d: &str, h: &str| format!("dm-mod.create=\"dm-verity,,,ro,0 8000 verity 1 {d} {h} 4096 4096 1000 0 sha256 {root} {salt}\" dm-mod.waitfor={d},{h}");
         let c = verity_cmdline(true, FsKind::Ext4, Some("/.osb/init"), &tree, false);
         let tail = "root=/dev/dm-0 rootfstype=ext4 rootflags=data=ordered,errors=remount-ro ro init=/.osb/init";
         assert_eq!(c.pmem.unwrap(), format!("{} {tail}", dm("/dev/pmem0p1", "/dev/pmem0p2")));
@@ -646,6 +635,9 @@ mod tests {
         assert_eq!(c.virtio_scsi, format!("{} {tail}", dm("/dev/sda1", "/dev/sda2")));
         let i = verity_cmdline(false, FsKind::Ext4, Some("/.osb/init"), &tree, true);
         assert_eq!(i.pmem, None);
-        assert_eq!(i.virtio_blk, format!("{} osb.root=/dev/dm-0 osb.rootfstype=ext4 osb.rootflags=data=ordered,errors=remount-ro osb.ro=1", dm("/dev/vda1", "/dev/vda2")));
+        assert_eq!(
+            i.virtio_blk,
+            format!("{} osb.root=/dev/dm-0 osb.rootfstype=ext4 osb.rootflags=data=ordered,errors=remount-ro osb.ro=1", dm("/dev/vda1", "/dev/vda2"))
+        );
     }
 }

@@ -92,7 +92,11 @@ impl DiskSpec {
 pub enum PartitionType {
     /// An MBR type byte (0x83, Linux).
     Mbr(u8),
-    Gpt { type_guid: Guid, guid: Guid, name: &'static str },
+    Gpt {
+        type_guid: Guid,
+        guid: Guid,
+        name: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,11 +152,18 @@ pub struct DiskLayout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PlannedTable {
     None,
-    Mbr { signature: u32 },
-    Gpt { disk_guid: Guid },
+    Mbr {
+        signature: u32,
+    },
+    Gpt {
+        disk_guid: Guid,
+    },
     /// `outer` at 0 for virtio-blk, `inner` at 2 MiB for pmem; distinct so
     /// that PARTUUIDs (signature-partno) differ when both devices exist.
-    Dax { outer_signature: u32, inner_signature: u32 },
+    Dax {
+        outer_signature: u32,
+        inner_signature: u32,
+    },
 }
 
 /// The GPT partition name of the filesystem partition (systemd-repart's
@@ -185,7 +196,7 @@ fn align_up(value: u64, align: u64) -> Result<u64, DiskError> {
 
 /// Plans the disk `spec` describes, or says why it cannot exist.
 pub fn plan_disk(spec: &DiskSpec) -> Result<DiskLayout, DiskError> {
-    if spec.fs_bytes == 0 || spec.fs_bytes % SECTOR != 0 {
+    if spec.fs_bytes == 0 || !spec.fs_bytes.is_multiple_of(SECTOR) {
         return Err(DiskError::FsSize(spec.fs_bytes));
     }
     for (i, extra) in spec.extra_partitions.iter().enumerate() {
@@ -197,14 +208,7 @@ pub fn plan_disk(spec: &DiskSpec) -> Result<DiskLayout, DiskError> {
         (TableKind::None, true) => return Err(DiskError::DaxWithoutTable),
         (TableKind::Gpt, true) => return Err(DiskError::DaxWithGpt),
         (TableKind::None, false) if !spec.extra_partitions.is_empty() => return Err(DiskError::ExtraWithoutTable),
-        (TableKind::None, false) => {
-            return Ok(DiskLayout {
-                total_bytes: spec.fs_bytes,
-                fs_offset: 0,
-                partitions: Vec::new(),
-                table: PlannedTable::None,
-            })
-        }
+        (TableKind::None, false) => return Ok(DiskLayout { total_bytes: spec.fs_bytes, fs_offset: 0, partitions: Vec::new(), table: PlannedTable::None }),
         _ => {}
     }
     let n_partitions = 1 + spec.extra_partitions.len();
@@ -248,9 +252,7 @@ pub fn plan_disk(spec: &DiskSpec) -> Result<DiskLayout, DiskError> {
     }
 
     let (total_bytes, table) = match (spec.table, spec.dax) {
-        (TableKind::Mbr, false) => {
-            (align_up(end, PARTITION_ALIGN)?, PlannedTable::Mbr { signature: derive_signature(&spec.seed, "mbr") })
-        }
+        (TableKind::Mbr, false) => (align_up(end, PARTITION_ALIGN)?, PlannedTable::Mbr { signature: derive_signature(&spec.seed, "mbr") }),
         (TableKind::Mbr, true) => (
             align_up(end, DAX_ALIGN)?,
             PlannedTable::Dax {
@@ -266,9 +268,7 @@ pub fn plan_disk(spec: &DiskSpec) -> Result<DiskLayout, DiskError> {
         (TableKind::None, _) => unreachable!("returned above"),
     };
     // Every MBR field is 32 bits of sectors: start and size of each entry.
-    if matches!(table, PlannedTable::Mbr { .. } | PlannedTable::Dax { .. })
-        && total_bytes / SECTOR > u64::from(u32::MAX)
-    {
+    if matches!(table, PlannedTable::Mbr { .. } | PlannedTable::Dax { .. }) && total_bytes / SECTOR > u64::from(u32::MAX) {
         return Err(DiskError::TooLargeForMbr(total_bytes));
     }
     Ok(DiskLayout { total_bytes, fs_offset, partitions, table })
@@ -353,14 +353,9 @@ impl DiskLayout {
             .partitions
             .iter()
             .map(|p| match p.kind {
-                PartitionType::Gpt { type_guid, guid, name } => GptEntry {
-                    type_guid,
-                    guid,
-                    first: Lba::of_byte(p.start),
-                    last: Lba(Lba::of_byte(p.end()).0 - 1),
-                    attributes: 0,
-                    name: name.to_string(),
-                },
+                PartitionType::Gpt { type_guid, guid, name } => {
+                    GptEntry { type_guid, guid, first: Lba::of_byte(p.start), last: Lba(Lba::of_byte(p.end()).0 - 1), attributes: 0, name: name.to_string() }
+                }
                 PartitionType::Mbr(_) => unreachable!("gpt entries of an mbr disk"),
             })
             .collect();
@@ -495,11 +490,7 @@ mod tests {
     }
 
     fn run(program: &str, args: &[&str], image: &Path) -> String {
-        let out = Command::new(program)
-            .args(args)
-            .arg(image)
-            .output()
-            .unwrap_or_else(|e| panic!("{program} runs (install fdisk and gdisk): {e}"));
+        let out = Command::new(program).args(args).arg(image).output().unwrap_or_else(|e| panic!("{program} runs (install fdisk and gdisk): {e}"));
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{program} {args:?} failed: {text}");
         text
@@ -556,10 +547,7 @@ mod tests {
         assert_eq!(layout.total_bytes(), 7 * MIB, "padded to whole MiB");
         let image = image_file(&layout);
         let signature = format!("0x{:08x}", layout.mbr_signature().unwrap());
-        assert_eq!(
-            sfdisk_view(image.path()),
-            json!({ "label": "dos", "id": signature, "partitions": [mbr_part(2048, fs_bytes / 512)] })
-        );
+        assert_eq!(sfdisk_view(image.path()), json!({ "label": "dos", "id": signature, "partitions": [mbr_part(2048, fs_bytes / 512)] }));
         let verify = run("sfdisk", &["--verify"], image.path());
         assert!(!verify.to_lowercase().contains("different"), "sfdisk --verify: {verify}");
         assert_eq!(read_at(image.path(), MIB, FS_MARK.len()), FS_MARK);
@@ -574,10 +562,7 @@ mod tests {
         assert_eq!(starts, [MIB, 6 * MIB, 7 * MIB]);
         assert_eq!(layout.total_bytes(), 8 * MIB);
         let image = image_file(&layout);
-        assert_eq!(
-            sfdisk_view(image.path())["partitions"],
-            json!([mbr_part(2048, (4 * MIB + 512) / 512), mbr_part(6 * 2048, 128), mbr_part(7 * 2048, 2048)])
-        );
+        assert_eq!(sfdisk_view(image.path())["partitions"], json!([mbr_part(2048, (4 * MIB + 512) / 512), mbr_part(6 * 2048, 128), mbr_part(7 * 2048, 2048)]));
         run("sfdisk", &["--verify"], image.path());
         assert_eq!(read_at(image.path(), 6 * MIB, EXTRA_MARK.len()), EXTRA_MARK);
     }

@@ -7,8 +7,8 @@
 
 pub mod dax;
 pub mod erofs;
-pub mod image;
 pub mod ext4;
+pub mod image;
 pub mod layout;
 pub mod qcow2;
 pub mod table;

@@ -46,6 +46,10 @@ use super::{Sink, ZEROS};
 pub const CLUSTER_BITS: u32 = 16;
 pub const CLUSTER: u64 = 1 << CLUSTER_BITS;
 const CLUSTER_USIZE: usize = CLUSTER as usize;
+
+/// One compression job's result: the cluster, its compressed bytes, and
+/// whether they fit in less than the cluster.
+type Compressed = (Vec<u8>, Vec<u8>, bool);
 /// Entries per L2 table (64-bit entries, no extended L2).
 const L2_ENTRIES: u64 = CLUSTER / 8;
 /// refcount_order 4: 16-bit refcounts.
@@ -256,7 +260,7 @@ impl<W: Write + Seek> Qcow2Writer<W> {
     /// A writer for a disk of exactly `virtual_size` bytes into `out`
     /// (positioned anywhere: the file is written from its start).
     pub fn new(mut out: W, virtual_size: u64, opts: Qcow2Options) -> io::Result<Self> {
-        if virtual_size == 0 || virtual_size % 512 != 0 {
+        if virtual_size == 0 || !virtual_size.is_multiple_of(512) {
             return Err(other(format!("a qcow2 disk must be a non-zero multiple of 512 bytes, not {virtual_size}")));
         }
         if encode::l1_size(virtual_size) * 8 > 32 << 20 {
@@ -303,7 +307,7 @@ impl<W: Write + Seek> Qcow2Writer<W> {
     /// until the compressed bytes reach a cluster boundary (or would cross
     /// one), so that the rest of that host cluster is not wasted.
     fn put_standard(&mut self, guest: u64, data: &[u8]) -> io::Result<()> {
-        if self.host % CLUSTER != 0 {
+        if !self.host.is_multiple_of(CLUSTER) {
             let mut copy = self.spare.pop().unwrap_or_default();
             copy.clear();
             copy.extend_from_slice(data);
@@ -354,7 +358,7 @@ impl<W: Write + Seek> Qcow2Writer<W> {
         self.map.push((guest, encode::compressed_entry(off, len)));
         self.summary.allocated_clusters += 1;
         self.summary.compressed_clusters += 1;
-        if !self.held.is_empty() && self.host % CLUSTER == 0 {
+        if !self.held.is_empty() && self.host.is_multiple_of(CLUSTER) {
             self.release_held()?;
         }
         Ok(())
@@ -403,7 +407,7 @@ impl<W: Write + Seek> Qcow2Writer<W> {
             return Ok(());
         }
         let n = self.in_flight.len();
-        let mut done: Vec<Option<(Vec<u8>, Vec<u8>, bool)>> = (0..n).map(|_| None).collect();
+        let mut done: Vec<Option<Compressed>> = (0..n).map(|_| None).collect();
         let pool = self.pool.as_ref().expect("a compressing writer has a pool");
         for _ in 0..n {
             let (i, input, out, fit) = pool.results.recv().map_err(|_| io::Error::other("a compression thread stopped"))?;
@@ -626,7 +630,10 @@ pub fn check_self_contained(h: &Header) -> io::Result<()> {
         return Err(other("the qcow2 image has a backing file; only self-contained qcow2 images are supported".into()));
     }
     if h.incompatible_features & !1 != 0 {
-        return Err(other(format!("the qcow2 image uses incompatible features {:#x} (external data file, extended L2 or compression type); not supported", h.incompatible_features)));
+        return Err(other(format!(
+            "the qcow2 image uses incompatible features {:#x} (external data file, extended L2 or compression type); not supported",
+            h.incompatible_features
+        )));
     }
     if h.crypt_method != 0 {
         return Err(other("the qcow2 image is encrypted; not supported".into()));
@@ -768,7 +775,13 @@ mod tests {
                     x ^= x << 5;
                     x as u8 // incompressible
                 }
-                _ => if i % 7000 == 0 { 1 } else { 0 },
+                _ => {
+                    if i % 7000 == 0 {
+                        1
+                    } else {
+                        0
+                    }
+                }
             };
         }
         raw

@@ -129,11 +129,7 @@ const CHS_LBA_LIMIT: u64 = 1024 * 255 * 63;
 pub fn chs_bytes(lba: u64) -> [u8; 3] {
     const HEADS: u64 = 255;
     const SECTORS: u64 = 63;
-    let (c, h, s) = if lba >= CHS_LBA_LIMIT {
-        (1023, 254, 63)
-    } else {
-        (lba / (HEADS * SECTORS), (lba / SECTORS) % HEADS, lba % SECTORS + 1)
-    };
+    let (c, h, s) = if lba >= CHS_LBA_LIMIT { (1023, 254, 63) } else { (lba / (HEADS * SECTORS), (lba / SECTORS) % HEADS, lba % SECTORS + 1) };
     [h as u8, (s as u8 & 0x3f) | ((c >> 2) as u8 & 0xc0), c as u8]
 }
 
@@ -271,10 +267,7 @@ mod tests {
     fn guid_round_trips_text_and_mixes_endianness_for_gpt() {
         let guid = Guid::parse("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709");
         assert_eq!(guid.to_string(), "4f68bce3-e8cd-4db1-96e7-fbcaf984b709");
-        assert_eq!(
-            guid.to_gpt_bytes(),
-            [0xe3, 0xbc, 0x68, 0x4f, 0xcd, 0xe8, 0xb1, 0x4d, 0x96, 0xe7, 0xfb, 0xca, 0xf9, 0x84, 0xb7, 0x09]
-        );
+        assert_eq!(guid.to_gpt_bytes(), [0xe3, 0xbc, 0x68, 0x4f, 0xcd, 0xe8, 0xb1, 0x4d, 0x96, 0xe7, 0xfb, 0xca, 0xf9, 0x84, 0xb7, 0x09]);
     }
 
     #[test]

@@ -380,13 +380,40 @@ mod tests {
             std::fs::write(&ours, &tree.hash_area).unwrap();
             let salt = hex::encode(SALT);
             let d = data_path.to_str().unwrap();
-            let text = veritysetup(&["format", "--no-superblock", "--hash", "sha256", "--data-block-size", "4096", "--hash-block-size", "4096", "--salt", &salt, d, theirs.to_str().unwrap()]);
+            let text = veritysetup(&[
+                "format",
+                "--no-superblock",
+                "--hash",
+                "sha256",
+                "--data-block-size",
+                "4096",
+                "--hash-block-size",
+                "4096",
+                "--salt",
+                &salt,
+                d,
+                theirs.to_str().unwrap(),
+            ]);
             let root = text.lines().find_map(|l| l.strip_prefix("Root hash:")).unwrap_or_else(|| panic!("{text}")).trim();
             assert_eq!(root, hex::encode(tree.root_hash), "{blocks} blocks: root hash");
             let theirs_bytes = std::fs::read(&theirs).unwrap();
             assert_eq!(theirs_bytes.len(), tree.hash_area.len(), "{blocks} blocks: hash area size");
             assert!(theirs_bytes == tree.hash_area, "{blocks} blocks: hash areas differ");
-            veritysetup(&["verify", "--no-superblock", "--hash", "sha256", "--data-block-size", "4096", "--hash-block-size", "4096", "--salt", &salt, d, ours.to_str().unwrap(), root]);
+            veritysetup(&[
+                "verify",
+                "--no-superblock",
+                "--hash",
+                "sha256",
+                "--data-block-size",
+                "4096",
+                "--hash-block-size",
+                "4096",
+                "--salt",
+                &salt,
+                d,
+                ours.to_str().unwrap(),
+                root,
+            ]);
         }
     }
 
@@ -445,7 +472,10 @@ mod tests {
         let root = hex::encode(tree.root_hash);
         let salt = hex::encode(SALT);
         assert_eq!(tree.kata_params(), format!("root_hash={root},salt={salt},data_blocks=10,data_block_size=4096,hash_block_size=4096"));
-        assert_eq!(tree.dm_mod_create("/dev/vda1", "/dev/vda2"), format!("dm-mod.create=\"dm-verity,,,ro,0 80 verity 1 /dev/vda1 /dev/vda2 4096 4096 10 0 sha256 {root} {salt}\""));
+        assert_eq!(
+            tree.dm_mod_create("/dev/vda1", "/dev/vda2"),
+            format!("dm-mod.create=\"dm-verity,,,ro,0 80 verity 1 /dev/vda1 /dev/vda2 4096 4096 10 0 sha256 {root} {salt}\"")
+        );
         assert_eq!(derive_salt(&[1; 32]), derive_salt(&[1; 32]));
         assert_ne!(derive_salt(&[1; 32]), derive_salt(&[2; 32]));
     }

@@ -186,23 +186,16 @@ fn validate_name(name: &[u8]) -> Result<(), CpioError> {
         return Err(CpioError::EmptyName);
     }
     if name.contains(&0) {
-        return Err(CpioError::NameContainsNul {
-            name: display_name(name),
-        });
+        return Err(CpioError::NameContainsNul { name: display_name(name) });
     }
     if name.starts_with(b"/") || name.starts_with(b"./") {
-        return Err(CpioError::NameNotRelative {
-            name: display_name(name),
-        });
+        return Err(CpioError::NameNotRelative { name: display_name(name) });
     }
     if name == TRAILER_NAME {
         return Err(CpioError::ReservedName);
     }
     if name.len() >= u32::MAX as usize {
-        return Err(CpioError::NameTooLong {
-            name: display_name(name),
-            len: name.len(),
-        });
+        return Err(CpioError::NameTooLong { name: display_name(name), len: name.len() });
     }
     Ok(())
 }
@@ -224,12 +217,7 @@ pub struct NewcWriter<W: Write> {
 impl<W: Write> NewcWriter<W> {
     /// Creates a writer that appends an archive to `w`.
     pub fn new(w: W) -> Self {
-        Self {
-            inner: w,
-            written: 0,
-            header_buf: Vec::with_capacity(HEADER_LEN + 256),
-            copy_buf: Vec::new(),
-        }
+        Self { inner: w, written: 0, header_buf: Vec::with_capacity(HEADER_LEN + 256), copy_buf: Vec::new() }
     }
 
     /// Returns the number of bytes written so far.
@@ -248,12 +236,7 @@ impl<W: Write> NewcWriter<W> {
     /// `/` or `./` (the root directory itself is `.`); it may be any bytes
     /// except NUL. Exactly `header.file_size` bytes are copied from `data`;
     /// it is an error if `data` yields fewer or more.
-    pub fn append(
-        &mut self,
-        header: &NewcHeader,
-        name: &[u8],
-        data: &mut dyn Read,
-    ) -> Result<(), CpioError> {
+    pub fn append(&mut self, header: &NewcHeader, name: &[u8], data: &mut dyn Read) -> Result<(), CpioError> {
         validate_name(name)?;
         self.write_header(header, name)?;
         self.copy_data(header.file_size, name, data)?;
@@ -262,26 +245,14 @@ impl<W: Write> NewcWriter<W> {
 
     /// Appends an entry whose data is `data`, which must be exactly
     /// `header.file_size` bytes long.
-    pub fn append_bytes(
-        &mut self,
-        header: &NewcHeader,
-        name: &[u8],
-        data: &[u8],
-    ) -> Result<(), CpioError> {
+    pub fn append_bytes(&mut self, header: &NewcHeader, name: &[u8], data: &[u8]) -> Result<(), CpioError> {
         validate_name(name)?;
         let expected = header.file_size;
         if (data.len() as u64) < u64::from(expected) {
-            return Err(CpioError::ShortData {
-                name: display_name(name),
-                expected,
-                actual: data.len() as u64,
-            });
+            return Err(CpioError::ShortData { name: display_name(name), expected, actual: data.len() as u64 });
         }
         if (data.len() as u64) > u64::from(expected) {
-            return Err(CpioError::LongData {
-                name: display_name(name),
-                expected,
-            });
+            return Err(CpioError::LongData { name: display_name(name), expected });
         }
         self.write_header(header, name)?;
         self.inner.write_all(data)?;
@@ -294,10 +265,7 @@ impl<W: Write> NewcWriter<W> {
     /// The underlying writer is flushed, but the archive is not padded to
     /// any block size.
     pub fn finish(mut self) -> Result<W, CpioError> {
-        let trailer = NewcHeader {
-            nlink: 1,
-            ..NewcHeader::default()
-        };
+        let trailer = NewcHeader { nlink: 1, ..NewcHeader::default() };
         self.write_header(&trailer, TRAILER_NAME)?;
         self.inner.flush()?;
         Ok(self.inner)
@@ -322,10 +290,7 @@ impl<W: Write> NewcWriter<W> {
 
     /// Copies exactly `size` bytes from `data` to the archive.
     fn copy_data(&mut self, size: u32, name: &[u8], data: &mut dyn Read) -> Result<(), CpioError> {
-        let read_error = |source| CpioError::ReadData {
-            name: display_name(name),
-            source,
-        };
+        let read_error = |source| CpioError::ReadData { name: display_name(name), source };
         if self.copy_buf.is_empty() {
             self.copy_buf = vec![0; COPY_BUF_LEN];
         }
@@ -333,13 +298,7 @@ impl<W: Write> NewcWriter<W> {
         while remaining > 0 {
             let want = remaining.min(self.copy_buf.len() as u64) as usize;
             let n = match data.read(&mut self.copy_buf[..want]) {
-                Ok(0) => {
-                    return Err(CpioError::ShortData {
-                        name: display_name(name),
-                        expected: size,
-                        actual: u64::from(size) - remaining,
-                    })
-                }
+                Ok(0) => return Err(CpioError::ShortData { name: display_name(name), expected: size, actual: u64::from(size) - remaining }),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(read_error(e)),
@@ -353,12 +312,7 @@ impl<W: Write> NewcWriter<W> {
         loop {
             match data.read(&mut probe) {
                 Ok(0) => return Ok(()),
-                Ok(_) => {
-                    return Err(CpioError::LongData {
-                        name: display_name(name),
-                        expected: size,
-                    })
-                }
+                Ok(_) => return Err(CpioError::LongData { name: display_name(name), expected: size }),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(read_error(e)),
             }
@@ -379,65 +333,39 @@ mod tests {
     const MTIME: u32 = 1_700_000_000;
 
     fn run_with_stdin(cmd: &mut Command, stdin: &[u8]) -> std::process::Output {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("failed to run cpio");
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("failed to run cpio");
         child.stdin.take().unwrap().write_all(stdin).unwrap();
         child.wait_with_output().unwrap()
     }
 
     fn is_root() -> bool {
-        fs::metadata("/proc/self")
-            .map(|m| m.uid() == 0)
-            .unwrap_or(false)
+        fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
     }
 
     fn header(ino: u32, mode: u32, nlink: u32, file_size: u32) -> NewcHeader {
-        NewcHeader {
-            ino,
-            mode,
-            nlink,
-            mtime: MTIME,
-            file_size,
-            ..NewcHeader::default()
-        }
+        NewcHeader { ino, mode, nlink, mtime: MTIME, file_size, ..NewcHeader::default() }
     }
 
     /// Builds the sample archive; the character device needs root to extract.
     fn sample_archive(with_char_dev: bool) -> Vec<u8> {
         let mut w = NewcWriter::new(Vec::new());
-        w.append_bytes(&header(1, 0o040755, 3, 0), b".", b"")
-            .unwrap();
-        w.append_bytes(&header(2, 0o040700, 2, 0), b"dir", b"")
-            .unwrap();
+        w.append_bytes(&header(1, 0o040755, 3, 0), b".", b"").unwrap();
+        w.append_bytes(&header(2, 0o040700, 2, 0), b"dir", b"").unwrap();
         let contents = b"hello, world\n";
-        w.append(
-            &header(3, 0o100644, 1, contents.len() as u32),
-            b"dir/file",
-            &mut &contents[..],
-        )
-        .unwrap();
-        w.append_bytes(&header(4, 0o120777, 1, 10), b"link", b"dir/file\xffx")
-            .unwrap();
+        w.append(&header(3, 0o100644, 1, contents.len() as u32), b"dir/file", &mut &contents[..]).unwrap();
+        w.append_bytes(&header(4, 0o120777, 1, 10), b"link", b"dir/file\xffx").unwrap();
         if with_char_dev {
             let mut dev = header(5, 0o020620, 1, 0);
             dev.rdev_major = 1;
             dev.rdev_minor = 3;
             w.append_bytes(&dev, b"null", b"").unwrap();
         }
-        w.append_bytes(&header(6, 0o010644, 1, 0), b"fifo", b"")
-            .unwrap();
+        w.append_bytes(&header(6, 0o010644, 1, 0), b"fifo", b"").unwrap();
         // Two hard links: like GNU cpio, the data goes on the last one.
-        w.append_bytes(&header(7, 0o100600, 2, 0), b"hard1", b"")
-            .unwrap();
-        w.append_bytes(&header(7, 0o100600, 2, 5), b"dir/hard2", b"12345")
-            .unwrap();
+        w.append_bytes(&header(7, 0o100600, 2, 0), b"hard1", b"").unwrap();
+        w.append_bytes(&header(7, 0o100600, 2, 5), b"dir/hard2", b"12345").unwrap();
         // A name that is not UTF-8.
-        w.append_bytes(&header(8, 0o100644, 1, 1), b"caf\xe9", b"x")
-            .unwrap();
+        w.append_bytes(&header(8, 0o100644, 1, 1), b"caf\xe9", b"x").unwrap();
         let out = w.finish().unwrap();
         assert_eq!(out.len() % 4, 0);
         out
@@ -462,10 +390,7 @@ mod tests {
             assert!(out.len() >= unpadded && out.len() < unpadded + 4);
             assert!(out[unpadded..].iter().all(|&b| b == 0));
             let namesize = std::str::from_utf8(&out[94..102]).unwrap();
-            assert_eq!(
-                u32::from_str_radix(namesize, 16).unwrap() as usize,
-                name_len + 1
-            );
+            assert_eq!(u32::from_str_radix(namesize, 16).unwrap() as usize, name_len + 1);
         }
     }
 
@@ -520,17 +445,8 @@ mod tests {
         fs::write(dir.path().join("file name"), contents).unwrap();
         let meta = fs::metadata(dir.path().join("file name")).unwrap();
 
-        let output = run_with_stdin(
-            Command::new("cpio")
-                .args(["-o", "-H", "newc"])
-                .current_dir(dir.path()),
-            b"file name\n",
-        );
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let output = run_with_stdin(Command::new("cpio").args(["-o", "-H", "newc"]).current_dir(dir.path()), b"file name\n");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let gnu = output.stdout;
 
         // The decoding of st_dev used by glibc's major() and minor().
@@ -549,12 +465,7 @@ mod tests {
             rdev_minor: 0,
         };
         let mut w = NewcWriter::new(Vec::new());
-        w.append(
-            &h,
-            b"file name",
-            &mut fs::File::open(dir.path().join("file name")).unwrap(),
-        )
-        .unwrap();
+        w.append(&h, b"file name", &mut fs::File::open(dir.path().join("file name")).unwrap()).unwrap();
         let ours = w.finish().unwrap();
 
         // GNU cpio pads the archive with NULs to a multiple of 512 bytes.
@@ -566,40 +477,17 @@ mod tests {
     #[test]
     fn gnu_cpio_lists_the_archive() {
         let archive = sample_archive(true);
-        let output = run_with_stdin(
-            Command::new("cpio")
-                .args(["-itv"])
-                .env("LC_ALL", "C")
-                .env("TZ", "UTC"),
-            &archive,
-        );
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let output = run_with_stdin(Command::new("cpio").args(["-itv"]).env("LC_ALL", "C").env("TZ", "UTC"), &archive);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let listing = String::from_utf8_lossy(&output.stdout);
-        let lines: Vec<Vec<&str>> = listing
-            .lines()
-            .map(|l| l.split_whitespace().collect())
-            .collect();
+        let lines: Vec<Vec<&str>> = listing.lines().map(|l| l.split_whitespace().collect()).collect();
         // Each line is: mode, links, user, group, size (or "major, minor"),
         // three date fields, name and, for symlinks, "-> target".
         let expect = [
             vec!["drwxr-xr-x", "3", "0", "Nov", "14", "2023", "."],
             vec!["drwx------", "2", "0", "Nov", "14", "2023", "dir"],
             vec!["-rw-r--r--", "1", "13", "Nov", "14", "2023", "dir/file"],
-            vec![
-                "lrwxrwxrwx",
-                "1",
-                "10",
-                "Nov",
-                "14",
-                "2023",
-                "link",
-                "->",
-                "dir/file\u{fffd}x",
-            ],
+            vec!["lrwxrwxrwx", "1", "10", "Nov", "14", "2023", "link", "->", "dir/file\u{fffd}x"],
             vec!["crw--w----", "1", "1,", "3", "Nov", "14", "2023", "null"],
             vec!["prw-r--r--", "1", "0", "Nov", "14", "2023", "fifo"],
             vec!["-rw-------", "2", "0", "Nov", "14", "2023", "hard1"],
@@ -620,17 +508,8 @@ mod tests {
         let root = is_root();
         let archive = sample_archive(root);
         let dir = tempfile::tempdir().unwrap();
-        let output = run_with_stdin(
-            Command::new("cpio")
-                .args(["-idm", "--quiet", "--no-absolute-filenames"])
-                .current_dir(dir.path()),
-            &archive,
-        );
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let output = run_with_stdin(Command::new("cpio").args(["-idm", "--quiet", "--no-absolute-filenames"]).current_dir(dir.path()), &archive);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let p = dir.path();
 
         let meta = fs::metadata(p.join("dir")).unwrap();
@@ -650,15 +529,9 @@ mod tests {
             assert!(meta.file_type().is_char_device());
             assert_eq!(meta.rdev(), (1 << 8) | 3);
         } else {
-            testkit::skip!(
-                "gnu_cpio_extracts_the_archive",
-                "the character device case is left out: cpio needs root to mknod it"
-            );
+            testkit::skip!("gnu_cpio_extracts_the_archive", "the character device case is left out: cpio needs root to mknod it");
         }
-        assert!(fs::symlink_metadata(p.join("fifo"))
-            .unwrap()
-            .file_type()
-            .is_fifo());
+        assert!(fs::symlink_metadata(p.join("fifo")).unwrap().file_type().is_fifo());
 
         let h1 = fs::metadata(p.join("hard1")).unwrap();
         let h2 = fs::metadata(p.join("dir/hard2")).unwrap();
@@ -673,44 +546,21 @@ mod tests {
     #[test]
     fn short_data_is_an_error() {
         let mut w = NewcWriter::new(Vec::new());
-        let err = w
-            .append(&header(1, 0o100644, 1, 10), b"f", &mut &b"12345"[..])
-            .unwrap_err();
-        assert!(
-            matches!(err, CpioError::ShortData { expected: 10, actual: 5, ref name } if name == "f"),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            "short data for cpio entry \"f\": expected 10 bytes, got 5"
-        );
+        let err = w.append(&header(1, 0o100644, 1, 10), b"f", &mut &b"12345"[..]).unwrap_err();
+        assert!(matches!(err, CpioError::ShortData { expected: 10, actual: 5, ref name } if name == "f"), "{err:?}");
+        assert_eq!(err.to_string(), "short data for cpio entry \"f\": expected 10 bytes, got 5");
 
-        let err = w
-            .append_bytes(&header(1, 0o100644, 1, 10), b"g", b"12345")
-            .unwrap_err();
-        assert!(
-            matches!(err, CpioError::ShortData { actual: 5, .. }),
-            "{err:?}"
-        );
+        let err = w.append_bytes(&header(1, 0o100644, 1, 10), b"g", b"12345").unwrap_err();
+        assert!(matches!(err, CpioError::ShortData { actual: 5, .. }), "{err:?}");
     }
 
     #[test]
     fn long_data_is_an_error() {
         let mut w = NewcWriter::new(Vec::new());
-        let err = w
-            .append(&header(1, 0o100644, 1, 3), b"f", &mut &b"12345"[..])
-            .unwrap_err();
-        assert!(
-            matches!(err, CpioError::LongData { expected: 3, .. }),
-            "{err:?}"
-        );
-        let err = w
-            .append_bytes(&header(1, 0o100644, 1, 3), b"f", b"12345")
-            .unwrap_err();
-        assert!(
-            matches!(err, CpioError::LongData { expected: 3, .. }),
-            "{err:?}"
-        );
+        let err = w.append(&header(1, 0o100644, 1, 3), b"f", &mut &b"12345"[..]).unwrap_err();
+        assert!(matches!(err, CpioError::LongData { expected: 3, .. }), "{err:?}");
+        let err = w.append_bytes(&header(1, 0o100644, 1, 3), b"f", b"12345").unwrap_err();
+        assert!(matches!(err, CpioError::LongData { expected: 3, .. }), "{err:?}");
     }
 
     #[test]
@@ -722,9 +572,7 @@ mod tests {
             }
         }
         let mut w = NewcWriter::new(Vec::new());
-        let err = w
-            .append(&header(1, 0o100644, 1, 3), b"f", &mut Failing)
-            .unwrap_err();
+        let err = w.append(&header(1, 0o100644, 1, 3), b"f", &mut Failing).unwrap_err();
         assert!(matches!(err, CpioError::ReadData { .. }), "{err:?}");
     }
 
@@ -732,26 +580,11 @@ mod tests {
     fn bad_names_are_rejected() {
         let mut w = NewcWriter::new(Vec::new());
         let h = header(1, 0o100644, 1, 0);
-        assert!(matches!(
-            w.append_bytes(&h, b"", b""),
-            Err(CpioError::EmptyName)
-        ));
-        assert!(matches!(
-            w.append_bytes(&h, b"a\0b", b""),
-            Err(CpioError::NameContainsNul { .. })
-        ));
-        assert!(matches!(
-            w.append_bytes(&h, b"/etc", b""),
-            Err(CpioError::NameNotRelative { .. })
-        ));
-        assert!(matches!(
-            w.append_bytes(&h, b"./etc", b""),
-            Err(CpioError::NameNotRelative { .. })
-        ));
-        assert!(matches!(
-            w.append_bytes(&h, b"TRAILER!!!", b""),
-            Err(CpioError::ReservedName)
-        ));
+        assert!(matches!(w.append_bytes(&h, b"", b""), Err(CpioError::EmptyName)));
+        assert!(matches!(w.append_bytes(&h, b"a\0b", b""), Err(CpioError::NameContainsNul { .. })));
+        assert!(matches!(w.append_bytes(&h, b"/etc", b""), Err(CpioError::NameNotRelative { .. })));
+        assert!(matches!(w.append_bytes(&h, b"./etc", b""), Err(CpioError::NameNotRelative { .. })));
+        assert!(matches!(w.append_bytes(&h, b"TRAILER!!!", b""), Err(CpioError::ReservedName)));
         // Nothing was written for the rejected entries.
         assert_eq!(w.bytes_written(), 0);
         // Names that merely look similar are fine.

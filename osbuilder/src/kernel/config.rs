@@ -52,15 +52,15 @@ pub struct Request {
 pub enum ConfigError {
     #[error("{origin}: cannot parse {text:?} (expected CONFIG_NAME=value or `# CONFIG_NAME is not set`)")]
     Syntax { origin: Origin, text: String },
-    #[error("{name} is asked for twice with different values: {first_value} at {first}, {second_value} at {second}")]
-    Conflict { name: String, first: Origin, first_value: OptValue, second: Origin, second_value: OptValue },
+    /// Boxed: the two requests would make every `Result` of this module large.
+    #[error("{} is asked for twice with different values: {} at {}, {} at {}", second.name, first.value, first.origin, second.value, second.origin)]
+    Conflict { first: Box<Request>, second: Box<Request> },
     #[error("{origin}: {name}=m asks for a module; guest kernels build everything in (no module loading in the guest)")]
     Module { origin: Origin, name: String },
 }
 
 fn valid_name(name: &str) -> bool {
-    name.strip_prefix("CONFIG_")
-        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    name.strip_prefix("CONFIG_").is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
 }
 
 /// Parses one line of a fragment or `.config`: `None` for blanks and comments.
@@ -122,13 +122,7 @@ impl Merged {
         for r in fragments {
             if let Some(prev) = requests.get(&r.name) {
                 if prev.value != r.value {
-                    return Err(ConfigError::Conflict {
-                        name: r.name.clone(),
-                        first: prev.origin.clone(),
-                        first_value: prev.value.clone(),
-                        second: r.origin,
-                        second_value: r.value,
-                    });
+                    return Err(ConfigError::Conflict { first: Box::new(prev.clone()), second: Box::new(r) });
                 }
                 continue;
             }
@@ -167,9 +161,7 @@ pub struct Mismatch {
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match (&self.requested, &self.actual) {
-            (OptValue::Set(_), OptValue::NotSet) => {
-                "was dropped (a dependency is missing or the option does not exist in this kernel)".to_string()
-            }
+            (OptValue::Set(_), OptValue::NotSet) => "was dropped (a dependency is missing or the option does not exist in this kernel)".to_string(),
             (_, actual) => format!("ended up {actual}"),
         };
         let gap = if self.requested == OptValue::NotSet { " " } else { "" };
@@ -257,7 +249,9 @@ mod tests {
     fn validation_names_dropped_options_and_their_fragment() {
         // The classic trap: FS_DAX asked for, but ZONE_DEVICE's dependencies
         // missing, so olddefconfig drops it without a word.
-        let merged = Merged::new(parse_fragment("CONFIG_DAX=y\nCONFIG_FS_DAX=y\n# CONFIG_MODULES is not set\nCONFIG_NR_CPUS=64\n", "features/dax.conf").unwrap()).unwrap();
+        let merged =
+            Merged::new(parse_fragment("CONFIG_DAX=y\nCONFIG_FS_DAX=y\n# CONFIG_MODULES is not set\nCONFIG_NR_CPUS=64\n", "features/dax.conf").unwrap())
+                .unwrap();
         let final_config = parse_dotconfig("CONFIG_DAX=y\n# CONFIG_FS_DAX is not set\nCONFIG_NR_CPUS=8\nCONFIG_OTHER=y\n");
         let mismatches = validate(&merged, &final_config, &BTreeSet::new());
         let text: Vec<String> = mismatches.iter().map(ToString::to_string).collect();

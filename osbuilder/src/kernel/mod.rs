@@ -5,7 +5,9 @@
 //! configuration and the build happen in a cache directory outside it, keyed
 //! by a hash of every input, so an unchanged rebuild is a cache hit. The
 //! configuration step fails when `olddefconfig` dropped or changed anything a
-//! fragment asked for ([`config::validate`]).
+//! fragment asked for ([`config::validate`]). Builds of the same key take
+//! turns (a flock beside the work directory); the key covers the toolchain
+//! (gcc, binutils' ld and as, make) as well as the inputs.
 
 pub mod config;
 pub mod patches;
@@ -281,9 +283,10 @@ fn resolve_source(job: &KernelJob, version: &KernelVersion) -> Result<ResolvedSo
             Ok(ResolvedSource { kind: "url", path: dest, sha256: pin.sha256.clone(), debian_version: None })
         }
         None => {
-            let package = version.debian_package.as_deref().ok_or_else(|| {
-                KernelError::Source(format!("kernel {} names no Debian package; pass --source", version.series))
-            })?;
+            let package = version
+                .debian_package
+                .as_deref()
+                .ok_or_else(|| KernelError::Source(format!("kernel {} names no Debian package; pass --source", version.series)))?;
             let path = PathBuf::from(format!("/usr/src/{package}.tar.xz"));
             if !path.is_file() {
                 return Err(KernelError::Source(format!("{} is missing: install {package} (ci/setup.sh does) or pass --source", path.display())));
@@ -348,10 +351,9 @@ pub fn resolve_inputs(job: &KernelJob) -> Result<KernelInputs, KernelError> {
             versions: job.config_dir.join("versions.toml"),
             known: versions.iter().map(|v| v.series.clone()).collect::<Vec<_>>().join(", "),
         })?,
-        None => versions.first().cloned().ok_or_else(|| KernelError::Inputs {
-            path: job.config_dir.join("versions.toml"),
-            message: "lists no kernel".into(),
-        })?,
+        None => {
+            versions.first().cloned().ok_or_else(|| KernelError::Inputs { path: job.config_dir.join("versions.toml"), message: "lists no kernel".into() })?
+        }
     };
     let features = match &job.features {
         Some(f) => f.clone(),
@@ -369,21 +371,46 @@ pub fn resolve_inputs(job: &KernelJob) -> Result<KernelInputs, KernelError> {
     let whitelist_text = std::fs::read_to_string(&whitelist_path).unwrap_or_default();
     let whitelist = config::parse_whitelist(&whitelist_text, &format!("whitelist/{}.conf", version.series))?;
     let patches = patches::read_series(&job.patches_dir, &version.series)?;
-    let patch_digests = patches
-        .iter()
-        .map(|p| Ok(InputDigest { name: p.name.clone(), sha256: sha256_file(&p.path)? }))
-        .collect::<Result<Vec<_>, KernelError>>()?;
+    let patch_digests =
+        patches.iter().map(|p| Ok(InputDigest { name: p.name.clone(), sha256: sha256_file(&p.path)? })).collect::<Result<Vec<_>, KernelError>>()?;
     let source = resolve_source(job, &version)?;
-    let toolchain = run_capture(Command::new("gcc").arg("--version")).map(|v| v.lines().next().unwrap_or("").to_string()).unwrap_or_default();
+    let toolchain = Toolchain::probe();
 
-    let mut key_parts: Vec<String> = vec![RECIPE_VERSION.into(), version.series.clone(), version.config_version.to_string(), source.sha256.clone(), toolchain.clone()];
+    let mut key_parts: Vec<String> =
+        vec![RECIPE_VERSION.into(), version.series.clone(), version.config_version.to_string(), source.sha256.clone(), toolchain.identity.clone()];
     key_parts.push(format!("epoch={:?}", job.source_date_epoch));
     key_parts.extend(features.iter().map(|f| format!("feature={f}")));
     key_parts.extend(fragments.iter().map(|f| format!("{}={}", f.name, f.sha256)));
     key_parts.push(format!("whitelist={}", Digest::of_bytes(whitelist_text.as_bytes()).hex()));
     key_parts.extend(patch_digests.iter().map(|p| format!("{}={}", p.name, p.sha256)));
     let key = Digest::of_bytes(key_parts.join("\n").as_bytes()).hex()[..16].to_string();
-    Ok(KernelInputs { version, features, fragments, merged, whitelist, patches, patch_digests, source, toolchain, key })
+    Ok(KernelInputs { version, features, fragments, merged, whitelist, patches, patch_digests, source, toolchain: toolchain.summary, key })
+}
+
+/// The tools the kernel build runs from PATH, as they identify themselves.
+struct Toolchain {
+    /// Every tool's full `--version` output (or why it could not run), for the key.
+    identity: String,
+    /// Their first lines, joined by "; ", for the manifest.
+    summary: String,
+}
+
+impl Toolchain {
+    /// The compiler, binutils' linker and assembler (which the kernel's
+    /// Makefile calls as `ld` and `as` itself, not through gcc) and make: a
+    /// binutils or make upgrade is a different build, not a cache hit.
+    const TOOLS: [&'static str; 4] = ["gcc", "ld", "as", "make"];
+
+    fn probe() -> Toolchain {
+        let mut identity = String::new();
+        let mut firsts = Vec::new();
+        for tool in Self::TOOLS {
+            let said = run_capture(Command::new(tool).arg("--version").env("LC_ALL", "C")).unwrap_or_else(|e| format!("{tool}: {e}"));
+            identity.push_str(&format!("{tool} --version:\n{said}\n"));
+            firsts.push(said.lines().next().unwrap_or("").to_string());
+        }
+        Toolchain { identity, summary: firsts.join("; ") }
+    }
 }
 
 /// `date -u`-style text for KBUILD_BUILD_TIMESTAMP from seconds since the epoch.
@@ -396,12 +423,8 @@ pub fn kbuild_timestamp(epoch: i64) -> String {
 fn step(cmd: &mut Command, log: &Path) -> Result<(), KernelError> {
     let shown = format!("{cmd:?}");
     let file = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io_err(format!("cannot write {}", log.display())))?;
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().map_err(io_err("log"))?)
-        .stderr(file)
-        .status()
-        .map_err(io_err(format!("cannot run {shown}")))?;
+    let status =
+        cmd.stdin(Stdio::null()).stdout(file.try_clone().map_err(io_err("log"))?).stderr(file).status().map_err(io_err(format!("cannot run {shown}")))?;
     if status.success() {
         return Ok(());
     }
@@ -445,17 +468,18 @@ pub fn build(job: &KernelJob, log_line: &dyn Fn(&str)) -> Result<KernelReport, K
     let series = &inputs.version.series;
     let kernel_root = job.cache_dir.join("kernel");
     let done = kernel_root.join(format!("{series}-{}", inputs.key));
-    let manifest_path = done.join("manifest.json");
-    if manifest_path.is_file() {
-        let text = std::fs::read_to_string(&manifest_path).map_err(io_err("cannot read the cached manifest"))?;
-        let cached: serde_json::Value = serde_json::from_str(&text).map_err(|e| KernelError::Inputs { path: manifest_path.clone(), message: e.to_string() })?;
-        let manifest = manifest_from_cache(&inputs, &cached)?;
-        let files = publish(&done, &manifest, &job.out_dir)?;
-        return Ok(KernelReport { manifest, cache_hit: true, out_dir: job.out_dir.clone(), files });
+    if let Some(report) = from_cache(&inputs, &done, job)? {
+        return Ok(report);
     }
 
     // A fixed work path per key: the kernel embeds build paths in places.
+    // Whoever holds the lock beside it owns it (and the staging directory);
+    // a second build of the same key waits, then finds the first's result.
     let work = kernel_root.join(format!("work-{series}-{}", inputs.key));
+    let _lock = lock_work_dir(&kernel_root.join(format!("work-{series}-{}.lock", inputs.key)), series, log_line)?;
+    if let Some(report) = from_cache(&inputs, &done, job)? {
+        return Ok(report);
+    }
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(io_err(format!("cannot clear {}", work.display())))?;
     }
@@ -478,7 +502,8 @@ pub fn build(job: &KernelJob, log_line: &dyn Fn(&str)) -> Result<KernelReport, K
     if let Err(e) = configure(&inputs, &src, &build_dir, &log) {
         return Err(keep_failure(e, &work, &kernel_root.join(format!("failed-{series}-{}", inputs.key))));
     }
-    let kernel_version = run_capture(Command::new("make").arg("-s").arg("-C").arg(&src).arg(format!("O={}", build_dir.display())).arg("ARCH=x86_64").arg("kernelrelease"))?;
+    let kernel_version =
+        run_capture(Command::new("make").arg("-s").arg("-C").arg(&src).arg(format!("O={}", build_dir.display())).arg("ARCH=x86_64").arg("kernelrelease"))?;
     let epoch = job.source_date_epoch.unwrap_or(0);
     let timestamp = kbuild_timestamp(epoch);
     log_line(&format!("kernel {series}: building {kernel_version} with {} jobs", job.jobs.max(1)));
@@ -535,6 +560,49 @@ pub fn build(job: &KernelJob, log_line: &dyn Fn(&str)) -> Result<KernelReport, K
     Ok(KernelReport { manifest, cache_hit: false, out_dir: job.out_dir.clone(), files })
 }
 
+/// The cached build of `inputs` (`done/manifest.json`), published to the output directory.
+fn from_cache(inputs: &KernelInputs, done: &Path, job: &KernelJob) -> Result<Option<KernelReport>, KernelError> {
+    let manifest_path = done.join("manifest.json");
+    if !manifest_path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&manifest_path).map_err(io_err("cannot read the cached manifest"))?;
+    let cached: serde_json::Value = serde_json::from_str(&text).map_err(|e| KernelError::Inputs { path: manifest_path.clone(), message: e.to_string() })?;
+    let manifest = manifest_from_cache(inputs, &cached)?;
+    let files = publish(done, &manifest, &job.out_dir)?;
+    Ok(Some(KernelReport { manifest, cache_hit: true, out_dir: job.out_dir.clone(), files }))
+}
+
+/// Takes the exclusive lock (flock) on `path`, waiting (and saying so) while
+/// another build holds it; released when the returned file is dropped or the
+/// process ends. The lock file stays: removing it would let a third build
+/// lock a new file while a second still holds the old one.
+fn lock_work_dir(path: &Path, series: &str, log_line: &dyn Fn(&str)) -> Result<std::fs::File, KernelError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+    }
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
+    // std's File::lock is newer than the workspace's rust-version.
+    let flock = |operation: libc::c_int| {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: the fd belongs to `file`, open for the whole call.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    match flock(libc::LOCK_EX | libc::LOCK_NB) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            log_line(&format!("kernel {series}: waiting for another build of the same inputs (it holds {})", path.display()));
+            flock(libc::LOCK_EX).map_err(io_err(format!("cannot lock {}", path.display())))?;
+        }
+        Err(e) => return Err(io_err(format!("cannot lock {}", path.display()))(e)),
+    }
+    Ok(file)
+}
+
 /// Keeps the `.config` and log of a failed configuration (small) and drops
 /// the extracted tree (over a gigabyte), pointing the error at what is kept.
 fn keep_failure(err: KernelError, work: &Path, keep: &Path) -> KernelError {
@@ -584,7 +652,8 @@ fn publish(done: &Path, manifest: &KernelManifest, out_dir: &Path) -> Result<Vec
     let names = manifest.outputs.iter().map(|o| o.name.clone()).chain([String::from("manifest.json")]);
     for name in names {
         let from = done.join(&name);
-        let to = out_dir.join(if name == "manifest.json" { format!("manifest-{}-{}.json", manifest.kernel_version, manifest.config_version) } else { name.clone() });
+        let to =
+            out_dir.join(if name == "manifest.json" { format!("manifest-{}-{}.json", manifest.kernel_version, manifest.config_version) } else { name.clone() });
         crate::output::copy_file(&from, &to).map_err(|e| KernelError::Io { context: format!("cannot publish {name}"), source: std::io::Error::other(e) })?;
         files.push(to);
     }
@@ -624,7 +693,9 @@ mod tests {
             requests.extend(config::parse_fragment(&std::fs::read_to_string(path).unwrap(), &label).unwrap());
         }
         let merged = Merged::new(requests).unwrap();
-        for must in ["CONFIG_VIRTIO_VSOCKETS", "CONFIG_VIRTIO_BLK", "CONFIG_EXT4_FS", "CONFIG_EROFS_FS", "CONFIG_OVERLAY_FS", "CONFIG_FS_DAX", "CONFIG_DM_VERITY"] {
+        for must in
+            ["CONFIG_VIRTIO_VSOCKETS", "CONFIG_VIRTIO_BLK", "CONFIG_EXT4_FS", "CONFIG_EROFS_FS", "CONFIG_OVERLAY_FS", "CONFIG_FS_DAX", "CONFIG_DM_VERITY"]
+        {
             assert!(merged.requests.contains_key(must), "{must} is requested by the default build");
         }
         for v in &versions {

@@ -1,7 +1,9 @@
 //! Registry credentials: from the command line, the environment, or the auth
 //! files docker, podman and skopeo write.
 //!
-//! Order: `--creds USER:PASSWORD`; `OSBUILDER_REGISTRY_TOKEN` (a bearer token);
+//! Order: `--creds USER:PASSWORD`; `OSBUILDER_REGISTRY_TOKEN=HOST[:PORT]=TOKEN`
+//! (a bearer token, sent only to that registry: a token given for one host
+//! must not reach whatever registry an image reference names);
 //! `OSBUILDER_REGISTRY_USER` + `OSBUILDER_REGISTRY_PASSWORD`; then
 //! `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json` and
 //! `$DOCKER_CONFIG/config.json` (default `~/.docker/config.json`), first match
@@ -26,15 +28,25 @@ pub enum AuthSource {
 }
 
 pub fn resolve(registry: &str, cli: Option<&str>) -> Result<(RegistryAuth, AuthSource), OciError> {
+    resolve_with(registry, cli, |k| std::env::var(k).ok())
+}
+
+/// [`resolve`] with the environment given as a lookup (tests).
+fn resolve_with(registry: &str, cli: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Result<(RegistryAuth, AuthSource), OciError> {
     if let Some(creds) = cli {
-        let (user, pass) = creds
-            .split_once(':')
-            .ok_or_else(|| OciError::Invalid("--creds must be USER:PASSWORD".into()))?;
+        let (user, pass) = creds.split_once(':').ok_or_else(|| OciError::Invalid("--creds must be USER:PASSWORD".into()))?;
         return Ok((RegistryAuth::Basic(user.into(), pass.into()), AuthSource::CommandLine));
     }
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    if let Some(token) = env("OSBUILDER_REGISTRY_TOKEN") {
-        return Ok((RegistryAuth::Bearer(token), AuthSource::Environment));
+    let env = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(scoped) = env("OSBUILDER_REGISTRY_TOKEN") {
+        // Host names hold no `=`; the first one ends the host.
+        let (host, token) = scoped
+            .split_once('=')
+            .filter(|(h, t)| !h.is_empty() && !t.is_empty())
+            .ok_or_else(|| OciError::Invalid("OSBUILDER_REGISTRY_TOKEN must be HOST[:PORT]=TOKEN, naming the registry the token is for".into()))?;
+        if host == registry {
+            return Ok((RegistryAuth::Bearer(token.to_string()), AuthSource::Environment));
+        }
     }
     if let (Some(user), Some(pass)) = (env("OSBUILDER_REGISTRY_USER"), env("OSBUILDER_REGISTRY_PASSWORD")) {
         return Ok((RegistryAuth::Basic(user, pass), AuthSource::Environment));
@@ -88,9 +100,7 @@ pub fn from_auth_file(bytes: &[u8], registry: &str) -> Result<Option<RegistryAut
         return Ok(Some(RegistryAuth::Basic(u.clone(), p.clone())));
     }
     let Some(encoded) = &entry.auth else { return Ok(None) };
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .map_err(|e| format!("the auth entry for {registry} is not base64: {e}"))?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|e| format!("the auth entry for {registry} is not base64: {e}"))?;
     let decoded = String::from_utf8(decoded).map_err(|_| format!("the auth entry for {registry} is not UTF-8"))?;
     let (u, p) = decoded.split_once(':').ok_or_else(|| format!("the auth entry for {registry} is not USER:PASSWORD"))?;
     Ok(Some(RegistryAuth::Basic(u.into(), p.into())))
@@ -118,6 +128,22 @@ mod tests {
         assert_eq!(basic(from_auth_file(file, "docker.io").unwrap()), Some(("dh".into(), "pw".into())));
         assert!(from_auth_file(file, "other:5000").unwrap().is_none());
         assert!(from_auth_file(br#"{"auths":{"x":{"auth":"!!!"}}}"#, "x").is_err());
+    }
+
+    #[test]
+    fn the_environment_token_goes_only_to_its_registry() {
+        let env = |value: &'static str| move |k: &str| (k == "OSBUILDER_REGISTRY_TOKEN").then(|| value.to_string());
+        let bearer = |r: Result<(RegistryAuth, AuthSource), OciError>| match r.unwrap().0 {
+            RegistryAuth::Bearer(t) => Some(t),
+            _ => None,
+        };
+        assert_eq!(bearer(resolve_with("127.0.0.1:5000", None, env("127.0.0.1:5000=t0k=en"))), Some("t0k=en".into()));
+        // Another port is another registry: it gets no token.
+        assert_eq!(bearer(resolve_with("127.0.0.1:5001", None, env("127.0.0.1:5000=t0k"))), None);
+        assert_eq!(bearer(resolve_with("127.0.0.1", None, env("127.0.0.1:5000=t0k"))), None);
+        // A bare token names no registry and is refused, not sent anywhere.
+        let err = resolve_with("127.0.0.1:5000", None, env("t0k")).unwrap_err().to_string();
+        assert!(err.contains("HOST[:PORT]=TOKEN"), "{err}");
     }
 
     #[test]

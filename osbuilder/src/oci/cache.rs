@@ -5,8 +5,16 @@
 //! registry failing mid-transfer never leaves a bad blob under a good name.
 //! A cached blob is re-verified when used: hashing is far cheaper than
 //! building from a corrupted layer.
+//!
+//! Temporary blobs live in `ROOT/blobs/tmp/` and go when their writer is
+//! dropped, and on SIGINT/SIGTERM/SIGHUP with the staged outputs
+//! ([`crate::output::SignalCleanup`]). Processes sharing a cache take
+//! `ROOT/blobs/locks/<hex>` ([`BlobCache::lock`], an advisory `flock`) while
+//! they fetch a blob, so a second build waits for the first's verified blob
+//! instead of downloading it again. Lock files are left in place: removing
+//! one another process may have open would let two holders in.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -33,7 +41,7 @@ impl BlobCache {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(|| std::env::temp_dir());
+            .unwrap_or_else(std::env::temp_dir);
         base.join("osbuilder")
     }
 
@@ -45,15 +53,29 @@ impl BlobCache {
         self.root.join("blobs/sha256").join(digest.hex())
     }
 
-    /// The cached blob, if present and intact; a corrupt entry is removed.
-    pub fn get_verified(&self, digest: &Digest, size: Option<u64>) -> io::Result<Option<PathBuf>> {
+    /// The cached blob, if present and intact, open: the caller reads the
+    /// file that was hashed, not whatever the name holds later. A corrupt
+    /// entry is removed.
+    pub fn get_verified(&self, digest: &Digest, size: Option<u64>) -> io::Result<Option<File>> {
         let path = self.blob_path(digest);
-        let Ok(md) = fs::metadata(&path) else { return Ok(None) };
-        if size.is_some_and(|s| s != md.len()) || Digest::of_file_range(&path, 0, md.len())? != *digest {
+        let Ok(file) = File::open(&path) else { return Ok(None) };
+        let len = file.metadata()?.len();
+        if size.is_some_and(|s| s != len) || Digest::of_open_range(&file, 0, len)? != *digest {
             fs::remove_file(&path)?;
             return Ok(None);
         }
-        Ok(Some(path))
+        Ok(Some(file))
+    }
+
+    /// Waits for and takes the fetch lock of `digest`, held until the
+    /// returned file is dropped. The lock is per open file, so two threads
+    /// of one process exclude each other too.
+    pub fn lock(&self, digest: &Digest) -> io::Result<fs::File> {
+        let dir = self.root.join("blobs/locks");
+        fs::create_dir_all(&dir)?;
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(digest.hex()))?;
+        file.lock()?;
+        Ok(file)
     }
 
     /// Starts writing a blob expected to have `digest` (and `size`, if known).
@@ -62,6 +84,7 @@ impl BlobCache {
         fs::create_dir_all(&tmp_dir)?;
         fs::create_dir_all(self.root.join("blobs/sha256"))?;
         let file = tempfile::NamedTempFile::new_in(&tmp_dir)?;
+        let cleanup = crate::output::SignalCleanup::new(file.path());
         Ok(BlobWriter {
             file: io::BufWriter::with_capacity(1 << 20, file),
             hasher: Sha256::new(),
@@ -69,6 +92,7 @@ impl BlobCache {
             digest: Some(digest.clone()),
             size,
             root: self.root.clone(),
+            cleanup,
         })
     }
 
@@ -90,6 +114,8 @@ pub struct BlobWriter {
     digest: Option<Digest>,
     size: Option<u64>,
     root: PathBuf,
+    /// Removes the temporary file on a signal; last, so dropped after `file`.
+    cleanup: crate::output::SignalCleanup,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +135,13 @@ impl BlobWriter {
 
     /// Verifies size and digest, then moves the blob under its name.
     pub fn commit(self) -> Result<PathBuf, CommitError> {
-        let BlobWriter { file, hasher, written, digest, size, root } = self;
+        self.commit_open().map(|(path, _)| path)
+    }
+
+    /// [`BlobWriter::commit`], also returning the file written (open for
+    /// reading too), so the verified bytes are read back without a reopen.
+    pub fn commit_open(self) -> Result<(PathBuf, File), CommitError> {
+        let BlobWriter { cleanup, file, hasher, written, digest, size, root } = self;
         let actual = hex::encode(hasher.finalize());
         let digest = match digest {
             Some(digest) => digest,
@@ -125,8 +157,9 @@ impl BlobWriter {
         let io_err = |source| CommitError::Io { digest: digest.clone(), source };
         let file = file.into_inner().map_err(|e| io_err(e.into_error()))?;
         file.as_file().sync_data().map_err(io_err)?;
-        file.persist(&dest).map_err(|e| io_err(e.error))?;
-        Ok(dest)
+        let file = file.persist(&dest).map_err(|e| io_err(e.error))?;
+        drop(cleanup);
+        Ok((dest, file))
     }
 }
 
@@ -165,10 +198,12 @@ mod tests {
         let mut w = cache.writer(&good, Some(5)).unwrap();
         w.write_all(b"layer").unwrap();
         let path = w.commit().unwrap();
-        assert_eq!(cache.get_verified(&good, Some(5)).unwrap(), Some(path.clone()));
+        let mut cached = String::new();
+        io::Read::read_to_string(&mut cache.get_verified(&good, Some(5)).unwrap().unwrap(), &mut cached).unwrap();
+        assert_eq!(cached, "layer");
 
         fs::write(&path, b"evil!").unwrap();
-        assert_eq!(cache.get_verified(&good, Some(5)).unwrap(), None);
+        assert!(cache.get_verified(&good, Some(5)).unwrap().is_none());
         assert!(!path.exists());
         assert_eq!(fs::read_dir(tmp.path().join("blobs/tmp")).unwrap().count(), 0, "no temporary files left");
     }

@@ -35,7 +35,19 @@ impl Digest {
 
     /// The digest of `len` bytes of `path` starting at `offset`.
     pub fn of_file_range(path: &Path, offset: u64, len: u64) -> io::Result<Self> {
-        let file = File::open(path)?;
+        Self::of_open_range(&File::open(path)?, offset, len).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} is shorter than expected", path.display()))
+            } else {
+                e
+            }
+        })
+    }
+
+    /// The digest of `len` bytes of an open file starting at `offset`, by
+    /// positioned reads (the cursor is left alone), so that a caller can
+    /// check a blob and then parse it from the same open file.
+    pub fn of_open_range(file: &File, offset: u64, len: u64) -> io::Result<Self> {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut pos = offset;
@@ -44,7 +56,7 @@ impl Digest {
             let want = ((end - pos) as usize).min(buf.len());
             let n = file.read_at(&mut buf[..want], pos)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} is shorter than expected", path.display())));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file is shorter than expected"));
             }
             hasher.update(&buf[..n]);
             pos += n as u64;

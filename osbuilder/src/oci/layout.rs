@@ -1,6 +1,8 @@
 //! OCI image layout directories (`oci-layout`, `index.json`, `blobs/`).
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::digest::Digest;
 use super::manifest::{Descriptor, ImageConfig, ManifestDoc, Platform};
@@ -22,11 +24,11 @@ fn blob_path(dir: &Path, digest: &Digest) -> PathBuf {
 impl BlobStore for LayoutStore {
     fn fetch_layer(&self, index: usize, layer: &LayerInfo, _progress: &Progress) -> Result<BlobLocation, OciError> {
         let digest = layer.digest.as_ref().expect("layout layers always have digests");
-        let path = blob_path(&self.dir, digest);
-        let len = std::fs::metadata(&path)
-            .map_err(super::io_err(format!("layer {index} blob {digest} is missing from {}", self.dir.display())))?
-            .len();
-        let loc = BlobLocation { path, offset: 0, len };
+        let missing = || super::io_err(format!("layer {index} blob {digest} is missing from {}", self.dir.display()));
+        let file = File::open(blob_path(&self.dir, digest)).map_err(missing())?;
+        let len = file.metadata().map_err(missing())?.len();
+        // Hashed and then parsed through this one open file.
+        let loc = BlobLocation { file: Arc::new(file), offset: 0, len };
         verify_location(&loc, digest, layer.size, &format!("layer {index} blob {digest}"))?;
         Ok(loc)
     }
@@ -34,10 +36,7 @@ impl BlobStore for LayoutStore {
 
 pub(super) fn open(dir: &Path, reference: Option<&str>, platform: &Platform) -> Result<Image, OciError> {
     let index_path = dir.join("index.json");
-    let bytes = std::fs::read(&index_path).map_err(super::io_err(format!(
-        "{} is not an OCI image layout (cannot read index.json)",
-        dir.display()
-    )))?;
+    let bytes = super::read_json_file(&index_path, &format!("{} is not an OCI image layout (cannot read index.json)", dir.display()))?;
     let ManifestDoc::Index(index) = ManifestDoc::parse(&bytes, &format!("{}", index_path.display()))? else {
         return Err(OciError::Invalid(format!("{} is a manifest, not an index", index_path.display())));
     };
@@ -76,12 +75,7 @@ pub(super) fn open(dir: &Path, reference: Option<&str>, platform: &Platform) -> 
             }
             ManifestDoc::Image(manifest) => {
                 let config_what = format!("config {}", manifest.config.digest);
-                let config_bytes = read_verified(
-                    &blob_path(dir, &manifest.config.digest),
-                    &manifest.config.digest,
-                    Some(manifest.config.size),
-                    &config_what,
-                )?;
+                let config_bytes = read_verified(&blob_path(dir, &manifest.config.digest), &manifest.config.digest, Some(manifest.config.size), &config_what)?;
                 let config = ImageConfig::parse(&config_bytes, &config_what)?;
                 let layers = layer_infos(&manifest.layers, &config)?;
                 return Ok(Image {
@@ -105,12 +99,7 @@ pub(super) fn layer_infos(layers: &[Descriptor], config: &ImageConfig) -> Result
         .enumerate()
         .map(|(i, d)| {
             check_layer_media_type(&d.media_type, &format!("layer {i} ({})", d.digest))?;
-            Ok(LayerInfo {
-                digest: Some(d.digest.clone()),
-                media_type: d.media_type.clone(),
-                size: d.size,
-                diff_id: config.rootfs.diff_ids.get(i).cloned(),
-            })
+            Ok(LayerInfo { digest: Some(d.digest.clone()), media_type: d.media_type.clone(), size: d.size, diff_id: config.rootfs.diff_ids.get(i).cloned() })
         })
         .collect()
 }

@@ -44,11 +44,9 @@ impl Platform {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut parts = s.split('/');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(os), Some(arch), variant, None) if !os.is_empty() && !arch.is_empty() => Ok(Platform {
-                os: os.to_string(),
-                architecture: arch.to_string(),
-                variant: variant.filter(|v| !v.is_empty()).map(str::to_string),
-            }),
+            (Some(os), Some(arch), variant, None) if !os.is_empty() && !arch.is_empty() => {
+                Ok(Platform { os: os.to_string(), architecture: arch.to_string(), variant: variant.filter(|v| !v.is_empty()).map(str::to_string) })
+            }
             _ => Err(format!("platform {s:?} is not of the form os/arch[/variant]")),
         }
     }
@@ -60,9 +58,7 @@ impl Platform {
     /// Whether an image of platform `candidate` satisfies this request: a
     /// request without a variant accepts any variant.
     pub fn accepts(&self, candidate: &Platform) -> bool {
-        self.os == candidate.os
-            && self.architecture == candidate.architecture
-            && (self.variant.is_none() || self.variant == candidate.variant)
+        self.os == candidate.os && self.architecture == candidate.architecture && (self.variant.is_none() || self.variant == candidate.variant)
     }
 }
 
@@ -130,9 +126,7 @@ impl ManifestDoc {
             Some(OCI_INDEX | DOCKER_LIST) => true,
             Some(OCI_MANIFEST | DOCKER_MANIFEST) => false,
             None => probe.manifests.is_some(),
-            Some(other) => {
-                return Err(ManifestError::MediaType { what: what.to_string(), media_type: other.to_string() })
-            }
+            Some(other) => return Err(ManifestError::MediaType { what: what.to_string(), media_type: other.to_string() }),
         };
         Ok(if is_index {
             ManifestDoc::Index(serde_json::from_slice(bytes).map_err(json_err)?)
@@ -145,23 +139,15 @@ impl ManifestDoc {
 impl Index {
     /// Picks the manifest for `wanted`, or explains what is available.
     pub fn select(&self, wanted: &Platform) -> Result<&Descriptor, String> {
-        self.manifests
-            .iter()
-            .find(|d| d.platform.as_ref().is_some_and(|p| wanted.accepts(p)))
-            .ok_or_else(|| {
-                let available: Vec<String> = self
-                    .manifests
-                    .iter()
-                    .filter_map(|d| d.platform.as_ref())
-                    .filter(|p| p.os != "unknown")
-                    .map(ToString::to_string)
-                    .collect();
-                if available.is_empty() {
-                    format!("the index has no manifest for {wanted} (it names no platforms)")
-                } else {
-                    format!("the index has no manifest for {wanted}; available: {}", available.join(", "))
-                }
-            })
+        self.manifests.iter().find(|d| d.platform.as_ref().is_some_and(|p| wanted.accepts(p))).ok_or_else(|| {
+            let available: Vec<String> =
+                self.manifests.iter().filter_map(|d| d.platform.as_ref()).filter(|p| p.os != "unknown").map(ToString::to_string).collect();
+            if available.is_empty() {
+                format!("the index has no manifest for {wanted} (it names no platforms)")
+            } else {
+                format!("the index has no manifest for {wanted}; available: {}", available.join(", "))
+            }
+        })
     }
 }
 
@@ -306,9 +292,6 @@ mod tests {
     #[test]
     fn rejects_schema1_and_foreign_types() {
         assert!(matches!(ManifestDoc::parse(br#"{"schemaVersion":1}"#, "m"), Err(ManifestError::SchemaVersion { .. })));
-        assert!(matches!(
-            ManifestDoc::parse(br#"{"schemaVersion":2,"mediaType":"text/html"}"#, "m"),
-            Err(ManifestError::MediaType { .. })
-        ));
+        assert!(matches!(ManifestDoc::parse(br#"{"schemaVersion":2,"mediaType":"text/html"}"#, "m"), Err(ManifestError::MediaType { .. })));
     }
 }

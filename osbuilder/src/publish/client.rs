@@ -107,13 +107,20 @@ pub enum BlobOutcome {
     /// The repository had it.
     Present,
     /// Mounted from another repository of the registry.
-    Mounted { from: String },
-    Uploaded { bytes: u64 },
+    Mounted {
+        from: String,
+    },
+    Uploaded {
+        bytes: u64,
+    },
 }
 
 enum Failure {
     /// Worth another try, after at least `wait`.
-    Retry { why: String, wait: Option<Duration> },
+    Retry {
+        why: String,
+        wait: Option<Duration>,
+    },
     Fatal(PublishError),
 }
 
@@ -211,8 +218,8 @@ impl Client {
         let scheme = if plain { "http" } else { "https" };
         // Docker Hub's API is not served at the name people write.
         let api_host = if registry == "docker.io" || registry == "index.docker.io" { "registry-1.docker.io" } else { registry };
-        let base = Url::parse(&format!("{scheme}://{api_host}/"))
-            .map_err(|e| PublishError::Usage(format!("registry {registry:?} is not a host[:port]: {e}")))?;
+        let base =
+            Url::parse(&format!("{scheme}://{api_host}/")).map_err(|e| PublishError::Usage(format!("registry {registry:?} is not a host[:port]: {e}")))?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(opts.timeout)
@@ -279,7 +286,8 @@ impl Client {
     fn backoff(&self, attempt: u32) -> Duration {
         let base = self.opts.backoff.saturating_mul(1u32 << attempt.min(16));
         // A little jitter so parallel pushes do not retry in step.
-        let jitter = Duration::from_millis(u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_millis() % 100));
+        let jitter =
+            Duration::from_millis(u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_millis() % 100));
         (base + jitter).min(self.opts.max_wait)
     }
 
@@ -359,10 +367,7 @@ impl Client {
 
     async fn wait_or_give_up(&self, attempt: &mut u32, why: &str, wait: Option<Duration>) -> Result<(), PublishError> {
         if *attempt >= self.opts.retries {
-            return Err(PublishError::Registry {
-                registry: self.registry.clone(),
-                message: format!("{why} (gave up after {} attempts)", *attempt + 1),
-            });
+            return Err(PublishError::Registry { registry: self.registry.clone(), message: format!("{why} (gave up after {} attempts)", *attempt + 1) });
         }
         let wait = match wait {
             Some(w) if w > self.opts.max_wait => {
@@ -388,7 +393,8 @@ impl Client {
         let parsed = http_auth::parse_challenges(&challenge).unwrap_or_default();
         let scheme = if let Some(c) = parsed.iter().find(|c| c.scheme.eq_ignore_ascii_case("bearer")) {
             let param = |k: &str| c.params.iter().find(|(name, _)| name.eq_ignore_ascii_case(k)).map(|(_, v)| v.to_unescaped());
-            let realm = param("realm").ok_or_else(|| PublishError::Auth { registry: self.registry.clone(), message: format!("a bearer challenge without a realm: {challenge:?}") })?;
+            let realm = param("realm")
+                .ok_or_else(|| PublishError::Auth { registry: self.registry.clone(), message: format!("a bearer challenge without a realm: {challenge:?}") })?;
             Scheme::Bearer { realm, service: param("service") }
         } else if parsed.iter().any(|c| c.scheme.eq_ignore_ascii_case("basic")) {
             Scheme::Basic
@@ -402,7 +408,11 @@ impl Client {
         let header = match (&scheme, &creds) {
             (Scheme::Basic, RegistryAuth::Basic(user, pass)) => basic(user, pass)?,
             (Scheme::Basic, _) => {
-                return Err(PublishError::Auth { registry: self.registry.clone(), message: "it asks for a user and password, and no credentials were given (--creds, OSBUILDER_REGISTRY_USER/PASSWORD or an auth file)".into() })
+                return Err(PublishError::Auth {
+                    registry: self.registry.clone(),
+                    message: "it asks for a user and password, and no credentials were given (--creds, OSBUILDER_REGISTRY_USER/PASSWORD or an auth file)"
+                        .into(),
+                })
             }
             (Scheme::Bearer { .. }, RegistryAuth::Bearer(_)) => {
                 return Err(PublishError::Auth { registry: self.registry.clone(), message: "the bearer token given was refused".into() })
@@ -644,7 +654,12 @@ impl Client {
                         stalled = 0;
                     } else if offset <= before {
                         // Accepted, yet the session holds no more than before the chunk.
-                        self.wait_or_give_up(&mut stalled, &format!("uploading {digest}: the registry took a chunk at byte {before} but holds only {offset} bytes"), None).await?;
+                        self.wait_or_give_up(
+                            &mut stalled,
+                            &format!("uploading {digest}: the registry took a chunk at byte {before} but holds only {offset} bytes"),
+                            None,
+                        )
+                        .await?;
                     }
                     continue;
                 }
@@ -660,7 +675,10 @@ impl Client {
                 Ok(resp) if resp.status == StatusCode::BAD_REQUEST && String::from_utf8_lossy(&resp.body).contains("DIGEST_INVALID") => {
                     return Err(PublishError::Registry {
                         registry: self.registry.clone(),
-                        message: format!("the registry computed another digest than {digest} for the uploaded bytes (did the file change while being pushed?){}", error_body(&resp.body)),
+                        message: format!(
+                            "the registry computed another digest than {digest} for the uploaded bytes (did the file change while being pushed?){}",
+                            error_body(&resp.body)
+                        ),
                     });
                 }
                 Ok(resp) => return Err(self.unexpected(&format!("{} blob {digest} at byte {offset}", req.method), resp.status, &resp.body)),
@@ -790,7 +808,9 @@ impl Client {
                         Some(why) => format!("GET blob {digest}: {why}"),
                     }
                 }
-                Ok(resp) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => format!("GET blob {digest} answered {}", status_text(resp.status())),
+                Ok(resp) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+                    format!("GET blob {digest} answered {}", status_text(resp.status()))
+                }
                 Ok(resp) => return Err(self.unexpected(&format!("GET blob {digest}"), resp.status(), b"")),
                 Err(e) => format!("GET blob {digest}: {}", describe(&e)),
             };
@@ -842,7 +862,8 @@ fn basic(user: &str, pass: &str) -> Result<HeaderValue, PublishError> {
 }
 
 fn bearer(token: &str) -> Result<HeaderValue, PublishError> {
-    let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| PublishError::Usage("the bearer token has characters a header cannot carry".into()))?;
+    let mut v =
+        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| PublishError::Usage("the bearer token has characters a header cannot carry".into()))?;
     v.set_sensitive(true);
     Ok(v)
 }

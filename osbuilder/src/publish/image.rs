@@ -306,7 +306,14 @@ fn index_over(manifests: &[PublishedManifest], opts: &ImageOptions) -> Published
         annotations: &annotations,
     };
     let bytes = serde_json::to_vec(&out).expect("serializable");
-    PublishedManifest { platform: None, media_type: if v2 { DOCKER_LIST } else { OCI_INDEX }.into(), digest: Digest::of_bytes(&bytes), bytes, blobs: Vec::new(), files: Vec::new() }
+    PublishedManifest {
+        platform: None,
+        media_type: if v2 { DOCKER_LIST } else { OCI_INDEX }.into(),
+        digest: Digest::of_bytes(&bytes),
+        bytes,
+        blobs: Vec::new(),
+        files: Vec::new(),
+    }
 }
 
 /// One disk of a containerDisk.
@@ -321,7 +328,13 @@ pub struct DiskInput {
 
 /// A containerDisk: one manifest per disk (an index over them when several),
 /// each with the kernel and initrd beside the disk when given.
-pub fn containerdisk(disks: &[DiskInput], want: DiskFileFormat, boot: Option<(&Path, Option<&Path>)>, opts: &ImageOptions, progress: &Progress) -> Result<Publication, PublishError> {
+pub fn containerdisk(
+    disks: &[DiskInput],
+    want: DiskFileFormat,
+    boot: Option<(&Path, Option<&Path>)>,
+    opts: &ImageOptions,
+    progress: &Progress,
+) -> Result<Publication, PublishError> {
     opts.check()?;
     if disks.is_empty() {
         return Err(PublishError::Usage("give at least one disk".into()));
@@ -345,7 +358,11 @@ pub fn containerdisk(disks: &[DiskInput], want: DiskFileFormat, boot: Option<(&P
         if let Some(want) = &disk.expect_sha256 {
             let got = converted_from.as_ref().unwrap_or(&disk_digest);
             if want != got.hex() {
-                return Err(PublishError::Input(format!("{} is not the disk its report describes (sha256 {want} there, {} here)", disk.path.display(), got.hex())));
+                return Err(PublishError::Input(format!(
+                    "{} is not the disk its report describes (sha256 {want} there, {} here)",
+                    disk.path.display(),
+                    got.hex()
+                )));
             }
         }
         let a = &mut layer.blob.annotations;
@@ -490,7 +507,13 @@ fn check_platforms<'a>(platforms: impl Iterator<Item = &'a Platform>) -> Result<
 /// The disk file to put in the layer: a qcow2 as given (if self-contained),
 /// a raw disk as given or converted to qcow2 into the cache's scratch space
 /// (then with the raw disk's digest, computed while converting).
-fn disk_file(path: &Path, want: DiskFileFormat, cache: &BlobCache, scratch: &mut Vec<tempfile::TempPath>, progress: &Progress) -> Result<(PathBuf, DiskFileFormat, Option<Digest>), PublishError> {
+fn disk_file(
+    path: &Path,
+    want: DiskFileFormat,
+    cache: &BlobCache,
+    scratch: &mut Vec<tempfile::TempPath>,
+    progress: &Progress,
+) -> Result<(PathBuf, DiskFileFormat, Option<Digest>), PublishError> {
     must_be_file(path)?;
     let mut head = vec![0u8; 512];
     let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).map_err(io_err(format!("cannot read {}", path.display())))?;
@@ -500,7 +523,8 @@ fn disk_file(path: &Path, want: DiskFileFormat, cache: &BlobCache, scratch: &mut
     }
     if qcow2::is_qcow2(&head) {
         let header = qcow2::parse_header(&head).map_err(|e| PublishError::Input(format!("{}: {e}", path.display())))?;
-        qcow2::check_self_contained(&header).map_err(|e| PublishError::Input(format!("{}: {e} (KubeVirt needs a disk without a backing file)", path.display())))?;
+        qcow2::check_self_contained(&header)
+            .map_err(|e| PublishError::Input(format!("{}: {e} (KubeVirt needs a disk without a backing file)", path.display())))?;
         if want == DiskFileFormat::Raw {
             return Err(PublishError::Usage(format!("{} is qcow2; --disk-format raw takes a raw disk", path.display())));
         }
@@ -519,8 +543,8 @@ fn disk_file(path: &Path, want: DiskFileFormat, cache: &BlobCache, scratch: &mut
 /// our own writer, into the cache's temporary directory; returns it and the
 /// raw disk's digest.
 fn raw_to_qcow2(path: &Path, cache: &BlobCache, progress: &Progress) -> Result<(tempfile::TempPath, Digest), PublishError> {
-    use sha2::Digest as _;
     use crate::disk::Sink;
+    use sha2::Digest as _;
     let size = std::fs::metadata(path).map_err(io_err(format!("cannot read {}", path.display())))?.len();
     if size % 512 != 0 {
         return Err(PublishError::Input(format!("{} is {size} bytes, not a whole number of 512-byte sectors; is it a disk?", path.display())));

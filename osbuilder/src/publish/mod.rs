@@ -155,7 +155,13 @@ pub struct PreparedLayer {
 /// one read, and for gzip/zstd compresses it into the blob cache in the same
 /// pass, with `compress.rs` (gzip level 6, zstd level 3), whose bytes depend
 /// only on the input.
-pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCompression, cache: &BlobCache, progress: &Progress) -> Result<PreparedLayer, PublishError> {
+pub fn prepare_layer(
+    entries: &[tar::TarEntry],
+    mtime: u64,
+    compression: LayerCompression,
+    cache: &BlobCache,
+    progress: &Progress,
+) -> Result<PreparedLayer, PublishError> {
     let layer = tar::TarLayer::new(entries, mtime).map_err(io_err("cannot lay out the layer"))?;
     let placements = layer.placements(entries);
     let mut reader = layer.reader_at(0).map_err(io_err("cannot read the layer's files"))?;
@@ -178,7 +184,8 @@ pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCo
             // default, 9, is for initrds built once and booted often).
             let level = if kind == crate::compress::Compression::Gzip { Some(6) } else { None };
             let opts = crate::compress::CompressOptions { level, ..crate::compress::CompressOptions::new(kind) };
-            let enc = crate::compress::encoder(&opts, spool).map_err(|e| PublishError::Io { context: "cannot start the compressor".into(), source: io::Error::other(e) })?;
+            let enc = crate::compress::encoder(&opts, spool)
+                .map_err(|e| PublishError::Io { context: "cannot start the compressor".into(), source: io::Error::other(e) })?;
             Some(enc)
         }
     };
@@ -205,11 +212,7 @@ pub fn prepare_layer(entries: &[tar::TarEntry], mtime: u64, compression: LayerCo
     }
     bar.finish_and_clear();
     let diff_id: Digest = format!("sha256:{}", hex::encode(tar_hash.finalize())).parse().expect("sha256");
-    let files = placements
-        .into_iter()
-        .zip(file_hashes)
-        .map(|(p, h)| (p, format!("sha256:{}", hex::encode(h.finalize())).parse().expect("sha256")))
-        .collect();
+    let files = placements.into_iter().zip(file_hashes).map(|(p, h)| (p, format!("sha256:{}", hex::encode(h.finalize())).parse().expect("sha256"))).collect();
     let (media_suffix, data, digest, size) = match out {
         None => ("", BlobData::Tar(layer.clone()), diff_id.clone(), layer.len()),
         Some(w) => {
@@ -245,7 +248,8 @@ pub struct Target {
 impl Target {
     pub fn parse(s: &str) -> Result<Target, PublishError> {
         let bare = s.strip_prefix("docker://").unwrap_or(s);
-        let (host, _) = bare.split_once('/').ok_or_else(|| PublishError::Usage(format!("{s:?}: give HOST[:PORT]/REPO[:TAG], e.g. 127.0.0.1:5000/guest/disk:v1")))?;
+        let (host, _) =
+            bare.split_once('/').ok_or_else(|| PublishError::Usage(format!("{s:?}: give HOST[:PORT]/REPO[:TAG], e.g. 127.0.0.1:5000/guest/disk:v1")))?;
         if !(host.contains('.') || host.contains(':') || host == "localhost") {
             return Err(PublishError::Usage(format!("{s:?}: name the registry host first (HOST[:PORT]/REPO[:TAG]); pushes never go to a default registry")));
         }

@@ -36,7 +36,9 @@ pub struct TarEntry {
 pub enum TarKind {
     Dir,
     /// A host file, taken whole; its length is fixed when the layer is made.
-    File { path: PathBuf },
+    File {
+        path: PathBuf,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -250,7 +252,14 @@ mod tests {
                 let h = entry.header().clone();
                 let mut body = Vec::new();
                 entry.read_to_end(&mut body).unwrap();
-                seen.push((entry.path().unwrap().display().to_string(), h.mode().unwrap(), h.uid().unwrap(), h.username().unwrap().unwrap().to_string(), h.mtime().unwrap(), body));
+                seen.push((
+                    entry.path().unwrap().display().to_string(),
+                    h.mode().unwrap(),
+                    h.uid().unwrap(),
+                    h.username().unwrap().unwrap().to_string(),
+                    h.mtime().unwrap(),
+                    body,
+                ));
             }
             assert_eq!(seen.len(), 2);
             assert_eq!((seen[0].0.as_str(), seen[0].1, seen[0].2, seen[0].3.as_str()), ("disk/", 0o555, 107, "qemu"));

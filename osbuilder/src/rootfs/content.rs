@@ -7,7 +7,7 @@
 //! with positioned reads, in whatever order their format wants.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,35 +42,60 @@ pub(crate) struct Spools {
 }
 
 impl Spools {
-    /// Starts a new spool file in `dir` (the system temp dir when `None`).
+    /// Starts a new spool file in `dir` ([`default_spool_dir`] when `None`).
     pub(crate) fn create(&mut self, dir: Option<&Path>) -> io::Result<SpoolWriter> {
-        let file = match dir {
-            Some(dir) => tempfile::tempfile_in(dir)?,
-            None => tempfile::tempfile()?,
-        };
+        let dir = dir.map_or_else(default_spool_dir, Path::to_path_buf);
+        let file = tempfile::tempfile_in(&dir).map_err(|e| io::Error::new(e.kind(), format!("in {}: {e}", dir.display())))?;
         let read_handle = Arc::new(file.try_clone()?);
         let index = u32::try_from(self.files.len()).expect("spool count fits u32");
         self.files.push(read_handle);
         Ok(SpoolWriter { index, out: BufWriter::with_capacity(1 << 20, file), offset: 0 })
     }
 
+    /// Spool file number `index` (tests look at how it is stored).
+    #[cfg(test)]
+    pub(crate) fn file(&self, index: u32) -> &File {
+        &self.files[index as usize]
+    }
+
     pub(crate) fn open(&self, content: &Content) -> io::Result<ContentReader> {
         Ok(match content {
             Content::Inline(bytes) => ContentReader::Inline { bytes: bytes.clone(), pos: 0 },
             Content::Extent { file, offset, len } => {
-                let file = self.files.get(*file as usize).cloned().ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, format!("no spool file #{file}"))
-                })?;
+                let file = self.files.get(*file as usize).cloned().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no spool file #{file}")))?;
                 ContentReader::Extent { file, start: *offset, pos: *offset, end: offset + len }
             }
             Content::Host { path, len } => {
-                let file = File::open(path).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
-                })?;
+                let file = File::open(path).map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
                 ContentReader::Extent { file: Arc::new(file), start: 0, pos: 0, end: *len }
             }
         })
     }
+}
+
+/// Where spool files go by default: `$TMPDIR` when set (the user's choice),
+/// else `/tmp` unless it is a tmpfs, which holds its files in memory (spooled
+/// layers are as large as the image), then `/var/tmp`.
+pub fn default_spool_dir() -> PathBuf {
+    choose_spool_dir(std::env::var_os("TMPDIR").filter(|v| !v.is_empty()).map(PathBuf::from), &[Path::new("/tmp"), Path::new("/var/tmp")], is_tmpfs)
+}
+
+fn choose_spool_dir(tmpdir: Option<PathBuf>, candidates: &[&Path], is_tmpfs: impl Fn(&Path) -> bool) -> PathBuf {
+    if let Some(dir) = tmpdir {
+        return dir;
+    }
+    candidates.iter().find(|d| d.is_dir() && !is_tmpfs(d)).or(candidates.first()).map_or_else(std::env::temp_dir, |d| d.to_path_buf())
+}
+
+/// Whether `dir` is on a tmpfs (memory); `false` when that cannot be told.
+pub(crate) fn is_tmpfs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: `c_path` is NUL-terminated and outlives the call; `stat` is a
+    // plain struct the kernel fills in.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    r == 0 && stat.f_type == libc::TMPFS_MAGIC
 }
 
 /// Finds the runs of `block`-sized blocks of `content` that hold a non-zero
@@ -157,19 +182,40 @@ impl SpoolWriter {
     pub fn append(&mut self, data: &mut dyn Read, len: u64) -> io::Result<Content> {
         let copied = io::copy(&mut data.take(len), &mut self.out)?;
         if copied != len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("expected {len} bytes of file data, got {copied}"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("expected {len} bytes of file data, got {copied}")));
         }
         let content = Content::Extent { file: self.index, offset: self.offset, len };
         self.offset += len;
         Ok(content)
     }
 
+    /// Spools a sparse file of `real_size` bytes: each `(offset, length)`
+    /// segment is copied from `data` in order, the holes between them are left
+    /// as holes of the spool file (read back as zeros, never written). The
+    /// file starts on a 4 KiB boundary of the spool so its holes can be real.
+    pub fn append_sparse(&mut self, data: &mut dyn Read, segments: &[(u64, u64)], real_size: u64) -> io::Result<Content> {
+        let start = self.offset.next_multiple_of(4096);
+        let end = start.checked_add(real_size).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "sparse file too large"))?;
+        for &(offset, len) in segments {
+            debug_assert!(offset + len <= real_size, "segments lie inside the file");
+            self.out.seek(SeekFrom::Start(start + offset))?;
+            let copied = io::copy(&mut data.take(len), &mut self.out)?;
+            if copied != len {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("expected {len} bytes of sparse file data, got {copied}")));
+            }
+        }
+        self.out.seek(SeekFrom::Start(end))?;
+        self.offset = end;
+        Ok(Content::Extent { file: self.index, offset: start, len: real_size })
+    }
+
     /// Flushes buffered data so readers see it; returns the bytes spooled.
     pub fn finish(mut self) -> io::Result<u64> {
         self.out.flush()?;
+        // A sparse file ending in a hole: the spool must reach its end.
+        if self.out.get_ref().metadata()?.len() < self.offset {
+            self.out.get_ref().set_len(self.offset)?;
+        }
         // Readers use positioned reads on a cloned handle; the position of this
         // one no longer matters, but make sure the data reached the file.
         self.out.get_mut().stream_position()?;
@@ -179,9 +225,17 @@ impl SpoolWriter {
 
 /// A reader over one file's content.
 pub enum ContentReader {
-    Inline { bytes: Arc<[u8]>, pos: usize },
+    Inline {
+        bytes: Arc<[u8]>,
+        pos: usize,
+    },
     /// A byte range of a spool file, or of a host file (from 0 to its length).
-    Extent { file: Arc<File>, start: u64, pos: u64, end: u64 },
+    Extent {
+        file: Arc<File>,
+        start: u64,
+        pos: u64,
+        end: u64,
+    },
 }
 
 impl ContentReader {
@@ -258,6 +312,21 @@ mod tests {
         let mut s = String::new();
         spools.open(&Content::Inline(Arc::from(&b"inline"[..]))).unwrap().read_to_string(&mut s).unwrap();
         assert_eq!(s, "inline");
+    }
+
+    #[test]
+    fn spools_avoid_a_tmpfs_tmp() {
+        let (tmp, var_tmp) = (Path::new("/tmp"), Path::new("/var/tmp"));
+        let tmpfs = |d: &Path| d == tmp;
+        assert_eq!(choose_spool_dir(None, &[tmp, var_tmp], tmpfs), var_tmp);
+        assert_eq!(choose_spool_dir(None, &[tmp, var_tmp], |_| false), tmp);
+        assert_eq!(choose_spool_dir(Some("/x".into()), &[tmp, var_tmp], tmpfs), Path::new("/x"), "TMPDIR is the user's choice");
+        // The real check on a real tmpfs, where the machine has one.
+        if Path::new("/dev/shm").is_dir() {
+            assert!(is_tmpfs(Path::new("/dev/shm")), "/dev/shm is a tmpfs");
+        } else {
+            eprintln!("SKIP: spools_avoid_a_tmpfs_tmp: no /dev/shm to check is_tmpfs on");
+        }
     }
 
     #[test]

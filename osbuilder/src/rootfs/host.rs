@@ -36,9 +36,7 @@ impl Tree {
     pub fn add_host_path(&mut self, src: &Path, dest: &RelPath, mode: Option<u32>, mtime: i64) -> Result<(), HostAddError> {
         let (parent, name) = dest.split_last().ok_or(HostAddError::Root)?;
         let shown = dest.to_string();
-        let dir = self
-            .resolve_dir(&parent, &shown, HOST_LAYER)
-            .map_err(|source| HostAddError::Dest { dest: shown.clone(), source })?;
+        let dir = self.resolve_dir(&parent, &shown, HOST_LAYER).map_err(|source| HostAddError::Dest { dest: shown.clone(), source })?;
         self.add_host_entry(src, dir, name, mode, mtime)
     }
 
@@ -56,11 +54,7 @@ impl Tree {
         } else if ft.is_dir() {
             self.put(dir, name, meta, Body::Dir(Default::default()), HOST_LAYER);
             let idx = self.dir_entries(dir).and_then(|e| e.get(name)).expect("just added").inode;
-            let mut children: Vec<_> = fs::read_dir(src)
-                .map_err(read_err)?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<Result<_, _>>()
-                .map_err(read_err)?;
+            let mut children: Vec<_> = fs::read_dir(src).map_err(read_err)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>().map_err(read_err)?;
             children.sort();
             for child in children {
                 let child_name = std::os::unix::ffi::OsStrExt::as_bytes(child.as_os_str()).to_vec();
@@ -83,9 +77,7 @@ impl Tree {
     pub fn add_bytes(&mut self, dest: &RelPath, data: Vec<u8>, mode: u32, mtime: i64) -> Result<(), HostAddError> {
         let (parent, name) = dest.split_last().ok_or(HostAddError::Root)?;
         let shown = dest.to_string();
-        let dir = self
-            .resolve_dir(&parent, &shown, HOST_LAYER)
-            .map_err(|source| HostAddError::Dest { dest: shown.clone(), source })?;
+        let dir = self.resolve_dir(&parent, &shown, HOST_LAYER).map_err(|source| HostAddError::Dest { dest: shown.clone(), source })?;
         self.put(dir, name, Metadata::new(mode, 0, 0, mtime), Body::File(Content::Inline(Arc::from(data))), HOST_LAYER);
         Ok(())
     }
@@ -130,5 +122,28 @@ mod tests {
         assert!(tree.remove(&RelPath::parse_user("a/b").unwrap()));
         assert!(!tree.remove(&RelPath::parse_user("a/b").unwrap()));
         assert_eq!(tree.stats().entries, 3);
+    }
+
+    #[test]
+    fn remove_follows_symlinked_parents_but_not_the_last_name() {
+        // Debian's merged /usr: /bin -> usr/bin.
+        let mut tree = Tree::new();
+        tree.add_bytes(&RelPath::parse_user("usr/bin/ls").unwrap(), vec![], 0o755, 0).unwrap();
+        tree.add_bytes(&RelPath::parse_user("usr/bin/cat").unwrap(), vec![], 0o755, 0).unwrap();
+        let usr = tree.lookup(&RelPath::parse_user("usr").unwrap()).unwrap();
+        tree.put(usr, b"up", Metadata::new(0o777, 0, 0, 0), Body::Symlink(b"../../..".to_vec()), HOST_LAYER);
+        tree.put(InodeIdx::ROOT, b"bin", Metadata::new(0o777, 0, 0, 0), Body::Symlink(b"usr/bin".to_vec()), HOST_LAYER);
+        let path = |p: &str| RelPath::parse_user(p).unwrap();
+        assert!(tree.remove(&path("/bin/ls")));
+        assert!(tree.lookup(&path("usr/bin/ls")).is_none(), "/bin/ls is /usr/bin/ls");
+        assert!(!tree.remove(&path("/bin/ls")));
+        assert!(!tree.remove(&path("/nonexistent")));
+        assert!(!tree.remove(&path("/bin/cat/x")), "a file is no parent");
+        // `..` at the root stays there.
+        assert!(tree.remove(&path("/usr/up/bin/cat")));
+        assert!(tree.lookup(&path("usr/bin/cat")).is_none());
+        // The last name is not followed: removing /bin removes the link.
+        assert!(tree.remove(&path("/bin")));
+        assert!(tree.lookup(&path("bin")).is_none() && tree.lookup(&path("usr/bin")).is_some());
     }
 }

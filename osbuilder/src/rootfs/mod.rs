@@ -16,13 +16,14 @@ mod host;
 mod layer;
 mod path;
 mod plan;
+mod tarstream;
 
 use std::collections::BTreeMap;
 
-pub use content::{Content, ContentReader, SpoolWriter};
+pub use content::{default_spool_dir, Content, ContentReader, SpoolWriter};
 pub use host::HostAddError;
-pub use layer::{LayerError, LayerStats};
-pub use path::{PathError, RelPath};
+pub use layer::{Intake, LayerError, LayerStats, Limits, MAX_XATTR_BYTES, RATIO_FLOOR};
+pub use path::{excerpt, PathError, RelPath};
 pub use plan::{DirIdx, Plan, PlanEntry, PlanError, PlanIno, PlanTotals, PlannedDir, PlannedInode};
 
 /// Index of an inode in a [`Tree`]'s arena.
@@ -135,6 +136,8 @@ pub struct Inode {
 pub struct Tree {
     inodes: Vec<Inode>,
     spools: content::Spools,
+    /// What the layers applied so far used of their limits.
+    usage: layer::Usage,
 }
 
 impl Default for Tree {
@@ -146,7 +149,7 @@ impl Default for Tree {
 impl Tree {
     pub fn new() -> Self {
         let root = Inode { meta: Metadata::implicit_dir(), body: Body::Dir(BTreeMap::new()) };
-        Tree { inodes: vec![root], spools: content::Spools::default() }
+        Tree { inodes: vec![root], spools: content::Spools::default(), usage: layer::Usage::default() }
     }
 
     pub fn inode(&self, idx: InodeIdx) -> &Inode {
@@ -232,10 +235,30 @@ impl Tree {
     }
 
     /// Removes `path` (and everything below it). Returns whether it existed.
+    /// See [`Tree::remove_all`].
     pub fn remove(&mut self, path: &RelPath) -> bool {
-        let Some((parent, name)) = path.split_last() else { return false };
-        let Some(parent_idx) = self.lookup(&parent) else { return false };
-        self.dir_entries_mut(parent_idx).is_some_and(|entries| entries.remove(name).is_some())
+        self.remove_all(&[path]) == [true]
+    }
+
+    /// Removes every path of `paths` (and everything below each), telling
+    /// for each whether it existed. Parents are resolved inside the tree as
+    /// for layers and `--add` (Debian's `/bin -> usr/bin` makes `/bin/ls`
+    /// `/usr/bin/ls`); the last name is not followed, so a symlink goes, not
+    /// what it points at. All paths are resolved before anything is removed,
+    /// so removing `/bin` does not change where `/bin/ls` leads.
+    pub fn remove_all(&mut self, paths: &[&RelPath]) -> Vec<bool> {
+        let found: Vec<Option<(InodeIdx, &[u8])>> = paths
+            .iter()
+            .map(|path| {
+                let (parent, name) = path.split_last()?;
+                let dir = self.existing_dir(&parent)?;
+                self.dir_entries(dir)?.contains_key(name).then_some((dir, name))
+            })
+            .collect();
+        for &(dir, name) in found.iter().flatten() {
+            self.dir_entries_mut(dir).expect("a directory").remove(name);
+        }
+        found.iter().map(Option::is_some).collect()
     }
 
     /// Sums what the tree holds: entries by kind and file bytes.

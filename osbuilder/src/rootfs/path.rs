@@ -11,6 +11,20 @@ use std::fmt;
 pub const PATH_MAX: usize = 4096;
 pub const NAME_MAX: usize = 255;
 
+/// How many bytes of a name a message shows.
+pub const SHOWN_MAX: usize = 200;
+
+/// A name from an image (path, link target, header value) as a message shows
+/// it: lossy UTF-8, cut to [`SHOWN_MAX`] bytes with an ellipsis and the full
+/// length when longer, so a hostile megabyte-long name cannot make a
+/// megabyte-long error. Every message naming an entry goes through here.
+pub fn excerpt(raw: &[u8]) -> String {
+    match raw.get(..SHOWN_MAX) {
+        Some(head) if raw.len() > SHOWN_MAX => format!("{}… ({} bytes)", String::from_utf8_lossy(head), raw.len()),
+        _ => String::from_utf8_lossy(raw).into_owned(),
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {
     #[error("absolute path {0:?} (layer entries must be relative to the root)")]
@@ -40,17 +54,17 @@ impl RelPath {
     /// Parses a name as found in a layer: leading `./` is accepted (many tools
     /// write it), a leading `/` or any `..` component is rejected.
     pub fn parse_layer(raw: &[u8]) -> Result<Self, PathError> {
-        let shown = || String::from_utf8_lossy(raw).into_owned();
+        let show = || excerpt(raw);
         if raw.starts_with(b"/") {
-            return Err(PathError::Absolute(shown()));
+            return Err(PathError::Absolute(show()));
         }
-        Self::parse_components(raw, shown)
+        Self::parse_components(raw, show)
     }
 
     /// Parses a destination given by the user (`--add SRC:/etc/x`, `--remove /x`):
     /// absolute or relative, both meaning "from the guest root"; `..` rejected.
     pub fn parse_user(raw: &str) -> Result<Self, PathError> {
-        Self::parse_components(raw.trim_start_matches('/').as_bytes(), || raw.to_string())
+        Self::parse_components(raw.trim_start_matches('/').as_bytes(), || excerpt(raw.as_bytes()))
     }
 
     fn parse_components(raw: &[u8], shown: impl Fn() -> String) -> Result<Self, PathError> {
@@ -65,9 +79,7 @@ impl RelPath {
             match comp {
                 b"" | b"." => continue,
                 b".." => return Err(PathError::DotDot(shown())),
-                name if name.len() > NAME_MAX => {
-                    return Err(PathError::NameTooLong { path: shown(), len: name.len() })
-                }
+                name if name.len() > NAME_MAX => return Err(PathError::NameTooLong { path: shown(), len: name.len() }),
                 name => parts.push(name.to_vec()),
             }
         }
@@ -152,6 +164,15 @@ mod tests {
         check("a/..", Err("`..`"));
         check(&"x".repeat(256), Err("component of 256 bytes"));
         check(&"a/".repeat(2049), Err("over the limit of 4096"));
+    }
+
+    #[test]
+    fn long_names_are_shown_cut() {
+        assert_eq!(excerpt(b"etc/passwd"), "etc/passwd");
+        assert_eq!(excerpt(&[b'a'; SHOWN_MAX]), "a".repeat(SHOWN_MAX));
+        assert_eq!(excerpt(&[b'a'; 5000]), format!("{}… (5000 bytes)", "a".repeat(SHOWN_MAX)));
+        let err = RelPath::parse_layer(&[b'a'; 5000]).unwrap_err().to_string();
+        assert!(err.len() < 400 && err.contains("5000 bytes"), "{err}");
     }
 
     #[test]

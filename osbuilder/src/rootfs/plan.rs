@@ -204,9 +204,7 @@ impl<'t> Plan<'t> {
     #[allow(clippy::type_complexity)]
     fn open_dir(&mut self, ino: PlanIno, parent: PlanIno) -> Result<(DirIdx, ChildIter<'t>), PlanError> {
         let tree = self.tree;
-        let Body::Dir(children) = &tree.inode(self.inodes[ino.index()].idx).body else {
-            unreachable!("open_dir on a directory")
-        };
+        let Body::Dir(children) = &tree.inode(self.inodes[ino.index()].idx).body else { unreachable!("open_dir on a directory") };
         let dir = DirIdx(u32::try_from(self.dirs.len()).map_err(|_| PlanError::TooManyInodes)?);
         self.dirs.push(PlannedDir { ino, parent, entries: Vec::with_capacity(children.len()), subdirs: 0, name_bytes: 0 });
         let planned = &mut self.inodes[ino.index()];
@@ -327,16 +325,7 @@ mod tests {
         let plan = Plan::new(&tree).unwrap();
         let mut walked = Vec::new();
         plan.walk_paths(|path, seq, ino| walked.push((String::from_utf8(path.to_vec()).unwrap(), seq, ino.get())));
-        let expected = [
-            ("", 0, 0),
-            ("a", 1, 1),
-            ("a/one", 2, 2),
-            ("a/sub", 3, 3),
-            ("a/sub/deep", 4, 4),
-            ("b", 5, 5),
-            ("b/link", 6, 2),
-            ("b/two", 7, 6),
-        ];
+        let expected = [("", 0, 0), ("a", 1, 1), ("a/one", 2, 2), ("a/sub", 3, 3), ("a/sub/deep", 4, 4), ("b", 5, 5), ("b/link", 6, 2), ("b/two", 7, 6)];
         let expected: Vec<_> = expected.iter().map(|(p, s, i)| (p.to_string(), *s, *i)).collect();
         assert_eq!(walked, expected);
         // The same order as the tree's own walk.

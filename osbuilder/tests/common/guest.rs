@@ -57,7 +57,6 @@ pub fn default_kernel() -> &'static Built {
     })
 }
 
-
 /// A path from the environment `cargo xtask test` sets up.
 fn from_env(var: &str, what: &str) -> PathBuf {
     match std::env::var_os(var).filter(|v| !v.is_empty()) {

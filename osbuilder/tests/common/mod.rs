@@ -67,10 +67,7 @@ fn describe(cmd: &Command) -> String {
 /// Runs a command to completion, capturing its output, and panics with the
 /// command line, exit status, stdout and stderr if it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", describe(cmd)));
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run `{}`: {e}", describe(cmd)));
     if !out.status.success() {
         panic!(
             "`{}` failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
@@ -130,9 +127,7 @@ pub fn sha256_file(path: &Path) -> String {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f
-            .read(&mut buf)
-            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let n = f.read(&mut buf).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
         if n == 0 {
             break;
         }
@@ -197,10 +192,7 @@ impl fmt::Debug for Scratch {
 }
 
 fn tempdir(prefix: &str) -> TempDir {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .expect("create temporary directory")
+    tempfile::Builder::new().prefix(prefix).tempdir().expect("create temporary directory")
 }
 
 // ---------------------------------------------------------------------------
@@ -255,10 +247,7 @@ impl Registry {
             let line = run_stdout(tool("htpasswd").args(["-Bbn", user, pass]));
             let htpasswd = dir.path().join("htpasswd");
             fs::write(&htpasswd, line.trim_end().to_string() + "\n").unwrap();
-            auth = format!(
-                "auth:\n  htpasswd:\n    realm: osbuilder-test\n    path: \"{}\"\n",
-                htpasswd.display()
-            );
+            auth = format!("auth:\n  htpasswd:\n    realm: osbuilder-test\n    path: \"{}\"\n", htpasswd.display());
         }
         let config = dir.path().join("config.yml");
         let log_path = dir.path().join("registry.log");
@@ -303,27 +292,16 @@ impl Registry {
                 }
                 if let Some(code) = http_status(&addr, "/v2/", None) {
                     if code == expected {
-                        return Registry {
-                            child,
-                            addr,
-                            creds,
-                            dir,
-                        };
+                        return Registry { child, addr, creds, dir };
                     }
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!(
-                        "registry at {addr} answered GET /v2/ with {code}, expected {expected}:\n{}",
-                        fs::read_to_string(&log_path).unwrap_or_default()
-                    );
+                    panic!("registry at {addr} answered GET /v2/ with {code}, expected {expected}:\n{}", fs::read_to_string(&log_path).unwrap_or_default());
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!(
-                        "registry at {addr} did not answer within 30 s:\n{}",
-                        fs::read_to_string(&log_path).unwrap_or_default()
-                    );
+                    panic!("registry at {addr} did not answer within 30 s:\n{}", fs::read_to_string(&log_path).unwrap_or_default());
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -369,8 +347,7 @@ impl Registry {
     /// Status code of a GET on `path`, with optional basic auth; panics when
     /// the server does not answer.
     pub fn get_status(&self, path: &str, basic: Option<(&str, &str)>) -> u16 {
-        http_status(&self.addr, path, basic)
-            .unwrap_or_else(|| panic!("registry {} did not answer GET {path}", self.addr))
+        http_status(&self.addr, path, basic).unwrap_or_else(|| panic!("registry {} did not answer GET {path}", self.addr))
     }
 }
 
@@ -384,10 +361,7 @@ impl Drop for Registry {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
 }
 
 /// One HTTP/1.0 GET to `addr`; returns the status code, or `None` when
@@ -398,10 +372,7 @@ pub fn http_status(addr: &str, path: &str, basic: Option<(&str, &str)>) -> Optio
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n");
     if let Some((u, p)) = basic {
-        req.push_str(&format!(
-            "Authorization: Basic {}\r\n",
-            base64(format!("{u}:{p}").as_bytes())
-        ));
+        req.push_str(&format!("Authorization: Basic {}\r\n", base64(format!("{u}:{p}").as_bytes())));
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).ok()?;
@@ -415,11 +386,7 @@ fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -450,32 +417,19 @@ pub fn push(src: &str, registry: &Registry, repo_tag: &str, extra_args: &[&str])
 /// Like [`push`] but with explicit credentials (`None`: anonymous, with
 /// `--dest-no-creds`, so no auth file on the machine interferes) and
 /// returning skopeo's stderr on failure instead of panicking.
-pub fn try_push(
-    src: &str,
-    registry: &Registry,
-    repo_tag: &str,
-    extra_args: &[&str],
-    creds: Option<(&str, &str)>,
-) -> Result<(), String> {
+pub fn try_push(src: &str, registry: &Registry, repo_tag: &str, extra_args: &[&str], creds: Option<(&str, &str)>) -> Result<(), String> {
     let mut cmd = tool("skopeo");
     cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
     match creds {
         Some((u, p)) => cmd.arg("--dest-creds").arg(format!("{u}:{p}")),
         None => cmd.arg("--dest-no-creds"),
     };
-    cmd.args(extra_args)
-        .arg(src)
-        .arg(registry.docker_ref(repo_tag));
+    cmd.args(extra_args).arg(src).arg(registry.docker_ref(repo_tag));
     let out = cmd.stdin(Stdio::null()).output().expect("run skopeo");
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "`{}` failed ({}): {}",
-            describe(&cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        Err(format!("`{}` failed ({}): {}", describe(&cmd), out.status, String::from_utf8_lossy(&out.stderr)))
     }
 }
 
@@ -483,18 +437,12 @@ pub fn try_push(
 /// `extra_args` go to skopeo, e.g. `&["--raw"]` for the manifest as stored,
 /// `&["--config"]` for the image config, `&["--override-arch", "arm64"]`.
 pub fn skopeo_inspect(registry: &Registry, repo_tag: &str, extra_args: &[&str]) -> Value {
-    try_skopeo_inspect(registry, repo_tag, extra_args, registry.creds())
-        .unwrap_or_else(|e| panic!("{e}\n--- registry log\n{}", registry.log()))
+    try_skopeo_inspect(registry, repo_tag, extra_args, registry.creds()).unwrap_or_else(|e| panic!("{e}\n--- registry log\n{}", registry.log()))
 }
 
 /// Like [`skopeo_inspect`] with explicit credentials (`None`: anonymous),
 /// returning the error text instead of panicking.
-pub fn try_skopeo_inspect(
-    registry: &Registry,
-    repo_tag: &str,
-    extra_args: &[&str],
-    creds: Option<(&str, &str)>,
-) -> Result<Value, String> {
+pub fn try_skopeo_inspect(registry: &Registry, repo_tag: &str, extra_args: &[&str], creds: Option<(&str, &str)>) -> Result<Value, String> {
     let mut cmd = tool("skopeo");
     cmd.arg("inspect").arg("--tls-verify=false");
     match creds {
@@ -504,19 +452,9 @@ pub fn try_skopeo_inspect(
     cmd.args(extra_args).arg(registry.docker_ref(repo_tag));
     let out = cmd.stdin(Stdio::null()).output().expect("run skopeo");
     if !out.status.success() {
-        return Err(format!(
-            "`{}` failed ({}): {}",
-            describe(&cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        return Err(format!("`{}` failed ({}): {}", describe(&cmd), out.status, String::from_utf8_lossy(&out.stderr)));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| {
-        format!(
-            "skopeo inspect printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("skopeo inspect printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// "oci:LAYOUT:TAG", the skopeo reference to a tag in an OCI layout.
@@ -538,9 +476,7 @@ pub const MT_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff
 
 /// Path of a blob ("sha256:HEX") in an OCI layout.
 pub fn layout_blob_path(layout: &Path, digest: &str) -> PathBuf {
-    let (alg, hex) = digest
-        .split_once(':')
-        .unwrap_or_else(|| panic!("bad digest {digest}"));
+    let (alg, hex) = digest.split_once(':').unwrap_or_else(|| panic!("bad digest {digest}"));
     layout.join("blobs").join(alg).join(hex)
 }
 
@@ -548,12 +484,7 @@ pub fn layout_blob_path(layout: &Path, digest: &str) -> PathBuf {
 pub fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
     let path = layout_blob_path(layout, digest);
     let bytes = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    assert_eq!(
-        format!("sha256:{}", sha256_hex(&bytes)),
-        digest,
-        "blob {} is corrupt",
-        path.display()
-    );
+    assert_eq!(format!("sha256:{}", sha256_hex(&bytes)), digest, "blob {} is corrupt", path.display());
     bytes
 }
 
@@ -565,8 +496,7 @@ pub fn layout_json(layout: &Path, digest: &str) -> Value {
 /// The layout's index.json, parsed.
 pub fn layout_index(layout: &Path) -> Value {
     let p = layout.join("index.json");
-    serde_json::from_slice(&fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())))
-        .expect("index.json is JSON")
+    serde_json::from_slice(&fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))).expect("index.json is JSON")
 }
 
 /// The descriptor in index.json whose `org.opencontainers.image.ref.name`
@@ -591,12 +521,7 @@ pub fn layout_manifest(layout: &Path, tag: &str) -> Value {
 /// The image config of a single-image `tag`.
 pub fn layout_config(layout: &Path, tag: &str) -> Value {
     let m = layout_manifest(layout, tag);
-    layout_json(
-        layout,
-        m["config"]["digest"]
-            .as_str()
-            .expect("manifest has a config"),
-    )
+    layout_json(layout, m["config"]["digest"].as_str().expect("manifest has a config"))
 }
 
 // ---------------------------------------------------------------------------
@@ -621,9 +546,7 @@ pub fn cache_root() -> PathBuf {
 
 /// Directory of the fixture scripts (tests/fixtures in this crate).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
 
 /// A built, cached fixture: its directory and the cache key derived fixtures
@@ -655,9 +578,7 @@ impl FileLock {
             .spawn()
             .expect("spawn flock (util-linux)");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("read from flock");
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read from flock");
         if line.trim() != "locked" {
             let status = child.wait();
             panic!("flock {} failed: {status:?}", path.display());
@@ -681,24 +602,14 @@ type PostStep<'a> = (&'a str, fn(&Path));
 /// the path argument of a fixture it derives from), optionally followed by a
 /// Rust step `post` (named by a version string that enters the key), and
 /// returns the cached directory.
-fn cached_fixture(
-    name: &str,
-    script: &str,
-    inputs: &[(&str, &Path)],
-    post: Option<PostStep<'_>>,
-) -> Built {
+fn cached_fixture(name: &str, script: &str, inputs: &[(&str, &Path)], post: Option<PostStep<'_>>) -> Built {
     let fixtures = fixtures_dir();
     let script_path = fixtures.join(script);
     let read = |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
     let lib = read(&fixtures.join("lib.sh"));
     let body = read(&script_path);
     let mut h = Sha256::new();
-    for part in [
-        CACHE_FORMAT.as_bytes(),
-        name.as_bytes(),
-        lib.as_slice(),
-        body.as_slice(),
-    ] {
+    for part in [CACHE_FORMAT.as_bytes(), name.as_bytes(), lib.as_slice(), body.as_slice()] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
@@ -714,17 +625,11 @@ fn cached_fixture(
     fs::create_dir_all(&root).unwrap_or_else(|e| panic!("create {}: {e}", root.display()));
     let final_dir = root.join(format!("{name}-{key}"));
     if final_dir.is_dir() {
-        return Built {
-            key,
-            dir: final_dir,
-        };
+        return Built { key, dir: final_dir };
     }
     let _lock = FileLock::acquire(&root.join(format!("{name}-{key}.lock")));
     if final_dir.is_dir() {
-        return Built {
-            key,
-            dir: final_dir,
-        };
+        return Built { key, dir: final_dir };
     }
     // Holding the lock, any partial build of this key is from a process that
     // died: remove it.
@@ -734,17 +639,11 @@ fn cached_fixture(
             let _ = fs::remove_dir_all(e.path());
         }
     }
-    let tmp = tempfile::Builder::new()
-        .prefix(&partial_prefix)
-        .tempdir_in(&root)
-        .expect("create partial fixture dir");
+    let tmp = tempfile::Builder::new().prefix(&partial_prefix).tempdir_in(&root).expect("create partial fixture dir");
     let log_path = root.join(format!("{name}-{key}.log"));
     let log = fs::File::create(&log_path).unwrap();
     let started = Instant::now();
-    eprintln!(
-        "[fixtures] building {name} ({script}) into {}",
-        final_dir.display()
-    );
+    eprintln!("[fixtures] building {name} ({script}) into {}", final_dir.display());
     let status = tool("bash")
         .arg(&script_path)
         .arg(tmp.path())
@@ -756,20 +655,8 @@ fn cached_fixture(
         .expect("run bash");
     if !status.success() {
         let text = fs::read_to_string(&log_path).unwrap_or_default();
-        let tail: Vec<&str> = text
-            .lines()
-            .rev()
-            .take(60)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        panic!(
-            "fixture script {} failed ({status}); log {}:\n{}",
-            script_path.display(),
-            log_path.display(),
-            tail.join("\n")
-        );
+        let tail: Vec<&str> = text.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+        panic!("fixture script {} failed ({status}); log {}:\n{}", script_path.display(), log_path.display(), tail.join("\n"));
     }
     if let Some((_, f)) = post {
         f(tmp.path());
@@ -779,18 +666,11 @@ fn cached_fixture(
     let tmp_path = tmp.keep();
     fs::rename(&tmp_path, &final_dir).unwrap_or_else(|e| {
         let _ = fs::remove_dir_all(&tmp_path);
-        panic!(
-            "rename {} -> {}: {e}",
-            tmp_path.display(),
-            final_dir.display()
-        )
+        panic!("rename {} -> {}: {e}", tmp_path.display(), final_dir.display())
     });
     eprintln!("[fixtures] built {name} in {secs:.1} s");
     prune_stale(&root, name, &key);
-    Built {
-        key,
-        dir: final_dir,
-    }
+    Built { key, dir: final_dir }
 }
 
 /// Removes builds of fixture `name` under other keys (older recipes) that
@@ -808,12 +688,7 @@ fn prune_stale(root: &Path, name: &str, key: &str) {
         if other.len() != 16 || other == key || !other.chars().all(|c| c.is_ascii_hexdigit()) {
             continue;
         }
-        let old = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > week);
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > week);
         if old && e.path().is_dir() {
             eprintln!("[fixtures] removing stale {}", e.path().display());
             let _ = fs::remove_dir_all(e.path());
@@ -825,16 +700,8 @@ fn prune_stale(root: &Path, name: &str, key: &str) {
 /// Seconds the fixture in `dir` (a path returned by a fixture function, or
 /// its parent) took to build, as recorded when it was built.
 pub fn fixture_build_seconds(path: &Path) -> Option<f64> {
-    let dir = if path.is_dir() && path.join("build-seconds").exists() {
-        path
-    } else {
-        path.parent()?
-    };
-    fs::read_to_string(dir.join("build-seconds"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    let dir = if path.is_dir() && path.join("build-seconds").exists() { path } else { path.parent()? };
+    fs::read_to_string(dir.join("build-seconds")).ok()?.trim().parse().ok()
 }
 
 fn memo(cell: &'static OnceLock<Built>, build: impl FnOnce() -> Built) -> Built {
@@ -875,9 +742,7 @@ fn debian_layout_fixture() -> Built {
 
 fn layered_fixture() -> Built {
     static CELL: OnceLock<Built> = OnceLock::new();
-    memo(&CELL, || {
-        cached_fixture("layered", "make-layered-layout.sh", &[], None)
-    })
+    memo(&CELL, || cached_fixture("layered", "make-layered-layout.sh", &[], None))
 }
 
 fn zstd_fixture() -> Built {
@@ -885,12 +750,7 @@ fn zstd_fixture() -> Built {
     memo(&CELL, || {
         let base = layered_fixture();
         let layout = base.dir.join("oci");
-        cached_fixture(
-            "layered-zstd",
-            "make-zstd-layout.sh",
-            &[(&base.key, &layout)],
-            None,
-        )
+        cached_fixture("layered-zstd", "make-zstd-layout.sh", &[(&base.key, &layout)], None)
     })
 }
 
@@ -899,25 +759,13 @@ fn docker_archive_fixture() -> Built {
     memo(&CELL, || {
         let base = layered_fixture();
         let layout = base.dir.join("oci");
-        cached_fixture(
-            "docker-archive",
-            "make-docker-archive.sh",
-            &[(&base.key, &layout)],
-            None,
-        )
+        cached_fixture("docker-archive", "make-docker-archive.sh", &[(&base.key, &layout)], None)
     })
 }
 
 fn multiarch_fixture() -> Built {
     static CELL: OnceLock<Built> = OnceLock::new();
-    memo(&CELL, || {
-        cached_fixture(
-            "multiarch",
-            "make-multiarch-layout.sh",
-            &[],
-            Some(("assemble_multiarch_index v1", assemble_multiarch_index)),
-        )
-    })
+    memo(&CELL, || cached_fixture("multiarch", "make-multiarch-layout.sh", &[], Some(("assemble_multiarch_index v1", assemble_multiarch_index))))
 }
 
 /// The debootstrap (`--variant=minbase`, bookworm) root filesystem as an
@@ -945,20 +793,10 @@ pub fn layered_layout() -> PathBuf {
 }
 
 /// Files and directories present in layered `v1` and deleted in `v2`.
-pub const LAYERED_DELETED: &[&str] = &[
-    "etc/remove-me",
-    "usr/share/doc/pkg",
-    "usr/share/doc/pkg/README",
-    "usr/share/doc/pkg/COPYING",
-    "opt/replace/old1",
-    "opt/replace/old2",
-];
+pub const LAYERED_DELETED: &[&str] =
+    &["etc/remove-me", "usr/share/doc/pkg", "usr/share/doc/pkg/README", "usr/share/doc/pkg/COPYING", "opt/replace/old1", "opt/replace/old2"];
 /// Entries of the opaque directory in layered `v2` that `v3-opaque` hides.
-pub const LAYERED_OPAQUE_HIDDEN: &[&str] = &[
-    "var/lib/opaque/old-a",
-    "var/lib/opaque/sub",
-    "var/lib/opaque/sub/old-b",
-];
+pub const LAYERED_OPAQUE_HIDDEN: &[&str] = &["var/lib/opaque/old-a", "var/lib/opaque/sub", "var/lib/opaque/sub/old-b"];
 
 fn awkward_fixture() -> Built {
     static CELL: OnceLock<Built> = OnceLock::new();
@@ -1003,12 +841,7 @@ pub const MULTIARCH_TAG: &str = "multi";
 /// Pushes the multi-arch index and both images to `registry` as REPO:TAG
 /// (`skopeo copy --all`).
 pub fn push_multiarch(registry: &Registry, repo_tag: &str) {
-    push(
-        &oci_ref(&multiarch_layout(), MULTIARCH_TAG),
-        registry,
-        repo_tag,
-        &["--all"],
-    );
+    push(&oci_ref(&multiarch_layout(), MULTIARCH_TAG), registry, repo_tag, &["--all"]);
 }
 
 /// Rust step of the multiarch fixture: replaces the per-arch tags that the
@@ -1016,13 +849,9 @@ pub fn push_multiarch(registry: &Registry, repo_tag: &str) {
 fn assemble_multiarch_index(out: &Path) {
     let layout = out.join("oci");
     let mut manifests = Vec::new();
-    for (tag, platform) in [
-        ("amd64", json!({"architecture": "amd64", "os": "linux"})),
-        (
-            "arm64",
-            json!({"architecture": "arm64", "os": "linux", "variant": "v8"}),
-        ),
-    ] {
+    for (tag, platform) in
+        [("amd64", json!({"architecture": "amd64", "os": "linux"})), ("arm64", json!({"architecture": "arm64", "os": "linux", "variant": "v8"}))]
+    {
         let d = layout_descriptor(&layout, tag);
         manifests.push(json!({
             "mediaType": d["mediaType"],
@@ -1061,11 +890,7 @@ fn assemble_multiarch_index(out: &Path) {
 pub fn umoci_unpack(layout: &Path, tag: &str) -> Scratch {
     let dir = tempdir("osbuilder-umoci-");
     let bundle = dir.path().join("bundle");
-    run(tool("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!("{}:{tag}", layout.display()))
-        .arg(&bundle));
+    run(tool("umoci").arg("unpack").arg("--image").arg(format!("{}:{tag}", layout.display())).arg(&bundle));
     let rootfs = bundle.join("rootfs");
     Scratch::new(dir, rootfs)
 }
@@ -1102,52 +927,20 @@ pub fn detect_compression(path: &Path) -> Compression {
 fn cpio_pipe(initrd: &Path, cwd: &Path, args: &[&str]) -> Vec<u8> {
     let compression = detect_compression(initrd);
     let mut decompressor = match compression {
-        Compression::Gzip => Some(
-            tool("gzip")
-                .arg("-dc")
-                .arg(initrd)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn gzip"),
-        ),
-        Compression::Zstd => Some(
-            tool("zstd")
-                .args(["-dc", "-q"])
-                .arg(initrd)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn zstd"),
-        ),
+        Compression::Gzip => Some(tool("gzip").arg("-dc").arg(initrd).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn gzip")),
+        Compression::Zstd => Some(tool("zstd").args(["-dc", "-q"]).arg(initrd).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn zstd")),
         Compression::None => None,
     };
     let stdin = match &mut decompressor {
         Some(d) => Stdio::from(d.stdout.take().unwrap()),
         None => Stdio::from(fs::File::open(initrd).unwrap()),
     };
-    let out = tool("cpio")
-        .args(args)
-        .current_dir(cwd)
-        .stdin(stdin)
-        .output()
-        .expect("run cpio");
+    let out = tool("cpio").args(args).current_dir(cwd).stdin(stdin).output().expect("run cpio");
     if let Some(d) = decompressor {
         let dout = d.wait_with_output().unwrap();
-        assert!(
-            dout.status.success(),
-            "{compression:?} decompression of {} failed: {}",
-            initrd.display(),
-            String::from_utf8_lossy(&dout.stderr)
-        );
+        assert!(dout.status.success(), "{compression:?} decompression of {} failed: {}", initrd.display(), String::from_utf8_lossy(&dout.stderr));
     }
-    assert!(
-        out.status.success(),
-        "cpio {args:?} on {} failed ({}): {}",
-        initrd.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "cpio {args:?} on {} failed ({}): {}", initrd.display(), out.status, String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
@@ -1159,11 +952,7 @@ pub fn cpio_extract(initrd: &Path) -> Scratch {
     let dir = tempdir("osbuilder-cpio-");
     let root = dir.path().join("root");
     fs::create_dir(&root).unwrap();
-    cpio_pipe(
-        initrd,
-        &root,
-        &["-idm", "--no-absolute-filenames", "--quiet"],
-    );
+    cpio_pipe(initrd, &root, &["-idm", "--no-absolute-filenames", "--quiet"]);
     Scratch::new(dir, root)
 }
 
@@ -1276,12 +1065,7 @@ pub fn parse_cpio_line(line: &str) -> Result<CpioEntry, String> {
             tokens.push((s, &line[s..]));
         }
     }
-    let tok = |i: usize| {
-        tokens
-            .get(i)
-            .map(|t| t.1)
-            .ok_or_else(|| format!("missing field {i}"))
-    };
+    let tok = |i: usize| tokens.get(i).map(|t| t.1).ok_or_else(|| format!("missing field {i}"));
     let mode_str = tok(0)?;
     let (kind, mode) = parse_mode_string(mode_str)?;
     let nlink = tok(1)?.parse().map_err(|e| format!("nlink: {e}"))?;
@@ -1305,19 +1089,7 @@ pub fn parse_cpio_line(line: &str) -> Result<CpioEntry, String> {
     } else {
         (rest.to_string(), None)
     };
-    Ok(CpioEntry {
-        path: normalize_archive_path(&name),
-        name,
-        kind,
-        mode,
-        nlink,
-        uid,
-        gid,
-        size,
-        rdev,
-        target,
-        line: line.to_string(),
-    })
+    Ok(CpioEntry { path: normalize_archive_path(&name), name, kind, mode, nlink, uid, gid, size, rdev, target, line: line.to_string() })
 }
 
 fn normalize_archive_path(name: &str) -> String {
@@ -1441,11 +1213,7 @@ pub struct Entry {
 
 impl fmt::Display for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:?} {:04o} {}:{}",
-            self.kind, self.mode, self.uid, self.gid
-        )?;
+        write!(f, "{:?} {:04o} {}:{}", self.kind, self.mode, self.uid, self.gid)?;
         if let Some(s) = &self.sha256 {
             write!(f, " size={} sha256={}", self.size, &s[..12])?;
         }
@@ -1483,14 +1251,9 @@ pub fn tree_snapshot(root: &Path) -> BTreeMap<String, Entry> {
         for de in rd {
             let de = de.unwrap();
             let name = de.file_name().to_string_lossy().into_owned();
-            let key = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
+            let key = if rel.is_empty() { name } else { format!("{rel}/{name}") };
             let path = de.path();
-            let md = fs::symlink_metadata(&path)
-                .unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()));
+            let md = fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()));
             let ft = md.file_type();
             let kind = if ft.is_file() {
                 Kind::File
@@ -1514,19 +1277,14 @@ pub fn tree_snapshot(root: &Path) -> BTreeMap<String, Entry> {
                 gid: md.gid(),
                 size: md.size(),
                 sha256: (kind == Kind::File).then(|| sha256_file(&path)),
-                target: (kind == Kind::Symlink)
-                    .then(|| fs::read_link(&path).unwrap().to_string_lossy().into_owned()),
-                rdev: matches!(kind, Kind::CharDev | Kind::BlockDev)
-                    .then(|| dev_major_minor(md.rdev())),
+                target: (kind == Kind::Symlink).then(|| fs::read_link(&path).unwrap().to_string_lossy().into_owned()),
+                rdev: matches!(kind, Kind::CharDev | Kind::BlockDev).then(|| dev_major_minor(md.rdev())),
                 link_group: None,
                 nlink: md.nlink(),
                 mtime: md.mtime(),
             };
             if kind != Kind::Dir && md.nlink() > 1 {
-                inodes
-                    .entry((md.dev(), md.ino()))
-                    .or_default()
-                    .push(key.clone());
+                inodes.entry((md.dev(), md.ino())).or_default().push(key.clone());
             }
             if kind == Kind::Dir {
                 stack.push((path, key.clone()));
@@ -1567,22 +1325,10 @@ pub fn diff_trees(left: &BTreeMap<String, Entry>, right: &BTreeMap<String, Entry
                 field("mode", format!("{:04o}", a.mode), format!("{:04o}", b.mode));
                 field("uid", a.uid.to_string(), b.uid.to_string());
                 field("gid", a.gid.to_string(), b.gid.to_string());
-                field(
-                    "sha256",
-                    format!("{:?}", a.sha256),
-                    format!("{:?}", b.sha256),
-                );
-                field(
-                    "target",
-                    format!("{:?}", a.target),
-                    format!("{:?}", b.target),
-                );
+                field("sha256", format!("{:?}", a.sha256), format!("{:?}", b.sha256));
+                field("target", format!("{:?}", a.target), format!("{:?}", b.target));
                 field("rdev", format!("{:?}", a.rdev), format!("{:?}", b.rdev));
-                field(
-                    "link_group",
-                    format!("{:?}", a.link_group),
-                    format!("{:?}", b.link_group),
-                );
+                field("link_group", format!("{:?}", a.link_group), format!("{:?}", b.link_group));
             }
             (None, None) => unreachable!(),
         }
@@ -1629,8 +1375,12 @@ impl TokenServer {
         use std::io::{BufRead, BufReader, Write};
         let key = dir.join("token.key");
         let cert = dir.join("token.crt");
-        run(tool("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=osbuilder-test-token"])
-            .arg("-keyout").arg(&key).arg("-out").arg(&cert));
+        run(tool("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=osbuilder-test-token"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert));
         let der = run(tool("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert)).stdout;
         let x5c = {
             use base64::Engine as _;
@@ -1695,7 +1445,8 @@ impl TokenServer {
                 let token = format!("{signing_input}.{}", base64url(&signature));
                 let body = json!({"token": token, "access_token": token, "expires_in": 600}).to_string();
                 let _ = stream.write_all(
-                    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+                    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                        .as_bytes(),
                 );
             }
         });

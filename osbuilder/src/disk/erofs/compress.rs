@@ -63,11 +63,7 @@ impl Compressed {
         for lcn in 0..n {
             if next < self.extents.len() && lcn_of(&self.extents[next]) == lcn {
                 let e = &self.extents[next];
-                out.push(Lcluster::Head {
-                    compressed: e.compressed,
-                    clusterofs: (e.start % BLOCK as u64) as u16,
-                    blkaddr: base + next as u32,
-                });
+                out.push(Lcluster::Head { compressed: e.compressed, clusterofs: (e.start % BLOCK as u64) as u16, blkaddr: base + next as u32 });
                 head = lcn;
                 next += 1;
             } else {
@@ -168,10 +164,7 @@ mod tests {
     use super::*;
 
     fn fake(extents: &[(u64, u32)]) -> Compressed {
-        Compressed {
-            extents: extents.iter().map(|&(start, len)| Extent { start, len, compressed: true }).collect(),
-            blocks: Vec::new(),
-        }
+        Compressed { extents: extents.iter().map(|&(start, len)| Extent { start, len, compressed: true }).collect(), blocks: Vec::new() }
     }
 
     #[test]

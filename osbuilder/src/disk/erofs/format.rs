@@ -196,7 +196,7 @@ pub fn xattr_icount(len: usize) -> u16 {
     if len == 0 {
         0
     } else {
-        debug_assert!(len >= XATTR_IBODY_HEADER && len % 4 == 0);
+        debug_assert!(len >= XATTR_IBODY_HEADER && len.is_multiple_of(4));
         ((len - XATTR_IBODY_HEADER) / 4 + 1) as u16
     }
 }

@@ -29,12 +29,22 @@ pub(super) enum Data {
     None,
     /// `blocks` whole blocks from `blkaddr` in the data area, then `tail`
     /// bytes inline after the inode (0: no inline part).
-    Flat { blkaddr: u32, blocks: u64, tail: u32 },
+    Flat {
+        blkaddr: u32,
+        blocks: u64,
+        tail: u32,
+    },
     /// 4 KiB chunks with 8-byte indexes; `map[i]` is chunk i's data-area
     /// block (during layout `None` for a hole, then the shared zero block).
     /// Used for files with holes (flat inodes cannot have any).
-    Chunked { blkaddr: u32, map: Vec<Option<u32>> },
-    Compressed { blkaddr: u32, data: Compressed },
+    Chunked {
+        blkaddr: u32,
+        map: Vec<Option<u32>>,
+    },
+    Compressed {
+        blkaddr: u32,
+        data: Compressed,
+    },
 }
 
 #[derive(Debug)]
@@ -212,8 +222,7 @@ impl Layout {
 
             let mut xattrs = Vec::new();
             if !per_inode[i].is_empty() {
-                let ids: Vec<u32> =
-                    per_inode[i].iter().filter_map(|k| shared_ids.get(k).copied()).collect();
+                let ids: Vec<u32> = per_inode[i].iter().filter_map(|k| shared_ids.get(k).copied()).collect();
                 if ids.len() > u8::MAX as usize {
                     return Err(ErofsError::XattrsTooLarge { path: path() });
                 }
@@ -259,18 +268,13 @@ impl Layout {
                     }
                 }
                 Body::Symlink(target) => (target.len() as u64, 0, true, None),
-                Body::CharDevice { major, minor } | Body::BlockDevice { major, minor } => {
-                    (0, encode_rdev(*major, *minor), false, Some(Data::None))
-                }
+                Body::CharDevice { major, minor } | Body::BlockDevice { major, minor } => (0, encode_rdev(*major, *minor), false, Some(Data::None)),
                 Body::Fifo | Body::Socket => (0, 0, false, Some(Data::None)),
             };
 
             let mtime = clamp(meta.mtime);
-            let compact = meta.uid <= u16::MAX as u32
-                && meta.gid <= u16::MAX as u32
-                && pi.nlink <= u16::MAX as u32
-                && size <= u32::MAX as u64
-                && mtime == build_time;
+            let compact =
+                meta.uid <= u16::MAX as u32 && meta.gid <= u16::MAX as u32 && pi.nlink <= u16::MAX as u32 && size <= u32::MAX as u64 && mtime == build_time;
             let isize = if compact { COMPACT_INODE } else { EXTENDED_INODE } as u64;
             let base = isize + xattrs.len() as u64;
             if base > B {
@@ -481,11 +485,7 @@ fn compress_all(plan: &Plan, opts: &ErofsOptions) -> Result<Vec<Option<Probed>>,
                     // their holes cost nothing.
                     let runs = tree.data_runs(content, B)?;
                     let mapped: u64 = runs.iter().map(|r| r.1).sum();
-                    let compressed = if mapped < content.len().div_ceil(B) {
-                        None
-                    } else {
-                        compress::compress_file(&reader, content.len(), opts.compression)?
-                    };
+                    let compressed = if mapped < content.len().div_ceil(B) { None } else { compress::compress_file(&reader, content.len(), opts.compression)? };
                     Ok(Probed { runs, compressed })
                 });
                 match outcome {

@@ -68,7 +68,9 @@ pub struct ErofsSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ErofsError {
-    #[error("the erofs image needs at least {needed} bytes but the fixed size is {given} bytes; give a size of at least {needed} bytes or leave the size automatic")]
+    #[error(
+        "the erofs image needs at least {needed} bytes but the fixed size is {given} bytes; give a size of at least {needed} bytes or leave the size automatic"
+    )]
     TooSmall { needed: u64, given: u64 },
     #[error("the fixed size {given} is not a multiple of 4096 bytes; round it to whole 4 KiB blocks")]
     SizeNotBlockMultiple { given: u64 },

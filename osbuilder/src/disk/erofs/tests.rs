@@ -38,11 +38,7 @@ fn build(tree: &Tree, opts: &ErofsOptions, dir: &Path, name: &str) -> (PathBuf, 
 fn fsck(image: &Path) {
     let out_dir = tempfile::tempdir().unwrap();
     let target = out_dir.path().join("x");
-    let out = Command::new("fsck.erofs")
-        .arg(format!("--extract={}", target.display()))
-        .arg(image)
-        .output()
-        .expect("fsck.erofs runs");
+    let out = Command::new("fsck.erofs").arg(format!("--extract={}", target.display())).arg(image).output().expect("fsck.erofs runs");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && !text.contains("<E>"), "fsck.erofs {}: {}\n{text}", image.display(), out.status);
 }
@@ -136,8 +132,7 @@ fn compare(tree: &Tree, root: &Path) -> usize {
             Body::Fifo => assert!(md.file_type().is_fifo()),
             Body::Socket => assert!(md.file_type().is_socket()),
             Body::Dir(entries) => {
-                let mut names: Vec<Vec<u8>> =
-                    std::fs::read_dir(&host).unwrap().map(|e| e.unwrap().file_name().as_bytes().to_vec()).collect();
+                let mut names: Vec<Vec<u8>> = std::fs::read_dir(&host).unwrap().map(|e| e.unwrap().file_name().as_bytes().to_vec()).collect();
                 names.sort();
                 assert_eq!(names, entries.keys().cloned().collect::<Vec<_>>(), "/{shown} entries");
             }

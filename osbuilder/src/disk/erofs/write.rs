@@ -9,14 +9,11 @@ use crate::rootfs::{Body, ContentReader, Plan, PlanIno};
 const B: u64 = BLOCK as u64;
 const CHUNK: usize = 1 << 20;
 
-
 /// Directory block `k` of `shape`, `used` bytes long (no padding).
 fn dir_block(l: &Layout, plan: &Plan, shape: &DirShape, k: usize) -> Vec<u8> {
     let (first, end) = shape.blocks[k];
-    let entries: Vec<(&[u8], u64, u8)> = shape.sorted[first..end]
-        .iter()
-        .map(|(name, ino)| (name.as_slice(), l.inodes[ino.index()].nid, plan.tree_inode(*ino).body.dirent_type()))
-        .collect();
+    let entries: Vec<(&[u8], u64, u8)> =
+        shape.sorted[first..end].iter().map(|(name, ino)| (name.as_slice(), l.inodes[ino.index()].nid, plan.tree_inode(*ino).body.dirent_type())).collect();
     let mut out = Vec::with_capacity(BLOCK);
     encode_dir_block(&entries, &mut out);
     out
@@ -24,10 +21,7 @@ fn dir_block(l: &Layout, plan: &Plan, shape: &DirShape, k: usize) -> Vec<u8> {
 
 fn open(plan: &Plan, ino: PlanIno, size: u64) -> Result<ContentReader, ErofsError> {
     let Body::File(content) = &plan.tree_inode(ino).body else { unreachable!("file data comes from files") };
-    let reader = plan
-        .tree()
-        .open_content(content)
-        .map_err(|source| ErofsError::ReadContent { path: plan.path_of(ino), source })?;
+    let reader = plan.tree().open_content(content).map_err(|source| ErofsError::ReadContent { path: plan.path_of(ino), source })?;
     if reader.len() != size {
         return Err(ErofsError::ContentChanged { path: plan.path_of(ino), expected: size });
     }
@@ -55,9 +49,7 @@ pub fn write(l: &Layout, plan: &Plan, sink: &mut dyn Sink) -> Result<(), ErofsEr
                     let reader = open(plan, ino, rec.head.size)?;
                     let from = rec_buf.len();
                     rec_buf.resize(from + *tail as usize, 0);
-                    reader
-                        .read_exact_at(&mut rec_buf[from..], blocks * B)
-                        .map_err(|source| ErofsError::ReadContent { path: plan.path_of(ino), source })?;
+                    reader.read_exact_at(&mut rec_buf[from..], blocks * B).map_err(|source| ErofsError::ReadContent { path: plan.path_of(ino), source })?;
                 }
                 Body::Symlink(target) => rec_buf.extend_from_slice(target),
                 Body::Dir(_) => {
@@ -126,9 +118,7 @@ pub fn write(l: &Layout, plan: &Plan, sink: &mut dyn Sink) -> Result<(), ErofsEr
                         let mut pos = 0u64;
                         while pos < end {
                             let n = (end - pos).min(CHUNK as u64) as usize;
-                            reader
-                                .read_exact_at(&mut buf[..n], pos)
-                                .map_err(|source| ErofsError::ReadContent { path: plan.path_of(ino), source })?;
+                            reader.read_exact_at(&mut buf[..n], pos).map_err(|source| ErofsError::ReadContent { path: plan.path_of(ino), source })?;
                             sink.write_all(&buf[..n]).map_err(w)?;
                             pos += n as u64;
                         }
@@ -158,9 +148,7 @@ pub fn write(l: &Layout, plan: &Plan, sink: &mut dyn Sink) -> Result<(), ErofsEr
                     }
                     let pos = chunk as u64 * B;
                     let n = (rec.head.size - pos).min(B) as usize;
-                    reader
-                        .read_exact_at(&mut buf[..n], pos)
-                        .map_err(|source| ErofsError::ReadContent { path: plan.path_of(ino), source })?;
+                    reader.read_exact_at(&mut buf[..n], pos).map_err(|source| ErofsError::ReadContent { path: plan.path_of(ino), source })?;
                     sink.write_all(&buf[..n]).map_err(w)?;
                     sink.zeros(B - n as u64).map_err(w)?;
                 }

@@ -135,12 +135,7 @@ pub fn encode_superblock(f: &SuperblockFields) -> [u8; 1024] {
     put32(
         &mut b,
         0x64,
-        RO_COMPAT_SPARSE_SUPER
-            | RO_COMPAT_LARGE_FILE
-            | RO_COMPAT_HUGE_FILE
-            | RO_COMPAT_DIR_NLINK
-            | RO_COMPAT_EXTRA_ISIZE
-            | RO_COMPAT_METADATA_CSUM,
+        RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_HUGE_FILE | RO_COMPAT_DIR_NLINK | RO_COMPAT_EXTRA_ISIZE | RO_COMPAT_METADATA_CSUM,
     );
     b[0x68..0x78].copy_from_slice(&f.uuid);
     b[0x78..0x88].copy_from_slice(&f.label);
@@ -620,7 +615,7 @@ mod tests {
         let offs = u16::from_le_bytes([area[6], area[7]]) as usize;
         assert_eq!(&area[4 + offs..4 + offs + 20], &[1; 20][..]);
         let big = XattrEntry { index: 1, name: b"big".to_vec(), value: vec![2; 100] };
-        assert!(encode_inline_xattrs(&[big.clone()]).is_none());
+        assert!(encode_inline_xattrs(std::slice::from_ref(&big)).is_none());
         let mut block = encode_xattr_block(&[big], 1).unwrap();
         seal_xattr_block(&mut block, 42, 5);
         assert_eq!(&block[0x8..0xC], &1u32.to_le_bytes(), "h_blocks");

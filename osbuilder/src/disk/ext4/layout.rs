@@ -133,11 +133,20 @@ pub enum PieceKind {
     /// The journal superblock, then zeros.
     Journal,
     /// Blocks of a directory from logical block `logical`.
-    Dir { ino: InodeNo, logical: u64 },
+    Dir {
+        ino: InodeNo,
+        logical: u64,
+    },
     /// File data (or a slow symlink's target) from logical block `logical`.
-    Data { ino: InodeNo, logical: u64 },
+    Data {
+        ino: InodeNo,
+        logical: u64,
+    },
     /// Extent tree blocks from index `first` of the inode's tree.
-    Tree { ino: InodeNo, first: u32 },
+    Tree {
+        ino: InodeNo,
+        first: u32,
+    },
     Xattr(u32),
 }
 
@@ -375,14 +384,8 @@ pub fn file_type(body: &Body) -> u8 {
 
 /// Splits a full xattr name into ext4's namespace index and suffix.
 fn xattr_index(name: &[u8]) -> Option<(u8, &[u8])> {
-    const PREFIXES: [(&[u8], u8); 6] = [
-        (b"user.", 1),
-        (b"system.posix_acl_access", 2),
-        (b"system.posix_acl_default", 3),
-        (b"trusted.", 4),
-        (b"security.", 6),
-        (b"system.", 7),
-    ];
+    const PREFIXES: [(&[u8], u8); 6] =
+        [(b"user.", 1), (b"system.posix_acl_access", 2), (b"system.posix_acl_default", 3), (b"trusted.", 4), (b"security.", 6), (b"system.", 7)];
     PREFIXES.iter().find(|(p, _)| name.starts_with(p)).map(|(p, i)| (*i, &name[p.len()..]))
 }
 
@@ -390,7 +393,7 @@ fn xattr_index(name: &[u8]) -> Option<(u8, &[u8])> {
 /// entries) to ext4's (version 1, 4-byte entries unless they name a user or
 /// group).
 pub fn acl_to_ext4(value: &[u8]) -> Option<Vec<u8>> {
-    if value.len() < 4 || (value.len() - 4) % 8 != 0 || u32::from_le_bytes(value[..4].try_into().ok()?) != 2 {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || u32::from_le_bytes(value[..4].try_into().ok()?) != 2 {
         return None;
     }
     let mut out = 1u32.to_le_bytes().to_vec();
@@ -417,12 +420,9 @@ pub struct Item<'a> {
 /// The items of a directory, in item order.
 pub fn dir_items<'a>(plan: &'a Plan, dir: &DirLayout, ino_of: &[InodeNo]) -> Vec<Item<'a>> {
     let mut items: Vec<Item<'a>> = match dir.plan_dir {
-        Some(d) => plan
-            .dir(d)
-            .entries
-            .iter()
-            .map(|e| Item { name: e.name, ino: ino_of[e.ino.index()], file_type: file_type(&plan.tree_inode(e.ino).body) })
-            .collect(),
+        Some(d) => {
+            plan.dir(d).entries.iter().map(|e| Item { name: e.name, ino: ino_of[e.ino.index()], file_type: file_type(&plan.tree_inode(e.ino).body) }).collect()
+        }
         None => Vec::new(),
     };
     if dir.lost_found_item {
@@ -540,11 +540,7 @@ impl Layout {
         // Inode numbers: the root is 2, lost+found 11, the rest from 12.
         let tree = plan.tree();
         let root_dir = plan.dir(plan.inode(PlanIno::ROOT).dir.expect("the root is a directory"));
-        let tree_lost_found = root_dir
-            .entries
-            .iter()
-            .find(|e| e.name == b"lost+found" && matches!(plan.tree_inode(e.ino).body, Body::Dir(_)))
-            .map(|e| e.ino);
+        let tree_lost_found = root_dir.entries.iter().find(|e| e.name == b"lost+found" && matches!(plan.tree_inode(e.ino).body, Body::Dir(_))).map(|e| e.ino);
         if tree_lost_found.is_none() && root_dir.entries.iter().any(|e| e.name == b"lost+found") {
             return Err(Ext4Error::LostFoundNotDirectory);
         }
@@ -876,10 +872,7 @@ impl Layout {
             used: Vec::new(),
             ino_of,
         };
-        layout.place(demands, journal_blocks(geo.blocks)).ok_or_else(|| Ext4Error::TooSmall {
-            needed: image_bytes + BLOCK_SIZE,
-            given: image_bytes,
-        })?;
+        layout.place(demands, journal_blocks(geo.blocks)).ok_or_else(|| Ext4Error::TooSmall { needed: image_bytes + BLOCK_SIZE, given: image_bytes })?;
         Ok(layout)
     }
 
@@ -990,14 +983,8 @@ impl Layout {
 
     pub fn summary(&self) -> Ext4Summary {
         let u = &self.uuid;
-        let uuid = format!(
-            "{}-{}-{}-{}-{}",
-            hex::encode(&u[0..4]),
-            hex::encode(&u[4..6]),
-            hex::encode(&u[6..8]),
-            hex::encode(&u[8..10]),
-            hex::encode(&u[10..16])
-        );
+        let uuid =
+            format!("{}-{}-{}-{}-{}", hex::encode(&u[0..4]), hex::encode(&u[4..6]), hex::encode(&u[6..8]), hex::encode(&u[8..10]), hex::encode(&u[10..16]));
         Ext4Summary {
             uuid,
             blocks: self.geo.blocks,

@@ -78,7 +78,9 @@ pub struct Ext4Summary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Ext4Error {
-    #[error("the filesystem needs at least {needed} bytes but the fixed size is {given} bytes; give a size of at least {needed} bytes or use an automatic size")]
+    #[error(
+        "the filesystem needs at least {needed} bytes but the fixed size is {given} bytes; give a size of at least {needed} bytes or use an automatic size"
+    )]
     TooSmall { needed: u64, given: u64 },
     #[error("the fixed size {given} is not a multiple of 4096 bytes; round it to whole 4 KiB blocks")]
     SizeNotBlockMultiple { given: u64 },

@@ -11,14 +11,7 @@ use crate::disk::SeekSink;
 use crate::rootfs::{Body, Dentry, InodeIdx, Metadata, RelPath, Tree};
 
 fn opts(size: Ext4Size) -> Ext4Options {
-    Ext4Options {
-        size,
-        reserved_percent: 5.0,
-        source_date_epoch: 1_700_000_000,
-        seed: [7; 32],
-        label: Some("osb-test".into()),
-        journal: true,
-    }
+    Ext4Options { size, reserved_percent: 5.0, source_date_epoch: 1_700_000_000, seed: [7; 32], label: Some("osb-test".into()), journal: true }
 }
 
 fn auto() -> Ext4Options {

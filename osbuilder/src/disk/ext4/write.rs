@@ -378,8 +378,7 @@ impl<'a, 's> Writer<'a, 's> {
                 self.out.zeros(total - target.len() as u64).map_err(Ext4Error::Write)?;
             }
             Body::File(content) => {
-                let reader: ContentReader =
-                    plan.tree().open_content(content).map_err(|source| Ext4Error::ReadContent { path: path(), source })?;
+                let reader: ContentReader = plan.tree().open_content(content).map_err(|source| Ext4Error::ReadContent { path: path(), source })?;
                 if reader.len() != inode.size {
                     return Err(Ext4Error::ContentChanged { path: path(), expected: inode.size });
                 }
@@ -388,9 +387,7 @@ impl<'a, 's> Writer<'a, 's> {
                 let mut pos = start;
                 while pos < end {
                     let n = (end - pos).min(OUT_BUF as u64 / 2) as usize;
-                    self.out
-                        .fill(n, |buf| reader.read_exact_at(buf, pos))
-                        .map_err(|source| Ext4Error::ReadContent { path: path(), source })?;
+                    self.out.fill(n, |buf| reader.read_exact_at(buf, pos)).map_err(|source| Ext4Error::ReadContent { path: path(), source })?;
                     pos += n as u64;
                 }
                 self.out.zeros(start + total - end).map_err(Ext4Error::Write)?;

@@ -1,0 +1,325 @@
+//! Hostile layers against the intake's limits, through the CLI: a 1 EiB
+//! sparse file in 512 bytes, a 1 GiB PAX path in a 1 MB gzip, too many
+//! entries, too deep a tree, gzip and zstd bombs. Each must be refused with
+//! the limit's message (short, naming the option that raises it), no output,
+//! and bounded memory: the child's peak RSS from wait4, under rlimits that
+//! turn a regression into a failure instead of a full disk or an OOM kill.
+
+mod common;
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use sha2::{Digest as _, Sha256};
+
+/// Peak RSS a refused build may reach.
+const MAX_RSS_MIB: u64 = 400;
+/// The longest error message a refusal may print.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("osbuilder-intake-").tempdir().unwrap()
+}
+
+#[derive(Clone, Copy)]
+enum Codec {
+    Gzip,
+    Zstd,
+}
+
+/// A layer as `head`, then `body` `count` times, then `tail`: each part
+/// compressed on its own (gzip members and zstd frames concatenate), so a
+/// gigabyte of uncompressed layer costs the test one compression of `body`.
+struct Layer {
+    head: Vec<u8>,
+    body: Vec<u8>,
+    count: usize,
+    tail: Vec<u8>,
+}
+
+impl Layer {
+    fn plain(tar: Vec<u8>) -> Layer {
+        Layer { head: tar, body: Vec::new(), count: 0, tail: Vec::new() }
+    }
+
+    fn compressed(&self, codec: Codec) -> Vec<u8> {
+        let one = |bytes: &[u8]| match codec {
+            Codec::Gzip => {
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+                gz.write_all(bytes).unwrap();
+                gz.finish().unwrap()
+            }
+            Codec::Zstd => zstd::encode_all(bytes, 19).unwrap(),
+        };
+        let body = one(&self.body);
+        let mut out = one(&self.head);
+        for _ in 0..self.count {
+            out.extend_from_slice(&body);
+        }
+        out.extend_from_slice(&one(&self.tail));
+        out
+    }
+
+    fn diff_id(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(&self.head);
+        for _ in 0..self.count {
+            h.update(&self.body);
+        }
+        h.update(&self.tail);
+        format!("sha256:{}", hex::encode(h.finalize()))
+    }
+}
+
+/// An OCI layout (tag `evil`) whose image has this one layer.
+fn layout_with(dir: &Path, layer: &Layer, codec: Codec) -> PathBuf {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let hex = sha256_hex(bytes);
+        fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let (digest, size) = put(&layer.compressed(codec));
+    let media_type = match codec {
+        Codec::Gzip => MT_OCI_LAYER_GZIP,
+        Codec::Zstd => MT_OCI_LAYER_ZSTD,
+    };
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id()]}});
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": media_type, "digest": digest, "size": size}]});
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": MT_OCI_MANIFEST, "digest": manifest_digest,
+        "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "evil"}}]});
+    fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    dir.to_path_buf()
+}
+
+fn header(kind: tar::EntryType, name: &str, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+    h.set_size(size);
+    h.set_mtime(1);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_cksum();
+    h
+}
+
+/// A GNU base-256 number field.
+fn base256<const N: usize>(value: u64) -> [u8; N] {
+    let mut field = [0u8; N];
+    field[0] = 0x80;
+    field[N - 8..].copy_from_slice(&value.to_be_bytes());
+    field
+}
+
+const END_OF_ARCHIVE: [u8; 1024] = [0; 1024];
+
+/// Runs `osbuilder initrd` on `layout` and returns (success, stderr, peak
+/// RSS in MiB). The child runs under RLIMIT_FSIZE (2 GiB) and RLIMIT_AS
+/// (4 GiB), set by util-linux's `prlimit`, which then execs our binary in the
+/// same process: without the limits under test a hostile layer would fill the
+/// disk or the memory of the machine running the tests. The peak RSS can
+/// include pages of the test process at the fork (an over-estimate): callers
+/// drop large buffers before.
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
+fn build_measured(layout: &Path, out: &Path, extra: &[&str], tmp: &Path) -> (bool, String, u64) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut cmd = tool("prlimit");
+    cmd.arg(format!("--fsize={}", 2u64 << 30))
+        .arg(format!("--as={}", 4u64 << 30))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["initrd", "--image", &oci_ref(layout, "evil"), "-o", path_str(out), "--compress", "none"])
+        .args(extra)
+        .arg("--cache-dir")
+        .arg(tmp.join("cache"))
+        .env_remove("SOURCE_DATE_EPOCH")
+        .env("TMPDIR", tmp)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = child.stderr.unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    let status = std::process::ExitStatus::from_raw(status);
+    let stderr = reader.join().unwrap();
+    let stderr = if status.signal().is_some() { format!("{stderr}\n(killed by {status})") } else { stderr };
+    (status.success(), stderr, usage.ru_maxrss as u64 / 1024)
+}
+
+/// Builds `layer`, expects a refusal naming every one of `expected`, and
+/// checks the output is absent, memory bounded and the message short.
+fn check_refused(name: &str, layer: &Layer, codec: Codec, extra: &[&str], expected: &[&str]) {
+    let tmp = scratch();
+    let layout = layout_with(&tmp.path().join("layout"), layer, codec);
+    let compressed = fs::read_dir(layout.join("blobs/sha256")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).max().unwrap();
+    let out = tmp.path().join("out.cpio");
+    let (ok, stderr, rss_mib) = build_measured(&layout, &out, extra, tmp.path());
+    eprintln!("{name}: largest blob {compressed} bytes, peak RSS {rss_mib} MiB: {}", stderr.trim());
+    assert!(!ok, "{name}: the build must fail");
+    let message = stderr.lines().find(|l| l.starts_with("osbuilder: error:")).unwrap_or_else(|| panic!("{name}: no error line in {stderr:?}"));
+    for want in expected {
+        assert!(message.contains(want), "{name}: the error must say {want:?}: {message}");
+    }
+    assert!(message.len() < MAX_MESSAGE_BYTES, "{name}: a {}-byte message", message.len());
+    assert!(rss_mib < MAX_RSS_MIB, "{name}: peak RSS {rss_mib} MiB, over {MAX_RSS_MIB} MiB");
+    assert!(!out.exists(), "{name}: no output for a refused image");
+}
+
+#[test]
+fn a_512_byte_sparse_entry_declaring_1_eib_is_refused_before_any_zero_is_written() {
+    let mut h = header(tar::EntryType::GNUSparse, "huge", 0);
+    {
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.realsize = base256(1 << 60);
+        // One empty segment at the end: the whole file is a hole.
+        gnu.sparse[0].offset = base256(1 << 60);
+        gnu.sparse[0].numbytes = *b"00000000000\0";
+    }
+    h.set_cksum();
+    let mut tar = h.as_bytes().to_vec();
+    assert_eq!(tar.len(), 512);
+    tar.extend_from_slice(&END_OF_ARCHIVE);
+    check_refused("sparse-1eib", &Layer::plain(tar), Codec::Gzip, &[], &["\"huge\"", "1152921504606846976 bytes", "--max-spool-bytes"]);
+}
+
+#[test]
+fn a_1_gib_pax_path_in_a_1_mb_gzip_is_refused_from_its_header() {
+    const RECORD: u64 = 1 << 30;
+    const CHUNK: usize = 16 << 20;
+    let prefix = format!("{RECORD} path=");
+    let value_len = RECORD as usize - prefix.len() - 1;
+    let mut head = header(tar::EntryType::XHeader, "PaxHeaders/x", RECORD).as_bytes().to_vec();
+    head.extend_from_slice(prefix.as_bytes());
+    let mut tail = vec![b'a'; value_len % CHUNK];
+    tail.push(b'\n');
+    tail.resize(tail.len() + (512 - (RECORD % 512) as usize) % 512, 0);
+    tail.extend_from_slice(header(tar::EntryType::Regular, "x", 0).as_bytes());
+    tail.extend_from_slice(&END_OF_ARCHIVE);
+    let layer = Layer { head, body: vec![b'a'; CHUNK], count: value_len / CHUNK, tail };
+    check_refused("pax-1gib", &layer, Codec::Gzip, &[], &["PAX extended header at byte 0", "1073741824 bytes", "1048576-byte limit", "--max-header-bytes"]);
+}
+
+#[test]
+fn more_entries_than_the_limit_are_refused() {
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..150 {
+        let name = format!("f{i:03}");
+        b.append(&header(tar::EntryType::Regular, &name, 0), &b""[..]).unwrap();
+    }
+    let layer = Layer::plain(b.into_inner().unwrap());
+    check_refused("entries", &layer, Codec::Gzip, &["--max-entries", "100"], &["\"f100\"", "more than 100 entries", "--max-entries"]);
+    // Under the limit the same layer builds (the limit, not the layer, refused it).
+    let tmp = scratch();
+    let layout = layout_with(&tmp.path().join("layout"), &layer, Codec::Gzip);
+    let (ok, stderr, _) = build_measured(&layout, &tmp.path().join("ok.cpio"), &["--max-entries", "150"], tmp.path());
+    assert!(ok, "{stderr}");
+}
+
+#[test]
+fn trees_deeper_than_the_limit_are_refused_by_name_or_through_symlinks() {
+    // By name: 60 directories in one entry's path.
+    let deep = vec!["d"; 60].join("/");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Regular, "x", 0);
+    b.append_data(&mut h, format!("{deep}/f"), &b""[..]).unwrap();
+    check_refused(
+        "deep-name",
+        &Layer::plain(b.into_inner().unwrap()),
+        Codec::Gzip,
+        &["--max-path-depth", "50"],
+        &["61 levels deep", "over the limit of 50", "--max-path-depth"],
+    );
+
+    // Through a symlink: each name is shallow, where they land is not.
+    let forty = vec!["d"; 40].join("/");
+    let twenty = vec!["e"; 20].join("/");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Directory, "x", 0);
+    b.append_data(&mut h, format!("{forty}/"), &b""[..]).unwrap();
+    let mut h = header(tar::EntryType::Symlink, "l", 0);
+    b.append_link(&mut h, "l", &forty).unwrap();
+    let mut h = header(tar::EntryType::Regular, "x", 0);
+    b.append_data(&mut h, format!("l/{twenty}/f"), &b""[..]).unwrap();
+    check_refused(
+        "deep-symlink",
+        &Layer::plain(b.into_inner().unwrap()),
+        Codec::Gzip,
+        &["--max-path-depth", "50"],
+        &["51 levels deep", "over the limit of 50", "--max-path-depth"],
+    );
+}
+
+/// One file of 1 GiB of zeros: 1 MB as gzip, a few KB as zstd.
+fn zeros_layer() -> Layer {
+    const CHUNK: usize = 16 << 20;
+    let mut tail = Vec::new();
+    tail.extend_from_slice(&END_OF_ARCHIVE);
+    Layer { head: header(tar::EntryType::Regular, "zeros", 64 * CHUNK as u64).as_bytes().to_vec(), body: vec![0; CHUNK], count: 64, tail }
+}
+
+#[test]
+fn a_gzip_bomb_is_refused_over_the_ratio() {
+    check_refused("gzip-bomb", &zeros_layer(), Codec::Gzip, &["--max-ratio", "100"], &["decompress to more than", "over the limit of 100:1", "--max-ratio"]);
+}
+
+#[test]
+fn a_zstd_bomb_is_refused_over_the_default_ratio() {
+    check_refused("zstd-bomb", &zeros_layer(), Codec::Zstd, &[], &["decompress to more than", "over the limit of 1000:1", "--max-ratio"]);
+}
+
+#[test]
+fn spool_files_go_to_the_tmp_dir_given() {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&header(tar::EntryType::Regular, "f", 2), &b"hi"[..]).unwrap();
+    let layer = Layer::plain(b.into_inner().unwrap());
+    let tmp = scratch();
+    let layout = layout_with(&tmp.path().join("layout"), &layer, Codec::Gzip);
+    let missing = tmp.path().join("no-such-dir");
+    let (ok, stderr, _) = build_measured(&layout, &tmp.path().join("a.cpio"), &["--tmp-dir", path_str(&missing)], tmp.path());
+    assert!(!ok && stderr.contains("spool file") && stderr.contains(path_str(&missing)), "{stderr}");
+    let (ok, stderr, _) = build_measured(&layout, &tmp.path().join("b.cpio"), &["--tmp-dir", path_str(tmp.path())], tmp.path());
+    assert!(ok, "{stderr}");
+}
+
+#[test]
+fn an_index_json_over_the_json_limit_is_refused_before_it_is_read_whole() {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&header(tar::EntryType::Regular, "f", 2), &b"hi"[..]).unwrap();
+    let tmp = scratch();
+    let layout = layout_with(&tmp.path().join("layout"), &Layer::plain(b.into_inner().unwrap()), Codec::Gzip);
+    let out = tmp.path().join("ok.cpio");
+    let (ok, stderr, _) = build_measured(&layout, &out, &[], tmp.path());
+    assert!(ok, "the layout builds as it is: {stderr}");
+    // The same index with 256 MiB of JSON whitespace after it: valid JSON, too big.
+    let mut index = fs::read(layout.join("index.json")).unwrap();
+    index.resize(index.len() + (256 << 20), b' ');
+    fs::write(layout.join("index.json"), &index).unwrap();
+    drop(index);
+    fs::remove_file(&out).unwrap();
+    let (ok, stderr, rss_mib) = build_measured(&layout, &out, &[], tmp.path());
+    eprintln!("index.json of 256 MiB: peak RSS {rss_mib} MiB: {}", stderr.trim());
+    assert!(!ok && stderr.contains("index.json is over the 16777216-byte limit for JSON documents"), "{stderr}");
+    assert!(rss_mib < 128, "index.json was read whole: peak RSS {rss_mib} MiB");
+    assert!(!out.exists());
+}
