@@ -24,8 +24,7 @@ use clap::Args;
 use crate::util;
 
 /// Every target in `fuzz/Cargo.toml`, in the order they run.
-pub const TARGETS: &[&str] =
-    &["layer", "oci_manifest", "cpio", "disk", "kernel_fragment", "ttrpc", "init_cmdline", "init_run_json"];
+pub const TARGETS: &[&str] = &["layer", "oci_manifest", "cpio", "disk", "kernel_fragment", "ttrpc", "init_cmdline", "init_run_json"];
 
 /// Seconds per target in `cargo xtask test`.
 pub const SUITE_SECONDS: u64 = 5;

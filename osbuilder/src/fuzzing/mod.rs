@@ -26,8 +26,8 @@ use crate::oci::digest::Digest;
 use crate::oci::manifest::{ImageConfig, ManifestDoc, Platform};
 use crate::oci::{Image, ImageRef, PullOptions};
 use crate::progress::Progress;
-use indicatif::ProgressBar;
 use crate::rootfs::{Body, Plan, Tree};
+use indicatif::ProgressBar;
 
 /// Decompressed layer bytes read at most: a few KiB of zstd can claim
 /// gigabytes, which would measure the disk, not the parser.
@@ -260,11 +260,7 @@ fn e2fsck(image: &Path) {
 fn fsck_erofs(image: &Path, tree: &Tree, plan: &Plan, dir: &Path) {
     use std::os::unix::ffi::OsStrExt;
     let target = dir.join("x");
-    let out = Command::new("fsck.erofs")
-        .arg(format!("--extract={}", target.display()))
-        .arg(image)
-        .output()
-        .expect("fsck.erofs runs (erofs-utils)");
+    let out = Command::new("fsck.erofs").arg(format!("--extract={}", target.display())).arg(image).output().expect("fsck.erofs runs (erofs-utils)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && !text.contains("<E>"), "fsck.erofs {} ({}):\n{text}", image.display(), out.status);
     plan.walk_paths(|path, _, ino| {

@@ -22,8 +22,22 @@ const MAX_DATA: usize = 1 << 20;
 /// Names a component is drawn from: short ones collide (replacements, hard
 /// links, whiteouts), odd ones test the writers' encoders.
 const NAMES: &[&[u8]] = &[
-    b"a", b"b", b"c", b"d", b"etc", b"usr", b"bin", b"lib", b"x.so", b".hidden", b".wh.a", b".wh..wh..opq",
-    b"\xff\xfe", b"sp ace", b"TRAILER!!!", b"lost+found",
+    b"a",
+    b"b",
+    b"c",
+    b"d",
+    b"etc",
+    b"usr",
+    b"bin",
+    b"lib",
+    b"x.so",
+    b".hidden",
+    b".wh.a",
+    b".wh..wh..opq",
+    b"\xff\xfe",
+    b"sp ace",
+    b"TRAILER!!!",
+    b"lost+found",
 ];
 
 /// Symlink targets: relative, absolute, dangling, looping, long.
