@@ -131,7 +131,6 @@ const END_OF_ARCHIVE: [u8; 1024] = [0; 1024];
 /// disk or the memory of the machine running the tests. The peak RSS can
 /// include pages of the test process at the fork (an over-estimate): callers
 /// drop large buffers before.
-#[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
 fn build_measured(layout: &Path, out: &Path, extra: &[&str], tmp: &Path) -> (bool, String, u64) {
     use std::os::unix::process::ExitStatusExt;
     let mut cmd = tool("prlimit");
@@ -144,27 +143,10 @@ fn build_measured(layout: &Path, out: &Path, extra: &[&str], tmp: &Path) -> (boo
         .arg("--cache-dir")
         .arg(tmp.join("cache"))
         .env_remove("SOURCE_DATE_EPOCH")
-        .env("TMPDIR", tmp)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut stderr = child.stderr.unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
-        s
-    });
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is a valid value for wait4 to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4");
-    let status = std::process::ExitStatus::from_raw(status);
-    let stderr = reader.join().unwrap();
+        .env("TMPDIR", tmp);
+    let (status, stderr, rss_mib) = common::run_measured(&mut cmd);
     let stderr = if status.signal().is_some() { format!("{stderr}\n(killed by {status})") } else { stderr };
-    (status.success(), stderr, usage.ru_maxrss as u64 / 1024)
+    (status.success(), stderr, rss_mib)
 }
 
 /// Builds `layer`, expects a refusal naming every one of `expected`, and

@@ -87,6 +87,29 @@ pub fn run_stdout(cmd: &mut Command) -> String {
 
 /// Hex sha256 of a byte string.
 /// Our binary, as the tests drive it.
+/// Runs `cmd` (stdout discarded, stderr captured) and returns its exit
+/// status, its stderr and its peak RSS in MiB, measured by `wait4`: the
+/// memory bound tests hold a child to. The peak can include pages of the test
+/// process at the fork (an over-estimate): callers drop large buffers before.
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
+pub fn run_measured(cmd: &mut Command) -> (std::process::ExitStatus, String, u64) {
+    use std::os::unix::process::ExitStatusExt;
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = child.stderr.unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).unwrap();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    (std::process::ExitStatus::from_raw(status), reader.join().unwrap(), usage.ru_maxrss as u64 / 1024)
+}
+
 pub fn osbuilder() -> Command {
     tool(env!("CARGO_BIN_EXE_osbuilder"))
 }
