@@ -75,30 +75,11 @@ impl Layer {
 
 /// An OCI layout (tag `evil`) whose image has this one layer.
 fn layout_with(dir: &Path, layer: &Layer, codec: Codec) -> PathBuf {
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| {
-        let hex = sha256_hex(bytes);
-        fs::write(blobs.join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    let (digest, size) = put(&layer.compressed(codec));
     let media_type = match codec {
         Codec::Gzip => MT_OCI_LAYER_GZIP,
         Codec::Zstd => MT_OCI_LAYER_ZSTD,
     };
-    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id()]}});
-    let (config_digest, config_size) = put(config.to_string().as_bytes());
-    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": media_type, "digest": digest, "size": size}]});
-    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": MT_OCI_MANIFEST, "digest": manifest_digest,
-        "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "evil"}}]});
-    fs::write(dir.join("index.json"), index.to_string()).unwrap();
-    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    dir.to_path_buf()
+    write_layout(dir, "evil", &[LayoutLayer { blob: &layer.compressed(codec), media_type, diff_id: layer.diff_id() }])
 }
 
 fn header(kind: tar::EntryType, name: &str, size: u64) -> tar::Header {

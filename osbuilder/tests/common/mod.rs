@@ -489,6 +489,44 @@ pub fn oci_ref(layout: &Path, tag: &str) -> String {
 // OCI layout reading
 // ---------------------------------------------------------------------------
 
+/// One layer for [`write_layout`]: its blob as stored (compressed or not),
+/// the blob's media type and the diff_id of its uncompressed tar.
+pub struct LayoutLayer<'a> {
+    pub blob: &'a [u8],
+    pub media_type: &'a str,
+    pub diff_id: String,
+}
+
+/// Writes an OCI layout in `dir` whose image, tagged `tag`, has `layers`
+/// (amd64/linux, an empty config), and returns `dir`.
+pub fn write_layout(dir: &Path, tag: &str, layers: &[LayoutLayer]) -> PathBuf {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let hex = sha256_hex(bytes);
+        fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let descs: Vec<Value> = layers
+        .iter()
+        .map(|l| {
+            let (digest, size) = put(l.blob);
+            json!({"mediaType": l.media_type, "digest": digest, "size": size})
+        })
+        .collect();
+    let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
+    let config = json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_size}, "layers": descs});
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = json!({"schemaVersion": 2, "manifests": [{"mediaType": MT_OCI_MANIFEST, "digest": manifest_digest,
+        "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": tag}}]});
+    fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    dir.to_path_buf()
+}
+
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
