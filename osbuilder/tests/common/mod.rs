@@ -1082,16 +1082,7 @@ pub fn cpio_mtimes(initrd: &Path) -> Vec<(String, Kind, i64)> {
         if name == "TRAILER!!!" {
             break;
         }
-        let kind = match mode & 0o170000 {
-            0o100000 => Kind::File,
-            0o040000 => Kind::Dir,
-            0o120000 => Kind::Symlink,
-            0o010000 => Kind::Fifo,
-            0o140000 => Kind::Socket,
-            0o020000 => Kind::CharDev,
-            0o060000 => Kind::BlockDev,
-            t => panic!("{}: {name}: unknown file type {t:o}", initrd.display()),
-        };
+        let kind = Kind::of_mode(mode).unwrap_or_else(|| panic!("{}: {name}: unknown file type {:o}", initrd.display(), mode & 0o170000));
         entries.push((normalize_archive_path(&name), kind, i64::from(mtime)));
     }
     let ours: Vec<(&str, Kind)> = entries.iter().map(|(p, k, _)| (p.as_str(), *k)).collect();
@@ -1243,6 +1234,22 @@ pub enum Kind {
     Socket,
     CharDev,
     BlockDev,
+}
+
+impl Kind {
+    /// The kind a `st_mode`-style mode's file type bits name, `None` for none.
+    pub fn of_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & 0o170000 {
+            0o100000 => Kind::File,
+            0o040000 => Kind::Dir,
+            0o120000 => Kind::Symlink,
+            0o010000 => Kind::Fifo,
+            0o140000 => Kind::Socket,
+            0o020000 => Kind::CharDev,
+            0o060000 => Kind::BlockDev,
+            _ => return None,
+        })
+    }
 }
 
 /// What [`tree_snapshot`] records about one path. [`diff_trees`] compares
