@@ -296,17 +296,7 @@ fn copy_file_chunks_temp_rename_and_refusals() {
 
     // Chunk by chunk: nothing at the destination until the last chunk arrives.
     let target = dir.0.join("partial.txt");
-    let chunk = |offset: usize, bytes: &[u8]| CopyFileRequest {
-        path: target.to_str().unwrap().to_string(),
-        file_size: 10,
-        file_mode: 0o100644,
-        dir_mode: 0o755,
-        uid: -1,
-        gid: -1,
-        offset: offset as i64,
-        data: bytes.to_vec(),
-        ..Default::default()
-    };
+    let chunk = |offset: usize, bytes: &[u8]| CopyFileRequest { dir_mode: 0o755, ..file_chunk(&target, 10, offset, bytes) };
     let svc = client.agent_service();
     let ctx = || ttrpc::context::with_duration(TIMEOUT);
     svc.copy_file(ctx(), &chunk(0, b"01234")).unwrap();
@@ -727,16 +717,7 @@ fn copy_file_with_a_missing_middle_chunk_is_not_renamed() {
     let dir = TempDir::new("hole");
     let target = dir.0.join("holey.bin");
     let temp = dir.0.join(".holey.bin.osb-copy");
-    let chunk = |offset: usize, bytes: &[u8]| CopyFileRequest {
-        path: target.to_str().unwrap().to_string(),
-        file_size: 9,
-        file_mode: 0o100644,
-        uid: -1,
-        gid: -1,
-        offset: offset as i64,
-        data: bytes.to_vec(),
-        ..Default::default()
-    };
+    let chunk = |offset: usize, bytes: &[u8]| file_chunk(&target, 9, offset, bytes);
     let svc = client.agent_service();
     let ctx = || ttrpc::context::with_duration(TIMEOUT);
     // Chunks 0 and 2 of 3: the last one reaches file_size, but bytes 3..6 never came.
@@ -980,4 +961,18 @@ fn bytes_in_flight_are_bounded() {
     assert!(grown <= bound, "the agent's peak memory grew by {} MiB for {REQUESTS} requests of 4 MB (bound {} MiB)", grown >> 20, bound >> 20);
     client.signal(&id, libc::SIGKILL).unwrap();
     assert_eq!(client.wait(&id).unwrap(), 137);
+}
+
+/// One CopyFile chunk of a regular file (mode 0644, owner unchanged) of `size` bytes.
+fn file_chunk(target: &Path, size: i64, offset: usize, bytes: &[u8]) -> CopyFileRequest {
+    CopyFileRequest {
+        path: target.to_str().unwrap().to_string(),
+        file_size: size,
+        file_mode: 0o100644,
+        uid: -1,
+        gid: -1,
+        offset: offset as i64,
+        data: bytes.to_vec(),
+        ..Default::default()
+    }
 }

@@ -164,19 +164,6 @@ fn q(path: &str) -> String {
     format!("\"{path}\"")
 }
 
-fn kind_of_mode(mode: u32) -> Kind {
-    match mode & 0o170000 {
-        0o100000 => Kind::File,
-        0o040000 => Kind::Dir,
-        0o120000 => Kind::Symlink,
-        0o010000 => Kind::Fifo,
-        0o140000 => Kind::Socket,
-        0o020000 => Kind::CharDev,
-        0o060000 => Kind::BlockDev,
-        m => panic!("unknown file type {m:o}"),
-    }
-}
-
 /// The tree of an ext4 filesystem image as debugfs reads it, in the shape of
 /// [`tree_snapshot`]: metadata from `ls -p` (inode, mode, owner, size) level
 /// by level, one debugfs process per directory depth; device numbers from
@@ -210,7 +197,7 @@ fn debugfs_tree(fs_image: &Path) -> (BTreeMap<String, Entry>, BTreeMap<String, u
                 let key = if dir.is_empty() { name } else { format!("{dir}/{name}") };
                 let ino: u64 = parts[0].parse().unwrap();
                 let mode = u32::from_str_radix(parts[1], 8).unwrap();
-                let kind = kind_of_mode(mode);
+                let kind = Kind::of_mode(mode).unwrap_or_else(|| panic!("unknown file type {:o}", mode & 0o170000));
                 let host = rdump.join(&key);
                 let entry = Entry {
                     kind,

@@ -420,32 +420,20 @@ fn raw_entry(builder: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &s
 /// Writes an OCI layout whose image has the given layers (tar bytes, gzipped here).
 fn layout_with_layers(dir: &Path, layers: &[Vec<u8>]) -> PathBuf {
     use std::io::Write as _;
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| {
-        let hex = sha256_hex(bytes);
-        fs::write(blobs.join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    let mut descs = vec![];
-    let mut diff_ids = vec![];
-    for layer in layers {
-        diff_ids.push(format!("sha256:{}", sha256_hex(layer)));
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(layer).unwrap();
-        let (digest, size) = put(&gz.finish().unwrap());
-        descs.push(serde_json::json!({"mediaType": MT_OCI_LAYER_GZIP, "digest": digest, "size": size}));
-    }
-    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
-    let (config_digest, config_size) = put(config.to_string().as_bytes());
-    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_size}, "layers": descs});
-    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": MT_OCI_MANIFEST, "digest": manifest_digest,
-        "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "evil"}}]});
-    fs::write(dir.join("index.json"), index.to_string()).unwrap();
-    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    dir.to_path_buf()
+    let blobs: Vec<Vec<u8>> = layers
+        .iter()
+        .map(|layer| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(layer).unwrap();
+            gz.finish().unwrap()
+        })
+        .collect();
+    let layers: Vec<LayoutLayer> = layers
+        .iter()
+        .zip(&blobs)
+        .map(|(layer, blob)| LayoutLayer { blob, media_type: MT_OCI_LAYER_GZIP, diff_id: format!("sha256:{}", sha256_hex(layer)) })
+        .collect();
+    write_layout(dir, "evil", &layers)
 }
 
 #[test]

@@ -75,30 +75,11 @@ impl Layer {
 
 /// An OCI layout (tag `evil`) whose image has this one layer.
 fn layout_with(dir: &Path, layer: &Layer, codec: Codec) -> PathBuf {
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| {
-        let hex = sha256_hex(bytes);
-        fs::write(blobs.join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    let (digest, size) = put(&layer.compressed(codec));
     let media_type = match codec {
         Codec::Gzip => MT_OCI_LAYER_GZIP,
         Codec::Zstd => MT_OCI_LAYER_ZSTD,
     };
-    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id()]}});
-    let (config_digest, config_size) = put(config.to_string().as_bytes());
-    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": media_type, "digest": digest, "size": size}]});
-    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": MT_OCI_MANIFEST, "digest": manifest_digest,
-        "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "evil"}}]});
-    fs::write(dir.join("index.json"), index.to_string()).unwrap();
-    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    dir.to_path_buf()
+    write_layout(dir, "evil", &[LayoutLayer { blob: &layer.compressed(codec), media_type, diff_id: layer.diff_id() }])
 }
 
 fn header(kind: tar::EntryType, name: &str, size: u64) -> tar::Header {
@@ -131,7 +112,6 @@ const END_OF_ARCHIVE: [u8; 1024] = [0; 1024];
 /// disk or the memory of the machine running the tests. The peak RSS can
 /// include pages of the test process at the fork (an over-estimate): callers
 /// drop large buffers before.
-#[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
 fn build_measured(layout: &Path, out: &Path, extra: &[&str], tmp: &Path) -> (bool, String, u64) {
     use std::os::unix::process::ExitStatusExt;
     let mut cmd = tool("prlimit");
@@ -144,27 +124,10 @@ fn build_measured(layout: &Path, out: &Path, extra: &[&str], tmp: &Path) -> (boo
         .arg("--cache-dir")
         .arg(tmp.join("cache"))
         .env_remove("SOURCE_DATE_EPOCH")
-        .env("TMPDIR", tmp)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut stderr = child.stderr.unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
-        s
-    });
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is a valid value for wait4 to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4");
-    let status = std::process::ExitStatus::from_raw(status);
-    let stderr = reader.join().unwrap();
+        .env("TMPDIR", tmp);
+    let (status, stderr, rss_mib) = common::run_measured(&mut cmd);
     let stderr = if status.signal().is_some() { format!("{stderr}\n(killed by {status})") } else { stderr };
-    (status.success(), stderr, usage.ru_maxrss as u64 / 1024)
+    (status.success(), stderr, rss_mib)
 }
 
 /// Builds `layer`, expects a refusal naming every one of `expected`, and

@@ -432,31 +432,9 @@ fn credentials_basic_and_bearer_and_clear_refusals() {
 
 /// Runs `osbuilder push ARGS`; returns whether it succeeded, its stderr and
 /// its peak RSS in MiB (from wait4's rusage of that one process).
-#[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
 fn push_measured(args: &[&str], cache: &Path) -> (bool, String, u64) {
-    use std::os::unix::process::ExitStatusExt;
-    let child = osbuilder()
-        .arg("push")
-        .args(args)
-        .arg("--cache-dir")
-        .arg(cache)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut stderr = child.stderr.unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
-        s
-    });
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4");
-    let ok = std::process::ExitStatus::from_raw(status).success();
-    (ok, reader.join().unwrap(), usage.ru_maxrss as u64 / 1024)
+    let (status, stderr, peak) = common::run_measured(osbuilder().arg("push").args(args).arg("--cache-dir").arg(cache));
+    (status.success(), stderr, peak)
 }
 
 #[test]

@@ -582,23 +582,13 @@ fn lock_work_dir(path: &Path, series: &str, log_line: &dyn Fn(&str)) -> Result<s
         std::fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
     }
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
-    // std's File::lock is newer than the workspace's rust-version.
-    let flock = |operation: libc::c_int| {
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: the fd belongs to `file`, open for the whole call.
-        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
-    match flock(libc::LOCK_EX | libc::LOCK_NB) {
+    match file.try_lock() {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+        Err(std::fs::TryLockError::WouldBlock) => {
             log_line(&format!("kernel {series}: waiting for another build of the same inputs (it holds {})", path.display()));
-            flock(libc::LOCK_EX).map_err(io_err(format!("cannot lock {}", path.display())))?;
+            file.lock().map_err(io_err(format!("cannot lock {}", path.display())))?;
         }
-        Err(e) => return Err(io_err(format!("cannot lock {}", path.display()))(e)),
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(format!("cannot lock {}", path.display()))(e)),
     }
     Ok(file)
 }

@@ -87,6 +87,29 @@ pub fn run_stdout(cmd: &mut Command) -> String {
 
 /// Hex sha256 of a byte string.
 /// Our binary, as the tests drive it.
+/// Runs `cmd` (stdout discarded, stderr captured) and returns its exit
+/// status, its stderr and its peak RSS in MiB, measured by `wait4`: the
+/// memory bound tests hold a child to. The peak can include pages of the test
+/// process at the fork (an over-estimate): callers drop large buffers before.
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which clippy cannot see
+pub fn run_measured(cmd: &mut Command) -> (std::process::ExitStatus, String, u64) {
+    use std::os::unix::process::ExitStatusExt;
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = child.stderr.unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).unwrap();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    (std::process::ExitStatus::from_raw(status), reader.join().unwrap(), usage.ru_maxrss as u64 / 1024)
+}
+
 pub fn osbuilder() -> Command {
     tool(env!("CARGO_BIN_EXE_osbuilder"))
 }
@@ -465,6 +488,44 @@ pub fn oci_ref(layout: &Path, tag: &str) -> String {
 // ---------------------------------------------------------------------------
 // OCI layout reading
 // ---------------------------------------------------------------------------
+
+/// One layer for [`write_layout`]: its blob as stored (compressed or not),
+/// the blob's media type and the diff_id of its uncompressed tar.
+pub struct LayoutLayer<'a> {
+    pub blob: &'a [u8],
+    pub media_type: &'a str,
+    pub diff_id: String,
+}
+
+/// Writes an OCI layout in `dir` whose image, tagged `tag`, has `layers`
+/// (amd64/linux, an empty config), and returns `dir`.
+pub fn write_layout(dir: &Path, tag: &str, layers: &[LayoutLayer]) -> PathBuf {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let hex = sha256_hex(bytes);
+        fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let descs: Vec<Value> = layers
+        .iter()
+        .map(|l| {
+            let (digest, size) = put(l.blob);
+            json!({"mediaType": l.media_type, "digest": digest, "size": size})
+        })
+        .collect();
+    let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
+    let config = json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_size}, "layers": descs});
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = json!({"schemaVersion": 2, "manifests": [{"mediaType": MT_OCI_MANIFEST, "digest": manifest_digest,
+        "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": tag}}]});
+    fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    dir.to_path_buf()
+}
 
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -1021,16 +1082,7 @@ pub fn cpio_mtimes(initrd: &Path) -> Vec<(String, Kind, i64)> {
         if name == "TRAILER!!!" {
             break;
         }
-        let kind = match mode & 0o170000 {
-            0o100000 => Kind::File,
-            0o040000 => Kind::Dir,
-            0o120000 => Kind::Symlink,
-            0o010000 => Kind::Fifo,
-            0o140000 => Kind::Socket,
-            0o020000 => Kind::CharDev,
-            0o060000 => Kind::BlockDev,
-            t => panic!("{}: {name}: unknown file type {t:o}", initrd.display()),
-        };
+        let kind = Kind::of_mode(mode).unwrap_or_else(|| panic!("{}: {name}: unknown file type {:o}", initrd.display(), mode & 0o170000));
         entries.push((normalize_archive_path(&name), kind, i64::from(mtime)));
     }
     let ours: Vec<(&str, Kind)> = entries.iter().map(|(p, k, _)| (p.as_str(), *k)).collect();
@@ -1182,6 +1234,22 @@ pub enum Kind {
     Socket,
     CharDev,
     BlockDev,
+}
+
+impl Kind {
+    /// The kind a `st_mode`-style mode's file type bits name, `None` for none.
+    pub fn of_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & 0o170000 {
+            0o100000 => Kind::File,
+            0o040000 => Kind::Dir,
+            0o120000 => Kind::Symlink,
+            0o010000 => Kind::Fifo,
+            0o140000 => Kind::Socket,
+            0o020000 => Kind::CharDev,
+            0o060000 => Kind::BlockDev,
+            _ => return None,
+        })
+    }
 }
 
 /// What [`tree_snapshot`] records about one path. [`diff_trees`] compares
