@@ -10,6 +10,13 @@
 //! memory errors into crashes; panics, overflow checks and debug assertions
 //! are what libFuzzer catches here.
 //!
+//! The build is cargo-fuzz's `--dev` with `fuzz/Cargo.toml`'s dev profile
+//! (opt-level 1): every dependency is instrumented, and a cold release build
+//! of the eight targets took over half an hour on two cores, most of the
+//! suite's budget; opt-level 1 builds in minutes and executes a few times
+//! slower, which a few seconds per target in the suite can afford and a long
+//! `cargo xtask fuzz --seconds N` makes up for with time.
+//!
 //! Corpora: libFuzzer reads the committed seeds (`fuzz/corpus/<target>/`) and
 //! the regression inputs (`fuzz/regressions/<target>/`) and writes what it
 //! finds into a working corpus under the target directory, which later runs
@@ -96,18 +103,18 @@ fn work_dir() -> PathBuf {
     util::target_dir().join("fuzz")
 }
 
-/// Builds all targets (release, instrumented, no sanitizer); returns the
-/// directory holding the binaries.
+/// Builds all targets (dev profile at opt-level 1, instrumented, no
+/// sanitizer); returns the directory holding the binaries.
 fn build() -> anyhow::Result<PathBuf> {
     let cargo_fuzz = util::ci_tool("cargo-fuzz")?;
     let target_dir = work_dir().join("target");
     util::Cmd::new(cargo_fuzz)
-        .args(["build", "--sanitizer", "none", "--fuzz-dir"])
+        .args(["build", "--dev", "--sanitizer", "none", "--fuzz-dir"])
         .arg(fuzz_dir())
         .cwd(util::project_root())
         .env("CARGO_TARGET_DIR", &target_dir)
         .run()?;
-    Ok(target_dir.join(host_triple()).join("release"))
+    Ok(target_dir.join(host_triple()).join("debug"))
 }
 
 /// cargo-fuzz builds for the host triple explicitly (its binaries land under it).

@@ -62,6 +62,7 @@ fn agent_socket() -> &'static PathBuf {
             sysfs: guest::Sysfs { root: dir.join("sys") },
             on_destroy: service::OnDestroy::Nothing,
             etc: dir.join("etc"),
+            copies: Default::default(),
         };
         let mut methods = agent_ttrpc::create_agent_service(Arc::new(agent));
         let mut replace = |method: &str, handler| {

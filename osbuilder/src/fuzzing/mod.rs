@@ -26,12 +26,28 @@ use crate::oci::digest::Digest;
 use crate::oci::manifest::{ImageConfig, ManifestDoc, Platform};
 use crate::oci::{Image, ImageRef, PullOptions};
 use crate::progress::Progress;
+use crate::rootfs::{Intake, Limits};
 use crate::rootfs::{Body, Plan, Tree};
 use indicatif::ProgressBar;
 
 /// Decompressed layer bytes read at most: a few KiB of zstd can claim
 /// gigabytes, which would measure the disk, not the parser.
 const MAX_LAYER_BYTES: u64 = 64 << 20;
+
+/// The intake limits of every target: the defaults scaled to what a fuzz
+/// input can hold, so a refusal by limit is reached (and exercised) long
+/// before libFuzzer's RSS limit.
+pub(crate) fn intake() -> Intake {
+    let limits = Limits {
+        max_spool_bytes: MAX_LAYER_BYTES,
+        max_entries: 100_000,
+        max_metadata_bytes: 16 << 20,
+        max_path_depth: 256,
+        max_header_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    Intake { limits, spool_dir: None }
+}
 
 /// Target `layer`: the bytes as a layer blob (plain, gzip or zstd, sniffed as
 /// `Image::apply_layers` does), applied twice onto one tree (as layers 0 and 1,
@@ -42,7 +58,7 @@ pub fn layer(data: &[u8]) {
     for index in 0..2 {
         let Ok(decoded) = crate::oci::decompress(Cursor::new(data.to_vec())) else { return };
         let bounded = std::io::Read::take(decoded, MAX_LAYER_BYTES);
-        if tree.apply_layer(bounded, index, None).is_err() {
+        if tree.apply_layer(bounded, index, &intake()).is_err() {
             return;
         }
     }
@@ -125,7 +141,7 @@ pub fn oci_manifest(data: &[u8]) {
     let _ = image.platform().to_string();
     let _ = image.config.created_epoch();
     let mut tree = Tree::new();
-    let _ = image.apply_layers(&mut tree, None, 1, &progress);
+    let _ = image.apply_layers(&mut tree, &intake(), 1, &progress);
 }
 
 fn substitute(doc: &[u8], vars: &[(&str, &str)]) -> Vec<u8> {

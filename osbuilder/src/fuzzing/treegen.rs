@@ -87,7 +87,7 @@ impl Bytes<'_> {
 pub fn tree(data: &[u8]) -> Option<Tree> {
     let tar = layer(data);
     let mut tree = Tree::new();
-    tree.apply_layer(&tar[..], 0, None).ok()?;
+    tree.apply_layer(&tar[..], 0, &super::intake()).ok()?;
     Some(tree)
 }
 
