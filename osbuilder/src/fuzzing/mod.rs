@@ -26,8 +26,8 @@ use crate::oci::digest::Digest;
 use crate::oci::manifest::{ImageConfig, ManifestDoc, Platform};
 use crate::oci::{Image, ImageRef, PullOptions};
 use crate::progress::Progress;
-use crate::rootfs::{Intake, Limits};
 use crate::rootfs::{Body, Plan, Tree};
+use crate::rootfs::{Intake, Limits};
 use indicatif::ProgressBar;
 
 /// Decompressed layer bytes read at most: a few KiB of zstd can claim
