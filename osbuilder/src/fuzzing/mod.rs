@@ -208,7 +208,7 @@ pub fn disk(data: &[u8], fsck: Fsck) {
     let Ok(plan) = Plan::new(&tree) else { return };
     let check = match fsck {
         Fsck::Always => true,
-        Fsck::Every(n) => DISK_RUNS.fetch_add(1, Ordering::Relaxed) % n.max(1) == 0,
+        Fsck::Every(n) => DISK_RUNS.fetch_add(1, Ordering::Relaxed).is_multiple_of(n.max(1)),
     };
     let dir = tempfile::tempdir().expect("a temporary directory");
 

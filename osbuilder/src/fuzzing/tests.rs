@@ -68,7 +68,7 @@ fn generated_trees_have_every_kind_of_entry() {
     data.extend_from_slice(&[5, 0, 14, 0, 0, 0, 9, 1, 0, 3, 0, 0, 0]); // char device "sp ace"
     data.extend_from_slice(&[7, 0, 6, 0, 0, 0, 9]); // fifo "bin"
     let mut tree = Tree::new();
-    tree.apply_layer(&treegen::layer(&data)[..], 0, None).expect("a valid layer");
+    tree.apply_layer(&treegen::layer(&data)[..], 0, &super::intake()).expect("a valid layer");
     let plan = Plan::new(&tree).unwrap();
     let t = plan.totals();
     assert_eq!((t.dirs, t.files, t.symlinks, t.special), (2, 1, 1, 2), "{t:?}");
