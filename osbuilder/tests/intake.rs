@@ -8,11 +8,10 @@
 mod common;
 
 use std::fs;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::bombs::*;
 use common::*;
-use sha2::{Digest as _, Sha256};
 
 /// Peak RSS a refused build may reach.
 const MAX_RSS_MIB: u64 = 400;
@@ -22,88 +21,6 @@ const MAX_MESSAGE_BYTES: usize = 1024;
 fn scratch() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("osbuilder-intake-").tempdir().unwrap()
 }
-
-#[derive(Clone, Copy)]
-enum Codec {
-    Gzip,
-    Zstd,
-}
-
-/// A layer as `head`, then `body` `count` times, then `tail`: each part
-/// compressed on its own (gzip members and zstd frames concatenate), so a
-/// gigabyte of uncompressed layer costs the test one compression of `body`.
-struct Layer {
-    head: Vec<u8>,
-    body: Vec<u8>,
-    count: usize,
-    tail: Vec<u8>,
-}
-
-impl Layer {
-    fn plain(tar: Vec<u8>) -> Layer {
-        Layer { head: tar, body: Vec::new(), count: 0, tail: Vec::new() }
-    }
-
-    fn compressed(&self, codec: Codec) -> Vec<u8> {
-        let one = |bytes: &[u8]| match codec {
-            Codec::Gzip => {
-                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-                gz.write_all(bytes).unwrap();
-                gz.finish().unwrap()
-            }
-            Codec::Zstd => zstd::encode_all(bytes, 19).unwrap(),
-        };
-        let body = one(&self.body);
-        let mut out = one(&self.head);
-        for _ in 0..self.count {
-            out.extend_from_slice(&body);
-        }
-        out.extend_from_slice(&one(&self.tail));
-        out
-    }
-
-    fn diff_id(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(&self.head);
-        for _ in 0..self.count {
-            h.update(&self.body);
-        }
-        h.update(&self.tail);
-        format!("sha256:{}", hex::encode(h.finalize()))
-    }
-}
-
-/// An OCI layout (tag `evil`) whose image has this one layer.
-fn layout_with(dir: &Path, layer: &Layer, codec: Codec) -> PathBuf {
-    let media_type = match codec {
-        Codec::Gzip => MT_OCI_LAYER_GZIP,
-        Codec::Zstd => MT_OCI_LAYER_ZSTD,
-    };
-    write_layout(dir, "evil", &[LayoutLayer { blob: &layer.compressed(codec), media_type, diff_id: layer.diff_id() }])
-}
-
-fn header(kind: tar::EntryType, name: &str, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
-    h.set_size(size);
-    h.set_mtime(1);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
-    h.set_cksum();
-    h
-}
-
-/// A GNU base-256 number field.
-fn base256<const N: usize>(value: u64) -> [u8; N] {
-    let mut field = [0u8; N];
-    field[0] = 0x80;
-    field[N - 8..].copy_from_slice(&value.to_be_bytes());
-    field
-}
-
-const END_OF_ARCHIVE: [u8; 1024] = [0; 1024];
 
 /// Runs `osbuilder initrd` on `layout` and returns (success, stderr, peak
 /// RSS in MiB). The child runs under RLIMIT_FSIZE (2 GiB) and RLIMIT_AS
@@ -151,36 +68,18 @@ fn check_refused(name: &str, layer: &Layer, codec: Codec, extra: &[&str], expect
 
 #[test]
 fn a_512_byte_sparse_entry_declaring_1_eib_is_refused_before_any_zero_is_written() {
-    let mut h = header(tar::EntryType::GNUSparse, "huge", 0);
-    {
-        let gnu = h.as_gnu_mut().unwrap();
-        gnu.realsize = base256(1 << 60);
-        // One empty segment at the end: the whole file is a hole.
-        gnu.sparse[0].offset = base256(1 << 60);
-        gnu.sparse[0].numbytes = *b"00000000000\0";
-    }
-    h.set_cksum();
-    let mut tar = h.as_bytes().to_vec();
-    assert_eq!(tar.len(), 512);
-    tar.extend_from_slice(&END_OF_ARCHIVE);
-    check_refused("sparse-1eib", &Layer::plain(tar), Codec::Gzip, &[], &["\"huge\"", "1152921504606846976 bytes", "--max-spool-bytes"]);
+    check_refused("sparse-1eib", &sparse_1eib(), Codec::Gzip, &[], &["\"huge\"", "1152921504606846976 bytes", "--max-spool-bytes"]);
 }
 
 #[test]
 fn a_1_gib_pax_path_in_a_1_mb_gzip_is_refused_from_its_header() {
-    const RECORD: u64 = 1 << 30;
-    const CHUNK: usize = 16 << 20;
-    let prefix = format!("{RECORD} path=");
-    let value_len = RECORD as usize - prefix.len() - 1;
-    let mut head = header(tar::EntryType::XHeader, "PaxHeaders/x", RECORD).as_bytes().to_vec();
-    head.extend_from_slice(prefix.as_bytes());
-    let mut tail = vec![b'a'; value_len % CHUNK];
-    tail.push(b'\n');
-    tail.resize(tail.len() + (512 - (RECORD % 512) as usize) % 512, 0);
-    tail.extend_from_slice(header(tar::EntryType::Regular, "x", 0).as_bytes());
-    tail.extend_from_slice(&END_OF_ARCHIVE);
-    let layer = Layer { head, body: vec![b'a'; CHUNK], count: value_len / CHUNK, tail };
-    check_refused("pax-1gib", &layer, Codec::Gzip, &[], &["PAX extended header at byte 0", "1073741824 bytes", "1048576-byte limit", "--max-header-bytes"]);
+    check_refused(
+        "pax-1gib",
+        &pax_1gib(),
+        Codec::Gzip,
+        &[],
+        &["PAX extended header at byte 0", "1073741824 bytes", "1048576-byte limit", "--max-header-bytes"],
+    );
 }
 
 #[test]
@@ -233,22 +132,14 @@ fn trees_deeper_than_the_limit_are_refused_by_name_or_through_symlinks() {
     );
 }
 
-/// One file of 1 GiB of zeros: 1 MB as gzip, a few KB as zstd.
-fn zeros_layer() -> Layer {
-    const CHUNK: usize = 16 << 20;
-    let mut tail = Vec::new();
-    tail.extend_from_slice(&END_OF_ARCHIVE);
-    Layer { head: header(tar::EntryType::Regular, "zeros", 64 * CHUNK as u64).as_bytes().to_vec(), body: vec![0; CHUNK], count: 64, tail }
-}
-
 #[test]
 fn a_gzip_bomb_is_refused_over_the_ratio() {
-    check_refused("gzip-bomb", &zeros_layer(), Codec::Gzip, &["--max-ratio", "100"], &["decompress to more than", "over the limit of 100:1", "--max-ratio"]);
+    check_refused("gzip-bomb", &zeros_1gib(), Codec::Gzip, &["--max-ratio", "100"], &["decompress to more than", "over the limit of 100:1", "--max-ratio"]);
 }
 
 #[test]
 fn a_zstd_bomb_is_refused_over_the_default_ratio() {
-    check_refused("zstd-bomb", &zeros_layer(), Codec::Zstd, &[], &["decompress to more than", "over the limit of 1000:1", "--max-ratio"]);
+    check_refused("zstd-bomb", &zeros_1gib(), Codec::Zstd, &[], &["decompress to more than", "over the limit of 1000:1", "--max-ratio"]);
 }
 
 #[test]

@@ -106,11 +106,17 @@ const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 pub enum LayerError {
     #[error("cannot read the layer's tar stream: {0}")]
     Read(#[source] std::io::Error),
-    #[error("cannot read entry {path:?}: {source}")]
-    Entry { path: String, source: std::io::Error },
+    /// A numeric header field that does not parse (the tar crate's message
+    /// would quote the field's raw bytes).
+    #[error("entry {path:?}: the header's {field} field is not a number")]
+    BadField { path: String, field: &'static str },
+    #[error("entry {path:?}: a symlink with an empty target")]
+    SymlinkEmpty { path: String },
+    #[error("entry {path:?}: symlink target {target:?} contains a NUL byte")]
+    SymlinkNul { path: String, target: String },
     #[error("entry {path:?}: {source}")]
     Path { path: String, source: PathError },
-    #[error("entry {path:?}: parent {parent} is a {kind}, not a directory")]
+    #[error("entry {path:?}: parent {parent:?} is a {kind}, not a directory")]
     ParentNotDir { path: String, parent: String, kind: &'static str },
     #[error("entry {path:?}: too many levels of symlinks")]
     SymlinkLoop { path: String },
@@ -163,7 +169,6 @@ impl Tree {
         let mut stream = TarStream::new(tar_stream, intake.limits.max_header_bytes);
         while let Some(entry) = stream.next_entry()? {
             let shown = excerpt(&entry.path);
-            let err_entry = |source| LayerError::Entry { path: shown.clone(), source };
             self.usage.entries += 1;
             if self.usage.entries > self.usage.limits.max_entries {
                 return Err(LayerError::TooManyEntries { path: shown, limit: self.usage.limits.max_entries });
@@ -232,7 +237,13 @@ impl Tree {
                 }
                 EntryType::Symlink => {
                     let target = entry.link.clone().unwrap_or_default();
-                    if target.is_empty() || target.len() > MAX_SYMLINK_TARGET || target.contains(&0) {
+                    if target.is_empty() {
+                        return Err(LayerError::SymlinkEmpty { path: shown });
+                    }
+                    if target.contains(&0) {
+                        return Err(LayerError::SymlinkNul { path: shown, target: excerpt(&target) });
+                    }
+                    if target.len() > MAX_SYMLINK_TARGET {
                         return Err(absurd(&shown, "symlink target length", target.len()));
                     }
                     Body::Symlink(target)
@@ -250,8 +261,8 @@ impl Tree {
                     continue;
                 }
                 EntryType::Char | EntryType::Block => {
-                    let major = entry.header.device_major().map_err(err_entry)?.unwrap_or(0);
-                    let minor = entry.header.device_minor().map_err(err_entry)?.unwrap_or(0);
+                    let major = entry.header.device_major().map_err(bad_field(&shown, "device major"))?.unwrap_or(0);
+                    let minor = entry.header.device_minor().map_err(bad_field(&shown, "device minor"))?.unwrap_or(0);
                     if kind == EntryType::Char {
                         Body::CharDevice { major, minor }
                     } else {
@@ -510,9 +521,8 @@ struct ParsedHeader {
 /// Reads ownership, mode, mtime and xattrs, letting PAX records override the
 /// ustar fields (PAX carries large ids and sub-second or negative times).
 fn parse_header(entry: &TarEntry, shown: &str) -> Result<ParsedHeader, LayerError> {
-    let err_entry = |source| LayerError::Entry { path: shown.to_string(), source };
     let header = &entry.header;
-    let mode = header.mode().map_err(err_entry)?;
+    let mode = header.mode().map_err(bad_field(shown, "mode"))?;
     // A PAX record replaces the header field, which then need not parse.
     let mut uid = None;
     let mut gid = None;
@@ -547,15 +557,15 @@ fn parse_header(entry: &TarEntry, shown: &str) -> Result<ParsedHeader, LayerErro
     }
     let uid: u64 = match uid {
         Some(uid) => uid,
-        None => header.uid().map_err(err_entry)?,
+        None => header.uid().map_err(bad_field(shown, "uid"))?,
     };
     let gid: u64 = match gid {
         Some(gid) => gid,
-        None => header.gid().map_err(err_entry)?,
+        None => header.gid().map_err(bad_field(shown, "gid"))?,
     };
     let mtime = match mtime {
         Some(mtime) => mtime,
-        None => header.mtime().map_err(err_entry)? as i64,
+        None => header.mtime().map_err(bad_field(shown, "mtime"))? as i64,
     };
     let uid = u32::try_from(uid).ok().filter(|&u| u != u32::MAX).ok_or_else(|| absurd(shown, "uid", uid))?;
     let gid = u32::try_from(gid).ok().filter(|&g| g != u32::MAX).ok_or_else(|| absurd(shown, "gid", gid))?;
@@ -571,8 +581,17 @@ fn absurd(path: &str, what: &'static str, value: impl ToString) -> LayerError {
     LayerError::Absurd { path: path.to_string(), what, value: value.to_string() }
 }
 
+/// A numeric header field that does not parse, named without its bytes (the
+/// tar crate's message quotes them raw).
+fn bad_field(path: &str, field: &'static str) -> impl FnOnce(std::io::Error) -> LayerError {
+    let path = path.to_string();
+    move |_| LayerError::BadField { path, field }
+}
+
+/// A header value for a message: an excerpt with control characters escaped,
+/// so a hostile value cannot drive the terminal it is printed on.
 fn lossy(bytes: &[u8]) -> String {
-    excerpt(bytes)
+    excerpt(bytes).escape_debug().to_string()
 }
 
 #[cfg(test)]
@@ -805,6 +824,7 @@ mod tests {
         check_rejected(vec![LayerBuilder::new().dir("d").hardlink("h", "d").build()], "is a directory");
         check_rejected(vec![LayerBuilder::new().file("f", "x").file("f/child", "y").build()], "not a directory");
         check_rejected(vec![LayerBuilder::new().file(".wh...", "").build()], "`..`");
+        check_rejected(vec![LayerBuilder::new().symlink("l", "").build()], "a symlink with an empty target");
     }
 
     #[test]
@@ -965,5 +985,22 @@ mod tests {
         let meta = &tree.inode(idx).meta;
         assert_eq!((meta.mode, meta.uid, meta.gid, meta.mtime), (0o4755, 100_000, 100_001, 1_700_000_000));
         assert_eq!(meta.xattrs.get(&b"security.capability"[..]).map(Vec::as_slice), Some(&b"\x01\x00\x00\x02"[..]));
+    }
+
+    /// PAX values are bytes: a NUL inside a `linkpath` is named as a NUL, and
+    /// a value of escape sequences is shown escaped.
+    #[test]
+    fn pax_values_with_nul_or_control_bytes_are_named_escaped() {
+        let pax_then = |records: &[(&str, &[u8])], kind: EntryType| {
+            let mut builder = tar::Builder::new(Vec::new());
+            builder.append_pax_extensions(records.iter().map(|(k, v)| (*k, *v))).unwrap();
+            let mut h = LayerBuilder::header(kind, 0o777, 0);
+            builder.append_data(&mut h, "l", &b""[..]).unwrap();
+            builder.into_inner().unwrap()
+        };
+        let err = apply(&mut Tree::new(), 0, pax_then(&[("linkpath", b"f\0../x")], EntryType::Symlink)).unwrap_err();
+        assert_eq!(err.to_string(), r#"entry "l": symlink target "f\0../x" contains a NUL byte"#);
+        let err = apply(&mut Tree::new(), 0, pax_then(&[("uid", b"\x1b[2J")], EntryType::Regular)).unwrap_err();
+        assert_eq!(err.to_string(), r#"entry "l": PAX uid \u{1b}[2J is out of range"#);
     }
 }

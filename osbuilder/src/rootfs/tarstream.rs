@@ -84,7 +84,7 @@ impl<R: Read> TarStream<R> {
                 return Ok(None);
             }
             check_checksum(&header, offset)?;
-            let size = header.entry_size().map_err(|e| malformed(offset, e))?;
+            let size = header.entry_size().map_err(bad_field(offset, "size"))?;
             let kind = header.entry_type();
             let slot = match kind {
                 EntryType::GNULongName => Some((&mut long_name, "a GNU long name record")),
@@ -156,15 +156,15 @@ impl<R: Read> TarStream<R> {
     /// more in each extension block that follows.
     fn read_sparse_map(&mut self, header: &Header, stored: u64, offset: u64) -> Result<SparseMap, LayerError> {
         let gnu = header.as_gnu().ok_or_else(|| malformed(offset, "a sparse member without a GNU header"))?;
-        let real_size = gnu.real_size().map_err(|e| malformed(offset, e))?;
+        let real_size = gnu.real_size().map_err(bad_field(offset, "sparse real size"))?;
         let mut map = SparseMap { segments: Vec::new(), real_size };
         let mut data = 0u64;
         let mut add = |map: &mut SparseMap, block: &GnuSparseHeader| -> Result<(), LayerError> {
             if block.is_empty() {
                 return Ok(());
             }
-            let start = block.offset().map_err(|e| malformed(offset, e))?;
-            let len = block.length().map_err(|e| malformed(offset, e))?;
+            let start = block.offset().map_err(bad_field(offset, "sparse offset"))?;
+            let len = block.length().map_err(bad_field(offset, "sparse length"))?;
             let end_of_last = map.segments.last().map_or(0, |&(o, l)| o + l);
             let end = start.checked_add(len).filter(|&end| start >= end_of_last && end <= real_size);
             if end.is_none() {
@@ -264,7 +264,7 @@ fn parse_pax(mut data: &[u8]) -> Result<PaxRecords, &'static str> {
 fn check_checksum(header: &Header, offset: u64) -> Result<(), LayerError> {
     let bytes = header.as_bytes();
     let sum = bytes[..148].iter().chain(&bytes[156..]).map(|&b| u32::from(b)).sum::<u32>() + 8 * u32::from(b' ');
-    let stored = header.cksum().map_err(|e| malformed(offset, e))?;
+    let stored = header.cksum().map_err(bad_field(offset, "checksum"))?;
     if sum != stored {
         return Err(malformed(offset, "header checksum mismatch"));
     }
@@ -280,6 +280,12 @@ fn strip_nul(mut name: Vec<u8>) -> Vec<u8> {
         name.pop();
     }
     name
+}
+
+/// A numeric header field that does not parse, named without its bytes (the
+/// tar crate's message quotes them raw, and the path, hostile bytes both).
+fn bad_field(offset: u64, field: &'static str) -> impl FnOnce(std::io::Error) -> LayerError {
+    move |_| malformed(offset, format!("the header's {field} field is not a number"))
 }
 
 fn malformed(offset: u64, reason: impl ToString) -> LayerError {

@@ -2,7 +2,8 @@
 //! independent oracles (umoci, GNU cpio, skopeo) to check osbuilder against.
 //!
 //! Integration tests include it with `mod common;`. It uses std, `tempfile`,
-//! `serde_json`, `sha2` and `hex` only, and shells out to the Debian tools that
+//! `serde_json`, `sha2`, `hex` and `libc` (`bombs` also `tar`, `flate2` and
+//! `zstd`), and shells out to the Debian tools that
 //! `ci/setup.sh` installs: docker-registry, skopeo, umoci, debootstrap,
 //! htpasswd (apache2-utils), cpio, gzip, zstd, flock (util-linux), setcap and
 //! getcap (libcap2-bin), busybox-static and GNU tar. Most of it needs root
@@ -1053,13 +1054,39 @@ pub fn cpio_list(initrd: &Path) -> Vec<CpioEntry> {
         .collect()
 }
 
-/// The exact mtime of every entry of an initrd, directories and symlinks
-/// included, which neither `cpio -tv` (minutes or days) nor `cpio -idm`
-/// (files only) gives: read from the newc headers (`070701`/`070702`: 13
-/// eight-digit hex fields after the magic, the sixth being mtime), in archive
-/// order. The reader is held to GNU cpio: the paths and kinds it finds must be
-/// exactly those of [`cpio_list`], in the same order.
-pub fn cpio_mtimes(initrd: &Path) -> Vec<(String, Kind, i64)> {
+/// One newc header and its data, read byte for byte (names as stored: not
+/// UTF-8 when the image's are not).
+#[derive(Clone, Debug)]
+pub struct NewcEntry {
+    /// The name as stored, without its terminating NUL.
+    pub name: Vec<u8>,
+    pub ino: u32,
+    /// The whole `st_mode`: file type and permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub mtime: u32,
+    /// (major, minor) of the device a device node stands for.
+    pub rdev: (u32, u32),
+    /// File data (empty on all but the last name of a hard-link set) or a
+    /// symlink's target.
+    pub data: Vec<u8>,
+}
+
+impl NewcEntry {
+    pub fn kind(&self) -> Kind {
+        Kind::of_mode(self.mode).unwrap_or_else(|| panic!("{:?}: unknown file type {:o}", String::from_utf8_lossy(&self.name), self.mode & 0o170000))
+    }
+}
+
+/// Every entry of an initrd, in archive order, read from the newc headers
+/// (`070701`/`070702`: 13 eight-digit hex fields after the magic), which
+/// `cpio -tv` gives only in part (mtimes to the minute, names lossily). The
+/// reader is held to GNU cpio: the paths and kinds it finds must be exactly
+/// those of [`cpio_list`], in the same order. Only the first archive of a
+/// concatenated initrd is read.
+pub fn newc_entries(initrd: &Path) -> Vec<NewcEntry> {
     let data = match detect_compression(initrd) {
         Compression::None => fs::read(initrd).unwrap(),
         Compression::Gzip => run(tool("gzip").arg("-dc").arg(initrd)).stdout,
@@ -1075,21 +1102,39 @@ pub fn cpio_mtimes(initrd: &Path) -> Vec<(String, Kind, i64)> {
     loop {
         let magic = &data[at..at + 6];
         assert!(magic == b"070701" || magic == b"070702", "{}: no newc magic at {at}: {magic:?}", initrd.display());
-        let (mode, mtime, size, name_size) = (field(at, 1), field(at, 5), field(at, 6) as usize, field(at, 11) as usize);
-        let name = String::from_utf8_lossy(&data[at + 110..at + 110 + name_size - 1]).into_owned();
-        at = pad4(at + 110 + name_size);
-        at = pad4(at + size);
-        if name == "TRAILER!!!" {
+        let (size, name_size) = (field(at, 6) as usize, field(at, 11) as usize);
+        let name = data[at + 110..at + 110 + name_size - 1].to_vec();
+        let data_at = pad4(at + 110 + name_size);
+        let entry = NewcEntry {
+            name,
+            ino: field(at, 0),
+            mode: field(at, 1),
+            uid: field(at, 2),
+            gid: field(at, 3),
+            nlink: field(at, 4),
+            mtime: field(at, 5),
+            rdev: (field(at, 9), field(at, 10)),
+            data: data[data_at..data_at + size].to_vec(),
+        };
+        at = pad4(data_at + size);
+        if entry.name == b"TRAILER!!!" {
             break;
         }
-        let kind = Kind::of_mode(mode).unwrap_or_else(|| panic!("{}: {name}: unknown file type {:o}", initrd.display(), mode & 0o170000));
-        entries.push((normalize_archive_path(&name), kind, i64::from(mtime)));
+        entry.kind();
+        entries.push(entry);
     }
-    let ours: Vec<(&str, Kind)> = entries.iter().map(|(p, k, _)| (p.as_str(), *k)).collect();
+    let ours: Vec<(String, Kind)> = entries.iter().map(|e| (normalize_archive_path(&String::from_utf8_lossy(&e.name)), e.kind())).collect();
     let listed = cpio_list(initrd);
-    let gnu: Vec<(&str, Kind)> = listed.iter().map(|e| (e.path.as_str(), e.kind)).collect();
-    assert_eq!(ours, gnu, "the newc header reader disagrees with GNU cpio's listing");
+    let gnu: Vec<(String, Kind)> = listed.into_iter().map(|e| (e.path, e.kind)).collect();
+    assert!(ours == gnu, "the newc header reader disagrees with GNU cpio's listing");
     entries
+}
+
+/// The exact mtime of every entry of an initrd, directories and symlinks
+/// included, which neither `cpio -tv` (minutes or days) nor `cpio -idm`
+/// (files only) gives: from [`newc_entries`], in archive order.
+pub fn cpio_mtimes(initrd: &Path) -> Vec<(String, Kind, i64)> {
+    newc_entries(initrd).into_iter().map(|e| (normalize_archive_path(&String::from_utf8_lossy(&e.name)), e.kind(), i64::from(e.mtime))).collect()
 }
 
 /// Parses one `cpio -tvn` line, e.g.
@@ -1521,6 +1566,7 @@ impl TokenServer {
         TokenServer { addr, cert }
     }
 }
+pub mod bombs;
 pub mod guest;
 #[allow(unused_imports)] // not every test file injects faults
 pub use testkit::proxy;
