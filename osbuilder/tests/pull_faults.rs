@@ -325,3 +325,96 @@ fn eight_parallel_builds_share_one_cache_and_download_each_blob_once() {
     assert!(per_blob.values().all(|&n| n == 1), "each blob must be downloaded once: {per_blob:?}");
     let _ = s.layer_size;
 }
+
+/// A registry answering the manifest GET with a body far over the 16 MiB
+/// limit for JSON documents, undeclared (1 GiB until the connection closes)
+/// or declared (a `Content-Length` of 10 GiB): the pull is refused, naming
+/// the manifest and the limit, without buffering the body, so the peak RSS
+/// stays small and the proxy gets to write little beyond the limit before
+/// the client hangs up.
+#[test]
+fn a_huge_manifest_is_refused_without_buffering_it() {
+    let s = setup();
+    for (name, len, declare) in [("1 GiB, undeclared", 1u64 << 30, false), ("10 GiB, declared", 10u64 << 30, true)] {
+        let proxy = FaultProxy::start(&s.registry.addr());
+        let rule = proxy.add(Rule::new(Some("GET"), "/manifests/", Fault::RespondHuge { len, declare }).always());
+        let tmp = scratch();
+        let out = tmp.path().join("initrd.cpio.gz");
+        let image = format!("docker://{}/{REPO_TAG}", proxy.addr());
+        let cache = tmp.path().join("cache");
+        let (status, stderr, peak_mib) =
+            run_measured(osbuilder().args(["initrd", "--image", &image, "-o", path_str(&out), "--retries", "1", "--cache-dir", path_str(&cache)]));
+        let written: u64 = proxy.matching(Some("GET"), "/manifests/").iter().map(|r| r.response_body_bytes).sum();
+        eprintln!("huge manifest, {name}: peak RSS {peak_mib} MiB, the proxy wrote {written} bytes: {}", stderr.trim().lines().last().unwrap_or(""));
+        assert!(proxy.fired(rule) > 0, "{name}: the fault never fired\n{}", proxy.summary());
+        assert!(!status.success(), "{name}: the pull should be refused\n{stderr}");
+        assert!(
+            stderr.contains("manifest") && stderr.contains(REPO_TAG) && stderr.contains("16 MiB"),
+            "{name}: the error should name the manifest and the limit:\n{stderr}"
+        );
+        assert!(peak_mib < 100, "{name}: peak RSS {peak_mib} MiB: the manifest was buffered");
+        assert!(written < 64 << 20, "{name}: the client read {written} bytes of the manifest before refusing it");
+        assert!(!out.exists());
+        assert_cache_consistent(&cache);
+    }
+}
+
+/// The GETs matching `path` in the proxy's log: the one `rule` fired on and
+/// the one after it.
+fn fault_and_retry(proxy: &FaultProxy, rule: testkit::proxy::RuleId, path: &str) -> (testkit::proxy::Seen, testkit::proxy::Seen) {
+    let gets = proxy.matching(Some("GET"), path);
+    let i = gets.iter().position(|g| g.rule == Some(rule)).unwrap_or_else(|| panic!("no GET of {path} met the fault\n{}", proxy.summary()));
+    let retry = gets.get(i + 1).unwrap_or_else(|| panic!("the GET of {path} was not tried again\n{}", proxy.summary()));
+    (gets[i].clone(), retry.clone())
+}
+
+/// A 429 or 503 with `Retry-After: 2` on the manifest or on a blob: the pull
+/// waits what the registry asked (the retry arrives no earlier than 2 s after
+/// the refused request) and then builds the same output.
+#[test]
+fn a_429_or_503_with_retry_after_is_waited_out() {
+    let s = setup();
+    let blob = format!("/blobs/{}", s.layer);
+    let unavailable = Fault::Respond { status: 503, headers: vec![("Retry-After".into(), "2".into())], body: String::new() };
+    for (name, path, fault) in [
+        ("manifest 429", "/manifests/", Fault::too_many_requests(2)),
+        ("blob 429", blob.as_str(), Fault::too_many_requests(2)),
+        ("blob 503", blob.as_str(), unavailable),
+    ] {
+        let proxy = FaultProxy::start(&s.registry.addr());
+        let rule = proxy.add(Rule::new(Some("GET"), path, fault));
+        let tmp = scratch();
+        let out = tmp.path().join("initrd.cpio.gz");
+        let image = format!("docker://{}/{REPO_TAG}", proxy.addr());
+        let result = run_osbuilder(&["initrd", "--image", &image, "-o", path_str(&out)], &tmp.path().join("cache"));
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(result.status.success(), "{name}: the pull should wait and succeed:\n{stderr}\n{}", proxy.summary());
+        assert_eq!(sha256_file(&out), s.clean_sha256, "{name}: output differs from the clean build");
+        let (refused, retry) = fault_and_retry(&proxy, rule, path);
+        let waited = retry.arrived - refused.arrived;
+        eprintln!("{name}: tried again {:.2} s after the refusal", waited.as_secs_f64());
+        assert!(waited >= Duration::from_secs(2), "{name}: Retry-After: 2 not honoured, the retry came {waited:?} after the refusal\n{stderr}");
+    }
+}
+
+/// A `Retry-After` longer than the client waits: the pull fails at once
+/// with an error that names the wait, on the manifest as on a blob.
+#[test]
+fn a_retry_after_over_the_limit_fails_naming_the_wait() {
+    let s = setup();
+    let blob = format!("/blobs/{}", s.layer);
+    for (name, path) in [("manifest", "/manifests/"), ("blob", blob.as_str())] {
+        let proxy = FaultProxy::start(&s.registry.addr());
+        let rule = proxy.add(Rule::new(Some("GET"), path, Fault::too_many_requests(3600)).always());
+        let tmp = scratch();
+        let out = tmp.path().join("initrd.cpio.gz");
+        let image = format!("docker://{}/{REPO_TAG}", proxy.addr());
+        let result = run_osbuilder(&["initrd", "--image", &image, "-o", path_str(&out)], &tmp.path().join("cache"));
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(proxy.fired(rule) > 0, "{name}: the fault never fired\n{}", proxy.summary());
+        assert!(!result.status.success(), "{name}: the pull should fail\n{stderr}");
+        assert!(stderr.contains("3600 s") && stderr.contains("Retry-After"), "{name}: the error should name the wait:\n{stderr}");
+        assert_eq!(proxy.fired(rule), 1, "{name}: a wait over the limit is not tried again\n{}", proxy.summary());
+        assert!(!out.exists());
+    }
+}

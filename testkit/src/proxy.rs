@@ -62,6 +62,12 @@
 //!   midway, with part of the body already received.
 //! - `FlipResponseByte(i)`: inverts (XOR 0xff) the response body byte at
 //!   payload offset `i`.
+//! - `RespondHuge { len, declare }`: answered by the proxy, never forwarded:
+//!   200 with a JSON content type and `len` bytes of spaces, streamed in
+//!   64 KiB writes, with `Content-Length: len` when `declare` (else delimited
+//!   by closing the connection); the writing stops when the client goes
+//!   away, and `response_body_bytes` says how far it got. A registry that
+//!   sends a manifest nobody should buffer.
 //!
 //! # Forwarding
 //!
@@ -174,6 +180,8 @@ pub enum Fault {
     StallResponseAfter(u64),
     /// Invert the response body byte at this offset.
     FlipResponseByte(u64),
+    /// Answer 200 with `len` body bytes, declared in `Content-Length` or not.
+    RespondHuge { len: u64, declare: bool },
 }
 
 impl Fault {
@@ -251,6 +259,8 @@ pub struct Seen {
     /// The request target as sent: path and query.
     pub path: String,
     pub request_headers: Vec<(String, String)>,
+    /// When the request head was read, from the proxy's start.
+    pub arrived: Duration,
     /// Status sent to the client; `None` if it got no answer.
     pub status: Option<u16>,
     /// Response headers as sent to the client (the proxy's own `Connection`
@@ -329,6 +339,7 @@ impl State {
 
 struct Shared {
     upstream: SocketAddr,
+    started: Instant,
     stop: AtomicBool,
     state: Mutex<State>,
     wake: Condvar,
@@ -387,7 +398,8 @@ impl Shared {
                 }
             }
         }
-        st.seen.push(Seen { method: method.to_string(), path: target.to_string(), request_headers: headers.to_vec(), ..Seen::default() });
+        let arrived = self.started.elapsed();
+        st.seen.push(Seen { method: method.to_string(), path: target.to_string(), request_headers: headers.to_vec(), arrived, ..Seen::default() });
         (st.cleared + st.seen.len() - 1, chosen)
     }
 
@@ -423,7 +435,8 @@ impl FaultProxy {
         let upstream = upstream.to_socket_addrs().ok().and_then(|mut a| a.next()).unwrap_or_else(|| panic!("FaultProxy: bad upstream address {upstream:?}"));
         let listener = TcpListener::bind("127.0.0.1:0").expect("FaultProxy: bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
-        let shared = Arc::new(Shared { upstream, stop: AtomicBool::new(false), state: Mutex::new(State::default()), wake: Condvar::new() });
+        let shared =
+            Arc::new(Shared { upstream, started: Instant::now(), stop: AtomicBool::new(false), state: Mutex::new(State::default()), wake: Condvar::new() });
         let sh = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("fault-proxy-listener".into())
@@ -954,6 +967,38 @@ fn exchange(sh: &Shared, conn: u64, client_in: &mut BufReader<TcpStream>, client
                 client_out.write_all(body_bytes)?;
                 client_out.flush()?;
                 return Ok(keep);
+            }
+            Fault::RespondHuge { len, declare } => {
+                sh.fire(idx, *rule, f);
+                if framing != Framing::Empty {
+                    let _ = copy_body(client_in, &mut io::sink(), framing, &CopyOpts::default(), &mut |_, _| {});
+                }
+                let mut hs = vec![("Content-Type".to_string(), "application/vnd.oci.image.manifest.v1+json".to_string())];
+                if *declare {
+                    hs.push(("Content-Length".into(), len.to_string()));
+                }
+                sh.update(idx, |s| {
+                    s.status = Some(200);
+                    s.response_headers = hs.clone();
+                    s.add_note("answered by the proxy");
+                });
+                write_head(client_out, "HTTP/1.1 200 OK", &hs, true)?;
+                let spaces = [b' '; BUF];
+                let mut sent = 0u64;
+                while sent < *len && !sh.stopped() {
+                    let n = (*len - sent).min(BUF as u64) as usize;
+                    if client_out.write_all(&spaces[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                    // Kept current, so the log shows how far it got while it still runs.
+                    if sent % (1 << 20) < BUF as u64 {
+                        sh.update(idx, |s| s.response_body_bytes = sent);
+                    }
+                }
+                let _ = client_out.flush();
+                sh.update(idx, |s| s.response_body_bytes = sent);
+                return Ok(false);
             }
             Fault::StallForever => {
                 sh.fire(idx, *rule, f);

@@ -16,13 +16,14 @@
 pub mod auth;
 pub mod cache;
 pub mod digest;
+pub mod http;
 pub mod manifest;
 
 mod archive;
 mod layout;
 mod registry;
 
-pub use registry::is_loopback as registry_is_loopback;
+pub use http::is_loopback as registry_is_loopback;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -460,7 +461,7 @@ pub(crate) fn read_json_file(path: &Path, what: &str) -> Result<Vec<u8>, OciErro
 /// Refuses a JSON document over [`MAX_JSON`].
 pub(crate) fn check_json_size(len: u64, what: &str) -> Result<(), OciError> {
     if len > MAX_JSON {
-        return Err(OciError::Invalid(format!("{what} is over the {MAX_JSON}-byte limit for JSON documents")));
+        return Err(OciError::Invalid(format!("{what} is over the {} MiB ({MAX_JSON}-byte) limit for JSON documents", MAX_JSON >> 20)));
     }
     Ok(())
 }

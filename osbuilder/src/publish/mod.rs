@@ -5,9 +5,10 @@
 //! manifests and configs as bytes, layers as [`Blob`]s. Layers are tar
 //! archives our code lays out (`tar.rs`), the same bytes on every machine for
 //! the same files; uncompressed ones are never written out, compressed ones
-//! are spooled once into the blob cache. `client.rs` speaks the registry's
-//! HTTP API: skip what is there, mount what another repository has, upload
-//! the rest in chunks that resume where the registry says it stopped.
+//! are spooled once into the blob cache. `client.rs` is the push side of the
+//! registry client ([`crate::oci::http`], shared with pulls): skip what is
+//! there, mount what another repository has, upload the rest in chunks that
+//! resume where the registry says it stopped.
 //! [`push`] ties them together, and `--verify` pulls the result back.
 
 pub mod client;
@@ -25,8 +26,10 @@ use sha2::{Digest as _, Sha256};
 
 use crate::oci::cache::BlobCache;
 use crate::oci::digest::Digest;
+use crate::oci::http::{Access, Client};
+pub use crate::oci::http::{ClientOptions, WireStats};
 use crate::progress::Progress;
-pub use client::{BlobOutcome, ClientOptions, WireStats};
+pub use client::BlobOutcome;
 pub use image::{Publication, PublishedManifest};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,18 @@ pub enum PublishError {
     Auth { registry: String, message: String },
     #[error("verification of the pushed image failed: {0}")]
     Verify(String),
+}
+
+impl From<crate::oci::http::HttpError> for PublishError {
+    fn from(e: crate::oci::http::HttpError) -> Self {
+        use crate::oci::http::HttpError;
+        match e {
+            HttpError::Usage(m) => PublishError::Usage(m),
+            HttpError::Io { context, source } => PublishError::Io { context, source },
+            HttpError::Registry { registry, message } => PublishError::Registry { registry, message },
+            HttpError::Auth { registry, message } => PublishError::Auth { registry, message },
+        }
+    }
 }
 
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> PublishError {
@@ -303,7 +318,7 @@ pub struct BlobReport {
 /// Pushes `publication` to `target`.
 pub fn push(publication: &Publication, target: &Target, opts: &PushOptions, progress: &Progress) -> Result<PushReport, PublishError> {
     let (creds, _source) = crate::oci::auth::resolve(&target.registry, opts.credentials.as_deref()).map_err(|e| PublishError::Usage(e.to_string()))?;
-    let client = client::Client::new(&target.registry, &target.repo, creds, opts.client.clone())?;
+    let client = Client::new(&target.registry, &target.repo, creds, Access::Push, opts.client.clone())?;
     let mut known = mounts::Known::load(&opts.cache, &target.registry);
     let top = publication.top();
     if let Some(want) = &target.digest {
@@ -355,16 +370,16 @@ pub fn push(publication: &Publication, target: &Target, opts: &PushOptions, prog
 
 /// Pulls every manifest and layer back: the manifests must be our bytes,
 /// every blob its digest, and each file in a layer the digest it had here.
-fn verify(client: &client::Client, publication: &Publication, cache: &BlobCache, progress: &Progress) -> Result<(), PublishError> {
+fn verify(client: &Client, publication: &Publication, cache: &BlobCache, progress: &Progress) -> Result<(), PublishError> {
     let fail = |m: String| PublishError::Verify(m);
     if let Some(index) = publication.index() {
-        let got = client.block_on(client.get_manifest(&index.digest, &index.media_type))?;
+        let got = client.block_on(client.get_manifest(&index.digest.to_string(), &index.media_type))?;
         if got[..] != index.bytes[..] {
             return Err(fail(format!("the index {} came back different", index.digest)));
         }
     }
     for m in publication.manifests() {
-        let got = client.block_on(client.get_manifest(&m.digest, &m.media_type))?;
+        let got = client.block_on(client.get_manifest(&m.digest.to_string(), &m.media_type))?;
         if got[..] != m.bytes[..] {
             return Err(fail(format!("manifest {} came back different", m.digest)));
         }
@@ -372,7 +387,7 @@ fn verify(client: &client::Client, publication: &Publication, cache: &BlobCache,
             let bar = progress.bytes(format!("verify {}", &blob.digest.to_string()[..19]), blob.size);
             let mut writer = cache.spool().map_err(io_err("cannot write to the blob cache"))?;
             let mut tee = BarWriter { inner: &mut writer, bar: &bar };
-            client.block_on(client.get_blob(&blob.digest, None, &mut tee))?;
+            client.block_on(client.get_blob(&blob.digest, &mut tee))?;
             bar.finish_and_clear();
             let path = writer.commit().map_err(|e| fail(e.to_string()))?;
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
