@@ -90,32 +90,37 @@ publish() { # publish TMPDIR DEST
 vhost_device_vsock_dest() { echo "$TOOLS/vhost-device-vsock-$VHOST_DEVICE_VSOCK_VERSION"; }
 
 vhost_device_vsock() {
-  local dest bin tmp t0
-  dest="$(vhost_device_vsock_dest)"
-  bin="$dest/bin/vhost-device-vsock"
+  cargo_install_tool vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION" "$(vhost_device_vsock_dest)" "3-4 minutes"
+}
+
+# cargo_install_tool NAME VERSION DEST DURATION: `cargo install --locked` of a crate from
+# cargo's registry into DEST (built in a temp dir beside it, renamed into place once its
+# binary runs), printing DEST/bin/NAME. --locked: the crate's own Cargo.lock, so every
+# machine builds the same dependency set.
+cargo_install_tool() {
+  local name="$1" version="$2" dest="$3" duration="$4" bin tmp t0
+  bin="$dest/bin/$name"
   if [ -x "$bin" ]; then echo "$bin"; return; fi
   command -v cargo >/dev/null || die "cargo not found (install Rust; see README)"
-  take_lock "vhost-device-vsock-$VHOST_DEVICE_VSOCK_VERSION"
+  take_lock "$name-$version"
   if [ -x "$bin" ]; then echo "$bin"; return; fi
-  make_tmp "vhost-device-vsock-$VHOST_DEVICE_VSOCK_VERSION"; tmp="$TMP"
-  log "installing vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION with cargo install (about 3-4 minutes)"
+  make_tmp "$name-$version"; tmp="$TMP"
+  log "installing $name $version with cargo install (about $duration)"
   t0=$SECONDS
-  # --locked: the crate's own Cargo.lock, so every machine builds the same dependency set.
   CARGO_TARGET_DIR="$tmp/target" nice -n "$NICE" cargo install --locked --quiet "${JOBS[@]}" \
-    --version "$VHOST_DEVICE_VSOCK_VERSION" --root "$tmp" vhost-device-vsock >&2 \
-    || die "cargo install vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION failed"
+    --version "$version" --root "$tmp" "$name" >&2 \
+    || die "cargo install $name $version failed"
   rm -rf "$tmp/target"
-  "$tmp/bin/vhost-device-vsock" --version >/dev/null 2>&1 \
-    || die "the freshly built vhost-device-vsock does not run"
+  "$tmp/bin/$name" --version >/dev/null 2>&1 || die "the freshly built $name does not run"
   {
-    echo "tool=vhost-device-vsock"
-    echo "version=$VHOST_DEVICE_VSOCK_VERSION"
+    echo "tool=$name"
+    echo "version=$version"
     echo "source=cargo install --locked"
     echo "rustc=$(rustc --version)"
     echo "build_seconds=$((SECONDS - t0))"
   } > "$tmp/BUILD-INFO"
   publish "$tmp" "$dest"
-  log "vhost-device-vsock built in $((SECONDS - t0)) s"
+  log "$name built in $((SECONDS - t0)) s"
   echo "$bin"
 }
 
@@ -127,31 +132,7 @@ vhost_device_vsock() {
 cargo_fuzz_dest() { echo "$TOOLS/cargo-fuzz-$CARGO_FUZZ_VERSION"; }
 
 cargo_fuzz() {
-  local dest bin tmp t0
-  dest="$(cargo_fuzz_dest)"
-  bin="$dest/bin/cargo-fuzz"
-  if [ -x "$bin" ]; then echo "$bin"; return; fi
-  command -v cargo >/dev/null || die "cargo not found (install Rust; see README)"
-  take_lock "cargo-fuzz-$CARGO_FUZZ_VERSION"
-  if [ -x "$bin" ]; then echo "$bin"; return; fi
-  make_tmp "cargo-fuzz-$CARGO_FUZZ_VERSION"; tmp="$TMP"
-  log "installing cargo-fuzz $CARGO_FUZZ_VERSION with cargo install (about 2 minutes)"
-  t0=$SECONDS
-  CARGO_TARGET_DIR="$tmp/target" nice -n "$NICE" cargo install --locked --quiet "${JOBS[@]}" \
-    --version "$CARGO_FUZZ_VERSION" --root "$tmp" cargo-fuzz >&2 \
-    || die "cargo install cargo-fuzz $CARGO_FUZZ_VERSION failed"
-  rm -rf "$tmp/target"
-  "$tmp/bin/cargo-fuzz" --version >/dev/null 2>&1 || die "the freshly built cargo-fuzz does not run"
-  {
-    echo "tool=cargo-fuzz"
-    echo "version=$CARGO_FUZZ_VERSION"
-    echo "source=cargo install --locked"
-    echo "rustc=$(rustc --version)"
-    echo "build_seconds=$((SECONDS - t0))"
-  } > "$tmp/BUILD-INFO"
-  publish "$tmp" "$dest"
-  log "cargo-fuzz built in $((SECONDS - t0)) s"
-  echo "$bin"
+  cargo_install_tool cargo-fuzz "$CARGO_FUZZ_VERSION" "$(cargo_fuzz_dest)" "2 minutes"
 }
 
 # ---------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ fn an_index_json_over_the_json_limit_is_refused_before_it_is_read_whole() {
     fs::remove_file(&out).unwrap();
     let (ok, stderr, rss_mib) = build_measured(&layout, &out, &[], tmp.path());
     eprintln!("index.json of 256 MiB: peak RSS {rss_mib} MiB: {}", stderr.trim());
-    assert!(!ok && stderr.contains("index.json is over the 16777216-byte limit for JSON documents"), "{stderr}");
+    assert!(!ok && stderr.contains("index.json is over the 16 MiB (16777216-byte) limit for JSON documents"), "{stderr}");
     assert!(rss_mib < 128, "index.json was read whole: peak RSS {rss_mib} MiB");
     assert!(!out.exists());
 }
