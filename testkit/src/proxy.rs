@@ -1002,16 +1002,7 @@ fn exchange(sh: &Shared, conn: u64, client_in: &mut BufReader<TcpStream>, client
             }
             Fault::StallForever => {
                 sh.fire(idx, *rule, f);
-                let started = Instant::now();
-                // Swallow whatever comes until the client closes (or the
-                // proxy's drop shuts the socket down).
-                let mut sink = [0u8; BUF];
-                while let Ok(n) = client_in.read(&mut sink) {
-                    if n == 0 {
-                        break;
-                    }
-                }
-                let secs = started.elapsed().as_secs_f64();
+                let secs = swallow_until_closed(client_in);
                 sh.update(idx, |s| s.add_note(format!("stalled forever; the client closed after {secs:.1} s")));
                 return Ok(false);
             }
@@ -1153,14 +1144,7 @@ fn exchange(sh: &Shared, conn: u64, client_in: &mut BufReader<TcpStream>, client
             if stall_after_truncate {
                 client_out.flush()?;
                 let _ = up_out.shutdown(Shutdown::Both);
-                let started = Instant::now();
-                let mut sink = [0u8; BUF];
-                while let Ok(n) = client_in.read(&mut sink) {
-                    if n == 0 {
-                        break;
-                    }
-                }
-                let secs = started.elapsed().as_secs_f64();
+                let secs = swallow_until_closed(client_in);
                 sh.update(idx, |s| s.add_note(format!("stalled after {} response bytes; the client closed after {secs:.1} s", c.payload)));
                 return Ok(false);
             }
@@ -1271,4 +1255,17 @@ pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> i
         Ok(resp) => Ok(resp),
         Err(e) => Err(written.err().unwrap_or(e)),
     }
+}
+
+/// Swallows whatever the client sends until it closes (or the proxy's drop
+/// shuts the socket down); returns how many seconds that took.
+fn swallow_until_closed(client_in: &mut impl Read) -> f64 {
+    let started = Instant::now();
+    let mut sink = [0u8; BUF];
+    while let Ok(n) = client_in.read(&mut sink) {
+        if n == 0 {
+            break;
+        }
+    }
+    started.elapsed().as_secs_f64()
 }

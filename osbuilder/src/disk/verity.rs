@@ -380,40 +380,15 @@ mod tests {
             std::fs::write(&ours, &tree.hash_area).unwrap();
             let salt = hex::encode(SALT);
             let d = data_path.to_str().unwrap();
-            let text = veritysetup(&[
-                "format",
-                "--no-superblock",
-                "--hash",
-                "sha256",
-                "--data-block-size",
-                "4096",
-                "--hash-block-size",
-                "4096",
-                "--salt",
-                &salt,
-                d,
-                theirs.to_str().unwrap(),
-            ]);
+            // Our parameters, as veritysetup spells them.
+            let params = ["--no-superblock", "--hash", "sha256", "--data-block-size", "4096", "--hash-block-size", "4096", "--salt", &salt];
+            let text = veritysetup(&[&["format"][..], &params, &[d, theirs.to_str().unwrap()]].concat());
             let root = text.lines().find_map(|l| l.strip_prefix("Root hash:")).unwrap_or_else(|| panic!("{text}")).trim();
             assert_eq!(root, hex::encode(tree.root_hash), "{blocks} blocks: root hash");
             let theirs_bytes = std::fs::read(&theirs).unwrap();
             assert_eq!(theirs_bytes.len(), tree.hash_area.len(), "{blocks} blocks: hash area size");
             assert!(theirs_bytes == tree.hash_area, "{blocks} blocks: hash areas differ");
-            veritysetup(&[
-                "verify",
-                "--no-superblock",
-                "--hash",
-                "sha256",
-                "--data-block-size",
-                "4096",
-                "--hash-block-size",
-                "4096",
-                "--salt",
-                &salt,
-                d,
-                ours.to_str().unwrap(),
-                root,
-            ]);
+            veritysetup(&[&["verify"][..], &params, &[d, ours.to_str().unwrap(), root]].concat());
         }
     }
 
