@@ -35,6 +35,8 @@ pub struct AgentCommand {
     pub program: PathBuf,
     pub argv0: String,
     pub args: Vec<String>,
+    /// Pass init's boot stamps ([`crate::stamps`]) as `--boot-stamps`.
+    pub boot_stamps: bool,
 }
 
 impl AgentCommand {
@@ -45,7 +47,7 @@ impl AgentCommand {
         if let Some(cid) = allow_cid {
             args.extend(["--allow-cid".into(), cid.to_string()]);
         }
-        AgentCommand { program: "/proc/self/exe".into(), argv0: "osb-agent".into(), args }
+        AgentCommand { program: "/proc/self/exe".into(), argv0: "osb-agent".into(), args, boot_stamps: true }
     }
 }
 
@@ -94,6 +96,10 @@ impl Agent {
         let read_fd = read.as_raw_fd();
         let mut command = Command::new(&self.command.program);
         command.arg0(&self.command.argv0).args(&self.command.args).stdin(Stdio::null());
+        if self.command.boot_stamps {
+            crate::stamps::mark("spawn");
+            command.arg("--boot-stamps").arg(crate::stamps::arg());
+        }
         // SAFETY: the closure runs between fork and exec in a single-threaded
         // child and only makes async-signal-safe syscalls on fd numbers;
         // `read` stays open in the parent until spawn returns.
@@ -170,7 +176,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_a_limit() {
-        let mut agent = Agent::new(AgentCommand { program: "/nonexistent".into(), argv0: "x".into(), args: vec![] });
+        let mut agent = Agent::new(AgentCommand { program: "/nonexistent".into(), argv0: "x".into(), args: vec![], boot_stamps: false });
         let mut delays = Vec::new();
         for _ in 0..9 {
             delays.push(agent.backoff);

@@ -22,6 +22,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod pid1;
 pub mod shutdown;
+pub mod stamps;
 pub mod supervisor;
 pub mod sys;
 pub mod user;

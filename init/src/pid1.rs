@@ -12,6 +12,7 @@ use crate::agent::AgentCommand;
 use crate::boot::{self, BootError};
 use crate::config::{self, ConfigError, RunConfig, RUN_CONFIG_PATH};
 use crate::shutdown;
+use crate::stamps;
 use crate::supervisor::{Supervisor, HANDLED_SIGNALS};
 use crate::sys::proc::{self, SignalFd};
 use crate::sys::{Linux, Power, Sys};
@@ -47,6 +48,7 @@ impl From<ConfigError> for Fatal {
 /// PID 1's entry point. `agent_linked`: this binary carries the agent (run
 /// as `/proc/self/exe` with argv[0] `osb-agent`), so init starts it.
 pub fn main(agent_linked: bool) -> ! {
+    stamps::mark("init");
     if proc::getpid() != 1 {
         eprintln!("osb-init: this is a guest's PID 1 and does nothing as pid {}", proc::getpid());
         std::process::exit(2);
@@ -88,10 +90,12 @@ fn boot_and_supervise(sys: &mut Linux, agent_linked: bool) -> Result<io::Error, 
     // ones wait for the signalfd.
     proc::block_signals(&HANDLED_SIGNALS).map_err(|e| Fatal(format!("block signals: {e}")))?;
     let opts = boot::early_boot(sys)?;
+    stamps::mark("mounted");
     // After the console is on fds 0-2 (they may be closed before), and
     // before any child exists.
     let signals = SignalFd::new(&HANDLED_SIGNALS).map_err(|e| Fatal(format!("open a signalfd: {e}")))?;
     boot::switch_root(sys, &opts)?;
+    stamps::mark("root");
     let run_config = read_run_config(sys)?;
 
     let hostname = opts.hostname.as_deref().or(run_config.hostname.as_deref()).unwrap_or(DEFAULT_HOSTNAME);

@@ -135,7 +135,7 @@ fn prepared(w: &Workload) -> Result<workload::Prepared, workload::StartError> {
 fn fake_agent(prelude: &str, out: &Path, on_exited: &str) -> AgentCommand {
     let script =
         format!("{prelude}\nwhile read -r line; do echo \"$line\" >> {out}; case \"$line\" in *exited*) {on_exited};; esac; done <&3", out = out.display());
-    AgentCommand { program: "/bin/sh".into(), argv0: "fake-agent".into(), args: vec!["-c".into(), script] }
+    AgentCommand { program: "/bin/sh".into(), argv0: "fake-agent".into(), args: vec!["-c".into(), script], boot_stamps: false }
 }
 
 struct Case {
@@ -251,6 +251,7 @@ fn stubborn_processes_get_sigkill() {
         program: "/bin/sh".into(),
         argv0: "stubborn".into(),
         args: vec!["-c".into(), "trap '' TERM; while :; do sleep 0.05; done".into()],
+        boot_stamps: false,
     });
     s.start_workload(prepared(&sh("sleep 0.1")));
     let started = Instant::now();

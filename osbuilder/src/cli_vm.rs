@@ -131,6 +131,14 @@ pub struct BootArgs {
     /// Extra kernel command line (e.g. osb.cmd=..., osb.on_exit=stay).
     #[arg(long, default_value = "")]
     append: String,
+    /// Replace our kernel arguments (console=ttyS0 panic=-1 ...; see
+    /// kernel-config/README.md) with these; --append and a disk's root
+    /// arguments still follow.
+    #[arg(long, value_name = "ARGS")]
+    kernel_args: Option<String>,
+    /// microvm: QEMU's ACPI tables on or off [default: off; q35 has ACPI].
+    #[arg(long, value_enum)]
+    acpi: Option<Toggle>,
     /// Directory for the sockets and console log (default: a temporary one).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -148,6 +156,12 @@ pub struct BootArgs {
     json: bool,
     #[command(flatten)]
     process: ProcessArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
 }
 
 pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
@@ -290,6 +304,11 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     cfg.mem_mib = args.mem;
     cfg.cpus = args.cpus;
     cfg.append = args.append.clone();
+    cfg.kernel_args = args.kernel_args.clone();
+    if args.acpi.is_some() && args.machine != Machine::Microvm {
+        bail!("--acpi is a microvm option (q35 always has ACPI)");
+    }
+    cfg.acpi = args.acpi == Some(Toggle::On);
     if let (Some(disk), Some(via)) = (&args.disk, args.via) {
         let root = disk_cmdline(disk, via, args.disk_report.as_deref(), args.initrd.is_some())?;
         cfg.append = if cfg.append.is_empty() { root } else { format!("{root} {}", cfg.append) };
@@ -301,8 +320,15 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         // From the agent's own metrics: its RSS and the guest uptime when it
         // started listening.
+        let asked = vm.started.elapsed().as_secs_f64();
         let metrics = client.metrics().unwrap_or_default();
+        let answered = vm.started.elapsed().as_secs_f64();
         let metric = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()));
+        let timeline = osbuilder::vm::BootTimeline::from_metrics(&metrics, asked, answered, health_seconds);
+        let phases: serde_json::Map<String, serde_json::Value> =
+            timeline.iter().flat_map(|t| t.phases()).map(|(name, secs)| (name.to_string(), serde_json::json!(secs))).collect();
+        let stamps: serde_json::Map<String, serde_json::Value> =
+            timeline.iter().flat_map(|t| t.stamps.clone()).map(|(name, secs)| (name, serde_json::json!(secs))).collect();
         println!(
             "{}",
             serde_json::json!({
@@ -312,6 +338,12 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
                 "agent_rss_bytes": metric("osb_agent_rss_bytes"),
                 "agent_ready_uptime_seconds": metric("osb_agent_ready_uptime_seconds"),
                 "guest_memory_total_bytes": metric("osb_guest_memory_total_bytes"),
+                // Seconds: QEMU start -> kernel clock zero -> init -> agent
+                // listening -> health answer (BootTimeline), and the guest
+                // uptime at each boot stamp.
+                "cmdline": cfg.cmdline(vm.accel),
+                "phases": phases,
+                "boot_stamps": stamps,
             })
         );
     }

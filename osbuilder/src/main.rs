@@ -428,8 +428,11 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
     let Some(image) = args.image else {
         // --agent-only (clap requires --init with it and --image without it).
         let init = args.init.context("--agent-only needs --init")?;
+        if let Some(path) = args.tree.remove.first().or(args.tree.remove_if_present.first()) {
+            anyhow::bail!("--remove {path}: an --agent-only initrd has no image to remove anything from");
+        }
         let opts = InitrdOptions { source_date_epoch: args.tree.source_date_epoch.unwrap_or(0), ..options };
-        let report = pipeline::build_agent_initrd(&init, &args.output, &opts, progress).context("building an agent-only initrd")?;
+        let report = pipeline::build_agent_initrd(&init, &args.tree.add, &args.output, &opts, progress).context("building an agent-only initrd")?;
         eprintln!(
             "osbuilder: wrote {} ({} entries, {} bytes unpacked, {} bytes compressed, sha256 {})",
             args.output.display(),
@@ -438,7 +441,7 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
             report.compressed_bytes,
             report.sha256
         );
-        return Ok(());
+        return write_report(args.tree.report.as_deref(), &report);
     };
     let job = InitrdJob { tree: args.tree.job(image, args.init), output: args.output, initrd: options };
     let report = pipeline::build_initrd(&job, progress).with_context(|| format!("building an initrd from {}", job.tree.image))?;

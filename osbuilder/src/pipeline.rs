@@ -157,13 +157,17 @@ pub fn add_guest_init(tree: &mut Tree, init: &Path, dest: &str, run: Option<&Gue
     Ok(())
 }
 
-/// An initrd holding only the guest init (no image): the agent-only guest.
-pub fn build_agent_initrd(init: &Path, output: &Path, opts: &InitrdOptions, progress: &Progress) -> Result<InitrdReport, BuildError> {
+/// An initrd holding only the guest init (no image), plus any `--add`ed
+/// host files: the agent-only guest.
+pub fn build_agent_initrd(init: &Path, adds: &[AddSpec], output: &Path, opts: &InitrdOptions, progress: &Progress) -> Result<InitrdReport, BuildError> {
     if output.is_dir() {
         return Err(BuildError::Usage(format!("output {} is a directory; give a file name", output.display())));
     }
     let mut tree = Tree::new();
     add_guest_init(&mut tree, init, INITRD_INIT_PATH, None, opts.source_date_epoch)?;
+    for add in adds {
+        tree.add_host_path(&add.src, &add.dest, add.mode, opts.source_date_epoch)?;
+    }
     let bar = progress.bytes("write", tree.stats().file_bytes);
     let opts = InitrdOptions { completion_marker: true, ..opts.clone() };
     let report = initrd::write_initrd(&tree, output, &opts, &bar)?;

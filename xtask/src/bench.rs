@@ -41,6 +41,10 @@ pub enum Section {
     Kernel,
     /// Init + agent sizes, agent RSS, time to agent health.
     Guest,
+    /// Boot phases (QEMU, kernel, init, agent, health) of each launch
+    /// config, boot arguments' savings, initrd compression, the slowest
+    /// initcalls and an SVG time line, beside Debian's cloud kernel.
+    Boot,
     /// Registry image to a bare ext4 disk image, ours vs skopeo+umoci+mke2fs -d,
     /// the fetch+decompress floor, and mke2fs -d - on the layer's tar stream;
     /// then erofs (plain, lz4, lz4hc) ours vs skopeo+umoci+mkfs.erofs.
@@ -162,6 +166,11 @@ impl Bench {
         if wants(Section::Guest) {
             let work = tempdir()?;
             crate::bench_guest::run(&osbuilder, &work, self.runs)?;
+            std::fs::remove_dir_all(&work)?;
+        }
+        if wants(Section::Boot) {
+            let work = tempdir()?;
+            crate::bench_boot::run(&osbuilder, &work, self.runs)?;
             std::fs::remove_dir_all(&work)?;
         }
         if wants(Section::Disk) {

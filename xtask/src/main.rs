@@ -5,6 +5,7 @@
 //! line and fails with its stderr.
 
 mod bench;
+mod bench_boot;
 mod bench_disk;
 mod bench_erofs;
 mod bench_guest;

@@ -12,7 +12,11 @@
 //! - `--allow-cid CID|any`: the vsock peer served (default 2, the host; a Unix
 //!   socket serves anyone who can open it);
 //! - `--workload-fd N`: read init's workload events (JSON lines) from fd N;
-//! - `--init-pid N`: the pid DestroySandbox sends SIGUSR2 to (default 1; 0: none).
+//! - `--init-pid N`: the pid DestroySandbox sends SIGUSR2 to (default 1; 0: none);
+//! - `--boot-stamps NAME=US,...`: init's boot stamps (`CLOCK_BOOTTIME` in
+//!   microseconds at each of its start-up steps), reported with the agent's
+//!   own `agent` (its first instruction) and `listen` in the metrics as
+//!   `osb_boot_stamp_seconds{stamp="NAME"}`.
 
 pub mod call;
 pub mod copy;
@@ -54,15 +58,22 @@ pub struct Options {
     pub peers: rpc::Peers,
     pub workload_fd: Option<i32>,
     pub init_pid: i32,
+    pub boot_stamps: Vec<(String, u64)>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { listen: ListenAddr::Vsock { cid: libc::VMADDR_CID_ANY, port: DEFAULT_PORT }, peers: rpc::Peers::default(), workload_fd: None, init_pid: 1 }
+        Options {
+            listen: ListenAddr::Vsock { cid: libc::VMADDR_CID_ANY, port: DEFAULT_PORT },
+            peers: rpc::Peers::default(),
+            workload_fd: None,
+            init_pid: 1,
+            boot_stamps: Vec::new(),
+        }
     }
 }
 
-const USAGE: &str = "usage: osb-agent [--port N | --listen unix:///PATH | --listen vsock://CID:PORT] [--allow-cid CID|any] [--workload-fd N] [--init-pid N]";
+const USAGE: &str = "usage: osb-agent [--port N | --listen unix:///PATH | --listen vsock://CID:PORT] [--allow-cid CID|any] [--workload-fd N] [--init-pid N] [--boot-stamps NAME=US,...]";
 
 fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     if let Some(path) = s.strip_prefix("unix://") {
@@ -78,6 +89,26 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
         return Ok(ListenAddr::Vsock { cid, port });
     }
     Err(format!("--listen {s:?}: use unix:///PATH or vsock://CID:PORT"))
+}
+
+/// At most this many boot stamps are kept from the command line.
+const MAX_STAMPS: usize = 16;
+
+/// `init=712345,mounted=713002`: names of `[a-z_]`, microsecond values.
+fn parse_stamps(s: &str) -> Result<Vec<(String, u64)>, String> {
+    let mut out = Vec::new();
+    for kv in s.split(',').filter(|kv| !kv.is_empty()) {
+        let bad = || format!("--boot-stamps: {kv:?} is not NAME=MICROSECONDS");
+        let (name, us) = kv.split_once('=').ok_or_else(bad)?;
+        if name.is_empty() || name.len() > 32 || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            return Err(bad());
+        }
+        out.push((name.to_string(), us.parse().map_err(|_| bad())?));
+    }
+    if out.len() > MAX_STAMPS {
+        return Err(format!("--boot-stamps: {} stamps, at most {MAX_STAMPS}", out.len()));
+    }
+    Ok(out)
 }
 
 /// Parses the arguments after argv[0] (a leading `agent` word is skipped, for an
@@ -110,6 +141,7 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
                 let pid = value()?;
                 opts.init_pid = pid.parse().ok().filter(|n: &i32| *n >= 0).ok_or_else(|| format!("--init-pid {pid:?} is not a pid"))?;
             }
+            "--boot-stamps" => opts.boot_stamps = parse_stamps(&value()?)?,
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -123,14 +155,16 @@ where
     I: IntoIterator<Item = S>,
     S: Into<OsString>,
 {
+    let started = boottime_us();
     let args: Vec<String> = args.into_iter().skip(1).map(|a| a.into().to_string_lossy().into_owned()).collect();
-    let opts = match parse_args(&args) {
+    let mut opts = match parse_args(&args) {
         Ok(opts) => opts,
         Err(msg) => {
             eprintln!("osb-agent: {msg}");
             return 2;
         }
     };
+    opts.boot_stamps.push(("agent".into(), started));
     match run(&opts) {
         Ok(()) => 0,
         Err(e) => {
@@ -183,14 +217,13 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
                 let _ = std::fs::remove_file(path);
             }
             let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| std::io::Error::new(e.kind(), format!("listen on {}: {e}", path.display())))?;
-            let _ = READY_UPTIME.set(guest_uptime());
+            set_ready(&opts.boot_stamps);
             eprintln!("osb-agent: listening on unix://{}", path.display());
             rpc::Listener::Unix(l)
         }
         ListenAddr::Vsock { cid, port } => {
             let fd = sys::vsock_listen(*cid, *port, 128).map_err(|e| std::io::Error::new(e.kind(), format!("listen on vsock port {port}: {e}")))?;
-            let up = guest_uptime();
-            let _ = READY_UPTIME.set(up);
+            let up = set_ready(&opts.boot_stamps);
             eprintln!("osb-agent: listening on vsock port {port} for {} (guest uptime {up:.2}s)", opts.peers);
             rpc::Listener::vsock(fd, opts.peers)
         }
@@ -198,12 +231,26 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
     rpc::serve(listener, dispatcher, rpc::Limits::default())
 }
 
-/// The guest's uptime when this agent started listening.
-static READY_UPTIME: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+/// The boot stamps (init's, then `agent` and `listen`), set once listening.
+static STAMPS: std::sync::OnceLock<Vec<(String, u64)>> = std::sync::OnceLock::new();
 
-/// Seconds since boot (`/proc/uptime`), 0 when unreadable.
-fn guest_uptime() -> f64 {
-    std::fs::read_to_string("/proc/uptime").ok().and_then(|t| t.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
+/// Records `listen` now beside the other stamps; returns the uptime in seconds.
+fn set_ready(stamps: &[(String, u64)]) -> f64 {
+    let now = boottime_us();
+    let mut all = stamps.to_vec();
+    all.push(("listen".into(), now));
+    let _ = STAMPS.set(all);
+    now as f64 / 1e6
+}
+
+/// `CLOCK_BOOTTIME` (what `/proc/uptime` reads, unrounded) in microseconds.
+fn boottime_us() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer for the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// The agent's own gauges, appended to the resource report: its resident
@@ -213,12 +260,20 @@ pub(crate) fn agent_metrics() -> String {
         .ok()
         .and_then(|t| t.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())))
         .unwrap_or(0);
-    let ready = READY_UPTIME.get().copied().unwrap_or(0.0);
-    format!(
+    let stamps = STAMPS.get().map(Vec::as_slice).unwrap_or_default();
+    let ready = stamps.iter().find(|(n, _)| n == "listen").map_or(0.0, |(_, us)| *us as f64 / 1e6);
+    let mut out = format!(
         "# HELP osb_agent_rss_bytes Resident memory of the agent process.\n# TYPE osb_agent_rss_bytes gauge\nosb_agent_rss_bytes {}\n\
-         # HELP osb_agent_ready_uptime_seconds Guest uptime when the agent started listening.\n# TYPE osb_agent_ready_uptime_seconds gauge\nosb_agent_ready_uptime_seconds {ready:.3}\n",
-        rss_kib * 1024
-    )
+         # HELP osb_agent_ready_uptime_seconds Guest uptime when the agent started listening.\n# TYPE osb_agent_ready_uptime_seconds gauge\nosb_agent_ready_uptime_seconds {ready:.6}\n\
+         # HELP osb_guest_uptime_seconds Guest uptime (CLOCK_BOOTTIME) when this report was made.\n# TYPE osb_guest_uptime_seconds gauge\nosb_guest_uptime_seconds {:.6}\n\
+         # HELP osb_boot_stamp_seconds Guest uptime at each start-up step of init and the agent.\n# TYPE osb_boot_stamp_seconds gauge\n",
+        rss_kib * 1024,
+        boottime_us() as f64 / 1e6
+    );
+    for (name, us) in stamps {
+        out.push_str(&format!("osb_boot_stamp_seconds{{stamp=\"{name}\"}} {:.6}\n", *us as f64 / 1e6));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -245,7 +300,23 @@ mod tests {
         assert_eq!(parse_args(&args("--allow-cid any")).unwrap().peers, rpc::Peers::Any);
         assert_eq!(parse_args(&args("--allow-cid=3")).unwrap().peers, rpc::Peers::Cid(3));
         assert_eq!(parse_args(&args("--listen vsock://-1:1024")).unwrap().listen, ListenAddr::Vsock { cid: libc::VMADDR_CID_ANY, port: 1024 });
-        for bad in ["--port", "--port x", "--bogus", "--listen tcp://x", "--workload-fd -1", "--allow-cid", "--allow-cid host", "--help"] {
+        let many = vec!["s=1"; MAX_STAMPS + 1].join(",");
+        assert!(parse_args(&["--boot-stamps".into(), many]).unwrap_err().contains("at most 16"));
+        assert_eq!(parse_args(&args("--boot-stamps init=5,spawn=17")).unwrap().boot_stamps, [("init".to_string(), 5), ("spawn".to_string(), 17)]);
+        for bad in [
+            "--boot-stamps x",
+            "--boot-stamps Init=1",
+            "--boot-stamps a=-1",
+            "--boot-stamps a=1,b",
+            "--port",
+            "--port x",
+            "--bogus",
+            "--listen tcp://x",
+            "--workload-fd -1",
+            "--allow-cid",
+            "--allow-cid host",
+            "--help",
+        ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad}");
         }
     }
