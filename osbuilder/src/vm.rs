@@ -581,7 +581,25 @@ impl BootTimeline {
 
 #[cfg(test)]
 mod timeline_tests {
-    use super::BootTimeline;
+    use super::{default_kernel_args, BootTimeline, Machine};
+
+    #[test]
+    fn launch_arguments_follow_the_machine_and_the_accelerator() {
+        let args = |m, acpi, tcg| default_kernel_args(m, acpi, tcg).split(' ').map(String::from).collect::<Vec<_>>();
+        for (m, acpi) in [(Machine::Microvm, false), (Machine::Microvm, true), (Machine::Q35, true)] {
+            for tcg in [false, true] {
+                let a = args(m, acpi, tcg);
+                for must in ["console=ttyS0", "panic=-1", "reboot=t", "quiet", "8250.nr_uarts=1", "noreplace-smp", "no_timer_check"] {
+                    assert!(a.iter().any(|x| x == must), "{m:?} acpi={acpi} tcg={tcg}: {must} missing from {a:?}");
+                }
+                assert_eq!(a.iter().any(|x| x == "pci=off"), m == Machine::Microvm, "{a:?}");
+                assert_eq!(a.iter().any(|x| x == "acpi=off"), m == Machine::Microvm && !acpi, "{a:?}");
+                // Only TCG calibrates the APIC timer; ACPI's reduced hardware has no PIT to fall back on.
+                assert_eq!(a.iter().any(|x| x == "nolapic_timer"), tcg && !(m == Machine::Microvm && acpi), "{m:?} acpi={acpi} tcg={tcg}: {a:?}");
+                assert!(!a.iter().any(|x| x.starts_with("mitigations") || x == "nokaslr"), "no default weakens the guest: {a:?}");
+            }
+        }
+    }
 
     #[test]
     fn phases_add_up_to_the_total() {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
 use crate::util::{cache_root, project_root, sha256_file, Cmd};
 
@@ -23,15 +23,23 @@ pub struct KernelArtifacts {
     pub bzimage: PathBuf,
 }
 
+/// The artifacts `osbuilder kernel -o out` wrote last: `out` may still hold
+/// those of an earlier config version (`vmlinuz-6.12.117-2` beside `-3`),
+/// so the newest file of each kind is taken.
 pub fn artifacts(out: &Path) -> anyhow::Result<KernelArtifacts> {
     let find = |prefix: &str| -> anyhow::Result<PathBuf> {
+        let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
         for e in std::fs::read_dir(out)? {
-            let p = e?.path();
+            let e = e?;
+            let p = e.path();
             if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)) {
-                return Ok(p);
+                let t = e.metadata()?.modified()?;
+                if newest.as_ref().is_none_or(|(nt, np)| (t, &p) > (*nt, np)) {
+                    newest = Some((t, p));
+                }
             }
         }
-        bail!("no {prefix}* in {}", out.display())
+        newest.map(|(_, p)| p).with_context(|| format!("no {prefix}* in {}", out.display()))
     };
     Ok(KernelArtifacts { vmlinux: find("vmlinux-")?, bzimage: find("vmlinuz-")? })
 }
