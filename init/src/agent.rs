@@ -79,6 +79,8 @@ impl Agent {
                 debug!("agent started, pid {pid}");
                 self.pid = Some(pid);
                 self.events = Some(events);
+                // The boot's stamps describe the first agent only.
+                self.command.boot_stamps = false;
                 self.started_at = Instant::now();
                 for line in history {
                     self.send(line);

@@ -95,7 +95,9 @@ fn boot_and_supervise(sys: &mut Linux, agent_linked: bool) -> Result<io::Error, 
     // before any child exists.
     let signals = SignalFd::new(&HANDLED_SIGNALS).map_err(|e| Fatal(format!("open a signalfd: {e}")))?;
     boot::switch_root(sys, &opts)?;
-    stamps::mark("root");
+    if opts.root != crate::cmdline::RootSource::Initramfs {
+        stamps::mark("root");
+    }
     let run_config = read_run_config(sys)?;
 
     let hostname = opts.hostname.as_deref().or(run_config.hostname.as_deref()).unwrap_or(DEFAULT_HOSTNAME);

@@ -7,8 +7,8 @@
 //! PID 1 marks `init` (its first instruction), `mounted` (pseudo
 //! filesystems and console), `root` (the real root, when there is one) and
 //! `spawn` (just before the agent's fork); the agent adds `agent` and
-//! `listen`. Each name is marked once: a restarted agent gets the first
-//! boot's stamps.
+//! `listen`. Each name is marked once, and only the first agent gets them:
+//! a restarted one has no boot to report.
 
 use std::sync::Mutex;
 

@@ -548,8 +548,10 @@ impl BootTimeline {
         let mut uptime = None;
         for line in metrics.lines() {
             if let Some(rest) = line.strip_prefix("osb_boot_stamp_seconds{stamp=\"") {
-                let (name, value) = rest.split_once("\"}")?;
-                stamps.push((name.to_string(), value.trim().parse().ok()?));
+                // A line that does not parse is left out, not the whole time line.
+                if let Some((name, Ok(secs))) = rest.split_once("\"}").map(|(n, v)| (n, v.trim().parse())) {
+                    stamps.push((name.to_string(), secs));
+                }
             } else if let Some(v) = line.strip_prefix("osb_guest_uptime_seconds ") {
                 uptime = v.trim().parse::<f64>().ok();
             }

@@ -92,6 +92,7 @@ fn echo_boot(name: &str, machine: &str, cmdline: &str) -> String {
 /// (microvm without ACPI is what Firecracker's x86 guests see).
 #[test]
 fn userspace_output_reaches_the_console_on_every_machine() {
+    let _one = one_guest_at_a_time();
     let cases = [
         ("microvm-acpi-off", "microvm,acpi=off", default_kernel_args(Machine::Microvm, false, true)),
         ("microvm-acpi-on", "microvm,acpi=on", default_kernel_args(Machine::Microvm, true, true)),
@@ -130,7 +131,8 @@ fn agent_initrd() -> &'static Path {
 /// microvm with ACPI on: the virtio-mmio vsock device is found from the
 /// DSDT (no virtio_mmio.device= on the command line) and the agent answers;
 /// its metrics carry init's and its own boot stamps, in order, on the
-/// guest's clock, and the time line's phases add up to the host's wall time.
+/// guest's clock, and on the host's clock it listened before the host's
+/// health answer (to within the estimate's error).
 #[test]
 fn agent_answers_on_microvm_with_acpi_and_reports_its_boot_stamps() {
     let _one = one_guest_at_a_time();
@@ -145,7 +147,8 @@ fn agent_answers_on_microvm_with_acpi_and_reports_its_boot_stamps() {
     let answered = vm.started.elapsed().as_secs_f64();
     let t = osbuilder::vm::BootTimeline::from_metrics(&metrics, asked, answered, health).unwrap_or_else(|| panic!("no time line in:\n{metrics}"));
     let names: Vec<&str> = t.stamps.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["init", "mounted", "root", "spawn", "agent", "listen"], "{metrics}");
+    // No `root`: an initramfs root is not switched.
+    assert_eq!(names, ["init", "mounted", "spawn", "agent", "listen"], "{metrics}");
     assert!(t.stamps.windows(2).all(|w| w[0].1 <= w[1].1), "stamps out of order: {:?}", t.stamps);
     assert!(t.stamps[0].1 > 0.0, "init starts after the kernel: {:?}", t.stamps);
     // The kernel's clock starts after QEMU does, and the agent listened
@@ -153,10 +156,8 @@ fn agent_answers_on_microvm_with_acpi_and_reports_its_boot_stamps() {
     // the metrics call's round trip).
     let error = (answered - asked) / 2.0 + 1e-3;
     assert!(t.kernel_start > 0.0, "{t:?}");
-    let phases = t.phases();
-    let sum: f64 = phases[..4].iter().map(|(_, v)| v.unwrap()).sum();
-    assert!((sum - health).abs() < 1e-6, "{phases:?}");
-    assert!(phases[..3].iter().all(|(_, v)| v.unwrap() >= 0.0) && phases[3].1.unwrap() > -error, "{phases:?} (error bound {error})");
+    let listen_to_health = t.phases()[3].1.unwrap();
+    assert!(listen_to_health > -error && listen_to_health < health, "{t:?} (health at {health}, error bound {error})");
     let _ = client.destroy_sandbox();
     vm.wait_exit(Duration::from_secs(60)).unwrap_or_else(|e| panic!("DestroySandbox must power the guest off: {e}"));
 }

@@ -187,10 +187,9 @@ pub fn run(osbuilder: &Path, work: &Path, runs: usize) -> anyhow::Result<()> {
         for (i, (_, c)) in arg_rows.iter().enumerate() {
             let base = configs[0].run(osbuilder, &kernel, &vhost, work, &[])?.0;
             let variant = c.run(osbuilder, &kernel, &vhost, work, &[]).with_context(|| c.name.clone())?.0;
+            default_boots.push(base.clone());
             arg_samples[i].push((base, variant));
         }
-        let bases: Vec<Value> = arg_samples.iter().filter_map(|pairs| pairs.last().map(|(b, _)| b.clone())).collect();
-        default_boots.extend(bases);
         anchor.push(boot_to_marker(Q35, &debian, &shell_initrd, "", "MARK ", &work.join("anchor-console.log"))?);
     }
 

@@ -94,14 +94,18 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
 /// At most this many boot stamps are kept from the command line.
 const MAX_STAMPS: usize = 16;
 
-/// `init=712345,mounted=713002`: names of `[a-z_]`, microsecond values.
+/// `init=712345,mounted=713002`: distinct names of `[a-z_]` (not the
+/// agent's own `agent` and `listen`), microsecond values.
 fn parse_stamps(s: &str) -> Result<Vec<(String, u64)>, String> {
-    let mut out = Vec::new();
+    let mut out: Vec<(String, u64)> = Vec::new();
     for kv in s.split(',').filter(|kv| !kv.is_empty()) {
         let bad = || format!("--boot-stamps: {kv:?} is not NAME=MICROSECONDS");
         let (name, us) = kv.split_once('=').ok_or_else(bad)?;
         if name.is_empty() || name.len() > 32 || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
             return Err(bad());
+        }
+        if name == "agent" || name == "listen" || out.iter().any(|(n, _)| n == name) {
+            return Err(format!("--boot-stamps: {name:?} is given twice or is the agent's own"));
         }
         out.push((name.to_string(), us.parse().map_err(|_| bad())?));
     }
@@ -141,7 +145,13 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
                 let pid = value()?;
                 opts.init_pid = pid.parse().ok().filter(|n: &i32| *n >= 0).ok_or_else(|| format!("--init-pid {pid:?} is not a pid"))?;
             }
-            "--boot-stamps" => opts.boot_stamps = parse_stamps(&value()?)?,
+            // Diagnostics only: a bad value is dropped, never a reason not to serve.
+            "--boot-stamps" => {
+                opts.boot_stamps = parse_stamps(&value()?).unwrap_or_else(|e| {
+                    eprintln!("osb-agent: warning: {e}; no boot stamps");
+                    Vec::new()
+                })
+            }
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -300,23 +310,15 @@ mod tests {
         assert_eq!(parse_args(&args("--allow-cid any")).unwrap().peers, rpc::Peers::Any);
         assert_eq!(parse_args(&args("--allow-cid=3")).unwrap().peers, rpc::Peers::Cid(3));
         assert_eq!(parse_args(&args("--listen vsock://-1:1024")).unwrap().listen, ListenAddr::Vsock { cid: libc::VMADDR_CID_ANY, port: 1024 });
-        let many = vec!["s=1"; MAX_STAMPS + 1].join(",");
-        assert!(parse_args(&["--boot-stamps".into(), many]).unwrap_err().contains("at most 16"));
+        let many: Vec<String> = (0..=MAX_STAMPS).map(|i| format!("{}=1", "s".repeat(i + 1))).collect();
+        assert!(parse_stamps(&many.join(",")).unwrap_err().contains("at most 16"));
         assert_eq!(parse_args(&args("--boot-stamps init=5,spawn=17")).unwrap().boot_stamps, [("init".to_string(), 5), ("spawn".to_string(), 17)]);
-        for bad in [
-            "--boot-stamps x",
-            "--boot-stamps Init=1",
-            "--boot-stamps a=-1",
-            "--boot-stamps a=1,b",
-            "--port",
-            "--port x",
-            "--bogus",
-            "--listen tcp://x",
-            "--workload-fd -1",
-            "--allow-cid",
-            "--allow-cid host",
-            "--help",
-        ] {
+        // A bad value costs the stamps, not the agent.
+        for bad in ["x", "Init=1", "a=-1", "a=1,b", "a=1,a=2", "listen=3", &many.join(",")] {
+            assert!(parse_stamps(bad).is_err(), "{bad}");
+            assert_eq!(parse_args(&["--boot-stamps".into(), bad.to_string()]).unwrap().boot_stamps, [], "{bad}");
+        }
+        for bad in ["--port", "--port x", "--bogus", "--listen tcp://x", "--workload-fd -1", "--allow-cid", "--allow-cid host", "--help"] {
             assert!(parse_args(&args(bad)).is_err(), "{bad}");
         }
     }
