@@ -207,7 +207,42 @@ pub fn default_kernel_args(machine: Machine, acpi: bool, tcg: bool) -> String {
     if tcg && !reduced_hardware_acpi {
         c.push_str(" nolapic_timer");
     }
+    // A TCG guest reads the host's TSC, whose rate the host knows; the
+    // guest's own quick calibration against the PIT fails in some boots under
+    // TCG ("Marking TSC unstable due to could not calculate TSC khz"), which
+    // leaves a 4 ms jiffies clock for good, or, on microvm with ACPI (no PIT
+    // tick to fall back on), hangs the boot there. tsc=reliable: the
+    // clocksource watchdog judges the TSC against jiffies, and it is TCG's
+    // jiffies that drift when the host is busy (it dropped the TSC in 6 of
+    // 10 boots run side by side).
+    if let Some(khz) = tcg.then(host_tsc_khz).flatten() {
+        c.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+    }
     c
+}
+
+/// The host's TSC rate in kHz, measured once against the monotonic clock
+/// over 50 ms; None unless the host's TSC is constant (`constant_tsc`).
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+            if !cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "constant_tsc")) {
+                return None;
+            }
+            // SAFETY: rdtsc has no preconditions on x86_64.
+            let (t0, c0) = (Instant::now(), unsafe { core::arch::x86_64::_rdtsc() });
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: as above.
+            let (c1, elapsed) = (unsafe { core::arch::x86_64::_rdtsc() }, t0.elapsed());
+            let khz = c1.wrapping_sub(c0) as f64 / elapsed.as_secs_f64() / 1e3;
+            (100_000.0..100_000_000.0).contains(&khz).then_some(khz.round() as u64)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    })
 }
 
 /// `$OSBUILDER_VHOST_DEVICE_VSOCK`, else `vhost-device-vsock` on PATH
@@ -475,7 +510,7 @@ impl Vm {
                     detail: format!("; console:\n{}", self.console_tail()),
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -599,6 +634,10 @@ mod timeline_tests {
                 // Only TCG calibrates the APIC timer; ACPI's reduced hardware has no PIT to fall back on.
                 assert_eq!(a.iter().any(|x| x == "nolapic_timer"), tcg && !(m == Machine::Microvm && acpi), "{m:?} acpi={acpi} tcg={tcg}: {a:?}");
                 assert!(!a.iter().any(|x| x.starts_with("mitigations") || x == "nokaslr"), "no default weakens the guest: {a:?}");
+                // This machine's TSC is constant: TCG guests are told its rate.
+                let told = tcg && super::host_tsc_khz().is_some();
+                assert_eq!(a.iter().any(|x| x.starts_with("tsc_early_khz=")), told, "{a:?}");
+                assert_eq!(a.iter().any(|x| x == "tsc=reliable"), told, "{a:?}");
             }
         }
     }
