@@ -310,7 +310,6 @@ pub fn run(osbuilder: &Path, work: &Path, runs: usize) -> anyhow::Result<()> {
 /// Boot arguments tried on top of our default set (Kata's and
 /// Firecracker's, and the ones the issue names), each alone.
 const CANDIDATES: &[&str] = &[
-    "tsc=reliable",
     "lpj=10384000",
     "rcupdate.rcu_expedited=1",
     "cryptomgr.notests",
