@@ -23,18 +23,34 @@ PKGS=(
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-missing=()
-for p in "${PKGS[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$p")
-  fi
-done
+missing_pkgs() {
+  missing=()
+  for p in "${PKGS[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+      missing+=("$p")
+    fi
+  done
+}
 
+missing_pkgs
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # An install can remove a package that was there: a machine with a backported
+  # qemu-utils loses it when bookworm's qemu-system-x86 comes in (their versions
+  # conflict). Install whatever is missing now once more, then insist.
+  missing_pkgs
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing again what the first install removed: ${missing[*]}" >&2
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    missing_pkgs
+    if [ ${#missing[@]} -gt 0 ]; then
+      echo "setup: error: still not installed: ${missing[*]}" >&2
+      exit 1
+    fi
+  fi
 else
   echo "setup: all Debian packages present" >&2
 fi
