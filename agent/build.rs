@@ -2,7 +2,7 @@
 //! no protoc).
 
 fn main() {
-    let protos = ["proto/agent.proto", "proto/health.proto", "proto/oci.proto", "proto/types.proto"];
+    let protos = ["proto/agent.proto", "proto/health.proto", "proto/oci.proto", "proto/storage.proto", "proto/types.proto"];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }
@@ -21,7 +21,7 @@ fn main() {
     // The generated files are `include!`d into modules of src/proto.rs, where inner
     // attributes and inner doc comments are not allowed: drop them (proto.rs carries
     // the lint allowances instead).
-    for name in ["agent", "agent_ttrpc", "health", "health_ttrpc", "oci", "types"] {
+    for name in ["agent", "agent_ttrpc", "health", "health_ttrpc", "oci", "storage", "storage_ttrpc", "types"] {
         let path = std::path::Path::new(&out_dir).join(format!("{name}.rs"));
         let text = std::fs::read_to_string(&path).expect("generated file is readable");
         let kept: Vec<&str> = text

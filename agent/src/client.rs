@@ -32,6 +32,8 @@ use crate::proto::agent_ttrpc::AgentServiceClient;
 use crate::proto::health::{health_check_response::ServingStatus, CheckRequest};
 use crate::proto::health_ttrpc::HealthClient;
 use crate::proto::oci;
+use crate::proto::storage::{ListStoragesRequest, MountStorageRequest, MountStorageResponse, Storage, StorageState, UnmountStorageRequest};
+use crate::proto::storage_ttrpc::StorageServiceClient;
 use crate::proto::types;
 use crate::resources::Resources;
 
@@ -312,6 +314,7 @@ pub struct GuestDetails {
 pub struct Client {
     agent: AgentServiceClient,
     health: HealthClient,
+    storage: StorageServiceClient,
     raw: ttrpc::Client,
     timeout: Duration,
 }
@@ -353,7 +356,13 @@ impl Client {
             drop(unsafe { OwnedFd::from_raw_fd(raw_fd) });
             Error::from(e)
         })?;
-        Ok(Client { agent: AgentServiceClient::new(raw.clone()), health: HealthClient::new(raw.clone()), raw, timeout })
+        Ok(Client {
+            agent: AgentServiceClient::new(raw.clone()),
+            health: HealthClient::new(raw.clone()),
+            storage: StorageServiceClient::new(raw.clone()),
+            raw,
+            timeout,
+        })
     }
 
     /// Changes the timeout of unary calls.
@@ -713,6 +722,32 @@ impl Client {
             ..Default::default()
         };
         Ok(self.agent.update_routes(self.ctx(), &req)?.Routes)
+    }
+
+    /// `StorageService/MountStorage`: the device and type mounted. The call's timeout
+    /// is stretched by the device wait the options ask for (`x-osb.wait=`).
+    pub fn mount_storage(&self, storage: Storage) -> Result<MountStorageResponse> {
+        let wait = storage
+            .options
+            .iter()
+            .flat_map(|o| o.split(','))
+            .find_map(|o| o.strip_prefix("x-osb.wait=").and_then(|v| v.parse::<f64>().ok()))
+            .filter(|w| w.is_finite() && *w >= 0.0)
+            .map_or(crate::volume::DEFAULT_DEVICE_WAIT, |w| Duration::from_secs_f64(w.min(3600.0)));
+        let req = MountStorageRequest { storage: protobuf::MessageField::some(storage), ..Default::default() };
+        Ok(self.storage.mount_storage(ttrpc::context::with_duration(self.timeout + wait), &req)?)
+    }
+
+    /// `StorageService/UnmountStorage`.
+    pub fn unmount_storage(&self, mount_point: &str, detach: bool) -> Result<()> {
+        let req = UnmountStorageRequest { mount_point: mount_point.to_owned(), detach, ..Default::default() };
+        self.storage.unmount_storage(self.ctx(), &req)?;
+        Ok(())
+    }
+
+    /// `StorageService/ListStorages`.
+    pub fn list_storages(&self) -> Result<Vec<StorageState>> {
+        Ok(self.storage.list_storages(self.ctx(), &ListStoragesRequest::new())?.storages)
     }
 }
 

@@ -8,7 +8,10 @@
 //! - `server` (cargo feature `server`): the guest side, linked into `osb-init` and
 //!   started by it as `/proc/self/exe` with argv[0] `osb-agent`.
 //! - [`resources`]: the guest resource report (CPUs, memory, cgroup limits).
-//! - [`net`]: interfaces and routes over rtnetlink (used by the server's network RPCs).
+//! - [`net`]: interfaces and routes over rtnetlink (used by the server's network RPCs
+//!   and by init for the run config's network).
+//! - [`volume`]: mounts (the run config's `mounts`, `osb.mount=`, the storage RPCs):
+//!   specs, their order, finding devices by label, UUID or serial, mounting.
 //!
 //! Invariant: the wire protocol types in [`proto`] are the only types that cross the
 //! VM boundary.
@@ -19,3 +22,4 @@ pub mod proto;
 pub mod resources;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod volume;

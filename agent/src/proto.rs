@@ -27,6 +27,12 @@ pub mod health_ttrpc {
 pub mod oci {
     include!(concat!(env!("OUT_DIR"), "/oci.rs"));
 }
+pub mod storage {
+    include!(concat!(env!("OUT_DIR"), "/storage.rs"));
+}
+pub mod storage_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/storage_ttrpc.rs"));
+}
 pub mod types {
     include!(concat!(env!("OUT_DIR"), "/types.rs"));
 }

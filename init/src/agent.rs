@@ -29,6 +29,14 @@ pub fn exited_event(pid: i32, code: i32) -> String {
     format!("{{\"event\":\"exited\",\"pid\":{pid},\"code\":{code}}}\n")
 }
 
+/// `{"event":"mount","spec":LINE,"device":D,"error":E}`: a boot mount, for the
+/// agent's ListStorages (`error` empty when mounted).
+pub fn mount_event(spec: &osb_agent::volume::MountSpec, device: &str, error: &str) -> String {
+    let mut line = serde_json::json!({"event": "mount", "spec": spec.to_line(), "device": device, "error": error}).to_string();
+    line.push('\n');
+    line
+}
+
 /// How to start the agent.
 #[derive(Clone, Debug)]
 pub struct AgentCommand {

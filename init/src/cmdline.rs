@@ -120,6 +120,8 @@ pub struct Options {
     pub shutdown_timeout: Duration,
     pub debug: bool,
     pub entropy: Option<Vec<u8>>,
+    /// `osb.mount=SOURCE TARGET [TYPE [OPTIONS]]`, in order (repeatable).
+    pub mounts: Vec<osb_agent::volume::MountSpec>,
 }
 
 impl Default for Options {
@@ -144,6 +146,7 @@ impl Default for Options {
             shutdown_timeout: Duration::from_secs(3),
             debug: false,
             entropy: None,
+            mounts: Vec::new(),
         }
     }
 }
@@ -224,8 +227,8 @@ impl Options {
     /// Reads the `osb.*` options from a command line. Repeated options: the
     /// last wins, except `osb.env`, which accumulates. Bad values and unknown
     /// `osb.*` keys are returned as errors beside the options (the option
-    /// keeps its default), except `osb.root`, whose error is fatal: booting
-    /// the wrong root is worse than not booting.
+    /// keeps its default), except `osb.root` and `osb.mount`, whose errors are
+    /// fatal: booting the wrong root, or without a volume, is worse than not booting.
     pub fn parse(cmdline: &str) -> Result<(Options, Vec<OptionError>), OptionError> {
         let mut opts = Options::default();
         let mut errors = Vec::new();
@@ -237,6 +240,13 @@ impl Options {
             let result = match name {
                 "root" => {
                     opts.root = parse_root(&value).map_err(|message| OptionError { key: key.clone(), message })?;
+                    Ok(())
+                }
+                // Fatal too: a workload started without the volume it was given would
+                // write where nothing persists.
+                "mount" => {
+                    let spec = osb_agent::volume::MountSpec::parse_line(&value).map_err(|e| OptionError { key: key.clone(), message: e.0 })?;
+                    opts.mounts.push(spec);
                     Ok(())
                 }
                 "rootfstype" => set(&mut opts.rootfstype, Some(value).filter(|v| !v.is_empty())),
@@ -341,6 +351,7 @@ mod tests {
                 shutdown_timeout: Duration::from_millis(500),
                 debug: true,
                 entropy: Some(vec![0, 0xff, 0x10]),
+                mounts: Vec::new(),
             }
         );
         assert_eq!(Options::parse("quiet").unwrap().0, Options::default());
@@ -356,6 +367,16 @@ mod tests {
         let err = root("vda1").unwrap_err();
         assert!(err.starts_with("kernel command line option osb.root: \"vda1\" is not"), "{err}");
         assert!(root("virtiofs:").is_err());
+    }
+
+    #[test]
+    fn mounts_accumulate_and_a_bad_one_stops_the_boot() {
+        let (opts, errors) = Options::parse(r#"osb.mount="LABEL=data /data ext4 noatime" "osb.mount=share /srv 9p ro" quiet"#).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let lines: Vec<String> = opts.mounts.iter().map(|m| m.to_line()).collect();
+        assert_eq!(lines, ["LABEL=data /data ext4 rw,noatime", "share /srv 9p ro"]);
+        let err = Options::parse(r#"osb.mount="/dev/vdb data""#).unwrap_err().to_string();
+        assert_eq!(err, "kernel command line option osb.mount: target \"data\" is not an absolute path");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use osb_agent::volume::MountSpec;
 use serde_json::Value;
 
 use crate::cmdline::Options;
@@ -24,6 +25,10 @@ pub struct RunConfig {
     pub working_dir: Option<String>,
     pub user: Option<String>,
     pub hostname: Option<String>,
+    /// `mounts`: made after the root switch, before the agent and the workload start.
+    pub mounts: Vec<MountSpec>,
+    /// `network`: set up before the mounts.
+    pub network: Option<crate::network::Network>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -64,8 +69,90 @@ impl RunConfig {
             working_dir: string("working_dir")?,
             user: string("user")?,
             hostname: string("hostname")?,
+            mounts: match field("mounts") {
+                None => Vec::new(),
+                Some(Value::Array(items)) => {
+                    items.iter().enumerate().map(|(i, v)| parse_mount(v).map_err(|e| ConfigError(format!("mounts[{i}]: {e}")))).collect::<Result<_, _>>()?
+                }
+                Some(_) => return Err(ConfigError("\"mounts\" must be an array".into())),
+            },
+            network: field("network").map(crate::network::Network::parse).transpose().map_err(ConfigError)?,
         })
     }
+}
+
+/// One entry of `mounts`: an fstab-style line (`"LABEL=data /data ext4 noatime"`) or an
+/// object: `source`, `target` (required), `type`, `options` (a string of
+/// comma-separated options or an array of them), `wait` (seconds), `read_only`,
+/// `uid`, `gid`, `mode` (an octal string such as `"0750"`), `nofail`.
+pub fn parse_mount(value: &Value) -> Result<MountSpec, String> {
+    if let Some(line) = value.as_str() {
+        return MountSpec::parse_line(line).map_err(|e| e.0);
+    }
+    let Value::Object(map) = value else {
+        return Err("must be a string (SOURCE TARGET [TYPE [OPTIONS]]) or an object".into());
+    };
+    const KNOWN: [&str; 10] = ["source", "target", "type", "options", "wait", "read_only", "uid", "gid", "mode", "nofail"];
+    if let Some(unknown) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        // A misspelt field would silently change what is mounted: refused.
+        return Err(format!("unknown field {unknown:?} (known: {})", KNOWN.join(", ")));
+    }
+    let field = |name: &str| map.get(name).filter(|v| !v.is_null());
+    let string = |name: &str| -> Result<Option<String>, String> {
+        field(name).map(|v| v.as_str().map(str::to_owned).ok_or_else(|| format!("\"{name}\" must be a string"))).transpose()
+    };
+    let flag =
+        |name: &str| -> Result<bool, String> { field(name).map_or(Ok(false), |v| v.as_bool().ok_or_else(|| format!("\"{name}\" must be true or false"))) };
+    let id = |name: &str| -> Result<Option<u32>, String> {
+        field(name)
+            .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| format!("\"{name}\" must be a number from 0 to 4294967295")))
+            .transpose()
+    };
+    let mut spec = MountSpec {
+        source: string("source")?.unwrap_or_default(),
+        target: string("target")?.ok_or("\"target\" is missing")?,
+        fstype: string("type")?,
+        ..MountSpec::default()
+    };
+    spec.normalize();
+    let options: Vec<String> = match field("options") {
+        None => Vec::new(),
+        Some(Value::String(s)) => s.split(',').filter(|o| !o.is_empty()).map(str::to_owned).collect(),
+        // An entry may hold several, as Kata's options do ("rw,noatime").
+        Some(v) => string_list(v)
+            .ok_or("\"options\" must be a string or an array of strings")?
+            .iter()
+            .flat_map(|o| o.split(',').filter(|o| !o.is_empty()).map(str::to_owned).collect::<Vec<_>>())
+            .collect(),
+    };
+    spec.add_options(options.iter().map(String::as_str)).map_err(|e| e.0)?;
+    // The object's own fields win over the same settings among the options.
+    if let Some(w) = field("wait") {
+        let secs = w.as_f64().filter(|s| s.is_finite() && (0.0..=3600.0).contains(s)).ok_or("\"wait\" must be a number of seconds from 0 to 3600")?;
+        spec.wait = Some(std::time::Duration::from_secs_f64(secs));
+    }
+    if field("read_only").is_some() {
+        spec.read_only = flag("read_only")?;
+    }
+    if field("nofail").is_some() {
+        spec.nofail = flag("nofail")?;
+    }
+    spec.uid = id("uid")?.or(spec.uid);
+    spec.gid = id("gid")?.or(spec.gid);
+    if let Some(mode) = string("mode")? {
+        spec.set_mode(&mode).map_err(|e| e.0)?;
+    }
+    spec.validate().map_err(|e| e.0)?;
+    Ok(spec)
+}
+
+/// The mounts to make: the run config's, with `osb.mount=` entries replacing one on the
+/// same target or added after them, in dependency order.
+pub fn mounts(run: &RunConfig, opts: &Options) -> Result<Vec<MountSpec>, ConfigError> {
+    let same = |a: &MountSpec, b: &MountSpec| a.target.trim_end_matches('/') == b.target.trim_end_matches('/');
+    let mut all: Vec<MountSpec> = run.mounts.iter().filter(|m| !opts.mounts.iter().any(|o| same(m, o))).cloned().collect();
+    all.extend(opts.mounts.iter().cloned());
+    osb_agent::volume::order(all).map_err(|e| ConfigError(format!("mounts: {e}")))
 }
 
 /// The process to start, fully decided (before user and PATH resolution,
@@ -161,6 +248,8 @@ mod tests {
                 working_dir: Some("/srv".into()),
                 user: Some("101:101".into()),
                 hostname: None,
+                mounts: Vec::new(),
+                network: None,
             }
         );
         assert_eq!(RunConfig::parse("{}").unwrap(), RunConfig::default());
@@ -177,6 +266,42 @@ mod tests {
         check(r#"{"cmd":"sh -c x"}"#, "\"cmd\" must be an array of strings");
         check(r#"{"env":[1]}"#, "\"env\" must be an array of strings");
         check(r#"{"user":1000}"#, "\"user\" must be a string");
+        check(r#"{"mounts":{}}"#, "\"mounts\" must be an array");
+        check(r#"{"mounts":[1]}"#, "mounts[0]: must be a string");
+        check(r#"{"mounts":["/dev/vdb"]}"#, "mounts[0]: \"/dev/vdb\": expected SOURCE TARGET");
+        check(r#"{"mounts":[{"source":"/dev/vdb"}]}"#, "mounts[0]: \"target\" is missing");
+        check(r#"{"mounts":[{"source":"/dev/vdb","target":"/d","readonly":true}]}"#, "mounts[0]: unknown field \"readonly\"");
+        check(r#"{"mounts":[{"source":"/dev/vdb","target":"/d","mode":755}]}"#, "\"mode\" must be a string");
+        check(r#"{"mounts":[{"source":"/dev/vdb","target":"/d","wait":-1}]}"#, "\"wait\" must be a number of seconds");
+        check(r#"{"mounts":[{"source":"/dev/vdb","target":"/d","uid":-1}]}"#, "\"uid\" must be a number");
+        check(r#"{"mounts":[{"source":"data","target":"/d"}]}"#, "no block device");
+    }
+
+    #[test]
+    fn parses_mounts_in_both_forms() {
+        let run = RunConfig::parse(
+            r#"{"mounts":["LABEL=data /data ext4 noatime,nofail",
+                {"source":"share","target":"/srv","type":"9p","options":["msize=262144"],"read_only":true},
+                {"target":"/scratch","type":"tmpfs","options":"size=16m","mode":"1777","uid":1000,"gid":1000,"wait":0.5}]}"#,
+        )
+        .unwrap();
+        assert_eq!(run.mounts.len(), 3);
+        assert_eq!(run.mounts[0], MountSpec::parse_line("LABEL=data /data ext4 noatime,nofail").unwrap());
+        assert!(run.mounts[0].nofail);
+        assert_eq!((run.mounts[1].read_only, run.mounts[1].options.as_slice()), (true, &["msize=262144".to_owned()][..]));
+        let scratch = &run.mounts[2];
+        assert_eq!((scratch.mode, scratch.uid, scratch.gid, scratch.wait), (Some(0o1777), Some(1000), Some(1000), Some(std::time::Duration::from_millis(500))));
+
+        // osb.mount= replaces the run config's mount on the same target and adds the rest;
+        // the whole list comes out in dependency order.
+        let opts = Options {
+            mounts: vec![MountSpec::parse_line("none /data/cache tmpfs").unwrap(), MountSpec::parse_line("/dev/vdc /srv/ ext4").unwrap()],
+            ..Options::default()
+        };
+        let merged = mounts(&run, &opts).unwrap();
+        let targets: Vec<&str> = merged.iter().map(|m| m.target.as_str()).collect();
+        assert_eq!(targets, ["/data", "/scratch", "/data/cache", "/srv/"]);
+        assert_eq!(merged[3].source, "/dev/vdc");
     }
 
     fn image() -> RunConfig {
@@ -187,6 +312,8 @@ mod tests {
             working_dir: Some("/app".into()),
             user: Some("app".into()),
             hostname: None,
+            mounts: Vec::new(),
+            network: None,
         }
     }
 

@@ -48,6 +48,35 @@ pub fn run_json(data: &[u8]) {
     if let Some(workload) = config::merge(&run, &opts) {
         check_workload(workload);
     }
+    if let Ok(mounts) = config::mounts(&run, &opts) {
+        check_mounts(&mounts);
+    }
+}
+
+/// What `config::mounts` promises: valid specs whose fstab form reads back to the same
+/// spec (what init hands the agent), no mount before one it sits inside.
+fn check_mounts(mounts: &[osb_agent::volume::MountSpec]) {
+    use osb_agent::volume::{is_under, MountSpec};
+    for m in mounts {
+        m.validate().expect("a listed mount is valid");
+        let line = m.to_line();
+        let back = MountSpec::parse_line(&line).unwrap_or_else(|e| panic!("{line:?} does not read back: {e}"));
+        assert_eq!(back.to_line(), line, "{m:?}");
+        assert_eq!(
+            (&back.source, &back.target, &back.fstype, &back.options, back.read_only, back.nofail),
+            (&m.source, &m.target, &m.fstype, &m.options, m.read_only, m.nofail)
+        );
+    }
+    for (i, a) in mounts.iter().enumerate() {
+        for b in &mounts[i + 1..] {
+            assert!(
+                !(is_under(&a.target, &b.target) && a.target.trim_end_matches('/') != b.target.trim_end_matches('/')),
+                "{} comes before {}, which holds it",
+                a.target,
+                b.target
+            );
+        }
+    }
 }
 
 /// What `config::merge` promises: a command, each variable once, a PATH, a

@@ -8,9 +8,12 @@ use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::Duration;
 
-use crate::agent::AgentCommand;
+use osb_agent::volume::{self, MountSpec};
+
+use crate::agent::{self, AgentCommand};
 use crate::boot::{self, BootError};
 use crate::config::{self, ConfigError, RunConfig, RUN_CONFIG_PATH};
+use crate::network;
 use crate::shutdown;
 use crate::stamps;
 use crate::supervisor::{Supervisor, HANDLED_SIGNALS};
@@ -85,6 +88,26 @@ fn read_run_config(sys: &mut dyn Sys) -> Result<RunConfig, Fatal> {
     }
 }
 
+/// Makes the boot's mounts in order. A failure stops the boot unless the mount is
+/// `nofail`; then it is reported (console, and the agent's ListStorages) and the boot
+/// goes on. `events` gets one line per mount for the agent.
+fn mount_volumes(ops: &mut dyn volume::Ops, mounts: &[MountSpec], hosts: &[(String, String)], events: &mut dyn FnMut(String)) -> Result<(), Fatal> {
+    for spec in mounts {
+        match volume::mount(ops, spec, true, hosts) {
+            Ok(done) => {
+                debug!("mounted {} on {} ({})", done.device, spec.target, done.fstype);
+                events(agent::mount_event(spec, &done.device, ""));
+            }
+            Err(e) if e.nofail => {
+                say!("warning: {e}; it is nofail: going on without it");
+                events(agent::mount_event(spec, "", &e.cause));
+            }
+            Err(e) => return Err(Fatal(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
 fn boot_and_supervise(sys: &mut Linux, agent_linked: bool) -> Result<io::Error, Fatal> {
     // First: PID 1 drops unblocked signals it has no handler for; blocked
     // ones wait for the signalfd.
@@ -106,6 +129,19 @@ fn boot_and_supervise(sys: &mut Linux, agent_linked: bool) -> Result<io::Error, 
     }
 
     let mut supervisor = Supervisor::new(Linux, signals, opts.on_exit, opts.shutdown_timeout);
+    // Before the agent and the workload: neither may see a mount point still empty
+    // or the network unconfigured. The network first: NFS volumes need it.
+    let mut hosts = Vec::new();
+    if let Some(network) = &run_config.network {
+        network::configure(network).map_err(Fatal)?;
+        network::install_etc_file("hosts", &network::hosts_file(hostname, &network.hosts)).map_err(|e| Fatal(format!("network: {e}")))?;
+        if let Some(dns) = &network.dns {
+            network::install_etc_file("resolv.conf", &network::resolv_conf(dns)).map_err(|e| Fatal(format!("network: {e}")))?;
+        }
+        hosts = network.host_addresses();
+    }
+    let mounts = config::mounts(&run_config, &opts)?;
+    mount_volumes(&mut volume::Linux, &mounts, &hosts, &mut |line| supervisor.record(line))?;
     if opts.agent && agent_linked {
         supervisor.start_agent(AgentCommand::linked(opts.agent_port, opts.agent_allow_cid.as_deref()));
     } else {

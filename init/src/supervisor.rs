@@ -77,6 +77,11 @@ impl<S: Sys> Supervisor<S> {
         self.workload
     }
 
+    /// Sends an event line to the agent (now, and again whenever it restarts).
+    pub fn record(&mut self, line: String) {
+        self.event(line);
+    }
+
     fn event(&mut self, line: String) {
         if let Some(agent) = &mut self.agent {
             agent.send(&line);

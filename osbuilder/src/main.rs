@@ -289,6 +289,12 @@ struct TreeArgs {
     /// Like --remove, but a path that is not there is only a warning (repeatable).
     #[arg(long, value_name = "PATH", value_parser = |s: &str| RelPath::parse_user(s).map_err(|e| e.to_string()))]
     remove_if_present: Vec<RelPath>,
+    /// A volume for the guest init to mount at boot, written into
+    /// /etc/osb/run.json (repeatable; needs --init): an fstab-style line,
+    /// "SOURCE TARGET [TYPE [OPTIONS]]", e.g. "LABEL=data /data ext4 noatime"
+    /// (see init/README.md: sources, types, nofail, x-osb.wait=...).
+    #[arg(long, value_name = "SPEC", requires = "init", value_parser = pipeline::parse_mount_arg)]
+    mount: Vec<osb_agent::volume::MountSpec>,
     /// Clamp every mtime to this (default: the image's `created`, else 0).
     #[arg(long, env = "SOURCE_DATE_EPOCH")]
     source_date_epoch: Option<i64>,
@@ -356,6 +362,7 @@ impl TreeArgs {
                 .collect(),
             intake: self.intake.intake(),
             init,
+            mounts: self.mount.clone(),
         }
     }
 }
@@ -432,7 +439,8 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
             anyhow::bail!("--remove {path}: an --agent-only initrd has no image to remove anything from");
         }
         let opts = InitrdOptions { source_date_epoch: args.tree.source_date_epoch.unwrap_or(0), ..options };
-        let report = pipeline::build_agent_initrd(&init, &args.tree.add, &args.output, &opts, progress).context("building an agent-only initrd")?;
+        let report =
+            pipeline::build_agent_initrd(&init, &args.tree.add, &args.tree.mount, &args.output, &opts, progress).context("building an agent-only initrd")?;
         eprintln!(
             "osbuilder: wrote {} ({} entries, {} bytes unpacked, {} bytes compressed, sha256 {})",
             args.output.display(),

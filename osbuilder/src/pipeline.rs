@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
+use osb_agent::volume::MountSpec;
 use serde::Serialize;
 
 use crate::disk::{
@@ -91,6 +92,8 @@ pub struct TreeJob {
     /// The guest init (static `osb-init`), with the image's run config at
     /// [`RUN_CONFIG_PATH`]; where it goes depends on the output kind.
     pub init: Option<PathBuf>,
+    /// `--mount`: written into the run config's `mounts` (needs `init`).
+    pub mounts: Vec<MountSpec>,
 }
 
 /// Everything that shapes one initrd build.
@@ -113,7 +116,7 @@ pub const RUN_CONFIG_PATH: &str = "etc/osb/run.json";
 /// The workload as the guest init reads it (`/etc/osb/run.json`), taken
 /// from the OCI image config at build time. Field order is fixed, so the
 /// same image gives the same bytes.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct GuestRunConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<Vec<String>>,
@@ -125,6 +128,54 @@ pub struct GuestRunConfig {
     pub working_dir: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<RunMount>,
+}
+
+/// One of the run config's `mounts`, as the guest init reads it (see init/README.md).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct RunMount {
+    pub source: String,
+    pub target: String,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub fstype: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Octal, as a string (`"0750"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub nofail: bool,
+}
+
+impl RunMount {
+    pub fn of(spec: &MountSpec) -> RunMount {
+        RunMount {
+            source: spec.source.clone(),
+            target: spec.target.clone(),
+            fstype: spec.fstype.clone(),
+            options: spec.options.clone(),
+            read_only: spec.read_only,
+            wait: spec.wait.map(|w| w.as_secs_f64()),
+            uid: spec.uid,
+            gid: spec.gid,
+            mode: spec.mode.map(|m| format!("{m:04o}")),
+            nofail: spec.nofail,
+        }
+    }
+}
+
+/// `--mount SPEC`: an fstab-style line, checked as the guest init will read it.
+pub fn parse_mount_arg(s: &str) -> Result<MountSpec, String> {
+    MountSpec::parse_line(s).map_err(|e| e.to_string())
 }
 
 impl GuestRunConfig {
@@ -136,20 +187,32 @@ impl GuestRunConfig {
             env: config.env.clone().filter(|v| !v.is_empty()),
             working_dir: nonempty(&config.working_dir),
             user: nonempty(&config.user),
+            mounts: Vec::new(),
         }
+    }
+
+    /// With `--mount`s added.
+    pub fn with_mounts(mut self, mounts: &[MountSpec]) -> Self {
+        self.mounts = mounts.iter().map(RunMount::of).collect();
+        self
     }
 
     pub fn has_workload(&self) -> bool {
         self.entrypoint.is_some() || self.cmd.is_some()
     }
+
+    /// Whether the guest needs the file at all.
+    pub fn is_empty(&self) -> bool {
+        !self.has_workload() && self.mounts.is_empty()
+    }
 }
 
 /// Places the guest init at `dest` (0755) and, when the image names a
-/// workload, its run config at `/etc/osb/run.json` (0644).
+/// workload or there are mounts, the run config at `/etc/osb/run.json` (0644).
 pub fn add_guest_init(tree: &mut Tree, init: &Path, dest: &str, run: Option<&GuestRunConfig>, epoch: i64) -> Result<(), BuildError> {
     let dest = RelPath::parse_user(dest).expect("valid path");
     tree.add_host_path(init, &dest, Some(0o755), epoch)?;
-    if let Some(run) = run.filter(|r| r.has_workload()) {
+    if let Some(run) = run.filter(|r| !r.is_empty()) {
         let mut json = serde_json::to_vec_pretty(run).expect("serialisable");
         json.push(b'\n');
         tree.add_bytes(&RelPath::parse_user(RUN_CONFIG_PATH).expect("valid path"), json, 0o644, epoch)?;
@@ -159,12 +222,20 @@ pub fn add_guest_init(tree: &mut Tree, init: &Path, dest: &str, run: Option<&Gue
 
 /// An initrd holding only the guest init (no image), plus any `--add`ed
 /// host files: the agent-only guest.
-pub fn build_agent_initrd(init: &Path, adds: &[AddSpec], output: &Path, opts: &InitrdOptions, progress: &Progress) -> Result<InitrdReport, BuildError> {
+pub fn build_agent_initrd(
+    init: &Path,
+    adds: &[AddSpec],
+    mounts: &[MountSpec],
+    output: &Path,
+    opts: &InitrdOptions,
+    progress: &Progress,
+) -> Result<InitrdReport, BuildError> {
     if output.is_dir() {
         return Err(BuildError::Usage(format!("output {} is a directory; give a file name", output.display())));
     }
     let mut tree = Tree::new();
-    add_guest_init(&mut tree, init, INITRD_INIT_PATH, None, opts.source_date_epoch)?;
+    let run = GuestRunConfig::default().with_mounts(mounts);
+    add_guest_init(&mut tree, init, INITRD_INIT_PATH, Some(&run), opts.source_date_epoch)?;
     for add in adds {
         tree.add_host_path(&add.src, &add.dest, add.mode, opts.source_date_epoch)?;
     }
@@ -307,7 +378,7 @@ pub fn build_tree(
     let stats = image.apply_layers(&mut tree, &job.intake, job.pull.fetch_jobs, progress)?;
     let warnings = remove_paths(&mut tree, &job.removes)?;
     if let Some(init) = &job.init {
-        add_guest_init(&mut tree, init, init_path, Some(&GuestRunConfig::of(&image.config.config)), epoch)?;
+        add_guest_init(&mut tree, init, init_path, Some(&GuestRunConfig::of(&image.config.config).with_mounts(&job.mounts)), epoch)?;
     }
     for add in &job.adds {
         tree.add_host_path(&add.src, &add.dest, add.mode, epoch)?;

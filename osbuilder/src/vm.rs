@@ -59,6 +59,9 @@ pub struct VmConfig {
     pub extra_args: Vec<String>,
     /// A disk image attached as pmem (NVDIMM), virtio-blk or virtio-scsi.
     pub disk: Option<DiskAttach>,
+    /// Open a QMP socket (`work_dir/qmp.sock`) for [`Vm::qmp`]: hot-plugging
+    /// devices into the running guest.
+    pub qmp: bool,
 }
 
 /// A disk image and how the guest sees it.
@@ -166,6 +169,7 @@ impl VmConfig {
             qemu: PathBuf::from("qemu-system-x86_64"),
             extra_args: Vec::new(),
             disk: None,
+            qmp: false,
         }
     }
 
@@ -344,6 +348,9 @@ fn spawn_qemu(cfg: &VmConfig, accel: &str, vu: &Path, console: &Path, qemu_log: 
         q.args(disk.qemu_args(cfg.machine)?);
     }
     q.args(&cfg.extra_args);
+    if cfg.qmp {
+        q.arg("-qmp").arg(format!("unix:{},server=on,wait=off", cfg.work_dir.join("qmp.sock").display()));
+    }
     q.stdin(Stdio::null()).stdout(Stdio::null());
     q.stderr(std::fs::File::create(qemu_log).map_err(|source| VmError::Io { context: "cannot create the qemu log".into(), source })?);
     die_with_parent(&mut q);
@@ -394,6 +401,49 @@ impl Vm {
         };
         let vm = Vm { qemu, vhost, console, vsock_socket: hv, started, accel, exit: None, cfg: cfg.clone(), qemu_log };
         Ok(vm)
+    }
+
+    /// Runs one QMP command (`{"execute": command, "arguments": arguments}`) on
+    /// a fresh QMP connection (the VM must have been started with `qmp`) and
+    /// returns its `return` value; QEMU's `error` becomes an error naming it.
+    pub fn qmp(&self, command: &str, arguments: serde_json::Value) -> Result<serde_json::Value, VmError> {
+        use std::io::{BufRead, BufReader, Write};
+        let path = self.cfg.work_dir.join("qmp.sock");
+        let io_err = |what: &str| {
+            let context = format!("QMP {command} ({what} {})", path.display());
+            move |source| VmError::Io { context, source }
+        };
+        let stream = std::os::unix::net::UnixStream::connect(&path).map_err(io_err("connect to"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io_err("set a timeout on"))?;
+        let mut writer = stream.try_clone().map_err(io_err("clone"))?;
+        let mut reader = BufReader::new(stream);
+        // The greeting, then capabilities negotiation, then the command; events
+        // (objects with "event") may come between and are skipped.
+        let answer = |reader: &mut BufReader<std::os::unix::net::UnixStream>, want_greeting: bool| -> Result<serde_json::Value, VmError> {
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).map_err(io_err("read from"))? == 0 {
+                    return Err(VmError::Io { context: format!("QMP {command}"), source: io::Error::other("QEMU closed the QMP socket") });
+                }
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .map_err(|e| VmError::Io { context: format!("QMP {command}"), source: io::Error::other(format!("not JSON ({e}): {line}")) })?;
+                if want_greeting && v.get("QMP").is_some() {
+                    return Ok(v);
+                }
+                if let Some(r) = v.get("return") {
+                    return Ok(r.clone());
+                }
+                if let Some(e) = v.get("error") {
+                    return Err(VmError::Io { context: format!("QMP {command}"), source: io::Error::other(format!("QEMU refused it: {e}")) });
+                }
+            }
+        };
+        answer(&mut reader, true)?;
+        writer.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").map_err(io_err("write to"))?;
+        answer(&mut reader, false)?;
+        let request = serde_json::json!({"execute": command, "arguments": arguments});
+        writer.write_all(format!("{request}\n").as_bytes()).map_err(io_err("write to"))?;
+        answer(&mut reader, false)
     }
 
     pub fn qemu_pid(&self) -> u32 {

@@ -1,5 +1,6 @@
 //! Workload events from init: one JSON object a line on the `--workload-fd` pipe,
-//! `{"event":"started","pid":N}` and `{"event":"exited","pid":N,"code":C}`.
+//! `{"event":"started","pid":N}`, `{"event":"exited","pid":N,"code":C}` and, for each
+//! boot mount, `{"event":"mount","spec":"SOURCE TARGET TYPE OPTIONS","device":D,"error":E}`.
 //!
 //! The objects are flat, so a small parser does (no JSON dependency in the guest
 //! binary's agent half).
@@ -10,6 +11,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use super::process::Workload;
+use super::storage::Storages;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -120,8 +122,20 @@ impl Parser<'_> {
 /// An event init reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    Started { pid: i32 },
-    Exited { pid: i32, code: i32 },
+    Started {
+        pid: i32,
+    },
+    Exited {
+        pid: i32,
+        code: i32,
+    },
+    /// A boot mount: its spec as an fstab line, the device used, and the error ("" when
+    /// it is mounted).
+    Mount {
+        spec: String,
+        device: String,
+        error: String,
+    },
 }
 
 pub fn parse_event(line: &str) -> Option<Event> {
@@ -133,12 +147,20 @@ pub fn parse_event(line: &str) -> Option<Event> {
     match obj.get("event") {
         Some(Value::Str(e)) if e == "started" => Some(Event::Started { pid: int("pid")? }),
         Some(Value::Str(e)) if e == "exited" => Some(Event::Exited { pid: int("pid")?, code: int("code")? }),
+        Some(Value::Str(e)) if e == "mount" => {
+            let string = |key: &str| match obj.get(key) {
+                Some(Value::Str(s)) => Some(s.clone()),
+                None => Some(String::new()),
+                _ => None,
+            };
+            Some(Event::Mount { spec: string("spec").filter(|s| !s.is_empty())?, device: string("device")?, error: string("error")? })
+        }
         _ => None,
     }
 }
 
 /// Reads events from `fd` until it closes, feeding `workload`.
-pub fn spawn_reader(fd: OwnedFd, workload: Arc<Workload>) -> std::io::Result<()> {
+pub fn spawn_reader(fd: OwnedFd, workload: Arc<Workload>, storages: Arc<Storages>) -> std::io::Result<()> {
     std::thread::Builder::new().name("osb-events".into()).stack_size(64 * 1024).spawn(move || {
         let reader = std::io::BufReader::new(std::fs::File::from(fd));
         for line in reader.split(b'\n') {
@@ -150,6 +172,7 @@ pub fn spawn_reader(fd: OwnedFd, workload: Arc<Workload>) -> std::io::Result<()>
             match parse_event(&line) {
                 Some(Event::Started { pid }) => workload.started(pid),
                 Some(Event::Exited { pid, code }) => workload.exited(pid, code),
+                Some(Event::Mount { spec, device, error }) => storages.boot_mount(&spec, &device, &error),
                 None => eprintln!("osb-agent: ignoring workload event {:?}", line.trim()),
             }
         }
@@ -172,6 +195,12 @@ mod tests {
             (r#"{"event":"started","pid":1,"extra":[1]}"#, None),
             (r#"{"event":"started","pid":1,"x":null,"y":true,"z":"a\"b\u0041"}"#, Some(Event::Started { pid: 1 })),
             ("not json", None),
+            (
+                r#"{"event":"mount","spec":"LABEL=d /d ext4 rw","device":"/dev/vdb"}"#,
+                Some(Event::Mount { spec: "LABEL=d /d ext4 rw".into(), device: "/dev/vdb".into(), error: String::new() }),
+            ),
+            (r#"{"event":"mount","device":"/dev/vdb"}"#, None),
+            (r#"{"event":"mount","spec":"a /b","error":1}"#, None),
             (r#"{"event":"started","pid":1} trailing"#, None),
         ] {
             assert_eq!(parse_event(line), event, "{line}");

@@ -1,8 +1,8 @@
 //! The guest side: the agent server (cargo feature `server`).
 //!
 //! `osb-init` starts it as `/proc/self/exe` with argv[0] `osb-agent` and calls
-//! [`main`]. It listens on AF_VSOCK (any CID) and serves `grpc.AgentService` and
-//! `grpc.Health` over ttrpc (see [`rpc`] for the transport and its limits),
+//! [`main`]. It listens on AF_VSOCK (any CID) and serves `grpc.AgentService`,
+//! `grpc.Health` and our `grpc.StorageService` ([`storage`]) over ttrpc (see [`rpc`] for the transport and its limits),
 //! to the host (CID 2) only unless `--allow-cid` says otherwise.
 //!
 //! Options:
@@ -30,6 +30,7 @@ pub mod passwd;
 pub mod process;
 pub mod rpc;
 pub mod service;
+pub mod storage;
 pub mod sys;
 
 use std::ffi::OsString;
@@ -37,7 +38,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::proto::{agent_ttrpc, health_ttrpc};
+use crate::proto::{agent_ttrpc, health_ttrpc, storage_ttrpc};
 
 /// The vsock port the agent listens on unless told otherwise.
 pub const DEFAULT_PORT: u32 = 1024;
@@ -203,9 +204,10 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
     // as soon as a request is done (see rpc::Limits::max_inflight_bytes).
     sys::unmap_large_allocations(rpc::SMALL_FRAME * 8);
     let table = Arc::new(process::Table::new(MAX_PROCESSES));
+    let storages = Arc::new(storage::Storages::default());
     if let Some(fd) = opts.workload_fd {
         match adopt_fd(fd) {
-            Ok(fd) => events::spawn_reader(fd, table.workload())?,
+            Ok(fd) => events::spawn_reader(fd, table.workload(), storages.clone())?,
             Err(e) => eprintln!("osb-agent: --workload-fd {fd}: {e}; no workload events"),
         }
     }
@@ -216,7 +218,11 @@ pub fn run(opts: &Options) -> std::io::Result<()> {
         etc: PathBuf::from("/etc"),
         copies: copy::Copies::default(),
     };
-    let dispatcher = rpc::Dispatcher::new([agent_ttrpc::create_agent_service(Arc::new(agent)), health_ttrpc::create_health(Arc::new(service::Health))]);
+    let dispatcher = rpc::Dispatcher::new([
+        agent_ttrpc::create_agent_service(Arc::new(agent)),
+        health_ttrpc::create_health(Arc::new(service::Health)),
+        storage_ttrpc::create_storage_service(Arc::new(storage::Service(storages))),
+    ]);
     let listener = match &opts.listen {
         ListenAddr::Unix(path) => {
             // A socket file left by an earlier run would make bind fail.

@@ -1,0 +1,289 @@
+//! Guest volumes, each against the real thing under QEMU with our kernel: block
+//! volumes found by label on virtio-blk and virtio-scsi (one made by our own ext4
+//! writer, one by mke2fs) and by serial, tmpfs with a size and mode, a read-only bind,
+//! 9p from QEMU's own `-fsdev local`, a `nofail` mount whose device never comes, a fatal
+//! one that stops the boot naming it, and a disk hot-added on q35 through QMP
+//! `device_add`, mounted and unmounted by the agent's storage calls. After power-off
+//! `e2fsck -fn` checks each disk and `debugfs` reads back what the guest wrote.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::guest::*;
+use common::*;
+use osb_agent::client::{Client, ExecSpec};
+use osb_agent::proto::storage::Storage;
+use osbuilder::vm::{Machine, Vm, VmConfig};
+
+const BOOT_LIMIT: Duration = Duration::from_secs(240);
+
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::Builder::new().prefix("osbuilder-guest-volumes-").tempdir().unwrap().keep())
+}
+
+/// An agent-only initrd with busybox (for the checks) and `mounts` in its run config.
+fn initrd(name: &str, mounts: &[&str]) -> PathBuf {
+    let out = scratch().join(format!("{name}.cpio.gz"));
+    let init = guest_init();
+    let mut cmd = tool(env!("CARGO_BIN_EXE_osbuilder"));
+    cmd.args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "--add", "/bin/busybox:/bin/busybox:0755", "-o"]).arg(&out);
+    for m in mounts {
+        cmd.args(["--mount", m]);
+    }
+    let r = cmd.output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    out
+}
+
+/// A 32 MiB ext4 volume labelled `label` holding `/hello.txt`, made by mke2fs.
+fn mke2fs_volume(name: &str, label: &str, hello: &str) -> PathBuf {
+    let content = scratch().join(format!("{name}-content"));
+    fs::create_dir_all(&content).unwrap();
+    fs::write(content.join("hello.txt"), hello).unwrap();
+    let img = scratch().join(format!("{name}.img"));
+    run(tool("mke2fs").args(["-q", "-F", "-t", "ext4", "-L", label, "-d"]).arg(&content).arg(&img).arg("32M"));
+    img
+}
+
+/// The same, made by our own ext4 writer (`osbuilder disk --table none`) from a
+/// one-layer image.
+fn osbuilder_volume(name: &str, label: &str, hello: &str) -> PathBuf {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(hello.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1);
+    h.set_cksum();
+    tar.append_data(&mut h, "hello.txt", hello.as_bytes()).unwrap();
+    let tar = tar.into_inner().unwrap();
+    let layout = write_layout(
+        &scratch().join(format!("{name}-layout")),
+        "v",
+        &[LayoutLayer { blob: &tar, media_type: "application/vnd.oci.image.layer.v1.tar", diff_id: format!("sha256:{}", sha256_hex(&tar)) }],
+    );
+    let img = scratch().join(format!("{name}.img"));
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["disk", "--quiet", "--image", &oci_ref(&layout, "v"), "--fs", "ext4", "--table", "none", "--size", "32M", "--label", label, "-o"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    img
+}
+
+fn sh(client: &Client, script: &str) -> (i32, String, String) {
+    let mut spec = ExecSpec::new(["/bin/busybox", "sh", "-c", script]);
+    spec.env = vec!["PATH=/bin".into()];
+    spec.timeout = Some(Duration::from_secs(120));
+    let out = client.exec(&spec, b"").unwrap_or_else(|e| panic!("exec {script:?}: {e}"));
+    (out.code, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn sh_ok(client: &Client, script: &str) -> String {
+    let (code, out, err) = sh(client, script);
+    assert_eq!(code, 0, "{script}: {out}{err}");
+    out
+}
+
+fn power_off(mut vm: Vm, client: &Client) -> String {
+    let _ = client.destroy_sandbox();
+    vm.wait_exit(Duration::from_secs(60)).unwrap_or_else(|e| panic!("DestroySandbox must power the guest off: {e}"));
+    vm.console_text()
+}
+
+/// `e2fsck -fn` finds nothing to fix.
+fn assert_fsck_clean(img: &Path) {
+    let out = tool("e2fsck").arg("-fn").arg(img).output().unwrap();
+    assert!(out.status.success(), "e2fsck -fn {}: {}{}", img.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A file of an ext4 image, read by debugfs.
+fn debugfs_cat(img: &Path, path: &str) -> String {
+    let out = tool("debugfs").args(["-R", &format!("cat {path}")]).arg(img).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn drive(path: &Path, id: &str) -> String {
+    format!("file={},if=none,id={id},format=raw,cache=writeback", path.display())
+}
+
+/// Block volumes by label on virtio-blk (our ext4 writer's output) and on virtio-scsi
+/// (mke2fs's), one by serial, a tmpfs with size and mode, a read-only bind of a
+/// directory of one volume, a 9p share of a host directory, and a `nofail` mount
+/// whose device never appears: the boot goes on, the workload reads and writes them,
+/// ListStorages reports each (the failed one with its cause), and after power-off the
+/// disks are clean and hold what the guest wrote.
+#[test]
+fn run_config_mounts_block_tmpfs_bind_and_9p() {
+    let _one = one_guest_at_a_time();
+    require_vhost_device_vsock();
+    let blk = osbuilder_volume("blk", "vol-blk", "hello from virtio-blk\n");
+    let scsi = mke2fs_volume("scsi", "vol-scsi", "hello from virtio-scsi\n");
+    let serial = mke2fs_volume("serial", "", "hello by serial\n");
+    let share = scratch().join("share9p");
+    fs::create_dir_all(&share).unwrap();
+    fs::write(share.join("from-host.txt"), "written on the host\n").unwrap();
+    let initrd = initrd(
+        "mounts",
+        &[
+            // Listed out of order on purpose: the bind needs /data/blk, /data/blk/sub needs /data/blk.
+            "/data/blk /srv/blk none bind,ro",
+            "LABEL=vol-blk /data/blk auto noatime",
+            "LABEL=vol-scsi /data/scsi ext4 rw,x-osb.uid=1000,x-osb.gid=1000,x-osb.mode=0770",
+            "SERIAL=vol-serial-1 /data/serial ext4 ro",
+            "none /data/tmp tmpfs size=8m,x-osb.mode=0750",
+            "share9 /data/9p 9p msize=131072",
+            "/dev/vdz /never ext4 nofail,x-osb.wait=0.5",
+        ],
+    );
+    let mut cfg = VmConfig::new(&default_kernel().bzimage, Some(initrd), scratch().join("mounts-vm"));
+    cfg.extra_args = [
+        "-drive",
+        &drive(&blk, "vblk"),
+        "-device",
+        "virtio-blk-device,drive=vblk",
+        "-drive",
+        &drive(&serial, "vser"),
+        "-device",
+        "virtio-blk-device,drive=vser,serial=vol-serial-1",
+        "-device",
+        "virtio-scsi-device,id=scsi0",
+        "-drive",
+        &drive(&scsi, "vscsi"),
+        "-device",
+        "scsi-hd,drive=vscsi,bus=scsi0.0",
+        "-fsdev",
+        &format!("local,id=fs9,path={},security_model=none", share.display()),
+        "-device",
+        "virtio-9p-device,fsdev=fs9,mount_tag=share9",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (vm, client) = boot_to_agent(&cfg, BOOT_LIMIT);
+
+    assert_eq!(
+        sh_ok(&client, "cat /data/blk/hello.txt /data/scsi/hello.txt /data/serial/hello.txt"),
+        "hello from virtio-blk\nhello from virtio-scsi\nhello by serial\n"
+    );
+    sh_ok(&client, "echo written by the guest > /data/scsi/guest.txt && echo on blk > /data/blk/guest.txt && sync");
+    assert_eq!(sh_ok(&client, "stat -c '%u:%g %a' /data/scsi"), "1000:1000 770\n");
+    let mounts = sh_ok(&client, "cat /proc/mounts");
+    let line =
+        |target: &str| mounts.lines().find(|l| l.split(' ').nth(1) == Some(target)).unwrap_or_else(|| panic!("{target} not mounted:\n{mounts}")).to_owned();
+    assert!(line("/data/blk").contains(" ext4 rw,noatime"), "{}", line("/data/blk"));
+    assert!(line("/data/serial").contains(" ext4 ro"), "{}", line("/data/serial"));
+    assert!(line("/data/tmp").contains("tmpfs") && line("/data/tmp").contains("size=8192k") && line("/data/tmp").contains("mode=750"), "{}", line("/data/tmp"));
+    assert!(line("/srv/blk").contains(" ro"), "the bind is read-only: {}", line("/srv/blk"));
+    assert!(line("/data/9p").contains(" 9p "), "{}", line("/data/9p"));
+    assert!(!mounts.contains(" /never "), "{mounts}");
+    // The bind shows the volume, and refuses writes.
+    assert_eq!(sh_ok(&client, "cat /srv/blk/guest.txt"), "on blk\n");
+    let (code, _, err) = sh(&client, "echo x > /srv/blk/nope");
+    assert_ne!(code, 0, "a write to the read-only bind succeeded");
+    assert!(err.contains("Read-only file system"), "{err}");
+    // 9p: the host's file in, the guest's file out.
+    assert_eq!(sh_ok(&client, "cat /data/9p/from-host.txt && echo from the guest > /data/9p/from-guest.txt"), "written on the host\n");
+    assert_eq!(fs::read_to_string(share.join("from-guest.txt")).unwrap(), "from the guest\n");
+
+    let listed = client.list_storages().unwrap();
+    let targets: Vec<(&str, bool)> = listed.iter().map(|s| (s.storage.mount_point.as_str(), s.mounted)).collect();
+    assert_eq!(
+        targets,
+        [("/data/blk", true), ("/srv/blk", true), ("/data/scsi", true), ("/data/serial", true), ("/data/tmp", true), ("/data/9p", true), ("/never", false)],
+        "in dependency order, the failed nofail one last"
+    );
+    assert!(listed[0].device.starts_with("/dev/vd"), "{listed:?}");
+    assert!(listed[6].error.contains("device /dev/vdz not there after 0.5 s"), "{:?}", listed[6]);
+    assert!(listed.iter().all(|s| s.origin == "boot"), "{listed:?}");
+
+    let console = power_off(vm, &client);
+    assert!(
+        console.contains("mount /dev/vdz on /never: device /dev/vdz not there after 0.5 s; check the VM's disks; it is nofail: going on without it"),
+        "{console}"
+    );
+    for img in [&blk, &scsi, &serial] {
+        assert_fsck_clean(img);
+    }
+    assert_eq!(debugfs_cat(&scsi, "/guest.txt"), "written by the guest\n");
+    assert_eq!(debugfs_cat(&blk, "/guest.txt"), "on blk\n");
+}
+
+/// A mount that is not `nofail` whose device never appears stops the boot: init waits
+/// the configured time, prints the mount and the cause, and powers off before the agent
+/// or any workload starts. The mount comes from the kernel command line (`osb.mount=`).
+#[test]
+fn a_fatal_mount_whose_device_never_comes_powers_off_naming_it() {
+    let _one = one_guest_at_a_time();
+    require_vhost_device_vsock();
+    let initrd = initrd("plain", &[]);
+    let mut cfg = VmConfig::new(&default_kernel().bzimage, Some(initrd), scratch().join("fatal-vm"));
+    cfg.append = "\"osb.mount=LABEL=missing /data ext4 x-osb.wait=1\"".into();
+    let mut vm = Vm::start(&cfg).unwrap();
+    let status = vm.wait_exit(BOOT_LIMIT).unwrap_or_else(|e| panic!("the guest must power off: {e}\n{}", vm.console_text()));
+    let console = vm.console_text();
+    assert!(
+        console.contains("osb-init: mount LABEL=missing on /data: device LABEL=missing not there after 1.0 s; no block device's filesystem has it"),
+        "{status}:\n{console}"
+    );
+    assert!(!console.contains("osb-agent: listening"), "the agent must not start:\n{console}");
+}
+
+/// Hot-add on q35: a disk attached after boot (QMP blockdev-add + device_add on a PCIe
+/// root port) is mounted by MountStorage (found by its serial, waited for), written,
+/// unmounted by UnmountStorage, and is clean and holds the file on the host afterwards.
+/// The agent refuses a second mount on the same point and an unknown unmount.
+#[test]
+fn a_hot_added_disk_is_mounted_and_unmounted_by_the_storage_calls() {
+    let _one = one_guest_at_a_time();
+    require_vhost_device_vsock();
+    let hot = mke2fs_volume("hot", "vol-hot", "hello hot-plugged\n");
+    let initrd = initrd("hotplug", &[]);
+    let mut cfg = VmConfig::new(&default_kernel().bzimage, Some(initrd), scratch().join("hotplug-vm"));
+    cfg.machine = Machine::Q35;
+    cfg.qmp = true;
+    cfg.extra_args = vec!["-device".into(), "pcie-root-port,id=rp1,chassis=1,slot=1".into()];
+    let (vm, client) = boot_to_agent(&cfg, BOOT_LIMIT);
+
+    vm.qmp("blockdev-add", serde_json::json!({"node-name": "hot0", "driver": "raw", "file": {"driver": "file", "filename": hot.display().to_string()}}))
+        .unwrap();
+    vm.qmp("device_add", serde_json::json!({"driver": "virtio-blk-pci", "drive": "hot0", "id": "hotblk", "bus": "rp1", "serial": "hot-1"})).unwrap();
+    let storage = Storage {
+        driver: "blk".into(),
+        source: "SERIAL=hot-1".into(),
+        fstype: "ext4".into(),
+        options: vec!["rw,noatime".into(), "x-osb.wait=60".into()],
+        mount_point: "/mnt/hot".into(),
+        ..Default::default()
+    };
+    let done = client.mount_storage(storage.clone()).unwrap_or_else(|e| panic!("MountStorage: {e}\n{}", vm.console_text()));
+    assert_eq!((done.device.starts_with("/dev/vd"), done.fstype.as_str()), (true, "ext4"), "{done:?}");
+    assert_eq!(sh_ok(&client, "cat /mnt/hot/hello.txt && echo from the guest > /mnt/hot/guest.txt && sync"), "hello hot-plugged\n");
+    let again = client.mount_storage(storage).unwrap_err();
+    assert_eq!(again.code(), Some(osb_agent::client::Code::ALREADY_EXISTS), "{again}");
+    let listed = client.list_storages().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].storage.mount_point.as_str(), listed[0].origin.as_str(), listed[0].mounted), ("/mnt/hot", "agent", true));
+
+    let unknown = client.unmount_storage("/mnt/nothing", false).unwrap_err();
+    assert_eq!(unknown.code(), Some(osb_agent::client::Code::NOT_FOUND), "{unknown}");
+    client.unmount_storage("/mnt/hot", false).unwrap();
+    assert!(!sh_ok(&client, "cat /proc/mounts").contains("/mnt/hot"), "still mounted");
+    assert!(client.list_storages().unwrap().is_empty());
+    // A symbolic link in the mount point is refused (guest processes may make them).
+    sh_ok(&client, "mkdir -p /mnt/real && ln -s /mnt/real /mnt/link");
+    let linked = Storage { driver: "ephemeral".into(), source: "tmpfs".into(), mount_point: "/mnt/link/x".into(), ..Default::default() };
+    let err = client.mount_storage(linked).unwrap_err().to_string();
+    assert!(err.contains("/mnt/link is a symbolic link"), "{err}");
+
+    power_off(vm, &client);
+    assert_fsck_clean(&hot);
+    assert_eq!(debugfs_cat(&hot, "/guest.txt"), "from the guest\n");
+}
