@@ -2,6 +2,7 @@
 # External tools the guest tests use, built reproducibly and cached outside the repo.
 #
 #   ci/tools.sh vhost-device-vsock   # prints the path of the vhost-device-vsock binary
+#   ci/tools.sh virtiofsd            # prints the path of the virtiofsd binary (virtio-fs tests)
 #   ci/tools.sh kata-agent-ctl       # prints the path of Kata's kata-agent-ctl binary
 #   ci/tools.sh cargo-fuzz           # prints the path of the cargo-fuzz binary (cargo xtask fuzz)
 #   ci/tools.sh path <tool>          # prints the path only if already cached (exit 1 if not)
@@ -34,6 +35,7 @@ set -euo pipefail
 VHOST_DEVICE_VSOCK_VERSION=0.3.0   # newest release of the crate; builds with rustc 1.95
 KATA_DEFAULT_REF=4.1.0             # newest Kata release whose rust-toolchain is 1.95
 CARGO_FUZZ_VERSION=0.13.2          # builds with rustc 1.95; `-s none` builds targets on stable
+VIRTIOFSD_VERSION=1.14.0           # newest release of the crate; needs libseccomp-dev, libcap-ng-dev
 
 CACHE="${OSBUILDER_CACHE:-${HOME}/.cache/osbuilder}"
 TOOLS="$CACHE/tools"
@@ -91,6 +93,15 @@ vhost_device_vsock_dest() { echo "$TOOLS/vhost-device-vsock-$VHOST_DEVICE_VSOCK_
 
 vhost_device_vsock() {
   cargo_install_tool vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION" "$(vhost_device_vsock_dest)" "3-4 minutes"
+}
+
+# ---------------------------------------------------------------------------------------
+# virtiofsd (the virtio-fs project's vhost-user daemon, from cargo's registry): shares a
+# host directory with a guest over virtio-fs. Links libseccomp and libcap-ng
+# (ci/setup.sh installs their -dev packages).
+
+virtiofsd() {
+  cargo_install_tool virtiofsd "$VIRTIOFSD_VERSION" "$TOOLS/virtiofsd-$VIRTIOFSD_VERSION" "3-5 minutes"
 }
 
 # cargo_install_tool NAME VERSION DEST DURATION: `cargo install --locked` of a crate from
@@ -420,6 +431,7 @@ cached_path() {
 
 case "${1:-}" in
   vhost-device-vsock) vhost_device_vsock ;;
+  virtiofsd) virtiofsd ;;
   kata-agent-ctl) kata_agent_ctl ;;
   cargo-fuzz) cargo_fuzz ;;
   kata-src-bundle) [ $# -eq 2 ] || usage; kata_src_bundle "$2" ;;

@@ -295,6 +295,11 @@ struct TreeArgs {
     /// (see init/README.md: sources, types, nofail, x-osb.wait=...).
     #[arg(long, value_name = "SPEC", requires = "init", value_parser = pipeline::parse_mount_arg)]
     mount: Vec<osb_agent::volume::MountSpec>,
+    /// The guest's network for the guest init, written into /etc/osb/run.json
+    /// as `network` (needs --init): a JSON file holding an object with
+    /// `interfaces`, `routes`, `dns`, `hosts` (see init/README.md).
+    #[arg(long, value_name = "FILE", requires = "init", value_parser = pipeline::parse_network_arg)]
+    network: Option<serde_json::Value>,
     /// Clamp every mtime to this (default: the image's `created`, else 0).
     #[arg(long, env = "SOURCE_DATE_EPOCH")]
     source_date_epoch: Option<i64>,
@@ -363,6 +368,7 @@ impl TreeArgs {
             intake: self.intake.intake(),
             init,
             mounts: self.mount.clone(),
+            network: self.network.clone(),
         }
     }
 }
@@ -439,8 +445,8 @@ fn initrd(args: InitrdArgs, progress: &Progress) -> anyhow::Result<()> {
             anyhow::bail!("--remove {path}: an --agent-only initrd has no image to remove anything from");
         }
         let opts = InitrdOptions { source_date_epoch: args.tree.source_date_epoch.unwrap_or(0), ..options };
-        let report =
-            pipeline::build_agent_initrd(&init, &args.tree.add, &args.tree.mount, &args.output, &opts, progress).context("building an agent-only initrd")?;
+        let report = pipeline::build_agent_initrd(&init, &args.tree.add, &args.tree.mount, args.tree.network.as_ref(), &args.output, &opts, progress)
+            .context("building an agent-only initrd")?;
         eprintln!(
             "osbuilder: wrote {} ({} entries, {} bytes unpacked, {} bytes compressed, sha256 {})",
             args.output.display(),

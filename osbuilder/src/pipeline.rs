@@ -94,6 +94,8 @@ pub struct TreeJob {
     pub init: Option<PathBuf>,
     /// `--mount`: written into the run config's `mounts` (needs `init`).
     pub mounts: Vec<MountSpec>,
+    /// `--network`: the run config's `network` (needs `init`).
+    pub network: Option<serde_json::Value>,
 }
 
 /// Everything that shapes one initrd build.
@@ -130,6 +132,8 @@ pub struct GuestRunConfig {
     pub user: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<RunMount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<serde_json::Value>,
 }
 
 /// One of the run config's `mounts`, as the guest init reads it (see init/README.md).
@@ -173,6 +177,19 @@ impl RunMount {
     }
 }
 
+/// `--network FILE`: a JSON object with only the fields the guest init knows (it
+/// checks the values themselves at boot, and a bad one stops the boot naming it).
+pub fn parse_network_arg(path: &str) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("read {path}: {e}"))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{path}: not valid JSON: {e}"))?;
+    let Some(map) = value.as_object() else { return Err(format!("{path}: the network must be a JSON object")) };
+    const KNOWN: [&str; 4] = ["interfaces", "routes", "dns", "hosts"];
+    if let Some(k) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!("{path}: unknown field {k:?} (known: {})", KNOWN.join(", ")));
+    }
+    Ok(value)
+}
+
 /// `--mount SPEC`: an fstab-style line, checked as the guest init will read it.
 pub fn parse_mount_arg(s: &str) -> Result<MountSpec, String> {
     MountSpec::parse_line(s).map_err(|e| e.to_string())
@@ -188,12 +205,14 @@ impl GuestRunConfig {
             working_dir: nonempty(&config.working_dir),
             user: nonempty(&config.user),
             mounts: Vec::new(),
+            network: None,
         }
     }
 
-    /// With `--mount`s added.
-    pub fn with_mounts(mut self, mounts: &[MountSpec]) -> Self {
+    /// With `--mount`s and `--network` added.
+    pub fn with_volumes(mut self, mounts: &[MountSpec], network: Option<&serde_json::Value>) -> Self {
         self.mounts = mounts.iter().map(RunMount::of).collect();
+        self.network = network.cloned();
         self
     }
 
@@ -203,7 +222,7 @@ impl GuestRunConfig {
 
     /// Whether the guest needs the file at all.
     pub fn is_empty(&self) -> bool {
-        !self.has_workload() && self.mounts.is_empty()
+        !self.has_workload() && self.mounts.is_empty() && self.network.is_none()
     }
 }
 
@@ -226,6 +245,7 @@ pub fn build_agent_initrd(
     init: &Path,
     adds: &[AddSpec],
     mounts: &[MountSpec],
+    network: Option<&serde_json::Value>,
     output: &Path,
     opts: &InitrdOptions,
     progress: &Progress,
@@ -234,7 +254,7 @@ pub fn build_agent_initrd(
         return Err(BuildError::Usage(format!("output {} is a directory; give a file name", output.display())));
     }
     let mut tree = Tree::new();
-    let run = GuestRunConfig::default().with_mounts(mounts);
+    let run = GuestRunConfig::default().with_volumes(mounts, network);
     add_guest_init(&mut tree, init, INITRD_INIT_PATH, Some(&run), opts.source_date_epoch)?;
     for add in adds {
         tree.add_host_path(&add.src, &add.dest, add.mode, opts.source_date_epoch)?;
@@ -378,7 +398,7 @@ pub fn build_tree(
     let stats = image.apply_layers(&mut tree, &job.intake, job.pull.fetch_jobs, progress)?;
     let warnings = remove_paths(&mut tree, &job.removes)?;
     if let Some(init) = &job.init {
-        add_guest_init(&mut tree, init, init_path, Some(&GuestRunConfig::of(&image.config.config).with_mounts(&job.mounts)), epoch)?;
+        add_guest_init(&mut tree, init, init_path, Some(&GuestRunConfig::of(&image.config.config).with_volumes(&job.mounts, job.network.as_ref())), epoch)?;
     }
     for add in &job.adds {
         tree.add_host_path(&add.src, &add.dest, add.mode, epoch)?;

@@ -3,8 +3,10 @@
 //! writer, one by mke2fs) and by serial, tmpfs with a size and mode, a read-only bind,
 //! 9p from QEMU's own `-fsdev local`, a `nofail` mount whose device never comes, a fatal
 //! one that stops the boot naming it, and a disk hot-added on q35 through QMP
-//! `device_add`, mounted and unmounted by the agent's storage calls. After power-off
-//! `e2fsck -fn` checks each disk and `debugfs` reads back what the guest wrote.
+//! `device_add`, mounted and unmounted by the agent's storage calls; virtio-fs through
+//! rust-vmm's virtiofsd (and a DAX mount refused with init's explanation); the run
+//! config's network on QEMU user networking. After power-off `e2fsck -fn` checks each
+//! disk and `debugfs` reads back what the guest wrote.
 
 mod common;
 
@@ -28,12 +30,22 @@ fn scratch() -> &'static Path {
 
 /// An agent-only initrd with busybox (for the checks) and `mounts` in its run config.
 fn initrd(name: &str, mounts: &[&str]) -> PathBuf {
+    initrd_with(name, mounts, None)
+}
+
+/// The same, with `network` (JSON) as the run config's network.
+fn initrd_with(name: &str, mounts: &[&str], network: Option<&str>) -> PathBuf {
     let out = scratch().join(format!("{name}.cpio.gz"));
     let init = guest_init();
     let mut cmd = tool(env!("CARGO_BIN_EXE_osbuilder"));
     cmd.args(["initrd", "--quiet", "--agent-only", "--init", init.to_str().unwrap(), "--add", "/bin/busybox:/bin/busybox:0755", "-o"]).arg(&out);
     for m in mounts {
         cmd.args(["--mount", m]);
+    }
+    if let Some(net) = network {
+        let file = scratch().join(format!("{name}-network.json"));
+        fs::write(&file, net).unwrap();
+        cmd.arg("--network").arg(file);
     }
     let r = cmd.output().unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -286,4 +298,105 @@ fn a_hot_added_disk_is_mounted_and_unmounted_by_the_storage_calls() {
     power_off(vm, &client);
     assert_fsck_clean(&hot);
     assert_eq!(debugfs_cat(&hot, "/guest.txt"), "from the guest\n");
+}
+
+/// run.json's network on QEMU user networking: the virtio-net interface found by its
+/// MAC is renamed, addressed and given its MTU, the default route goes to QEMU's
+/// gateway, `/etc/resolv.conf` and `/etc/hosts` are written, and the guest fetches a
+/// file from an HTTP server on the host's loopback (QEMU's 10.0.2.2) before the host
+/// asks anything: the network is up when the agent is.
+#[test]
+fn run_config_network_reaches_the_host() {
+    let _one = one_guest_at_a_time();
+    require_vhost_device_vsock();
+    let served = scratch().join("served");
+    fs::create_dir_all(&served).unwrap();
+    fs::write(served.join("greeting.txt"), "hello over the network\n").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let mut server = tool("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+        .current_dir(&served)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let network = r#"{"interfaces": [{"name": "net0", "mac": "52:54:00:12:34:56", "addresses": ["10.0.2.15/24"], "mtu": 1400}],
+        "routes": [{"dest": "default", "gateway": "10.0.2.2"}],
+        "dns": {"nameservers": ["10.0.2.3"], "search": ["osb.test"]},
+        "hosts": [{"address": "10.0.2.2", "names": ["hostbox"]}]}"#;
+    let initrd = initrd_with("network", &[], Some(network));
+    let mut cfg = VmConfig::new(&default_kernel().bzimage, Some(initrd), scratch().join("network-vm"));
+    cfg.extra_args = ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"].iter().map(|s| s.to_string()).collect();
+    let (vm, client) = boot_to_agent(&cfg, BOOT_LIMIT);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let links = sh_ok(&client, "ip -o link show net0; ip -o -4 addr show net0; ip route");
+        assert!(links.contains("mtu 1400") && links.contains(",UP"), "{links}");
+        assert!(links.contains("inet 10.0.2.15/24"), "{links}");
+        assert!(links.contains("default via 10.0.2.2 dev net0"), "{links}");
+        assert_eq!(sh_ok(&client, "cat /etc/resolv.conf"), "# written by osb-init from /etc/osb/run.json\nnameserver 10.0.2.3\nsearch osb.test\n");
+        let hosts = sh_ok(&client, "cat /etc/hosts");
+        assert!(hosts.contains("127.0.1.1\tosb\n") && hosts.contains("10.0.2.2\thostbox\n"), "{hosts}");
+        assert_eq!(sh_ok(&client, &format!("wget -q -O - http://10.0.2.2:{port}/greeting.txt")), "hello over the network\n");
+    }));
+    let _ = server.kill();
+    let _ = server.wait();
+    power_off(vm, &client);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// virtio-fs with rust-vmm's virtiofsd sharing a host directory: the guest reads the
+/// host's file and the file it writes appears on the host. A DAX mount of the same tag,
+/// listed first and `nofail`, is refused (upstream QEMU's vhost-user-fs device has no
+/// DAX window) and reported with init's explanation, and the plain mount then works.
+#[test]
+fn virtio_fs_shares_a_host_directory_and_a_dax_mount_is_refused_clearly() {
+    let _one = one_guest_at_a_time();
+    require_vhost_device_vsock();
+    let virtiofsd = require_virtiofsd();
+    let shared = scratch().join("virtiofs-shared");
+    fs::create_dir_all(&shared).unwrap();
+    fs::write(shared.join("from-host.txt"), "shared by virtiofsd\n").unwrap();
+    let work = scratch().join("virtiofs-vm");
+    fs::create_dir_all(&work).unwrap();
+    let socket = work.join("virtiofsd.sock");
+    let mut daemon = tool(virtiofsd.to_str().unwrap())
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", shared.display()))
+        .arg("--cache=never")
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(work.join("virtiofsd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "virtiofsd made no socket: {}", fs::read_to_string(work.join("virtiofsd.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let initrd = initrd("virtiofs", &["hostshare /data/dax virtiofs dax=always,nofail", "hostshare /data/vfs virtiofs"]);
+    let mut cfg = VmConfig::new(&default_kernel().bzimage, Some(initrd), &work);
+    cfg.extra_args = ["-chardev", &format!("socket,id=vfs,path={}", socket.display()), "-device", "vhost-user-fs-device,chardev=vfs,tag=hostshare"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (vm, client) = boot_to_agent(&cfg, BOOT_LIMIT);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_eq!(sh_ok(&client, "cat /data/vfs/from-host.txt && echo from the guest > /data/vfs/from-guest.txt && sync"), "shared by virtiofsd\n");
+        assert_eq!(fs::read_to_string(shared.join("from-guest.txt")).unwrap(), "from the guest\n");
+        let mounts = sh_ok(&client, "cat /proc/mounts");
+        assert!(mounts.contains("hostshare /data/vfs virtiofs "), "{mounts}");
+        let listed = client.list_storages().unwrap();
+        let dax = listed.iter().find(|s| s.storage.mount_point == "/data/dax").unwrap_or_else(|| panic!("{listed:?}"));
+        assert!(!dax.mounted && dax.error.contains("refused DAX"), "{dax:?}");
+    }));
+    let console = power_off(vm, &client);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    assert!(console.contains("the virtio-fs device hostshare refused DAX"), "{console}");
 }

@@ -42,6 +42,8 @@ impl Test {
         // The guest tests boot the static init+agent with real vsock.
         let init = util::guest_init_binary()?;
         let vhost = util::ci_tool("vhost-device-vsock")?;
+        // virtio-fs volumes: rust-vmm's virtiofsd, built once and cached like vhost-device-vsock.
+        let virtiofsd = util::ci_tool("virtiofsd")?;
         let tmp = util::target_dir().join("tmp");
         std::fs::create_dir_all(&tmp)?;
         // Every test that cannot run here writes itself down (testkit::skip).
@@ -54,6 +56,7 @@ impl Test {
             .env("OSBUILDER_BASE_IMAGE", base)
             .env("OSBUILDER_GUEST_INIT", init)
             .env("OSBUILDER_VHOST_DEVICE_VSOCK", vhost)
+            .env("OSBUILDER_VIRTIOFSD", virtiofsd)
             .env(skip::LOG_ENV, &skips);
         // Kata's own client judges wire compatibility. No package registry
         // carries its sources: they come from KATA_SRC or KATA_MIRROR (see

@@ -75,6 +75,11 @@ pub fn require_vhost_device_vsock() -> PathBuf {
     from_env("OSBUILDER_VHOST_DEVICE_VSOCK", "vhost-device-vsock (ci/tools.sh)")
 }
 
+/// rust-vmm's virtiofsd (`ci/tools.sh virtiofsd`), for virtio-fs volumes.
+pub fn require_virtiofsd() -> PathBuf {
+    from_env("OSBUILDER_VIRTIOFSD", "virtiofsd (ci/tools.sh)")
+}
+
 /// One guest at a time: on 2 cores parallel TCG guests only compete, and a
 /// run with five vhost-device-vsock + QEMU pairs at once once lost the
 /// vhost-user socket of a q35 guest (not understood yet; see the notes).
