@@ -17,6 +17,7 @@ PKGS=(
   qemu-block-extra                          # QEMU's http block driver (a guest booted from a registry blob)
   iproute2                                  # `ip`, the oracle of the agent's netlink tests
   pkg-config libseccomp-dev libcap-ng-dev   # building virtiofsd (ci/tools.sh virtiofsd: virtio-fs tests)
+  nfs-ganesha nfs-ganesha-vfs rpcbind      # a userspace NFS server for the guest's NFS volumes (no kernel nfsd)
   g++                                       # libFuzzer (libfuzzer-sys compiles it) for cargo xtask fuzz
   linux-source-6.12 bc bison flex libelf-dev libssl-dev make gcc patch xz-utils  # guest kernels
 )

@@ -342,12 +342,14 @@ fn split_nfs_source(source: &str) -> Result<(String, String), SpecError> {
     Ok((server.to_owned(), export.to_owned()))
 }
 
-fn unescape_field(field: &str) -> String {
+/// fstab's and /proc/mounts' `\NNN` octal escapes decoded (one byte each: the first digit
+/// 0-3); anything else is kept as it is.
+pub fn unescape_field(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && (b'0'..=b'3').contains(&bytes[i + 1]) && bytes[i + 2..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
             out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
             i += 4;
         } else {
@@ -981,6 +983,7 @@ mod tests {
         assert_eq!(MountSpec::parse_line(&s.to_line()).unwrap(), s, "{}", s.to_line());
 
         let s = spec("LABEL=my\\040disk /mnt/a\\040b");
+        assert_eq!(unescape_field("a\\777b\\0"), "a\\777b\\0", "not a byte: kept");
         assert_eq!((s.source.as_str(), s.target.as_str(), s.fstype.as_deref()), ("LABEL=my disk", "/mnt/a b", None));
         assert_eq!(MountSpec::parse_line(&s.to_line()).unwrap(), s, "{}", s.to_line());
 

@@ -167,7 +167,7 @@ pub fn mkdir_p(sys: &mut dyn Sys, path: &str) -> Result<(), BootError> {
 /// The mount points listed in /proc/mounts (octal escapes such as `\040`
 /// decoded).
 pub fn mount_points(proc_mounts: &str) -> Vec<String> {
-    proc_mounts.lines().filter_map(|line| line.split(' ').nth(1)).map(unescape_mount_field).collect()
+    proc_mounts.lines().filter_map(|line| line.split(' ').nth(1)).map(osb_agent::volume::unescape_field).collect()
 }
 
 /// When `/` is the kernel's initramfs (the last mount on `/` in
@@ -199,22 +199,6 @@ fn check_initramfs(sys: &mut dyn Sys, proc_mounts: &str) -> Result<(), BootError
     }
     let kernel = sys.kernel_log().ok().and_then(|log| unpack_failure(&log));
     Err(BootError::InitramfsIncomplete { kernel, rootfs_kib })
-}
-
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Mounts the pseudo filesystems, takes /dev/console as fds 0-2, makes the

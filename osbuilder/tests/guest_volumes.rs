@@ -400,3 +400,98 @@ fn virtio_fs_shares_a_host_directory_and_a_dax_mount_is_refused_clearly() {
     }
     assert!(console.contains("the virtio-fs device hostshare refused DAX"), "{console}");
 }
+
+/// A free TCP port on the host's loopback (bound, then released for the server).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// NFS from a userspace server (Debian's nfs-ganesha with its VFS backend, beside an
+/// rpcbind it needs to start; no kernel NFS server), reached over QEMU user
+/// networking: one export mounted with NFSv3 through a server name from the run
+/// config's hosts, and with NFSv4.1 by address. The guest reads the served file over
+/// both and writes one that appears on the host. Nothing leaves the machine: the
+/// server listens on the host's loopback, which QEMU's user network shows the guest as
+/// 10.0.2.2.
+#[test]
+fn nfs_v3_and_v4_from_a_userspace_server() {
+    let _one = one_guest_at_a_time();
+    require_vhost_device_vsock();
+    let dir = scratch().join("nfs");
+    let export = dir.join("export");
+    fs::create_dir_all(&export).unwrap();
+    fs::write(export.join("served.txt"), "served over NFS\n").unwrap();
+    let (nfs_port, mnt_port) = (free_port(), free_port());
+    let config = format!(
+        "NFS_CORE_PARAM {{ NFS_Port = {nfs_port}; MNT_Port = {mnt_port}; Bind_addr = 127.0.0.1; Protocols = 3, 4; Enable_NLM = false; Enable_RQUOTA = false; }}
+NFSV4 {{ Graceless = true; }}
+NFS_KRB5 {{ Active_krb5 = false; }}
+EXPORT {{ Export_Id = 1; Path = {}; Pseudo = /export; Access_Type = RW; Squash = No_Root_Squash; Protocols = 3, 4; Transports = TCP; SecType = sys; FSAL {{ Name = VFS; }} }}
+",
+        export.display()
+    );
+    fs::write(dir.join("ganesha.conf"), config).unwrap();
+    // ganesha registers its programs with rpcbind and stops when it cannot; start one
+    // unless the machine runs its own.
+    let rpcbind_running = std::net::TcpStream::connect("127.0.0.1:111").is_ok();
+    let mut servers = Daemons(Vec::new());
+    if !rpcbind_running {
+        servers.0.push(
+            tool("rpcbind")
+                .arg("-f")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("rpcbind (ci/setup.sh installs it)"),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let log = dir.join("ganesha.log");
+    let ganesha = tool("ganesha.nfsd")
+        .args(["-F", "-N", "NIV_EVENT", "-f"])
+        .arg(dir.join("ganesha.conf"))
+        .arg("-L")
+        .arg(&log)
+        .arg("-p")
+        .arg(dir.join("ganesha.pid"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ganesha.nfsd (ci/setup.sh installs nfs-ganesha)");
+    servers.0.push(ganesha);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", nfs_port)).is_err() {
+        assert!(servers.0.last_mut().unwrap().try_wait().unwrap().is_none(), "ganesha stopped: {}", fs::read_to_string(&log).unwrap_or_default());
+        assert!(std::time::Instant::now() < deadline, "ganesha does not listen: {}", fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let network = r#"{"interfaces": [{"name": "eth0", "addresses": ["10.0.2.15/24"]}],
+        "routes": [{"dest": "default", "gateway": "10.0.2.2"}],
+        "hosts": [{"address": "10.0.2.2", "names": ["files"]}]}"#;
+    let v3 = format!("files:{} /mnt/nfs3 nfs port={nfs_port},mountport={mnt_port},mountproto=tcp", export.display());
+    let v4 = format!("10.0.2.2:/export /mnt/nfs4 nfs4 port={nfs_port}");
+    let initrd = initrd_with("nfs", &[&v3, &v4], Some(network));
+    let mut cfg = VmConfig::new(&default_kernel().bzimage, Some(initrd), dir.join("vm"));
+    cfg.extra_args = ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"].iter().map(|s| s.to_string()).collect();
+    let (vm, client) = boot_to_agent(&cfg, BOOT_LIMIT);
+    assert_eq!(sh_ok(&client, "cat /mnt/nfs3/served.txt /mnt/nfs4/served.txt"), "served over NFS\nserved over NFS\n");
+    sh_ok(&client, "echo written over NFSv3 > /mnt/nfs3/from-guest.txt && sync");
+    let mounts = sh_ok(&client, "cat /proc/mounts");
+    assert!(mounts.contains(" /mnt/nfs3 nfs ") && mounts.contains("vers=3"), "{mounts}");
+    assert!(mounts.contains(" /mnt/nfs4 nfs4 ") && mounts.contains("vers=4.1"), "{mounts}");
+    power_off(vm, &client);
+    assert_eq!(fs::read_to_string(export.join("from-guest.txt")).unwrap(), "written over NFSv3\n");
+    drop(servers);
+}
+
+/// Host daemons a test started: killed when it ends, passed or failed.
+struct Daemons(Vec<std::process::Child>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
