@@ -201,6 +201,9 @@ impl MountSpec {
         if self.fstype.as_deref().is_some_and(|t| t.is_empty() || t == "auto") {
             self.fstype = None;
         }
+        if self.target.len() > 1 {
+            self.target = self.target.trim_end_matches('/').to_owned();
+        }
     }
 
     /// Takes mount options, consuming ours (see [`MountSpec::parse_line`]).
@@ -277,7 +280,7 @@ impl MountSpec {
             return Ok(Kind::Bind { from: source.to_owned() });
         }
         let tag = |make: fn(String) -> Kind| {
-            if source.is_empty() {
+            if source.is_empty() || source == "none" {
                 spec_err(format!("a {fstype} mount needs a tag as its source"))
             } else {
                 Ok(make(source.to_owned()))
@@ -493,7 +496,12 @@ pub trait Ops {
     /// Sets owner (None: unchanged) and mode (None: unchanged) of `target`'s directory
     /// as it is now (after a mount: the mounted root).
     fn set_owner(&mut self, target: &Target, uid: Option<u32>, gid: Option<u32>, mode: Option<u32>) -> io::Result<()>;
-    fn umount(&mut self, target: &str, detach: bool) -> io::Result<()>;
+    /// Unmounts the mount on `target`; with `follow` false no component of the path may
+    /// be a symbolic link (guest processes may have made one since the mount).
+    fn umount(&mut self, target: &str, detach: bool, follow: bool) -> io::Result<()>;
+    /// MS_NOSUID, MS_NODEV, MS_NOEXEC and MS_RDONLY of the mount holding `path`
+    /// (statvfs; 0 when it cannot be read).
+    fn source_flags(&mut self, path: &str) -> u64;
     fn sleep(&mut self, d: Duration);
 }
 
@@ -522,6 +530,8 @@ impl Target {
 pub struct MountError {
     pub source: String,
     pub target: String,
+    /// The device never appeared within the wait.
+    pub timed_out: bool,
     pub cause: String,
     pub nofail: bool,
 }
@@ -674,7 +684,7 @@ fn disk_serial(ops: &mut dyn Ops, name: &str) -> Option<String> {
 /// have made them. `hosts`: extra name -> address pairs for an NFS server given by name
 /// (the run config's `/etc/hosts` entries; the kernel resolves no names).
 pub fn mount(ops: &mut dyn Ops, spec: &MountSpec, follow: bool, hosts: &[(String, String)]) -> Result<Mounted, MountError> {
-    let fail = |cause: String| MountError { source: spec.source.clone(), target: spec.target.clone(), cause, nofail: spec.nofail };
+    let fail = |cause: String| MountError { source: spec.source.clone(), target: spec.target.clone(), timed_out: false, cause, nofail: spec.nofail };
     let kind = spec.kind().map_err(|e| fail(e.0))?;
     check_target(&spec.target).map_err(|e| fail(e.0))?;
     let (mut flags, data) = split_options(&spec.options);
@@ -685,7 +695,7 @@ pub fn mount(ops: &mut dyn Ops, spec: &MountSpec, follow: bool, hosts: &[(String
     let given = spec.fstype.clone().filter(|t| t != "auto");
     let (device, fstypes, data): (String, Vec<String>, String) = match &kind {
         Kind::Block(dev) => {
-            let path = find_device(ops, dev, wait).map_err(fail)?;
+            let path = find_device(ops, dev, wait).map_err(|cause| MountError { timed_out: !cause.contains(" matches "), ..fail(cause) })?;
             let fstypes = match &given {
                 Some(t) => vec![t.clone()],
                 None => match ops.read_head(&path, PROBE_BYTES).ok().and_then(|h| probe(&h)) {
@@ -742,6 +752,8 @@ pub fn mount(ops: &mut dyn Ops, spec: &MountSpec, follow: bool, hosts: &[(String
             if !ops.exists(from) {
                 return Err(fail(format!("bind source {from} does not exist")));
             }
+            // `type bind` as much as the `bind` option.
+            flags |= libc::MS_BIND;
             (from.clone(), vec![String::new()], data)
         }
         Kind::Other => (spec.source.clone(), vec![given.clone().unwrap_or_default()], data),
@@ -772,20 +784,27 @@ pub fn mount(ops: &mut dyn Ops, spec: &MountSpec, follow: bool, hosts: &[(String
         let (fstype, e) = tried.pop().expect("one type tried");
         return Err(fail(explain_mount_error(&kind, &device, &fstype, &data, &e)));
     };
-    // A bind mount ignores MS_RDONLY until it is remounted.
-    if matches!(kind, Kind::Bind { .. }) && flags & libc::MS_RDONLY != 0 {
-        let remount = libc::MS_REMOUNT | libc::MS_BIND | (flags & !libc::MS_REC);
+    // Owner and mode before a bind's read-only remount (for a bind they are the source
+    // directory's own).
+    if !matches!(kind, Kind::Tmpfs) && (spec.uid.is_some() || spec.gid.is_some() || spec.mode.is_some()) {
+        if let Err(e) = ops.set_owner(&target, spec.uid, spec.gid, spec.mode) {
+            let _ = ops.umount(&spec.target, true, follow);
+            let hint = if e.raw_os_error() == Some(libc::EROFS) { " (the mount is read-only: leave uid, gid and mode out)" } else { "" };
+            return Err(fail(format!("set owner/mode of the mounted root: {e}{hint}")));
+        }
+    }
+    // A bind mount takes its flags (ro, nosuid, nodev, noexec, atime) only from a
+    // remount; the source mount's own nosuid/nodev/noexec are kept (a bind of
+    // something under a nosuid /run must not become suid).
+    let per_mount = flags & !(libc::MS_BIND | libc::MS_REC);
+    if let (Kind::Bind { from }, true) = (&kind, per_mount != 0) {
+        let kept = ops.source_flags(from) & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
+        let remount = libc::MS_REMOUNT | libc::MS_BIND | per_mount | kept;
         // The handle names the directory beneath the new mount: walk to its root again.
         let top = ops.make_dir(&spec.target, follow);
         if let Err(e) = top.and_then(|top| ops.mount("", &top, "", remount, "")) {
-            let _ = ops.umount(&target.path, true);
-            return Err(fail(format!("make the bind mount read-only: {e}")));
-        }
-    }
-    if !matches!(kind, Kind::Tmpfs) && (spec.uid.is_some() || spec.gid.is_some() || spec.mode.is_some()) {
-        if let Err(e) = ops.set_owner(&target, spec.uid, spec.gid, spec.mode) {
-            let _ = ops.umount(&target.path, true);
-            return Err(fail(format!("set owner/mode of the mounted root: {e}")));
+            let _ = ops.umount(&spec.target, true, follow);
+            return Err(fail(format!("apply the bind mount's options: {e}")));
         }
     }
     Ok(Mounted { device, fstype, data })
@@ -822,9 +841,9 @@ fn explain_mount_error(kind: &Kind, device: &str, fstype: &str, data: &str, e: &
     format!("{what}{}: {e}{hint}", if data.is_empty() { String::new() } else { format!(" ({data})") })
 }
 
-/// Unmounts `target` (with `detach`, lazily: MNT_DETACH).
+/// Unmounts `target` (with `detach`, lazily: MNT_DETACH), not through symbolic links.
 pub fn unmount(ops: &mut dyn Ops, target: &str, detach: bool) -> io::Result<()> {
-    ops.umount(target, detach)
+    ops.umount(target, detach, false)
 }
 
 /// The real system calls.
@@ -936,8 +955,11 @@ impl Ops for Linux {
         Ok(())
     }
 
-    fn umount(&mut self, target: &str, detach: bool) -> io::Result<()> {
-        let path = cstr(target)?;
+    fn umount(&mut self, target: &str, detach: bool, follow: bool) -> io::Result<()> {
+        // Walked like a mount point (nothing is made: every component exists); the
+        // descriptor, opened now, names the mounted root.
+        let handle = if follow { None } else { Some(self.make_dir(target, false)?) };
+        let path = cstr(&handle.as_ref().map_or_else(|| target.to_owned(), Target::os_path))?;
         // SAFETY: a NUL-terminated path.
         let rc = unsafe { libc::umount2(path.as_ptr(), if detach { libc::MNT_DETACH } else { 0 }) };
         if rc < 0 {
@@ -945,6 +967,21 @@ impl Ops for Linux {
         } else {
             Ok(())
         }
+    }
+
+    fn source_flags(&mut self, path: &str) -> u64 {
+        let Ok(path) = cstr(path) else { return 0 };
+        // SAFETY: an all-zero statvfs is a valid out-buffer.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a valid out-pointer.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return 0;
+        }
+        let f = st.f_flag;
+        [(libc::ST_NOSUID, libc::MS_NOSUID), (libc::ST_NODEV, libc::MS_NODEV), (libc::ST_NOEXEC, libc::MS_NOEXEC), (libc::ST_RDONLY, libc::MS_RDONLY)]
+            .iter()
+            .filter(|(st_bit, _)| f & st_bit != 0)
+            .fold(0, |acc, (_, ms)| acc | ms)
     }
 
     fn sleep(&mut self, d: Duration) {
@@ -1142,9 +1179,16 @@ mod tests {
             self.ops.push(format!("owner {} {uid:?} {gid:?} {mode:?}", target.path));
             Ok(())
         }
-        fn umount(&mut self, target: &str, detach: bool) -> io::Result<()> {
-            self.ops.push(format!("umount {target}{}", if detach { " detach" } else { "" }));
+        fn umount(&mut self, target: &str, detach: bool, follow: bool) -> io::Result<()> {
+            self.ops.push(format!("umount {target}{}{}", if detach { " detach" } else { "" }, if follow { "" } else { " nofollow" }));
             Ok(())
+        }
+        fn source_flags(&mut self, path: &str) -> u64 {
+            if path.starts_with("/run") {
+                libc::MS_NOSUID | libc::MS_NODEV
+            } else {
+                0
+            }
         }
         fn sleep(&mut self, d: Duration) {
             self.slept += d;
@@ -1228,12 +1272,25 @@ mod tests {
         let check = |line: &str, expected: &[&str]| {
             let mut fake = disks();
             fake.existing.insert("/data/www".into());
+            fake.existing.insert("/run/x".into());
             let hosts = [("files".to_owned(), "10.0.2.2".to_owned())];
             mount(&mut fake, &spec(line), true, &hosts).unwrap_or_else(|e| panic!("{line}: {e}"));
             assert_eq!(fake.ops, expected, "{line}");
         };
         check("share /srv 9p ro,msize=262144", &["mkdir /srv", "mount share /srv 9p 0x1 trans=virtio,version=9p2000.L,msize=262144"]);
         check("myfs /v virtiofs", &["mkdir /v", "mount myfs /v virtiofs 0x0"]);
+        // `type bind` is a bind; its flags come from a remount that keeps the source's
+        // nosuid/nodev (the fake's /run has both).
+        check("/data/www /srv/t bind", &["mkdir /srv/t", "mount /data/www /srv/t  0x1000"]);
+        check(
+            "/run/x /srv/r/ bind ro",
+            &[
+                "mkdir /srv/r",
+                "mount /run/x /srv/r  0x1001",
+                "mkdir /srv/r",
+                &format!("mount  /srv/r  {:#x}", libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV),
+            ],
+        );
         check("files:/export /mnt/nfs nfs", &["mkdir /mnt/nfs", "mount files:/export /mnt/nfs nfs 0x0 addr=10.0.2.2,vers=3,nolock"]);
         check("10.0.2.2:/export /n nfs4 port=2049", &["mkdir /n", "mount 10.0.2.2:/export /n nfs4 0x0 addr=10.0.2.2,vers=4.1,port=2049"]);
         check("none /scratch tmpfs size=16m,x-osb.mode=1777,x-osb.uid=5", &["mkdir /scratch", "mount none /scratch tmpfs 0x0 mode=1777,uid=5,size=16m"]);

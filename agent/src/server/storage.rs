@@ -119,14 +119,20 @@ impl Storages {
     pub fn mount(&self, ops: &mut dyn Ops, storage: &Storage) -> ttrpc::Result<MountStorageResponse> {
         let mut spec = spec_from_storage(storage).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         spec.wait = Some(spec.wait.unwrap_or(volume::DEFAULT_DEVICE_WAIT).min(MAX_WAIT));
-        let target = spec.target.trim_end_matches('/').to_owned();
+        let target = spec.target.clone();
         let _one = lock(&self.busy);
-        if lock(&self.entries).iter().any(|e| e.mounted && e.storage.mount_point == target) {
-            return Err(status(Code::ALREADY_EXISTS, format!("{target} is already mounted (UnmountStorage it first)")));
+        {
+            let entries = lock(&self.entries);
+            if entries.iter().any(|e| e.mounted && e.storage.mount_point == target) {
+                return Err(status(Code::ALREADY_EXISTS, format!("{target} is already mounted (UnmountStorage it first)")));
+            }
+            if entries.iter().filter(|e| e.mounted).count() >= MAX_STORAGES {
+                return Err(status(Code::RESOURCE_EXHAUSTED, format!("{MAX_STORAGES} storages are mounted already; unmount one first")));
+            }
         }
         // Symbolic links in the mount point are refused: guest processes may have made them.
         let done = volume::mount(ops, &spec, false, &[]).map_err(|e| {
-            let code = if e.cause.contains("not there after") { Code::DEADLINE_EXCEEDED } else { Code::FAILED_PRECONDITION };
+            let code = if e.timed_out { Code::DEADLINE_EXCEEDED } else { Code::FAILED_PRECONDITION };
             status(code, e.to_string())
         })?;
         let mut listed = storage.clone();
@@ -136,7 +142,7 @@ impl Storages {
     }
 
     pub fn unmount(&self, ops: &mut dyn Ops, mount_point: &str, detach: bool) -> ttrpc::Result<()> {
-        let target = mount_point.trim_end_matches('/');
+        let target = if mount_point.len() > 1 { mount_point.trim_end_matches('/') } else { mount_point };
         let _one = lock(&self.busy);
         let known = lock(&self.entries).iter().any(|e| e.mounted && e.storage.mount_point == target);
         if !known {
