@@ -300,7 +300,7 @@ mod tests {
         };
         let merged = mounts(&run, &opts).unwrap();
         let targets: Vec<&str> = merged.iter().map(|m| m.target.as_str()).collect();
-        assert_eq!(targets, ["/data", "/scratch", "/data/cache", "/srv/"]);
+        assert_eq!(targets, ["/data", "/scratch", "/data/cache", "/srv"], "trailing slashes normalised");
         assert_eq!(merged[3].source, "/dev/vdc");
     }
 
