@@ -956,12 +956,24 @@ impl Ops for Linux {
     }
 
     fn umount(&mut self, target: &str, detach: bool, follow: bool) -> io::Result<()> {
-        // Walked like a mount point (nothing is made: every component exists); the
-        // descriptor, opened now, names the mounted root.
-        let handle = if follow { None } else { Some(self.make_dir(target, false)?) };
-        let path = cstr(&handle.as_ref().map_or_else(|| target.to_owned(), Target::os_path))?;
+        // Without following links: the parent walked like a mount point, the last name
+        // looked up from it with UMOUNT_NOFOLLOW. (A descriptor on the mounted root itself
+        // would keep it busy.)
+        let (parent, path, extra) = if follow {
+            (None, target.to_owned(), 0)
+        } else {
+            let (dir, name) = target
+                .rsplit_once('/')
+                .filter(|(_, n)| !n.is_empty())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{target:?} is no mount point")))?;
+            let dir = self.make_dir(if dir.is_empty() { "/" } else { dir }, false)?;
+            let path = format!("{}/{name}", dir.os_path());
+            (Some(dir), path, libc::UMOUNT_NOFOLLOW)
+        };
+        let path = cstr(&path)?;
         // SAFETY: a NUL-terminated path.
-        let rc = unsafe { libc::umount2(path.as_ptr(), if detach { libc::MNT_DETACH } else { 0 }) };
+        let rc = unsafe { libc::umount2(path.as_ptr(), extra | if detach { libc::MNT_DETACH } else { 0 }) };
+        drop(parent);
         if rc < 0 {
             Err(io::Error::last_os_error())
         } else {
