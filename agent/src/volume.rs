@@ -693,23 +693,23 @@ pub fn mount(ops: &mut dyn Ops, spec: &MountSpec, follow: bool, hosts: &[(String
     }
     let wait = spec.wait.unwrap_or(DEFAULT_DEVICE_WAIT);
     let given = spec.fstype.clone().filter(|t| t != "auto");
-    let (device, fstypes, data): (String, Vec<String>, String) = match &kind {
+    let (device, fstype, data): (String, String, String) = match &kind {
         Kind::Block(dev) => {
             let path = find_device(ops, dev, wait).map_err(|cause| MountError { timed_out: !cause.contains(" matches "), ..fail(cause) })?;
-            let fstypes = match &given {
-                Some(t) => vec![t.clone()],
+            let fstype = match &given {
+                Some(t) => t.clone(),
                 None => match ops.read_head(&path, PROBE_BYTES).ok().and_then(|h| probe(&h)) {
-                    Some(id) => vec![id.fstype.to_owned()],
+                    Some(id) => id.fstype.to_owned(),
                     None => return Err(fail(format!("{path}: no filesystem this guest recognises (ext2/3/4, erofs, XFS, btrfs, FAT); name the type"))),
                 },
             };
-            (path, fstypes, data)
+            (path, fstype, data)
         }
-        Kind::VirtioFs { tag } => (tag.clone(), vec!["virtiofs".into()], data),
+        Kind::VirtioFs { tag } => (tag.clone(), "virtiofs".into(), data),
         Kind::NineP { tag } => {
             let defaults = [("trans", "trans=virtio"), ("version", "version=9p2000.L")];
             let extra: Vec<&str> = defaults.iter().filter(|(k, _)| !has_option(&data, k)).map(|(_, v)| *v).collect();
-            (tag.clone(), vec!["9p".into()], join(&[&extra.join(","), &data]))
+            (tag.clone(), "9p".into(), join(&[&extra.join(","), &data]))
         }
         Kind::Nfs { server, export, v4 } => {
             let addr = nfs_address(server, hosts).map_err(fail)?;
@@ -732,7 +732,7 @@ pub fn mount(ops: &mut dyn Ops, spec: &MountSpec, follow: bool, hosts: &[(String
             }
             let source = if server.contains(':') { format!("[{server}]:{export}") } else { format!("{server}:{export}") };
             let data = join(&[&extra.join(","), &data]);
-            (source, vec![if *v4 { "nfs4".into() } else { "nfs".into() }], data)
+            (source, if *v4 { "nfs4".into() } else { "nfs".into() }, data)
         }
         Kind::Tmpfs => {
             let mut extra = Vec::new();
@@ -746,7 +746,7 @@ pub fn mount(ops: &mut dyn Ops, spec: &MountSpec, follow: bool, hosts: &[(String
                 extra.push(format!("gid={g}"));
             }
             let source = if spec.source.is_empty() { "tmpfs".into() } else { spec.source.clone() };
-            (source, vec!["tmpfs".into()], join(&[&extra.join(","), &data]))
+            (source, "tmpfs".into(), join(&[&extra.join(","), &data]))
         }
         Kind::Bind { from } => {
             if !ops.exists(from) {
@@ -754,36 +754,21 @@ pub fn mount(ops: &mut dyn Ops, spec: &MountSpec, follow: bool, hosts: &[(String
             }
             // `type bind` as much as the `bind` option.
             flags |= libc::MS_BIND;
-            (from.clone(), vec![String::new()], data)
+            (from.clone(), String::new(), data)
         }
-        Kind::Other => (spec.source.clone(), vec![given.clone().unwrap_or_default()], data),
+        Kind::Other => (spec.source.clone(), given.clone().unwrap_or_default(), data),
     };
     let target = ops.make_dir(&spec.target, follow).map_err(|e| fail(format!("create mount point: {e}")))?;
-    let mut tried = Vec::new();
-    let mut mounted = None;
-    for fstype in &fstypes {
-        match ops.mount(&device, &target, fstype, flags, &data) {
-            Ok(()) => {
-                mounted = Some(fstype.clone());
-                break;
-            }
-            // A read-only device: as mount(8), try again read-only.
-            Err(e) if matches!(kind, Kind::Block(_)) && flags & libc::MS_RDONLY == 0 && matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)) => {
-                match ops.mount(&device, &target, fstype, flags | libc::MS_RDONLY, &data) {
-                    Ok(()) => {
-                        mounted = Some(fstype.clone());
-                        break;
-                    }
-                    Err(e) => tried.push((fstype.clone(), e)),
-                }
-            }
-            Err(e) => tried.push((fstype.clone(), e)),
+    let mut result = ops.mount(&device, &target, &fstype, flags, &data);
+    // A read-only device: as mount(8), try again read-only.
+    if let Err(e) = &result {
+        if matches!(kind, Kind::Block(_)) && flags & libc::MS_RDONLY == 0 && matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)) {
+            result = ops.mount(&device, &target, &fstype, flags | libc::MS_RDONLY, &data);
         }
     }
-    let Some(fstype) = mounted else {
-        let (fstype, e) = tried.pop().expect("one type tried");
+    if let Err(e) = result {
         return Err(fail(explain_mount_error(&kind, &device, &fstype, &data, &e)));
-    };
+    }
     // Owner and mode before a bind's read-only remount (for a bind they are the source
     // directory's own).
     if !matches!(kind, Kind::Tmpfs) && (spec.uid.is_some() || spec.gid.is_some() || spec.mode.is_some()) {
