@@ -12,11 +12,14 @@
 //!   and by init for the run config's network).
 //! - [`volume`]: mounts (the run config's `mounts`, `osb.mount=`, the storage RPCs):
 //!   specs, their order, finding devices by label, UUID or serial, mounting.
+//! - [`dirwalk`]: walking to a directory from `/` without following symbolic links
+//!   (CopyFile's parents, the storage calls' mount points).
 //!
 //! Invariant: the wire protocol types in [`proto`] are the only types that cross the
 //! VM boundary.
 
 pub mod client;
+pub mod dirwalk;
 pub mod net;
 pub mod proto;
 pub mod resources;

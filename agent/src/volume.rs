@@ -20,8 +20,10 @@
 use std::ffi::CString;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
+
+use crate::proto::storage::Storage;
 
 /// How long a block device is waited for when the spec does not say.
 pub const DEFAULT_DEVICE_WAIT: Duration = Duration::from_secs(5);
@@ -171,6 +173,23 @@ fn parse_wait(value: &str) -> Result<Duration, SpecError> {
         .ok_or_else(|| SpecError(format!("wait {value:?} is not a number of seconds from 0 to 3600")))
 }
 
+/// The type a Kata storage driver implies, when `fstype` leaves it open.
+fn driver_fstype(driver: &str) -> Result<Option<&'static str>, SpecError> {
+    Ok(match driver {
+        "" | "blk" | "mmioblk" | "scsi" | "nvdimm" | "local" => None,
+        "virtio-fs" | "virtiofs" => Some("virtiofs"),
+        "9p" => Some("9p"),
+        "nfs" => Some("nfs"),
+        "ephemeral" | "tmpfs" => Some("tmpfs"),
+        "bind" => Some("bind"),
+        other => {
+            return spec_err(format!(
+                "storage driver {other:?} is not one this agent has (blk, mmioblk, scsi, nvdimm, virtio-fs, 9p, nfs, ephemeral, tmpfs, bind)"
+            ))
+        }
+    })
+}
+
 impl MountSpec {
     /// Reads an fstab-style line: `SOURCE TARGET [TYPE [OPTIONS]]`, fields separated by
     /// whitespace (`\040` for a space inside one, as in fstab). Options are
@@ -234,8 +253,9 @@ impl MountSpec {
         Ok(())
     }
 
-    /// The fstab-style line [`MountSpec::parse_line`] reads back to this spec.
-    pub fn to_line(&self) -> String {
+    /// The options [`MountSpec::add_options`] reads back to this spec's settings: `ro` or
+    /// `rw`, the filesystem's options, then ours.
+    pub fn option_words(&self) -> Vec<String> {
         let mut opts: Vec<String> = vec![if self.read_only { "ro".into() } else { "rw".into() }];
         opts.extend(self.options.iter().cloned());
         if self.nofail {
@@ -253,13 +273,52 @@ impl MountSpec {
         if let Some(m) = self.mode {
             opts.push(format!("x-osb.mode={m:04o}"));
         }
+        opts
+    }
+
+    /// The fstab-style line [`MountSpec::parse_line`] reads back to this spec.
+    pub fn to_line(&self) -> String {
         format!(
             "{} {} {} {}",
             escape_field(&self.source),
             escape_field(&self.target),
             escape_field(self.fstype.as_deref().unwrap_or("auto")),
-            escape_field(&opts.join(","))
+            escape_field(&self.option_words().join(","))
         )
+    }
+
+    /// A Kata `Storage` message as a mount (the storage RPC's argument). `driver` may
+    /// imply the type (`virtio-fs`, `9p`, `nfs`, `ephemeral`, `bind`; the block drivers
+    /// leave it to `fstype` or the superblock); options may be given one per entry or
+    /// comma-joined (Kata does both). `nofail` is refused: a call fails or succeeds.
+    pub fn from_storage(s: &Storage) -> Result<MountSpec, SpecError> {
+        let implied = driver_fstype(&s.driver)?;
+        let fstype = match (s.fstype.as_str(), implied) {
+            ("" | "auto", Some(t)) => Some(t.to_owned()),
+            ("", None) => None,
+            (given, _) => Some(given.to_owned()),
+        };
+        let mut spec = MountSpec { source: s.source.clone(), target: s.mount_point.clone(), fstype, ..MountSpec::default() };
+        spec.normalize();
+        spec.add_options(s.options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()))?;
+        if spec.nofail {
+            return spec_err("nofail means nothing to MountStorage: the call fails or succeeds");
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// This mount as a Kata `Storage` message ([`MountSpec::from_storage`] reads it back
+    /// unless it is `nofail`): no driver (the type says it all), the options as
+    /// [`MountSpec::option_words`].
+    pub fn to_storage(&self) -> Storage {
+        Storage {
+            source: self.source.clone(),
+            fstype: self.fstype.clone().unwrap_or_default(),
+            options: self.option_words(),
+            mount_point: self.target.clone(),
+            ..Default::default()
+        }
     }
 
     /// Checks the target and that the source fits the type.
@@ -838,18 +897,6 @@ fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} holds a NUL byte")))
 }
 
-fn openat(dir: Option<&OwnedFd>, name: &CString, flags: i32) -> io::Result<OwnedFd> {
-    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
-    // SAFETY: name is NUL-terminated; the returned descriptor is new and owned here.
-    let fd = unsafe { libc::openat(dirfd, name.as_ptr(), flags | libc::O_CLOEXEC, 0) };
-    if fd < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        // SAFETY: fd was just opened.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-}
-
 impl Ops for Linux {
     fn exists(&mut self, path: &str) -> bool {
         std::path::Path::new(path).exists()
@@ -873,37 +920,14 @@ impl Ops for Linux {
     }
 
     fn make_dir(&mut self, path: &str, follow: bool) -> io::Result<Target> {
-        let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
-        let mut dir = openat(None, &cstr("/")?, libc::O_PATH | libc::O_DIRECTORY)?;
-        let mut walked = String::new();
-        for part in path.split('/').filter(|p| !p.is_empty()) {
-            walked.push('/');
-            walked.push_str(part);
-            let name = cstr(part)?;
-            let open = |dir: &OwnedFd| openat(Some(dir), &name, libc::O_PATH | libc::O_DIRECTORY | nofollow);
-            let next = match open(&dir) {
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    // SAFETY: dir is an open directory and name is NUL-terminated.
-                    let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
-                    if rc < 0 {
-                        let e = io::Error::last_os_error();
-                        if e.raw_os_error() != Some(libc::EEXIST) {
-                            return Err(io::Error::new(e.kind(), format!("mkdir {walked}: {e}")));
-                        }
-                    }
-                    open(&dir)
-                }
-                other => other,
-            };
-            dir = next.map_err(|e| match e.raw_os_error() {
-                // O_PATH|O_NOFOLLOW|O_DIRECTORY on a symlink: ENOTDIR (or ELOOP).
-                Some(libc::ELOOP | libc::ENOTDIR) if std::fs::symlink_metadata(&walked).is_ok_and(|m| m.file_type().is_symlink()) => {
-                    io::Error::new(io::ErrorKind::InvalidInput, format!("{walked} is a symbolic link; mount points must not pass through one"))
-                }
-                Some(libc::ENOTDIR) => io::Error::new(io::ErrorKind::InvalidInput, format!("{walked} is not a directory")),
-                _ => io::Error::new(e.kind(), format!("open {walked}: {e}")),
-            })?;
-        }
+        use crate::dirwalk::{open_dirs, WalkError};
+        let dir = open_dirs(std::path::Path::new(path), 0o755, follow).map_err(|e| match e {
+            WalkError::Symlink(w) => {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{} is a symbolic link; mount points must not pass through one", w.display()))
+            }
+            WalkError::NotDir(w) => io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", w.display())),
+            WalkError::Io { op, walked, error } => io::Error::new(error.kind(), format!("{op} {}: {error}", walked.display())),
+        })?;
         Ok(Target { path: path.to_owned(), fd: Some(dir), follow })
     }
 
@@ -989,6 +1013,47 @@ impl Ops for Linux {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn storage(driver: &str, source: &str, fstype: &str, options: &[&str], mount_point: &str) -> Storage {
+        Storage {
+            driver: driver.into(),
+            source: source.into(),
+            fstype: fstype.into(),
+            options: options.iter().map(|s| s.to_string()).collect(),
+            mount_point: mount_point.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn storages_from_kata_drivers() {
+        let s = MountSpec::from_storage(&storage("virtio-fs", "shared", "", &["rw,dax=always"], "/mnt/s")).unwrap();
+        assert_eq!((s.fstype.as_deref(), s.options.as_slice()), (Some("virtiofs"), &["dax=always".to_owned()][..]));
+        let s = MountSpec::from_storage(&storage("blk", "LABEL=data", "", &["ro", "x-osb.wait=10"], "/data")).unwrap();
+        assert_eq!((s.fstype, s.read_only, s.wait), (None, true, Some(Duration::from_secs(10))));
+        let s = MountSpec::from_storage(&storage("ephemeral", "tmpfs", "tmpfs", &["size=1m"], "/e")).unwrap();
+        assert_eq!(s.kind().unwrap(), Kind::Tmpfs);
+        for (bad, message) in [
+            (storage("vfio", "x", "", &[], "/a"), "storage driver \"vfio\""),
+            (storage("blk", "/dev/vdb", "", &[], "rel"), "not an absolute path"),
+            (storage("blk", "/dev/vdb", "", &["nofail"], "/a"), "nofail means nothing"),
+            (storage("blk", "02/00", "", &[], "/a"), "no block device"),
+        ] {
+            let err = MountSpec::from_storage(&bad).unwrap_err();
+            assert!(err.0.contains(message), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn storages_round_trip() {
+        let spec = MountSpec::parse_line("LABEL=data /data ext4 ro,noatime,x-osb.wait=2.5,x-osb.uid=7,x-osb.gid=8,x-osb.mode=0750").unwrap();
+        let storage = spec.to_storage();
+        assert_eq!(storage.options, ["ro", "noatime", "x-osb.wait=2.5", "x-osb.uid=7", "x-osb.gid=8", "x-osb.mode=0750"]);
+        assert_eq!(MountSpec::from_storage(&storage).unwrap(), spec);
+        let tmpfs = MountSpec::parse_line("none /scratch tmpfs size=1m").unwrap();
+        assert_eq!((tmpfs.to_storage().fstype.as_str(), MountSpec::from_storage(&tmpfs.to_storage()).unwrap()), ("tmpfs", tmpfs));
+    }
+
     use std::collections::{HashMap, HashSet};
 
     fn spec(line: &str) -> MountSpec {

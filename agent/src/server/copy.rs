@@ -32,6 +32,7 @@ use ttrpc::Code;
 
 use super::call::{io_status, status};
 use super::sys;
+use crate::dirwalk::{open_dirs, WalkError};
 use crate::proto::agent::CopyFileRequest;
 
 const S_IFMT: u32 = libc::S_IFMT;
@@ -265,38 +266,15 @@ fn start_copy(path: &Path, size: u64, dir_mode: u32) -> ttrpc::Result<Partial> {
 /// open parent and the last component.
 fn open_parent(path: &Path, dir_mode: u32) -> ttrpc::Result<(OwnedFd, CString)> {
     let dir_mode = if dir_mode == 0 { 0o755 } else { dir_mode & 0o7777 };
-    let mut dir = sys::openat(None, c"/", libc::O_PATH | libc::O_DIRECTORY, 0).map_err(|e| io_status("open /", &e))?;
-    let mut walked = PathBuf::from("/");
-    for component in path.parent().unwrap_or(Path::new("/")).components() {
-        let Component::Normal(name) = component else {
-            continue; // the root; checked_path allows no `..`
-        };
-        walked.push(name);
-        dir = open_dir(&dir, &cstring(name)?, path, &walked, dir_mode)?;
-    }
+    let refuse = |walked: &Path, what: &str| status(Code::FAILED_PRECONDITION, format!("CopyFile path {}: {} {what}", path.display(), walked.display()));
+    let dir = open_dirs(path.parent().unwrap_or(Path::new("/")), dir_mode, false).map_err(|e| match e {
+        WalkError::Symlink(w) => refuse(&w, "is a symbolic link; CopyFile follows no links in the guest (give the path it resolves to)"),
+        WalkError::NotDir(w) => refuse(&w, "is not a directory"),
+        WalkError::Io { op: "mkdir", walked, error } => io_status(&format!("create {}", walked.display()), &error),
+        WalkError::Io { walked, error, .. } => io_status(&format!("open {}", walked.display()), &error),
+    })?;
     let name = cstring(path.file_name().expect("checked_path names a file"))?;
     Ok((dir, name))
-}
-
-/// `name` in `parent` as a directory, made if missing; never through a symlink.
-fn open_dir(parent: &OwnedFd, name: &CStr, path: &Path, walked: &Path, mode: u32) -> ttrpc::Result<OwnedFd> {
-    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
-    let mut made = false;
-    loop {
-        match sys::openat(Some(parent.as_fd()), name, flags, 0) {
-            Ok(fd) => return Ok(fd),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !made => {
-                match sys::mkdirat(parent.as_fd(), name, mode) {
-                    Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(e) => return Err(io_status(&format!("create {}", walked.display()), &e)),
-                }
-                made = true;
-            }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => return Err(not_a_directory(parent, name, path, walked)),
-            Err(e) => return Err(io_status(&format!("open {}", walked.display()), &e)),
-        }
-    }
 }
 
 /// The refusal of a path whose component `walked` is a symlink or no directory.

@@ -41,55 +41,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The type a Kata driver name implies, when `fstype` leaves it open.
-fn driver_fstype(driver: &str) -> Result<Option<&'static str>, String> {
-    Ok(match driver {
-        "" | "blk" | "mmioblk" | "scsi" | "nvdimm" | "local" => None,
-        "virtio-fs" | "virtiofs" => Some("virtiofs"),
-        "9p" => Some("9p"),
-        "nfs" => Some("nfs"),
-        "ephemeral" | "tmpfs" => Some("tmpfs"),
-        "bind" => Some("bind"),
-        other => {
-            return Err(format!("storage driver {other:?} is not one this agent has (blk, mmioblk, scsi, nvdimm, virtio-fs, 9p, nfs, ephemeral, tmpfs, bind)"))
-        }
-    })
-}
-
-/// A Storage message as a mount.
-pub fn spec_from_storage(s: &Storage) -> Result<MountSpec, String> {
-    let implied = driver_fstype(&s.driver)?;
-    let fstype = match (s.fstype.as_str(), implied) {
-        ("" | "auto", Some(t)) => Some(t.to_owned()),
-        ("", None) => None,
-        (given, _) => Some(given.to_owned()),
-    };
-    let mut spec = MountSpec { source: s.source.clone(), target: s.mount_point.clone(), fstype, ..MountSpec::default() };
-    spec.normalize();
-    // Kata puts several options in one string at times ("rw,noatime").
-    let options: Vec<&str> = s.options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()).collect();
-    spec.add_options(options).map_err(|e| e.0)?;
-    if spec.nofail {
-        return Err("nofail means nothing to MountStorage: the call fails or succeeds".into());
-    }
-    spec.validate().map_err(|e| e.0)?;
-    Ok(spec)
-}
-
-/// A mount as a Storage message (for ListStorages).
-pub fn storage_from_spec(spec: &MountSpec) -> Storage {
-    let mut options = vec![if spec.read_only { "ro".to_owned() } else { "rw".to_owned() }];
-    options.extend(spec.options.iter().cloned());
-    Storage {
-        driver: String::new(),
-        source: spec.source.clone(),
-        fstype: spec.fstype.clone().unwrap_or_default(),
-        options,
-        mount_point: spec.target.clone(),
-        ..Default::default()
-    }
-}
-
 impl Storages {
     fn push(&self, entry: Entry) {
         let mut entries = lock(&self.entries);
@@ -107,7 +58,7 @@ impl Storages {
     /// is mounted).
     pub fn boot_mount(&self, line: &str, device: &str, error: &str) {
         let storage = match MountSpec::parse_line(line) {
-            Ok(spec) => storage_from_spec(&spec),
+            Ok(spec) => spec.to_storage(),
             Err(e) => {
                 eprintln!("osb-agent: boot mount {line:?}: {e}");
                 return;
@@ -117,7 +68,7 @@ impl Storages {
     }
 
     pub fn mount(&self, ops: &mut dyn Ops, storage: &Storage) -> ttrpc::Result<MountStorageResponse> {
-        let mut spec = spec_from_storage(storage).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+        let mut spec = MountSpec::from_storage(storage).map_err(|e| status(Code::INVALID_ARGUMENT, e.0))?;
         spec.wait = Some(spec.wait.unwrap_or(volume::DEFAULT_DEVICE_WAIT).min(MAX_WAIT));
         let target = spec.target.clone();
         let _one = lock(&self.busy);
@@ -203,36 +154,6 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 mod tests {
     use super::*;
 
-    fn storage(driver: &str, source: &str, fstype: &str, options: &[&str], mount_point: &str) -> Storage {
-        Storage {
-            driver: driver.into(),
-            source: source.into(),
-            fstype: fstype.into(),
-            options: options.iter().map(|s| s.to_string()).collect(),
-            mount_point: mount_point.into(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn storages_from_kata_drivers() {
-        let s = spec_from_storage(&storage("virtio-fs", "shared", "", &["rw,dax=always"], "/mnt/s")).unwrap();
-        assert_eq!((s.fstype.as_deref(), s.options.as_slice()), (Some("virtiofs"), &["dax=always".to_owned()][..]));
-        let s = spec_from_storage(&storage("blk", "LABEL=data", "", &["ro", "x-osb.wait=10"], "/data")).unwrap();
-        assert_eq!((s.fstype, s.read_only, s.wait), (None, true, Some(Duration::from_secs(10))));
-        let s = spec_from_storage(&storage("ephemeral", "tmpfs", "tmpfs", &["size=1m"], "/e")).unwrap();
-        assert_eq!(s.kind().unwrap(), volume::Kind::Tmpfs);
-        for (bad, message) in [
-            (storage("vfio", "x", "", &[], "/a"), "storage driver \"vfio\""),
-            (storage("blk", "/dev/vdb", "", &[], "rel"), "not an absolute path"),
-            (storage("blk", "/dev/vdb", "", &["nofail"], "/a"), "nofail means nothing"),
-            (storage("blk", "02/00", "", &[], "/a"), "no block device"),
-        ] {
-            let err = spec_from_storage(&bad).unwrap_err();
-            assert!(err.contains(message), "{bad:?}: {err}");
-        }
-    }
-
     #[test]
     fn boot_mounts_are_listed_and_replaced() {
         let table = Storages::default();
@@ -243,6 +164,7 @@ mod tests {
         assert_eq!(list.len(), 2);
         assert_eq!((list[0].mounted, list[0].origin.as_str(), list[0].device.as_str()), (true, "boot", "/dev/vdb"));
         assert_eq!(list[0].storage.options, ["rw", "noatime"]);
+        assert_eq!(list[1].storage.options, ["rw", "nofail"]);
         assert_eq!((list[1].mounted, list[1].error.as_str()), (false, "device /dev/vdz not there after 0.2 s"));
     }
 }
