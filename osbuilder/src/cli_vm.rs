@@ -9,14 +9,16 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 
 use osb_agent::client::{Client, Endpoint, ExecSpec, User, DEFAULT_PORT};
+use osb_agent::proto::storage::{Storage, StorageState};
+use osb_agent::volume::MountSpec;
 use osbuilder::disk::image::Cmdline;
-use osbuilder::vm::{DiskAttach, Machine, Via, Vm, VmConfig};
+use osbuilder::vm::{DiskAttach, Machine, Via, Vm, VmConfig, Volume};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Boot a kernel + initrd (or a disk) under QEMU with vsock, wait for
     /// the agent's health check, then run a command through it or power off.
-    Boot(BootArgs),
+    Boot(Box<BootArgs>),
     /// Health check (grpc.Health/Check) and version.
     Check(AgentArgs),
     /// Agent version, guest details and the guest's resources.
@@ -47,6 +49,46 @@ pub enum VmCommand {
     },
     /// Orderly poweroff (DestroySandbox).
     Shutdown(AgentArgs),
+    /// Volumes after boot: mount, unmount and list them through the agent's
+    /// storage calls (grpc.StorageService).
+    #[command(subcommand)]
+    Storage(StorageCommand),
+}
+
+#[derive(Subcommand)]
+pub enum StorageCommand {
+    /// Mount a volume in the running guest (MountStorage): the same
+    /// SOURCE TARGET [TYPE [OPTIONS]] as `--mount` (one argument, fstab
+    /// escapes such as \040 for a space, or two to four), e.g.
+    /// `SERIAL=data-1 /data ext4 rw,x-osb.wait=30` after a device_add.
+    Mount {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Kata's storage driver (blk, scsi, virtio-fs, 9p, nfs, ephemeral,
+        /// bind, ...): implies the type when TYPE is left out or `auto`.
+        #[arg(long)]
+        driver: Option<String>,
+        #[arg(value_name = "SPEC", required = true, num_args = 1..=4)]
+        spec: Vec<String>,
+    },
+    /// Unmount a volume the boot or `storage mount` mounted (UnmountStorage).
+    Unmount {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Detach it even while files on it are open (MNT_DETACH).
+        #[arg(long)]
+        detach: bool,
+        /// The mount point in the guest.
+        target: String,
+    },
+    /// The volumes mounted (and the boot's `nofail` ones that failed, with why).
+    List {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -123,6 +165,15 @@ pub struct BootArgs {
     /// osb-init), its `verity.initrd_cmdline` entry is used instead.
     #[arg(long, requires = "disk")]
     disk_report: Option<PathBuf>,
+    /// A data volume for the guest's run config `mounts` (repeatable):
+    /// PATH[,via=virtio-blk|virtio-scsi][,serial=S][,ro] (raw or qcow2, as
+    /// for --disk; virtio-blk unless told; `SERIAL=S` finds it in the guest).
+    #[arg(long, value_name = "PATH[,OPTS]", value_parser = Volume::parse_disk)]
+    volume: Vec<Volume>,
+    /// A host directory shared over 9p (QEMU's `-fsdev local`), mounted in
+    /// the guest by its tag: DIR,tag=TAG[,ro] (repeatable).
+    #[arg(long, value_name = "DIR,tag=TAG[,ro]", value_parser = Volume::parse_share)]
+    share: Vec<Volume>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     mem: u32,
@@ -166,7 +217,7 @@ pub enum Toggle {
 
 pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        VmCommand::Boot(args) => boot(args),
+        VmCommand::Boot(args) => boot(*args),
         VmCommand::Check(a) => {
             let c = a.client()?;
             let ok = c.check()?;
@@ -208,7 +259,100 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
             a.client()?.destroy_sandbox()?;
             Ok(ExitCode::SUCCESS)
         }
+        VmCommand::Storage(cmd) => storage(cmd),
     }
+}
+
+/// `SOURCE TARGET [TYPE [OPTIONS]]` (one fstab-style argument or its fields) and
+/// `--driver` as Kata's Storage message, checked as the agent will check it.
+fn storage_of_args(driver: Option<&str>, spec: &[String]) -> anyhow::Result<Storage> {
+    let fields: Vec<String> = match spec {
+        [line] => line.split_whitespace().map(osb_agent::volume::unescape_field).collect(),
+        fields => fields.to_vec(),
+    };
+    if !(2..=4).contains(&fields.len()) {
+        bail!("{:?}: expected SOURCE TARGET [TYPE [OPTIONS]]", spec.join(" "));
+    }
+    let storage = Storage {
+        driver: driver.unwrap_or_default().to_owned(),
+        source: fields[0].clone(),
+        mount_point: fields[1].clone(),
+        fstype: fields.get(2).cloned().unwrap_or_default(),
+        options: fields.get(3).into_iter().cloned().collect(),
+        ..Default::default()
+    };
+    MountSpec::from_storage(&storage).map_err(|e| anyhow::anyhow!("{}: {e}", fields.join(" ")))?;
+    Ok(storage)
+}
+
+fn storage(cmd: StorageCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        StorageCommand::Mount { agent, driver, spec } => {
+            let storage = storage_of_args(driver.as_deref(), &spec)?;
+            let target = storage.mount_point.clone();
+            let done = agent.client()?.mount_storage(storage).with_context(|| format!("mounting {target}"))?;
+            println!("mounted {} ({}) on {target}", done.device, done.fstype);
+        }
+        StorageCommand::Unmount { agent, detach, target } => {
+            agent.client()?.unmount_storage(&target, detach).with_context(|| format!("unmounting {target}"))?;
+        }
+        StorageCommand::List { agent, json } => {
+            let listed = agent.client()?.list_storages()?;
+            if json {
+                let rows: Vec<serde_json::Value> = listed
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "mount_point": s.storage.mount_point,
+                            "source": s.storage.source,
+                            "driver": s.storage.driver,
+                            "fstype": s.storage.fstype,
+                            "options": s.storage.options,
+                            "mounted": s.mounted,
+                            "device": s.device,
+                            "error": s.error,
+                            "origin": s.origin,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                print!("{}", storage_table(&listed));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// ListStorages as aligned columns, a failed mount's cause on the line below it.
+fn storage_table(listed: &[StorageState]) -> String {
+    let dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+    let mut rows = vec![["MOUNT POINT", "SOURCE", "TYPE", "DEVICE", "STATE", "ORIGIN", "OPTIONS"].map(str::to_owned)];
+    let mut causes = vec![String::new()];
+    for s in listed {
+        let st = &s.storage;
+        rows.push([
+            st.mount_point.clone(),
+            st.source.clone(),
+            dash(&st.fstype),
+            dash(&s.device),
+            if s.mounted { "mounted" } else { "failed" }.to_owned(),
+            s.origin.clone(),
+            st.options.join(","),
+        ]);
+        causes.push(s.error.clone());
+    }
+    let widths: Vec<usize> = (0..7).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for (row, cause) in rows.iter().zip(&causes) {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+        if !cause.is_empty() {
+            out.push_str(&format!("  error: {cause}\n"));
+        }
+    }
+    out
 }
 
 fn parse_user(s: &str) -> anyhow::Result<User> {
@@ -309,6 +453,7 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         bail!("--acpi is a microvm option (q35 always has ACPI)");
     }
     cfg.acpi = args.acpi == Some(Toggle::On);
+    cfg.volumes = args.volume.iter().chain(&args.share).cloned().collect();
     if let (Some(disk), Some(via)) = (&args.disk, args.via) {
         let root = disk_cmdline(disk, via, args.disk_report.as_deref(), args.initrd.is_some())?;
         cfg.append = if cfg.append.is_empty() { root } else { format!("{root} {}", cfg.append) };
@@ -365,4 +510,49 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     let _ = client.destroy_sandbox();
     vm.wait_exit(Duration::from_secs(60)).context("the guest did not power off after DestroySandbox")?;
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_arguments_are_one_line_or_its_fields() {
+        let words = |s: &[&str]| s.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        let one = storage_of_args(None, &words(&["LABEL=my\\040data /data ext4 ro,x-osb.wait=9"])).unwrap();
+        let fields = storage_of_args(None, &words(&["LABEL=my data", "/data", "ext4", "ro,x-osb.wait=9"])).unwrap();
+        assert_eq!(one, fields);
+        assert_eq!((one.source.as_str(), one.options.as_slice()), ("LABEL=my data", &["ro,x-osb.wait=9".to_owned()][..]));
+        let fs = storage_of_args(Some("virtio-fs"), &words(&["shared", "/mnt/s"])).unwrap();
+        assert_eq!((fs.driver.as_str(), fs.fstype.as_str()), ("virtio-fs", ""));
+        for (bad, why) in [
+            (&["/dev/vdb"][..], "expected SOURCE TARGET"),
+            (&["shared", "/mnt/s"][..], "no block device"),
+            (&["/dev/vdb", "data"][..], "not an absolute path"),
+            (&["/dev/vdb", "/d", "ext4", "nofail"][..], "nofail means nothing"),
+        ] {
+            let err = storage_of_args(None, &words(bad)).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_storage_table_aligns_and_gives_causes() {
+        let state = |target: &str, mounted: bool, error: &str| StorageState {
+            storage: Some(Storage { source: "LABEL=x".into(), mount_point: target.into(), options: vec!["rw".into()], ..Default::default() }).into(),
+            mounted,
+            error: error.into(),
+            origin: "boot".into(),
+            device: if mounted { "/dev/vdb".into() } else { String::new() },
+            ..Default::default()
+        };
+        let table = storage_table(&[state("/data", true, ""), state("/a/long/path", false, "device LABEL=x not there after 1.0 s")]);
+        assert_eq!(
+            table,
+            "MOUNT POINT   SOURCE   TYPE  DEVICE    STATE    ORIGIN  OPTIONS\n\
+             /data         LABEL=x  -     /dev/vdb  mounted  boot    rw\n\
+             /a/long/path  LABEL=x  -     -         failed   boot    rw\n  \
+             error: device LABEL=x not there after 1.0 s\n"
+        );
+    }
 }

@@ -62,6 +62,121 @@ pub struct VmConfig {
     /// Open a QMP socket (`work_dir/qmp.sock`) for [`Vm::qmp`]: hot-plugging
     /// devices into the running guest.
     pub qmp: bool,
+    /// Data volumes beside the root, for the run config's `mounts` to find.
+    pub volumes: Vec<Volume>,
+}
+
+/// A data volume: what the guest's `mounts` (by `SERIAL=`, `LABEL=`, a tag) refer to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Volume {
+    /// A disk file (raw or qcow2, told by its magic as for the root) on virtio-blk or
+    /// virtio-scsi, with the serial the guest's `SERIAL=` finds it by.
+    Disk { path: PathBuf, via: Via, serial: Option<String>, read_only: bool },
+    /// A host directory shared over 9p (QEMU's own `-fsdev local`) under `tag`.
+    Share9p { dir: PathBuf, tag: String, read_only: bool },
+}
+
+/// A serial or tag QEMU takes as it is and the guest reads back the same: letters,
+/// digits, `.`, `_`, `-`; a virtio-blk serial holds at most 20 bytes
+/// (VIRTIO_BLK_ID_BYTES), and the same bound keeps SCSI's and a tag's short.
+fn check_name(what: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return Err(format!("{what} {value:?}: 1 to 20 of A-Z a-z 0-9 . _ -"));
+    }
+    Ok(())
+}
+
+impl Volume {
+    /// `PATH[,via=virtio-blk|virtio-scsi][,serial=S][,ro]` (`osbuilder vm boot --volume`).
+    pub fn parse_disk(s: &str) -> Result<Volume, String> {
+        let mut parts = s.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| format!("{s:?}: expected PATH[,via=virtio-blk|virtio-scsi][,serial=S][,ro]"))?;
+        let (mut via, mut serial, mut read_only) = (Via::VirtioBlk, None, false);
+        for part in parts {
+            match part.split_once('=') {
+                Some(("via", "virtio-blk")) => via = Via::VirtioBlk,
+                Some(("via", "virtio-scsi")) => via = Via::VirtioScsi,
+                Some(("via", other)) => return Err(format!("{s:?}: via={other}: a volume is on virtio-blk or virtio-scsi")),
+                Some(("serial", v)) => {
+                    check_name("serial", v).map_err(|e| format!("{s:?}: {e}"))?;
+                    serial = Some(v.to_owned());
+                }
+                None if part == "ro" => read_only = true,
+                _ => return Err(format!("{s:?}: unknown {part:?} (via=, serial=, ro)")),
+            }
+        }
+        Ok(Volume::Disk { path: PathBuf::from(path), via, serial, read_only })
+    }
+
+    /// `DIR,tag=TAG[,ro]` (`osbuilder vm boot --share`).
+    pub fn parse_share(s: &str) -> Result<Volume, String> {
+        let mut parts = s.split(',');
+        let dir = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| format!("{s:?}: expected DIR,tag=TAG[,ro]"))?;
+        let (mut tag, mut read_only) = (None, false);
+        for part in parts {
+            match part.split_once('=') {
+                Some(("tag", v)) => {
+                    check_name("tag", v).map_err(|e| format!("{s:?}: {e}"))?;
+                    tag = Some(v.to_owned());
+                }
+                None if part == "ro" => read_only = true,
+                _ => return Err(format!("{s:?}: unknown {part:?} (tag=, ro)")),
+            }
+        }
+        let tag = tag.ok_or_else(|| format!("{s:?}: a share needs tag=TAG (the guest mounts it by that tag)"))?;
+        Ok(Volume::Share9p { dir: PathBuf::from(dir), tag, read_only })
+    }
+
+    /// QEMU arguments for volume number `i`: its drive or fsdev, and its device (a SCSI
+    /// disk on the controller `volscsi`, which [`volume_args`] adds once).
+    fn qemu_args(&self, i: usize, machine: Machine) -> Result<Vec<String>, VmError> {
+        let mmio = machine == Machine::Microvm;
+        // QEMU's option syntax: a comma inside a value is doubled.
+        let quote = |p: &Path| p.display().to_string().replace(',', ",,");
+        Ok(match self {
+            Volume::Disk { path, via, serial, read_only } => {
+                let format = disk_format(path)?;
+                let ro = if *read_only { ",read-only=on" } else { "" };
+                let serial = serial.as_ref().map(|s| format!(",serial={s}")).unwrap_or_default();
+                let device = match via {
+                    Via::VirtioBlk => format!("{},drive=vol{i}{serial}", if mmio { "virtio-blk-device" } else { "virtio-blk-pci" }),
+                    Via::VirtioScsi => format!("scsi-hd,drive=vol{i},bus=volscsi.0{serial}"),
+                    Via::Pmem => {
+                        return Err(VmError::Io {
+                            context: format!("volume {}", path.display()),
+                            source: io::Error::other("a volume is on virtio-blk or virtio-scsi (pmem is for the root disk)"),
+                        })
+                    }
+                };
+                vec!["-drive".into(), format!("file={},if=none,id=vol{i},format={format},cache=writeback{ro}", quote(path)), "-device".into(), device]
+            }
+            Volume::Share9p { dir, tag, read_only } => {
+                if !dir.is_dir() {
+                    return Err(VmError::Io { context: format!("share {}", dir.display()), source: io::Error::other("not a directory") });
+                }
+                let ro = if *read_only { ",readonly=on" } else { "" };
+                vec![
+                    "-fsdev".into(),
+                    format!("local,id=fs{i},path={},security_model=none{ro}", quote(dir)),
+                    "-device".into(),
+                    format!("{},fsdev=fs{i},mount_tag={tag}", if mmio { "virtio-9p-device" } else { "virtio-9p-pci" }),
+                ]
+            }
+        })
+    }
+}
+
+/// QEMU arguments for all of `volumes`, with one virtio-scsi controller for those on SCSI.
+fn volume_args(volumes: &[Volume], machine: Machine) -> Result<Vec<String>, VmError> {
+    let mut args = Vec::new();
+    if volumes.iter().any(|v| matches!(v, Volume::Disk { via: Via::VirtioScsi, .. })) {
+        let controller = if machine == Machine::Microvm { "virtio-scsi-device,id=volscsi" } else { "virtio-scsi-pci,id=volscsi" };
+        args.extend(["-device".to_owned(), controller.to_owned()]);
+    }
+    for (i, v) in volumes.iter().enumerate() {
+        args.extend(v.qemu_args(i, machine)?);
+    }
+    Ok(args)
 }
 
 /// A disk image and how the guest sees it.
@@ -170,6 +285,7 @@ impl VmConfig {
             extra_args: Vec::new(),
             disk: None,
             qmp: false,
+            volumes: Vec::new(),
         }
     }
 
@@ -347,6 +463,7 @@ fn spawn_qemu(cfg: &VmConfig, accel: &str, vu: &Path, console: &Path, qemu_log: 
     if let Some(disk) = &cfg.disk {
         q.args(disk.qemu_args(cfg.machine)?);
     }
+    q.args(volume_args(&cfg.volumes, cfg.machine)?);
     q.args(&cfg.extra_args);
     if cfg.qmp {
         q.arg("-qmp").arg(format!("unix:{},server=on,wait=off", cfg.work_dir.join("qmp.sock").display()));
@@ -742,5 +859,62 @@ mod qcow2_attach_tests {
         std::fs::write(&q, &bytes).unwrap();
         let err = attach(&q, Via::VirtioBlk, Machine::Microvm).unwrap_err().to_string();
         assert!(err.contains("backing file"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod volume_tests {
+    use super::*;
+
+    #[test]
+    fn volumes_parse_and_become_qemu_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("data.img");
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let path = img.display().to_string();
+        let blk = Volume::parse_disk(&format!("{path},serial=data-1,ro")).unwrap();
+        assert_eq!(blk, Volume::Disk { path: img.clone(), via: Via::VirtioBlk, serial: Some("data-1".into()), read_only: true });
+        // A comma in a file name cannot be written in --volume, but a library caller's path is quoted.
+        let odd = dir.path().join("a,b.img");
+        std::fs::write(&odd, vec![0u8; 4096]).unwrap();
+        let scsi = Volume::Disk { path: odd.clone(), via: Via::VirtioScsi, serial: None, read_only: false };
+        let share = Volume::parse_share(&format!("{},tag=share9", dir.path().display())).unwrap();
+        let args = volume_args(&[blk, scsi, share], Machine::Microvm).unwrap();
+        let quoted = odd.display().to_string().replace(',', ",,");
+        assert_eq!(
+            args,
+            [
+                "-device".to_owned(),
+                "virtio-scsi-device,id=volscsi".into(),
+                "-drive".into(),
+                format!("file={path},if=none,id=vol0,format=raw,cache=writeback,read-only=on"),
+                "-device".into(),
+                "virtio-blk-device,drive=vol0,serial=data-1".into(),
+                "-drive".into(),
+                format!("file={quoted},if=none,id=vol1,format=raw,cache=writeback"),
+                "-device".into(),
+                "scsi-hd,drive=vol1,bus=volscsi.0".into(),
+                "-fsdev".into(),
+                format!("local,id=fs2,path={},security_model=none", dir.path().display()),
+                "-device".into(),
+                "virtio-9p-device,fsdev=fs2,mount_tag=share9".into(),
+            ]
+        );
+        let q35 = volume_args(&[Volume::parse_disk(&path).unwrap()], Machine::Q35).unwrap();
+        assert_eq!(q35[3], "virtio-blk-pci,drive=vol0");
+        for (bad, why) in [
+            (Volume::parse_disk("x.img,via=pmem"), "virtio-blk or virtio-scsi"),
+            (Volume::parse_disk("x.img,serial=has space"), "1 to 20 of"),
+            (Volume::parse_disk("x.img,serial=123456789012345678901"), "1 to 20 of"),
+            (Volume::parse_disk("x.img,cache=none"), "unknown \"cache=none\""),
+            (Volume::parse_disk(""), "expected PATH"),
+            (Volume::parse_share("/tmp"), "needs tag=TAG"),
+            (Volume::parse_share("/tmp,tag=a=b"), "1 to 20 of"),
+        ] {
+            let err = bad.unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+        let missing = Volume::Share9p { dir: dir.path().join("none"), tag: "t".into(), read_only: false };
+        assert!(volume_args(&[missing], Machine::Q35).unwrap_err().to_string().contains("not a directory"));
     }
 }

@@ -3,7 +3,9 @@
 //! writer, one by mke2fs) and by serial, tmpfs with a size and mode, a read-only bind,
 //! 9p from QEMU's own `-fsdev local`, a `nofail` mount whose device never comes, a fatal
 //! one that stops the boot naming it, and a disk hot-added on q35 through QMP
-//! `device_add`, mounted and unmounted by the agent's storage calls; virtio-fs through
+//! `device_add`, mounted and unmounted by the agent's storage calls (and by `osbuilder
+//! vm storage`); `osbuilder vm boot --volume/--share` attaching what the mounts name (a
+//! SCSI disk by serial, a 9p share, read-only); virtio-fs through
 //! rust-vmm's virtiofsd (and a DAX mount refused with init's explanation); the run
 //! config's network on QEMU user networking. After power-off `e2fsck -fn` checks each
 //! disk and `debugfs` reads back what the guest wrote.
@@ -19,7 +21,7 @@ use common::guest::*;
 use common::*;
 use osb_agent::client::{Client, ExecSpec};
 use osb_agent::proto::storage::Storage;
-use osbuilder::vm::{Machine, Vm, VmConfig};
+use osbuilder::vm::{Machine, Via, Vm, VmConfig, Volume};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
 
@@ -104,6 +106,14 @@ fn sh_ok(client: &Client, script: &str) -> String {
     out
 }
 
+/// `osbuilder vm storage ARGS --agent` this guest's agent: stdout, or a panic with stderr.
+fn storage_cli(vm: &Vm, args: &[&str]) -> String {
+    let agent = format!("hvsock://{}:1024", vm.vsock_socket.display());
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder")).args(["vm", "storage"]).args(args).args(["--agent", &agent]).output().unwrap();
+    assert!(r.status.success(), "osbuilder vm storage {args:?}: {}", String::from_utf8_lossy(&r.stderr));
+    String::from_utf8_lossy(&r.stdout).into_owned()
+}
+
 fn power_off(mut vm: Vm, client: &Client) -> String {
     let _ = client.destroy_sandbox();
     vm.wait_exit(Duration::from_secs(60)).unwrap_or_else(|e| panic!("DestroySandbox must power the guest off: {e}"));
@@ -120,10 +130,6 @@ fn assert_fsck_clean(img: &Path) {
 fn debugfs_cat(img: &Path, path: &str) -> String {
     let out = tool("debugfs").args(["-R", &format!("cat {path}")]).arg(img).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn drive(path: &Path, id: &str) -> String {
-    format!("file={},if=none,id={id},format=raw,cache=writeback", path.display())
 }
 
 /// Block volumes by label on virtio-blk (our ext4 writer's output) and on virtio-scsi
@@ -156,29 +162,13 @@ fn run_config_mounts_block_tmpfs_bind_and_9p() {
         ],
     );
     let mut cfg = VmConfig::new(&default_kernel().bzimage, Some(initrd), scratch().join("mounts-vm"));
-    cfg.extra_args = [
-        "-drive",
-        &drive(&blk, "vblk"),
-        "-device",
-        "virtio-blk-device,drive=vblk",
-        "-drive",
-        &drive(&serial, "vser"),
-        "-device",
-        "virtio-blk-device,drive=vser,serial=vol-serial-1",
-        "-device",
-        "virtio-scsi-device,id=scsi0",
-        "-drive",
-        &drive(&scsi, "vscsi"),
-        "-device",
-        "scsi-hd,drive=vscsi,bus=scsi0.0",
-        "-fsdev",
-        &format!("local,id=fs9,path={},security_model=none", share.display()),
-        "-device",
-        "virtio-9p-device,fsdev=fs9,mount_tag=share9",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let disk = |path: &Path, via, serial: Option<&str>| Volume::Disk { path: path.to_path_buf(), via, serial: serial.map(str::to_owned), read_only: false };
+    cfg.volumes = vec![
+        disk(&blk, Via::VirtioBlk, None),
+        disk(&serial, Via::VirtioBlk, Some("vol-serial-1")),
+        disk(&scsi, Via::VirtioScsi, None),
+        Volume::Share9p { dir: share.clone(), tag: "share9".into(), read_only: false },
+    ];
     let (vm, client) = boot_to_agent(&cfg, BOOT_LIMIT);
 
     assert_eq!(
@@ -215,6 +205,12 @@ fn run_config_mounts_block_tmpfs_bind_and_9p() {
     assert!(listed[0].device.starts_with("/dev/vd"), "{listed:?}");
     assert!(listed[6].error.contains("device /dev/vdz not there after 0.5 s"), "{:?}", listed[6]);
     assert!(listed.iter().all(|s| s.origin == "boot"), "{listed:?}");
+    // The same through the command line: the table names the failed one and its cause.
+    let table = storage_cli(&vm, &["list"]);
+    let never = table.lines().position(|l| l.starts_with("/never ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(table.lines().nth(never).unwrap().contains(" failed "), "{table}");
+    assert_eq!(table.lines().nth(never + 1), Some("  error: device /dev/vdz not there after 0.5 s"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("/data/scsi ") && l.contains("x-osb.uid=1000") && l.contains(" mounted ")), "{table}");
 
     let console = power_off(vm, &client);
     assert!(
@@ -246,6 +242,39 @@ fn a_fatal_mount_whose_device_never_comes_powers_off_naming_it() {
         "{status}:\n{console}"
     );
     assert!(!console.contains("osb-agent: listening"), "the agent must not start:\n{console}");
+}
+
+/// `osbuilder vm boot --volume ... --share ...` attaches what an initrd's `--mount`s
+/// name: a disk found by its serial on virtio-scsi and a 9p share, both read-only; the
+/// image's workload (`osb.cmd=`) reads both (on the console), and a command run through
+/// the agent reads them and can write neither.
+#[test]
+fn vm_boot_attaches_the_volumes_the_mounts_name() {
+    let _one = one_guest_at_a_time();
+    require_vhost_device_vsock();
+    let img = mke2fs_volume("cli", "", "hello from --volume\n");
+    let share = scratch().join("cli-share");
+    fs::create_dir_all(&share).unwrap();
+    fs::write(share.join("shared.txt"), "shared by the host\n").unwrap();
+    let initrd = initrd("cli", &["SERIAL=cli-1 /data ext4 ro", "cli9 /srv 9p ro"]);
+    let r = tool(env!("CARGO_BIN_EXE_osbuilder"))
+        .args(["vm", "boot", "--kernel", default_kernel().bzimage.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()])
+        .args(["--volume", &format!("{},via=virtio-scsi,serial=cli-1,ro", img.display())])
+        .args(["--share", &format!("{},tag=cli9,ro", share.display())])
+        .args(["--append", r#"osb.cmd=["/bin/busybox","cat","/data/hello.txt","/srv/shared.txt"] osb.on_exit=stay"#])
+        .arg("--work-dir")
+        .arg(scratch().join("cli-vm"))
+        .args(["-e", "PATH=/bin", "--", "/bin/busybox", "sh", "-c", "cat /data/hello.txt /srv/shared.txt; touch /data/x /srv/x 2>&1; true"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+    assert!(r.status.success(), "{stdout}{stderr}");
+    assert!(stdout.starts_with("hello from --volume\nshared by the host\n"), "{stdout}");
+    assert_eq!(stdout.matches("Read-only file system").count(), 2, "{stdout}");
+    assert!(!share.join("x").exists(), "the guest wrote into the read-only share");
+    let console = fs::read_to_string(scratch().join("cli-vm/console.log")).unwrap();
+    assert!(console.contains("hello from --volume") && console.contains("shared by the host"), "the workload's output:\n{console}");
+    assert_fsck_clean(&img);
 }
 
 /// Hot-add on q35: a disk attached after boot (QMP blockdev-add + device_add on a PCIe
@@ -294,6 +323,18 @@ fn a_hot_added_disk_is_mounted_and_unmounted_by_the_storage_calls() {
     let linked = Storage { driver: "ephemeral".into(), source: "tmpfs".into(), mount_point: "/mnt/link/x".into(), ..Default::default() };
     let err = client.mount_storage(linked).unwrap_err().to_string();
     assert!(err.contains("/mnt/link is a symbolic link"), "{err}");
+    // `osbuilder vm storage`: a tmpfs mounted, listed, unmounted from the command line.
+    let mounted = storage_cli(&vm, &["mount", "--driver", "ephemeral", "scratch", "/mnt/cli", "auto", "size=2m,x-osb.mode=0700"]);
+    assert_eq!(mounted, "mounted scratch (tmpfs) on /mnt/cli\n");
+    assert_eq!(sh_ok(&client, "stat -c %a /mnt/cli && grep ' /mnt/cli ' /proc/mounts | cut -d' ' -f3"), "700\ntmpfs\n");
+    let listed: serde_json::Value = serde_json::from_str(&storage_cli(&vm, &["list", "--json"])).unwrap();
+    assert_eq!(
+        (listed[0]["mount_point"].as_str(), listed[0]["origin"].as_str(), listed[0]["mounted"].as_bool()),
+        (Some("/mnt/cli"), Some("agent"), Some(true)),
+        "{listed}"
+    );
+    storage_cli(&vm, &["unmount", "/mnt/cli"]);
+    assert!(!sh_ok(&client, "cat /proc/mounts").contains("/mnt/cli"), "still mounted");
 
     power_off(vm, &client);
     assert_fsck_clean(&hot);
