@@ -209,7 +209,7 @@ fn run_config_mounts_block_tmpfs_bind_and_9p() {
     let table = storage_cli(&vm, &["list"]);
     let never = table.lines().position(|l| l.starts_with("/never ")).unwrap_or_else(|| panic!("{table}"));
     assert!(table.lines().nth(never).unwrap().contains(" failed "), "{table}");
-    assert_eq!(table.lines().nth(never + 1), Some("  error: device /dev/vdz not there after 0.5 s"), "{table}");
+    assert_eq!(table.lines().nth(never + 1), Some("  error: device /dev/vdz not there after 0.5 s; check the VM's disks"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("/data/scsi ") && l.contains("x-osb.uid=1000") && l.contains(" mounted ")), "{table}");
 
     let console = power_off(vm, &client);
