@@ -1013,6 +1013,7 @@ impl Ops for Linux {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{HashMap, HashSet};
 
     fn storage(driver: &str, source: &str, fstype: &str, options: &[&str], mount_point: &str) -> Storage {
         Storage {
@@ -1053,8 +1054,6 @@ mod tests {
         let tmpfs = MountSpec::parse_line("none /scratch tmpfs size=1m").unwrap();
         assert_eq!((tmpfs.to_storage().fstype.as_str(), MountSpec::from_storage(&tmpfs.to_storage()).unwrap()), ("tmpfs", tmpfs));
     }
-
-    use std::collections::{HashMap, HashSet};
 
     fn spec(line: &str) -> MountSpec {
         MountSpec::parse_line(line).unwrap_or_else(|e| panic!("{line}: {e}"))

@@ -130,17 +130,13 @@ impl Volume {
     /// QEMU arguments for volume number `i`: its drive or fsdev, and its device (a SCSI
     /// disk on the controller `volscsi`, which [`volume_args`] adds once).
     fn qemu_args(&self, i: usize, machine: Machine) -> Result<Vec<String>, VmError> {
-        let mmio = machine == Machine::Microvm;
-        // QEMU's option syntax: a comma inside a value is doubled.
-        let quote = |p: &Path| p.display().to_string().replace(',', ",,");
+        let id = format!("vol{i}");
         Ok(match self {
             Volume::Disk { path, via, serial, read_only } => {
-                let format = disk_format(path)?;
-                let ro = if *read_only { ",read-only=on" } else { "" };
                 let serial = serial.as_ref().map(|s| format!(",serial={s}")).unwrap_or_default();
                 let device = match via {
-                    Via::VirtioBlk => format!("{},drive=vol{i}{serial}", if mmio { "virtio-blk-device" } else { "virtio-blk-pci" }),
-                    Via::VirtioScsi => format!("scsi-hd,drive=vol{i},bus=volscsi.0{serial}"),
+                    Via::VirtioBlk => format!("{}{serial}", virtio_blk_device(machine, &id)),
+                    Via::VirtioScsi => format!("scsi-hd,drive={id},bus=volscsi.0{serial}"),
                     Via::Pmem => {
                         return Err(VmError::Io {
                             context: format!("volume {}", path.display()),
@@ -148,7 +144,7 @@ impl Volume {
                         })
                     }
                 };
-                vec!["-drive".into(), format!("file={},if=none,id=vol{i},format={format},cache=writeback{ro}", quote(path)), "-device".into(), device]
+                vec!["-drive".into(), drive_arg(path, &id, *read_only)?, "-device".into(), device]
             }
             Volume::Share9p { dir, tag, read_only } => {
                 if !dir.is_dir() {
@@ -157,21 +153,43 @@ impl Volume {
                 let ro = if *read_only { ",readonly=on" } else { "" };
                 vec![
                     "-fsdev".into(),
-                    format!("local,id=fs{i},path={},security_model=none{ro}", quote(dir)),
+                    format!("local,id=fs{i},path={},security_model=none{ro}", qemu_quote(dir)),
                     "-device".into(),
-                    format!("{},fsdev=fs{i},mount_tag={tag}", if mmio { "virtio-9p-device" } else { "virtio-9p-pci" }),
+                    format!("{},fsdev=fs{i},mount_tag={tag}", if machine == Machine::Microvm { "virtio-9p-device" } else { "virtio-9p-pci" }),
                 ]
             }
         })
     }
 }
 
+/// QEMU's option syntax: a comma inside a value is doubled.
+fn qemu_quote(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// The `-drive` value for a disk file (the root or a volume) under `id`, its format
+/// told by its magic.
+fn drive_arg(path: &Path, id: &str, read_only: bool) -> Result<String, VmError> {
+    let format = disk_format(path)?;
+    let ro = if read_only { ",read-only=on" } else { "" };
+    Ok(format!("file={},if=none,id={id},format={format},cache=writeback{ro}", qemu_quote(path)))
+}
+
+/// The virtio-blk device for drive `id` (MMIO on microvm, PCI elsewhere).
+fn virtio_blk_device(machine: Machine, id: &str) -> String {
+    format!("{},drive={id}", if machine == Machine::Microvm { "virtio-blk-device" } else { "virtio-blk-pci" })
+}
+
+/// A virtio-scsi controller named `id` (MMIO on microvm, PCI elsewhere).
+fn virtio_scsi_controller(machine: Machine, id: &str) -> String {
+    format!("{},id={id}", if machine == Machine::Microvm { "virtio-scsi-device" } else { "virtio-scsi-pci" })
+}
+
 /// QEMU arguments for all of `volumes`, with one virtio-scsi controller for those on SCSI.
 fn volume_args(volumes: &[Volume], machine: Machine) -> Result<Vec<String>, VmError> {
     let mut args = Vec::new();
     if volumes.iter().any(|v| matches!(v, Volume::Disk { via: Via::VirtioScsi, .. })) {
-        let controller = if machine == Machine::Microvm { "virtio-scsi-device,id=volscsi" } else { "virtio-scsi-pci,id=volscsi" };
-        args.extend(["-device".to_owned(), controller.to_owned()]);
+        args.extend(["-device".to_owned(), virtio_scsi_controller(machine, "volscsi")]);
     }
     for (i, v) in volumes.iter().enumerate() {
         args.extend(v.qemu_args(i, machine)?);
@@ -217,12 +235,10 @@ impl DiskAttach {
     /// host's page cache and cannot write it).
     fn qemu_args(&self, machine: Machine) -> Result<Vec<String>, VmError> {
         let path = self.path.display().to_string();
-        let format = disk_format(&self.path)?;
-        let drive = format!("file={path},if=none,id=disk0,format={format},cache=writeback");
         let mmio = machine == Machine::Microvm;
         Ok(match self.via {
             Via::Pmem => {
-                if format != "raw" {
+                if disk_format(&self.path)? != "raw" {
                     return Err(VmError::Io {
                         context: format!("{path} cannot back an NVDIMM"),
                         source: io::Error::other(
@@ -244,14 +260,12 @@ impl DiskAttach {
                     "nvdimm,id=nv0,memdev=mem0,unarmed=on".into(),
                 ]
             }
-            Via::VirtioBlk => {
-                vec!["-drive".into(), drive, "-device".into(), if mmio { "virtio-blk-device,drive=disk0" } else { "virtio-blk-pci,drive=disk0" }.into()]
-            }
+            Via::VirtioBlk => vec!["-drive".into(), drive_arg(&self.path, "disk0", false)?, "-device".into(), virtio_blk_device(machine, "disk0")],
             Via::VirtioScsi => vec![
                 "-device".into(),
-                if mmio { "virtio-scsi-device,id=scsi0" } else { "virtio-scsi-pci,id=scsi0" }.into(),
+                virtio_scsi_controller(machine, "scsi0"),
                 "-drive".into(),
-                drive,
+                drive_arg(&self.path, "disk0", false)?,
                 "-device".into(),
                 "scsi-hd,drive=disk0,bus=scsi0.0".into(),
             ],
