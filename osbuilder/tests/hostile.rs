@@ -283,6 +283,7 @@ fn tar_layers() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("layers/path-too-long.tar", Tar::default().pax(&[("path", "a/".repeat(2100).as_bytes())]).file("placeholder", "x").end()),
         ("layers/name-too-long.tar", Tar::default().pax(&[("path", "n".repeat(256).as_bytes())]).file("placeholder", "x").end()),
+        ("layers/symlink-long-name.tar", Tar::default().pax(&[("linkpath", "l".repeat(300).as_bytes())]).symlink("s", "placeholder").file("s/f", "x").end()),
         ("layers/pax-uid-escape.tar", Tar::default().pax(&[("uid", b"\x1b[2J\x1b[31mroot")]).file("f", "x").end()),
         ("layers/pax-uid-huge.tar", Tar::default().pax(&[("uid", b"99999999999")]).file("f", "x").end()),
         ("layers/truncated-data.tar", truncated),

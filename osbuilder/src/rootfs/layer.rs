@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 use tar::EntryType;
 
-use super::path::{excerpt, PathError, RelPath};
+use super::path::{excerpt, PathError, RelPath, NAME_MAX};
 use super::tarstream::{TarEntry, TarStream};
 use super::{Body, Dentry, Inode, InodeIdx, Metadata, Tree};
 
@@ -404,6 +404,11 @@ impl Tree {
             let existing = self.dir_entries(cur).expect("walking directories").get(name).copied();
             match existing {
                 None => {
+                    // A parsed path's names are bounded already; a symlink target's are
+                    // not, and the kernel would refuse to make such a name (ENAMETOOLONG).
+                    if name.len() > NAME_MAX {
+                        return Err(LayerError::Path { path: shown.to_string(), source: PathError::NameTooLong { path: excerpt(name), len: name.len() } });
+                    }
                     self.check_depth(stack.len() + 1, shown)?;
                     let inode = self.push_inode(Inode { meta: Metadata::implicit_dir(), body: Body::Dir(BTreeMap::new()) });
                     self.dir_entries_mut(cur).expect("directory").insert(name.to_vec(), Dentry { inode, layer });
@@ -825,6 +830,12 @@ mod tests {
         check_rejected(vec![LayerBuilder::new().file("f", "x").file("f/child", "y").build()], "not a directory");
         check_rejected(vec![LayerBuilder::new().file(".wh...", "").build()], "`..`");
         check_rejected(vec![LayerBuilder::new().symlink("l", "").build()], "a symlink with an empty target");
+        // A name no parsed path can hold, made through a symlink's target.
+        // (The tar crate writes the long target as a GNU long link.)
+        let mut b = LayerBuilder::new();
+        let mut h = LayerBuilder::header(EntryType::Symlink, 0o777, 0);
+        b.builder.append_link(&mut h, "l", "x".repeat(300)).unwrap();
+        check_rejected(vec![b.file("l/f", "x").build()], "component of 300 bytes, over the limit of 255");
     }
 
     #[test]

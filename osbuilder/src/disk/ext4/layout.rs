@@ -641,6 +641,10 @@ impl Layout {
                 Body::Dir(_) => {
                     let d = planned.dir.expect("directories have a plan entry");
                     let pdir = plan.dir(d);
+                    // A dirent's name length is one byte: a longer name would be cut.
+                    if let Some(e) = pdir.entries.iter().find(|e| e.name.len() > 255) {
+                        return Err(Ext4Error::NameTooLong { path: path_of(plan, e.ino), len: e.name.len() });
+                    }
                     let lost_found_item = i == 0 && tree_lost_found.is_none();
                     if lost_found_item {
                         links += 1;

@@ -98,6 +98,8 @@ pub enum Ext4Error {
     TooManyLinks { path: String, links: u32 },
     #[error("/{path}: the symlink target is {len} bytes; ext4 holds targets up to 4095 bytes")]
     SymlinkTooLong { path: String, len: usize },
+    #[error("/{path}: a name of {len} bytes; ext4 names hold at most 255 bytes")]
+    NameTooLong { path: String, len: usize },
     #[error("/{path}: the directory has {entries} entries, more than a two-level htree indexes; split it")]
     DirectoryTooLarge { path: String, entries: usize },
     #[error("/{path}: the extended attributes need {needed} bytes, more than one 4 KiB xattr block holds; drop some of them")]

@@ -310,6 +310,13 @@ fn options_are_checked() {
     let plan = Plan::new(&tree).unwrap();
     let err = layout(&plan, &auto()).unwrap_err();
     assert!(matches!(err, Ext4Error::LostFoundNotDirectory), "{err}");
+    // A name longer than a dirent's one-byte length (the tree's own API lets it in).
+    let mut tree = Tree::new();
+    tree.put(InodeIdx::ROOT, &[b'n'; 256], Metadata::new(0o755, 0, 0, 0), Body::Dir(Default::default()), 0);
+    let plan = Plan::new(&tree).unwrap();
+    let err = layout(&plan, &auto()).unwrap_err();
+    assert!(matches!(err, Ext4Error::NameTooLong { len: 256, .. }), "{err}");
+    assert!(err.to_string().ends_with("a name of 256 bytes; ext4 names hold at most 255 bytes"), "{err}");
 }
 
 #[test]
