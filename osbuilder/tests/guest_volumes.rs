@@ -108,8 +108,8 @@ fn sh_ok(client: &Client, script: &str) -> String {
 
 /// `osbuilder vm storage ARGS --agent` this guest's agent: stdout, or a panic with stderr.
 fn storage_cli(vm: &Vm, args: &[&str]) -> String {
-    let agent = format!("hvsock://{}:1024", vm.vsock_socket.display());
-    let r = tool(env!("CARGO_BIN_EXE_osbuilder")).args(["vm", "storage"]).args(args).args(["--agent", &agent]).output().unwrap();
+    let agent = format!("hvsock://{}:{}", vm.vsock_socket.display(), osb_agent::client::DEFAULT_PORT);
+    let r = osbuilder().args(["vm", "storage"]).args(args).args(["--agent", &agent]).output().unwrap();
     assert!(r.status.success(), "osbuilder vm storage {args:?}: {}", String::from_utf8_lossy(&r.stderr));
     String::from_utf8_lossy(&r.stdout).into_owned()
 }
